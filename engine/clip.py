@@ -1,0 +1,136 @@
+"""The clip model: notes in beats, as a DAW thinks of them.
+
+A beat is a quarter note. Seconds never appear here; they belong to files and synthesizers.
+`Clip.to_score` / `Clip.from_score` are the one place where beats meet MIDI ticks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import symusic
+
+# Ticks per quarter note used whenever a clip becomes a symusic Score (fine enough for any grid).
+TICKS_PER_BEAT = 480
+
+
+class ClipError(ValueError):
+    """A clip that cannot be used, with a sentence that says why."""
+
+
+@dataclass(frozen=True)
+class Note:
+    pitch: int  # 0-127
+    velocity: int  # 1-127
+    start: float  # beats from the clip start
+    duration: float  # beats
+    channel: int = 0
+
+    def validate(self) -> None:
+        if not 0 <= self.pitch <= 127:
+            raise ClipError(f"note pitch {self.pitch} is outside 0-127")
+        if not 1 <= self.velocity <= 127:
+            raise ClipError(f"note velocity {self.velocity} is outside 1-127")
+        if not self.start >= 0:
+            raise ClipError(f"note start {self.start} beats is negative")
+        if not self.duration > 0:
+            raise ClipError(f"note duration {self.duration} beats is not positive")
+        if not 0 <= self.channel <= 15:
+            raise ClipError(f"note channel {self.channel} is outside 0-15")
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+@dataclass(frozen=True)
+class Clip:
+    notes: tuple[Note, ...]
+    tempo: float = 120.0  # quarter notes per minute
+    time_signature: tuple[int, int] = (4, 4)
+    length: float | None = None  # beats; None means "up to the end of the bar of the last note"
+    program: int = 0  # General MIDI program 0-127
+    is_drum: bool = False
+    name: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def beats_per_bar(self) -> float:
+        numerator, denominator = self.time_signature
+        return numerator * 4.0 / denominator
+
+    @property
+    def length_beats(self) -> float:
+        """The clip length in beats, rounded up to whole bars when not given."""
+        if self.length is not None:
+            return self.length
+        last_end = max((n.end for n in self.notes), default=0.0)
+        bars = max(1, -(-last_end // self.beats_per_bar))
+        return bars * self.beats_per_bar
+
+    @property
+    def bars(self) -> int:
+        """Whole bars the clip occupies (a partial last bar counts as a bar)."""
+        return max(1, int(-(-round(self.length_beats, 6) // self.beats_per_bar)))
+
+    def validate(self) -> None:
+        numerator, denominator = self.time_signature
+        if numerator < 1 or denominator not in (1, 2, 4, 8, 16, 32):
+            raise ClipError(f"time signature {numerator}/{denominator} is not a valid meter")
+        if not 10.0 <= self.tempo <= 400.0:
+            raise ClipError(f"tempo {self.tempo:g} BPM is outside 10-400")
+        if not 0 <= self.program <= 127:
+            raise ClipError(f"program {self.program} is outside 0-127")
+        if self.length is not None and not self.length > 0:
+            raise ClipError(f"clip length {self.length} beats is not positive")
+        for note in self.notes:
+            note.validate()
+
+    def with_notes(self, notes) -> Clip:
+        return replace(self, notes=tuple(sorted(notes, key=lambda n: (n.start, n.pitch))))
+
+    def shifted(self, beats: float) -> Clip:
+        """The same notes moved later by `beats` (used to place a continuation after its prompt)."""
+        return self.with_notes(replace(n, start=n.start + beats) for n in self.notes)
+
+    def to_score(self) -> symusic.Score:
+        """This clip as a one-track symusic Score at TICKS_PER_BEAT, with its tempo and meter."""
+        score = symusic.Score(TICKS_PER_BEAT)
+        numerator, denominator = self.time_signature
+        score.time_signatures.append(symusic.TimeSignature(0, numerator, denominator))
+        score.tempos.append(symusic.Tempo(0, qpm=float(self.tempo)))
+        track = symusic.Track(name=self.name, program=self.program, is_drum=self.is_drum)
+        for n in sorted(self.notes, key=lambda n: (n.start, n.pitch)):
+            start = round(n.start * TICKS_PER_BEAT)
+            duration = max(1, round(n.duration * TICKS_PER_BEAT))
+            track.notes.append(symusic.Note(start, duration, n.pitch, n.velocity))
+        score.tracks.append(track)
+        return score
+
+    @classmethod
+    def from_score(cls, score: symusic.Score, length: float | None = None, name: str = "") -> Clip:
+        """All notes of a score, merged into one clip; tempo, meter and instrument from the score.
+
+        The instrument is the first non-empty track's. Channels are kept as the track order
+        (capped at 15) so a multi-track file stays distinguishable after merging.
+        """
+        tpq = score.ticks_per_quarter
+        if tpq <= 0:
+            raise ClipError("the MIDI file has 0 ticks per beat")
+        notes = []
+        tracks = [t for t in score.tracks if len(t.notes)]
+        for index, track in enumerate(tracks):
+            channel = 9 if track.is_drum else min(index, 15)
+            for n in track.notes:
+                notes.append(Note(int(n.pitch), max(1, min(127, int(n.velocity))), n.time / tpq,
+                                  max(n.duration, 1) / tpq, channel))
+        tempo = float(score.tempos[0].qpm) if len(score.tempos) else 120.0
+        if len(score.time_signatures):
+            ts = score.time_signatures[0]
+            meter = (int(ts.numerator), int(ts.denominator))
+        else:
+            meter = (4, 4)
+        program = int(tracks[0].program) if tracks else 0
+        is_drum = bool(tracks[0].is_drum) if tracks else False
+        clip = cls((), tempo, meter, length, program, is_drum, name)
+        return clip.with_notes(notes)

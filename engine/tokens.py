@@ -1,0 +1,204 @@
+"""Clip <-> tokens with miditok REMI. The only module that knows miditok.
+
+The token stream is REMI with programs in one stream and a time signature after every bar:
+
+    Bar TimeSig_4/4 Position_0 Program_0 Pitch_60 Velocity_99 Duration_1.0.12 Program_0 Pitch_64 ...
+
+Positions are ticks at `ticks_per_quarter` (24 with the default config) from the start of the bar;
+durations are `beats.sub.res` counted in beats of the time signature's denominator (an eighth note
+in 6/8), which is why `duration_beats` needs the meter. The tokenizer is always rebuilt from the
+`tokenizer.json` saved beside a model, never from code defaults, so a model and its vocabulary
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import symusic
+from miditok import REMI, TokenizerConfig
+
+from engine.clip import Clip, ClipError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def default_tokenizer_config() -> TokenizerConfig:
+    """The REMI configuration new models are trained with.
+
+    12 positions per beat hold sixteenths and triplets; 32 velocity bins keep dynamics audible;
+    the meters cover the corpus (alla breve and 3/2 for Renaissance polyphony, compound metres for
+    jigs) and what DAW users play.
+    """
+    return TokenizerConfig(
+        pitch_range=(21, 109),
+        beat_res={(0, 4): 12, (4, 12): 4},
+        num_velocities=32,
+        use_velocities=True,
+        use_programs=True,
+        one_token_stream_for_programs=True,
+        program_changes=False,
+        use_time_signatures=True,
+        time_signature_range={8: [3, 5, 6, 7, 9, 12], 4: [1, 2, 3, 4, 5, 6, 7], 2: [1, 2, 3, 4]},
+        use_tempos=False,
+        use_chords=False,
+        use_rests=False,
+        use_sustain_pedals=False,
+        use_pitch_bends=False,
+        special_tokens=["PAD", "BOS", "EOS"],
+    )
+
+
+@dataclass(frozen=True)
+class TokenKind:
+    """Token ids grouped by type, and the value each id stands for (for the grammar and assembler)."""
+
+    bar: int
+    pad: int
+    bos: int
+    eos: int
+    time_sig: dict[int, tuple[int, int]]  # id -> (numerator, denominator)
+    position: dict[int, int]  # id -> ticks from bar start
+    program: dict[int, int]  # id -> program (-1 = drums)
+    pitch: dict[int, int]  # id -> MIDI pitch
+    pitch_drum: dict[int, int]
+    velocity: dict[int, int]  # id -> velocity
+    duration: dict[int, tuple[int, int, int]]  # id -> (beats, sub, resolution)
+
+
+class ClipTokenizer:
+    """REMI tokenization of clips, with the vocabulary facts the sampler and assembler need."""
+
+    def __init__(self, tokenizer: REMI):
+        self._tok = tokenizer
+        cfg = tokenizer.config
+        if not (cfg.use_programs and cfg.one_token_stream_for_programs and cfg.use_time_signatures):
+            raise ValueError("Segue needs REMI with programs in one stream and time signature tokens")
+
+    @classmethod
+    def default(cls) -> ClipTokenizer:
+        return cls(REMI(default_tokenizer_config()))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ClipTokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        return cls(REMI(params=path))
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tok.save(folder, filename=TOKENIZER_FILE)
+        return folder / TOKENIZER_FILE
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def ticks_per_quarter(self) -> int:
+        return int(self._tok.time_division)
+
+    @cached_property
+    def kinds(self) -> TokenKind:
+        groups: dict[str, dict[int, str]] = {}
+        for token, index in self._tok.vocab.items():
+            kind, _, value = token.partition("_")
+            groups.setdefault(kind, {})[index] = value
+
+        def single(kind: str) -> int:
+            return next(iter(groups[kind]))
+
+        def ratio(value: str) -> tuple[int, int]:
+            numerator, denominator = value.split("/")
+            return int(numerator), int(denominator)
+
+        def duration(value: str) -> tuple[int, int, int]:
+            beats, sub, res = value.split(".")
+            return int(beats), int(sub), int(res)
+
+        return TokenKind(
+            bar=single("Bar"),
+            pad=single("PAD"),
+            bos=single("BOS"),
+            eos=single("EOS"),
+            time_sig={i: ratio(v) for i, v in groups.get("TimeSig", {}).items()},
+            position={i: int(v) for i, v in groups["Position"].items()},
+            program={i: int(v) for i, v in groups["Program"].items()},
+            pitch={i: int(v) for i, v in groups["Pitch"].items()},
+            pitch_drum={i: int(v) for i, v in groups.get("PitchDrum", {}).items()},
+            velocity={i: int(v) for i, v in groups["Velocity"].items()},
+            duration={i: duration(v) for i, v in groups["Duration"].items()},
+        )
+
+    def token_id(self, token: str) -> int:
+        return self._tok.vocab[token]
+
+    def time_sig_id(self, meter: tuple[int, int]) -> int:
+        key = f"TimeSig_{meter[0]}/{meter[1]}"
+        if key not in self._tok.vocab:
+            supported = ", ".join(f"{n}/{d}" for n, d in sorted(self.kinds.time_sig.values(), key=lambda m: (m[1], m[0])))
+            raise ClipError(f"time signature {meter[0]}/{meter[1]} is not supported by this model (supported: {supported})")
+        return self._tok.vocab[key]
+
+    def program_id(self, program: int, is_drum: bool) -> int:
+        return self._tok.vocab[f"Program_{-1 if is_drum else program}"]
+
+    def bar_ticks(self, meter: tuple[int, int]) -> int:
+        return meter[0] * self.ticks_per_quarter * 4 // meter[1]
+
+    def duration_ticks(self, duration: tuple[int, int, int], meter: tuple[int, int]) -> int:
+        """Duration token value -> ticks; its beats are beats of the meter's denominator."""
+        beats, sub, res = duration
+        ticks_per_beat = self.ticks_per_quarter * 4 // meter[1]
+        return (beats * res + sub) * ticks_per_beat // res
+
+    def tokens_to_text(self, ids) -> list[str]:
+        return [self._tok[int(i)] for i in ids]
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    def encode_score(self, score: symusic.Score) -> list[int]:
+        """A whole score (all tracks in one stream) as token ids; for training data."""
+        if score.ticks_per_quarter <= 0:
+            raise ClipError("the MIDI file has 0 ticks per beat")
+        seq = self._tok.encode(score)
+        if isinstance(seq, list):  # defensive: one stream is configured, but be explicit
+            seq = seq[0]
+        return list(seq.ids)
+
+    def encode_clip(self, clip: Clip) -> list[int]:
+        """A clip as token ids, with empty bars appended so the stream spans exactly `clip.bars`.
+
+        The result always ends at a bar boundary, ready for the continuation's first `Bar`.
+        """
+        clip.validate()
+        self.time_sig_id(clip.time_signature)  # a clear error for meters the vocabulary lacks
+        ids = self.encode_score(clip.to_score()) if clip.notes else []
+        bars = sum(1 for i in ids if i == self.kinds.bar)
+        # Notes past the clip length belong to later bars: keep them, the length grows to fit.
+        filler = [self.kinds.bar, self.time_sig_id(clip.time_signature)]
+        ids.extend(filler * max(0, clip.bars - bars))
+        return ids
+
+    def decode_to_score(self, ids) -> symusic.Score:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def trim_to_context(ids: list[int], max_tokens: int, bar_id: int) -> list[int]:
+    """The last `max_tokens` or fewer tokens, cut at a bar boundary so the prompt starts with `Bar`.
+
+    Keeps the end of the clip, which is what a continuation must follow.
+    """
+    if len(ids) <= max_tokens:
+        return list(ids)
+    tail_start = len(ids) - max_tokens
+    arr = np.asarray(ids)
+    bars = np.flatnonzero(arr[tail_start:] == bar_id)
+    if len(bars) == 0:
+        raise ClipError(f"a single bar of the clip is longer than the model's context of {max_tokens} tokens")
+    return list(ids[tail_start + int(bars[0]):])

@@ -1,0 +1,209 @@
+"""`export-onnx`: a training checkpoint -> a verified model folder the engine can serve.
+
+    export-onnx runs/default/best.safetensors --out models/default
+
+Writes `model.onnx` (KV-cache inputs and outputs), `tokenizer.json` and `manifest.json` into OUT,
+after checking that ONNX Runtime reproduces the torch logits within 1e-4 for a prefill and for
+several cached decode steps. A folder that fails the parity check is not written. Writing is
+staged in a sibling temp folder and swapped in at the end, so a running server never sees a
+half-written model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    TOKENIZER_FILE,
+    kv_names,
+    sha256_file,
+)
+from training.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from training.model import GPT
+
+PARITY_TOLERANCE = 1e-4
+
+
+class _FlatKV(torch.nn.Module):
+    """The GPT with flat tensor inputs/outputs, as ONNX needs them."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, *flat_past):
+        pasts = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(len(flat_past) // 2)]
+        logits, presents = self.model(input_ids, position_ids, pasts)
+        flat = [t for pair in presents for t in pair]
+        return (logits, *flat)
+
+
+def export_graph(model: GPT, path: Path) -> None:
+    cfg = model.cfg
+    past_names, present_names = kv_names(cfg.n_layer)
+    # Example sizes other than 0 and 1, so the exporter keeps the dimensions symbolic.
+    batch, steps, past = 2, 3, 5
+    ids = torch.randint(0, cfg.vocab_size, (batch, steps))
+    positions = torch.arange(past, past + steps).unsqueeze(0).expand(batch, steps).contiguous()
+    kv = [torch.randn(batch, cfg.n_head, past, cfg.head_dim) for _ in past_names]
+    batch_dim = torch.export.Dim("batch", min=1, max=64)
+    seq_dim = torch.export.Dim("sequence", min=1, max=cfg.max_context)
+    past_dim = torch.export.Dim("past", min=0, max=cfg.max_context)
+    dynamic = {"input_ids": {0: batch_dim, 1: seq_dim}, "position_ids": {0: batch_dim, 1: seq_dim},
+               "flat_past": tuple({0: batch_dim, 2: past_dim} for _ in past_names)}
+    program = torch.onnx.export(
+        _FlatKV(model).eval(), (ids, positions, *kv), None, dynamo=True, dynamic_shapes=dynamic,
+        input_names=["input_ids", "position_ids", *past_names], output_names=["logits", *present_names],
+        optimize=True, verbose=False,
+    )
+    program.save(str(path), external_data=False)
+
+
+def check_parity(model: GPT, onnx_path: Path, seed: int = 0, decode_steps: int = 4) -> dict:
+    """Largest |onnx - torch| logit difference for a prefill and cached decode steps."""
+    import onnxruntime as ort
+
+    cfg = model.cfg
+    past_names, present_names = kv_names(cfg.n_layer)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    batch, prompt = 2, min(17, cfg.max_context - decode_steps)
+    ids = rng.integers(0, cfg.vocab_size, (batch, prompt))
+    worst = {"prefill": 0.0, "decode": 0.0}
+    torch_past = model.empty_past(batch)
+    ort_past = [np.zeros((batch, cfg.n_head, 0, cfg.head_dim), np.float32) for _ in past_names]
+    position = 0
+    step_ids = ids
+    for step in range(decode_steps + 1):
+        steps = step_ids.shape[1]
+        pos = np.broadcast_to(np.arange(position, position + steps), (batch, steps)).astype(np.int64)
+        with torch.no_grad():
+            t_logits, torch_past = model(torch.from_numpy(step_ids), torch.from_numpy(pos.copy()), torch_past)
+        outputs = session.run(None, {"input_ids": step_ids.astype(np.int64), "position_ids": pos,
+                                     **dict(zip(past_names, ort_past))})
+        diff = float(np.abs(outputs[0] - t_logits.numpy()).max())
+        key = "prefill" if step == 0 else "decode"
+        worst[key] = max(worst[key], diff)
+        ort_past = outputs[1:]
+        position += steps
+        step_ids = rng.integers(0, cfg.vocab_size, (batch, 1))
+    return {"max_abs_diff_prefill": worst["prefill"], "max_abs_diff_decode": worst["decode"],
+            "decode_steps": decode_steps, "tolerance": PARITY_TOLERANCE,
+            "passed": max(worst.values()) <= PARITY_TOLERANCE}
+
+
+def export_model(checkpoint: Path, out: Path, name: str | None = None, extra_manifest: dict | None = None) -> dict:
+    """Export, check parity, write the folder atomically. Returns the manifest."""
+    model, meta, _ = load_checkpoint(checkpoint)
+    if "tokenizer" not in meta:
+        raise CheckpointError(f"{checkpoint} does not carry its tokenizer; it was not written by `segue train`")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        started = time.time()
+        export_graph(model, stage / MODEL_FILE)
+        (stage / TOKENIZER_FILE).write_text(meta["tokenizer"])
+        parity = check_parity(model, stage / MODEL_FILE)
+        if not parity["passed"]:
+            raise RuntimeError(
+                f"ONNX Runtime logits differ from torch by {max(parity['max_abs_diff_prefill'], parity['max_abs_diff_decode']):.2e} "
+                f"(tolerance {PARITY_TOLERANCE:g}); the model was not exported"
+            )
+        cfg = model.cfg
+        past_names, present_names = kv_names(cfg.n_layer)
+
+        def number(key):
+            return float(meta[key]) if key in meta else None
+
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name or out.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
+                      "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
+                      "parameters": model.num_parameters(), "preset": meta.get("preset")},
+            "onnx": {"inputs": ["input_ids", "position_ids", *past_names],
+                     "outputs": ["logits", *present_names],
+                     "past_inputs": past_names, "present_outputs": present_names,
+                     "kv_layout": "[batch, heads, sequence, head_dim] per layer; presents = pasts + new positions",
+                     "opset": _opset(stage / MODEL_FILE)},
+            "source_checkpoint_sha256": file_sha256(checkpoint),
+            "training": {"data_fingerprint": meta.get("data_fingerprint"), "data_source": meta.get("data_source"),
+                         "steps": int(meta["step"]) if "step" in meta else None,
+                         "train_tokens": int(meta["train_tokens"]) if "train_tokens" in meta else None},
+            "metrics": {"val_loss": number("val_loss"), "val_perplexity": number("val_perplexity")},
+            "parity": parity,
+            "files": {f: sha256_file(stage / f) for f in (MODEL_FILE, TOKENIZER_FILE)},
+        }
+        manifest.update(extra_manifest or {})
+        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_in(stage, out)
+        manifest["export_seconds"] = round(time.time() - started, 1)
+        return manifest
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    return max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Replace OUT with the staged folder; the old folder is removed only after the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="export-onnx",
+        description="Turn a training checkpoint into a model folder (ONNX + tokenizer + manifest) that Segue can serve. "
+                    "Checks that ONNX Runtime reproduces the PyTorch model before writing anything.",
+    )
+    p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint written by `segue train` or `segue finetune`")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write, e.g. models/my-artist")
+    p.add_argument("--name", help="model name shown to clients (default: the folder name)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = export_model(args.checkpoint, args.out, args.name)
+    except (CheckpointError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    parity = manifest["parity"]
+    ppl = manifest["metrics"]["val_perplexity"]
+    print(f"wrote {args.out} ({sum((args.out / f).stat().st_size for f in manifest['files']) / 1e6:.1f} MB)\n"
+          f"parity: max |onnx - torch| = {max(parity['max_abs_diff_prefill'], parity['max_abs_diff_decode']):.2e} "
+          f"(prefill and {parity['decode_steps']} cached steps)\n"
+          f"validation perplexity: {ppl:.2f}" if ppl else "validation perplexity: not recorded")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
