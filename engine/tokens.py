@@ -61,7 +61,7 @@ class TokenKind:
     bos: int
     eos: int
     time_sig: dict[int, tuple[int, int]]  # id -> (numerator, denominator)
-    position: dict[int, int]  # id -> ticks from bar start
+    position: dict[int, int]  # id -> position index in the bar (1/res of a beat each)
     program: dict[int, int]  # id -> program (-1 = drums)
     pitch: dict[int, int]  # id -> MIDI pitch
     pitch_drum: dict[int, int]
@@ -148,14 +148,28 @@ class ClipTokenizer:
     def program_id(self, program: int, is_drum: bool) -> int:
         return self._tok.vocab[f"Program_{-1 if is_drum else program}"]
 
+    @property
+    def positions_per_beat(self) -> int:
+        return int(self._tok.config.max_num_pos_per_beat)
+
+    def ticks_per_beat(self, meter: tuple[int, int]) -> int:
+        """Ticks of one beat of the meter's denominator (an eighth note in 6/8)."""
+        return self.ticks_per_quarter * 4 // meter[1]
+
     def bar_ticks(self, meter: tuple[int, int]) -> int:
-        return meter[0] * self.ticks_per_quarter * 4 // meter[1]
+        return meter[0] * self.ticks_per_beat(meter)
+
+    def positions_per_bar(self, meter: tuple[int, int]) -> int:
+        """How many Position tokens a bar of this meter has (Position_N counts 1/res of a beat)."""
+        return meter[0] * self.positions_per_beat
+
+    def position_ticks(self, index: int, meter: tuple[int, int]) -> int:
+        return index * self.ticks_per_beat(meter) // self.positions_per_beat
 
     def duration_ticks(self, duration: tuple[int, int, int], meter: tuple[int, int]) -> int:
         """Duration token value -> ticks; its beats are beats of the meter's denominator."""
         beats, sub, res = duration
-        ticks_per_beat = self.ticks_per_quarter * 4 // meter[1]
-        return (beats * res + sub) * ticks_per_beat // res
+        return (beats * res + sub) * self.ticks_per_beat(meter) // res
 
     def tokens_to_text(self, ids) -> list[str]:
         return [self._tok[int(i)] for i in ids]

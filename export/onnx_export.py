@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +65,14 @@ def export_graph(model: GPT, path: Path) -> None:
     past_dim = torch.export.Dim("past", min=0, max=cfg.max_context)
     dynamic = {"input_ids": {0: batch_dim, 1: seq_dim}, "position_ids": {0: batch_dim, 1: seq_dim},
                "flat_past": tuple({0: batch_dim, 2: past_dim} for _ in past_names)}
-    program = torch.onnx.export(
-        _FlatKV(model).eval(), (ids, positions, *kv), None, dynamo=True, dynamic_shapes=dynamic,
-        input_names=["input_ids", "position_ids", *past_names], output_names=["logits", *present_names],
-        optimize=True, verbose=False,
-    )
+    with warnings.catch_warnings():
+        # The exporter narrates its own symbolic-shape bookkeeping; none of it is actionable here.
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _FlatKV(model).eval(), (ids, positions, *kv), None, dynamo=True, dynamic_shapes=dynamic,
+            input_names=["input_ids", "position_ids", *past_names], output_names=["logits", *present_names],
+            optimize=True, verbose=False,
+        )
     program.save(str(path), external_data=False)
 
 

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--quiet", action="store_true", help="no progress bars (for scripts and tests)")
     return p
 
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     files, source = corpus_files(args)
     if not files:
         raise SystemExit(f"error: no MIDI files found in {source}")
-    corpus = load_corpus(files, tokenizer_file, args.val_fraction)
+    corpus = load_corpus(files, tokenizer_file, args.val_fraction, progress=not args.quiet)
     report = args.out / "ingest_report.txt"
     report.write_text(
         f"source: {source}\nfiles: {len(files)}\ningested: {len(corpus.train) + len(corpus.val)}\n"
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     log = open(args.out / "train_log.jsonl", "a")
     from tqdm import tqdm
 
-    bar = tqdm(total=max_steps, desc="training", unit="step")
+    bar = tqdm(total=max_steps, desc="training", unit="step", disable=args.quiet)
     step = 0
     while step < max_steps:
         lr = lr_at(step, max_steps, args.warmup, args.lr)
@@ -166,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             if val_loss < best:
                 best = val_loss
                 save_checkpoint(args.out / "best.safetensors", model, meta)
-            tqdm.write(f"step {step}: train loss {loss.item():.3f}, validation perplexity {math.exp(val_loss):.2f}"
-                       f"{' (best)' if val_loss == best else ''}")
+            if not args.quiet:
+                tqdm.write(f"step {step}: train loss {loss.item():.3f}, validation perplexity {math.exp(val_loss):.2f}"
+                           f"{' (best)' if val_loss == best else ''}")
     bar.close()
     elapsed = time.time() - started
     print(f"done: {step} steps in {elapsed / 60:.1f} min, best validation perplexity {math.exp(best):.2f}\n"

@@ -1,0 +1,69 @@
+"""Notes <-> `.mid` files: the one place that reads a clip from a file or writes one.
+
+Reading is guarded: MIDI parsers raise many exception types on corrupt files and accept absurd
+ones silently (0 ticks per beat, tempo 0, a note ten million ticks long), so every failure becomes
+a `ClipError` with a sentence naming the file and the problem. Writing goes through a temp file
+and a rename, so a DAW never imports half a clip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import symusic
+
+from engine.clip import Clip, ClipError
+
+MAX_CLIP_FILE_BYTES = 8 * 1024 * 1024
+MAX_CLIP_NOTES = 50_000
+MAX_CLIP_BEATS = 4096
+
+
+def read_clip(path: str | Path) -> Clip:
+    """A clip from a MIDI file: all tracks merged, tempo and meter from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipError(f"{path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_CLIP_FILE_BYTES:
+        raise ClipError(f"{path} is {size / 1e6:.0f} MB; a clip file should be under {MAX_CLIP_FILE_BYTES // 1024 // 1024} MB")
+    data = path.read_bytes()
+    if not data.startswith(b"MThd"):
+        raise ClipError(f"{path} is not a MIDI file (it does not start with a MIDI header)")
+    try:
+        score = symusic.Score.from_midi(data)
+    except Exception as exc:  # symusic raises RuntimeError/ValueError/... on corrupt data
+        raise ClipError(f"{path} is a damaged MIDI file ({exc})") from exc
+    if score.ticks_per_quarter <= 0:
+        raise ClipError(f"{path} declares 0 ticks per beat")
+    if any(t.mspq <= 0 for t in score.tempos):
+        raise ClipError(f"{path} has a tempo of 0")
+    notes = sum(len(t.notes) for t in score.tracks)
+    if notes == 0:
+        raise ClipError(f"{path} has no notes to continue")
+    if notes > MAX_CLIP_NOTES:
+        raise ClipError(f"{path} has {notes} notes; a clip may have at most {MAX_CLIP_NOTES}")
+    beats = score.end() / score.ticks_per_quarter
+    if beats > MAX_CLIP_BEATS:
+        raise ClipError(f"{path} is {beats:.0f} beats long; a clip may be at most {MAX_CLIP_BEATS} beats")
+    clip = Clip.from_score(score, name=path.stem)
+    clip.validate()
+    return clip
+
+
+def write_clip(path: str | Path, clip: Clip, track_name: str | None = None) -> Path:
+    """Write `clip` as a one-track MIDI file with its tempo, meter and instrument."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    score = clip.to_score()
+    if track_name is not None:
+        score.tracks[0].name = track_name
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        score.dump_midi(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -1,0 +1,137 @@
+"""The `segue` command: one entry point, one subcommand per job.
+
+    segue continue CLIP.mid --bars 8 --variations 3 --temperature 0.9 --seed 7 --out DIR
+    segue train --preset small --out runs/default
+    segue export-onnx runs/default/best.safetensors --out models/my-model
+
+Subcommands that need PyTorch import it only when they run, so `segue continue` starts fast and
+works on a machine with only the runtime installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_model_dir() -> Path:
+    return Path(os.environ.get("SEGUE_MODEL", REPO_ROOT / "models" / "default"))
+
+
+def _continue_parser(sub) -> None:
+    p = sub.add_parser(
+        "continue",
+        help="continue a MIDI clip in the style of the model",
+        description="Continue a MIDI clip: writes one .mid per variation, each holding the new bars placed "
+                    "right after the end of your clip (drop it on the clip's start and it lines up).",
+    )
+    p.add_argument("clip", type=Path, help="the MIDI file to continue (all its tracks are read as one clip)")
+    p.add_argument("--bars", type=int, default=4, help="how many bars to add (1-64, default 4)")
+    p.add_argument("--variations", type=int, default=1, help="how many different continuations (1-16, default 1)")
+    p.add_argument("--temperature", type=float, default=0.9,
+                   help="0 = always the most likely note, 1 = as trained, higher = wilder (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="only choose among the K most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="only choose among the most likely tokens "
+                   "covering this probability (default 0.95; 1 = off)")
+    p.add_argument("--seed", type=int, help="same seed, same clip, same settings = same notes")
+    p.add_argument("--out", type=Path, default=Path("segue-out"), help="folder for the .mid files (default ./segue-out)")
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: models/default)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1, leaves cores to your DAW)")
+    p.set_defaults(run=run_continue)
+
+
+def run_continue(args) -> int:
+    from engine.clip import ClipError
+    from engine.generate import ContinuationRequest, Generator, NoteEvent, RequestError, VariationDone
+    from engine.manifest import ModelError
+    from export.midi_clip import read_clip, write_clip
+
+    model_dir = args.model or default_model_dir()
+    request = ContinuationRequest(bars=args.bars, variations=args.variations, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    try:
+        request.validate()
+        clip = read_clip(args.clip)
+        loaded = time.perf_counter()
+        generator = Generator.load(model_dir, threads=args.threads)
+        generator.decoder.warm_up()
+        load_seconds = time.perf_counter() - loaded
+        started = time.perf_counter()
+        first_note = None
+        finished: list = []
+        for event in generator.stream(clip, request):
+            if isinstance(event, NoteEvent) and first_note is None:
+                first_note = time.perf_counter() - started
+            elif isinstance(event, VariationDone):
+                finished.append(event)
+        total = time.perf_counter() - started
+    except (ClipError, RequestError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    manifest = generator.decoder.manifest
+    stem = args.clip.stem
+    print(f"model: {model_dir} ({manifest.get('name', model_dir.name)}, "
+          f"{manifest['model']['parameters'] / 1e6:.1f} M parameters)")
+    print(f"clip: {args.clip} ({len(clip.notes)} notes, {clip.bars} bars of {clip.time_signature[0]}/{clip.time_signature[1]} "
+          f"at {clip.tempo:g} BPM)")
+    tokens = 0
+    for done in sorted(finished, key=lambda d: d.variation):
+        number = done.variation + 1
+        name = f"Segue continuation {number} of {request.variations}" + (f" (seed {args.seed})" if args.seed is not None else "")
+        path = write_clip(args.out / f"{stem}-continuation-{number}.mid", done.clip, track_name=name)
+        tokens += len(done.tokens)
+        print(f"  {path}  ({len(done.clip.notes)} notes)")
+    first = f"{first_note * 1000:.0f} ms" if first_note is not None else "no notes"
+    print(f"time to first note: {first}; total: {total:.2f} s for {request.bars} bars x {request.variations} "
+          f"({tokens / total:.0f} tokens/s); model load {load_seconds:.2f} s")
+    return 0
+
+
+def _passthrough(sub, name: str, help_text: str, module: str) -> None:
+    """A subcommand whose own parser lives in its module (they need torch, imported on use)."""
+    p = sub.add_parser(name, help=help_text, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=lambda args: _run_module(module, args.rest))
+
+
+def _run_module(module: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        entry = importlib.import_module(module)
+    except ImportError as exc:
+        print(f"error: this command needs the training extras ({exc.name} is missing): "
+              f"pip install -e '.[train]' torch==2.13.0", file=sys.stderr)
+        return 1
+    return entry.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segue",
+        description="Segue: continue MIDI clips in style with a model trained on music you choose.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _continue_parser(sub)
+    _passthrough(sub, "train", "train a model from scratch on the built-in corpus or a MIDI folder", "training.train")
+    _passthrough(sub, "export-onnx", "turn a training checkpoint into a model folder Segue can serve", "export.onnx_export")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def export_onnx_main() -> int:
+    """The `export-onnx` console script."""
+    return _run_module("export.onnx_export", sys.argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

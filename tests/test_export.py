@@ -1,0 +1,78 @@
+"""export-onnx: parity with torch, the manifest contract, and refusal of tampered folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.manifest import ModelError, kv_names, verify_model_folder
+from engine.session import OnnxDecoder
+from export.onnx_export import check_parity
+from training.checkpoint import load_checkpoint
+
+
+def test_manifest_records_what_was_exported(tiny_build, tiny_model):
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert manifest["parity"]["passed"] is True
+    assert manifest["parity"]["max_abs_diff_decode"] <= 1e-4
+    past, present = kv_names(manifest["model"]["n_layer"])
+    assert manifest["onnx"]["inputs"] == ["input_ids", "position_ids", *past]
+    assert manifest["onnx"]["outputs"] == ["logits", *present]
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    assert len(manifest["source_checkpoint_sha256"]) == 64
+    assert len(manifest["training"]["data_fingerprint"]) == 64
+    assert manifest["metrics"]["val_perplexity"] > 1
+    assert verify_model_folder(tiny_model) == manifest
+
+
+def test_onnx_matches_torch_on_fresh_prompts(tiny_build, tiny_model):
+    model, _, _ = load_checkpoint(tiny_build / "run" / "best.safetensors")
+    for seed in (1, 2, 3):
+        parity = check_parity(model, tiny_model / "model.onnx", seed=seed, decode_steps=6)
+        assert parity["passed"], parity
+        assert parity["max_abs_diff_prefill"] <= 1e-4 and parity["max_abs_diff_decode"] <= 1e-4
+
+
+def test_engine_session_matches_torch_step_by_step(tiny_build, tiny_model):
+    """The engine's own session (with its KV cache) against the torch model, uncached."""
+    model, _, _ = load_checkpoint(tiny_build / "run" / "best.safetensors")
+    decoder = OnnxDecoder.load(tiny_model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, decoder.vocab_size, 40)
+    logits, cache = decoder.step(ids[None, :30], decoder.empty_cache())
+    for t in range(30, 40):
+        with torch.no_grad():
+            full, _ = model(torch.from_numpy(ids[None, :t]), torch.arange(t)[None, :])
+        assert np.abs(logits[0] - full[0, -1].numpy()).max() <= 1e-4
+        logits, cache = decoder.step(ids[None, t:t + 1], cache)
+
+
+@pytest.mark.parametrize("victim", ["model.onnx", "tokenizer.json"])
+def test_a_changed_byte_is_refused_naming_the_file(model_copy, victim):
+    path = model_copy / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=victim):
+        OnnxDecoder.load(model_copy)
+
+
+def test_missing_file_and_broken_manifest_are_refused(model_copy):
+    (model_copy / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match="missing tokenizer.json"):
+        verify_model_folder(model_copy)
+    (model_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        verify_model_folder(model_copy)
+
+
+def test_manifest_cannot_point_outside_the_folder(model_copy):
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    manifest["files"]["../secret"] = "0" * 64
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="outside the folder"):
+        verify_model_folder(model_copy)

@@ -1,0 +1,134 @@
+"""Generation: cached decoding equals uncached, every sequence decodes with exactly the bars asked for,
+seeds reproduce, long prompts are cut at a bar."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.clip import Clip, Note
+from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
+from engine.grammar import NoteLimits
+from engine.sampling import SamplingParams, sample
+from export.midi_clip import read_clip
+
+
+def four_bar_clip(path) -> Clip:
+    clip = read_clip(path)
+    length = 4 * clip.beats_per_bar
+    return Clip(tuple(n for n in clip.notes if n.start < length), clip.tempo, clip.time_signature, length, clip.program)
+
+
+def test_cached_decoding_equals_uncached(generator):
+    decoder = generator.decoder
+    ids = np.random.default_rng(3).integers(0, decoder.vocab_size, (2, 48))
+    logits, cache = decoder.step(ids[:, :8], decoder.empty_cache(2))
+    for t in range(8, 48):
+        full, _ = decoder.step(ids[:, :t], decoder.empty_cache(2))
+        assert np.abs(full - logits).max() <= 1e-4, t
+        logits, cache = decoder.step(ids[:, t:t + 1], cache)
+
+
+def test_hundred_sequences_decode_with_exact_bar_counts(generator, example_midi):
+    tokenizer = generator.tokenizer
+    checked = 0
+    for index in range(25):
+        clip = four_bar_clip(example_midi[index % len(example_midi)])
+        bars = 1 + index % 6
+        request = ContinuationRequest(bars=bars, variations=4, temperature=1.3, seed=index)
+        for done in generator.generate(clip, request):
+            assert sum(1 for t in done.tokens if t == tokenizer.kinds.bar) == bars
+            score = tokenizer.decode_to_score(done.tokens)  # miditok decodes every sequence
+            decoded = sorted((n.pitch, n.time) for t in score.tracks for n in t.notes)
+            assert len(decoded) == len(done.clip.notes)
+            offset = clip.bars * clip.beats_per_bar
+            end = offset + bars * clip.beats_per_bar
+            assert all(offset <= n.start < end for n in done.clip.notes)
+            checked += 1
+    assert checked == 100
+
+
+def test_streamed_notes_are_the_final_notes_in_order(generator, example_midi):
+    clip = four_bar_clip(example_midi[0])
+    events = list(generator.stream(clip, ContinuationRequest(bars=4, variations=3, seed=11)))
+    for variation in range(3):
+        streamed = [e.note for e in events if isinstance(e, NoteEvent) and e.variation == variation]
+        done = [e for e in events if isinstance(e, VariationDone) and e.variation == variation]
+        assert len(done) == 1
+        assert sorted(streamed, key=lambda n: (n.start, n.pitch)) == list(done[0].clip.notes)
+        assert [n.start for n in streamed] == sorted(n.start for n in streamed)  # onsets never go back in time
+        last_note = max(i for i, e in enumerate(events) if isinstance(e, NoteEvent) and e.variation == variation)
+        assert events.index(done[0]) > last_note
+
+
+def test_same_seed_same_notes_other_seed_other_notes(generator, example_midi):
+    clip = four_bar_clip(example_midi[1])
+    first = generator.generate(clip, ContinuationRequest(bars=4, variations=2, seed=7, temperature=1.0))
+    again = generator.generate(clip, ContinuationRequest(bars=4, variations=2, seed=7, temperature=1.0))
+    other = generator.generate(clip, ContinuationRequest(bars=4, variations=2, seed=8, temperature=1.0))
+    assert [d.clip.notes for d in first] == [d.clip.notes for d in again]
+    assert [d.clip.notes for d in first] != [d.clip.notes for d in other]
+    assert first[0].clip.notes != first[1].clip.notes  # variations differ from each other
+    # Variation 1 of seed 7 does not depend on how many variations were asked for.
+    three = generator.generate(clip, ContinuationRequest(bars=4, variations=3, seed=7, temperature=1.0))
+    assert three[1].clip.notes == first[1].clip.notes
+
+
+def test_greedy_is_deterministic_without_a_seed(generator, example_midi):
+    clip = four_bar_clip(example_midi[2])
+    a = generator.generate(clip, ContinuationRequest(bars=2, temperature=0.0))
+    b = generator.generate(clip, ContinuationRequest(bars=2, temperature=0.0))
+    assert a[0].clip.notes == b[0].clip.notes
+
+
+def test_long_prompt_is_cut_at_a_bar_keeping_the_end(generator):
+    # 4 notes a beat for 64 bars: far beyond the tiny model's 256-token context.
+    notes = [Note(60 + (i % 12), 80, i * 0.25, 0.25) for i in range(64 * 16)]
+    clip = Clip(tuple(notes), time_signature=(4, 4))
+    prompt, bars = generator.prompt_tokens(clip)
+    assert bars == 64
+    assert len(prompt) <= generator.max_prompt_tokens
+    assert prompt[0] == generator.vocab.bar
+    full = generator.tokenizer.encode_clip(clip)
+    assert full[-len(prompt):] == prompt
+    done = generator.generate(clip, ContinuationRequest(bars=8, seed=1))[0]
+    assert all(n.start >= 64 * 4 for n in done.clip.notes)
+    assert sum(1 for t in done.tokens if t == generator.vocab.bar) == 8
+
+
+def test_limits_are_never_violated(generator, example_midi):
+    clip = four_bar_clip(example_midi[3])
+    limits = NoteLimits(pitch_min=60, pitch_max=72, velocity_min=40, velocity_max=90)
+    for seed in range(10):
+        done = generator.generate(clip, ContinuationRequest(bars=4, variations=2, seed=seed, temperature=1.5, limits=limits))
+        for d in done:
+            assert all(60 <= n.pitch <= 72 and 40 <= n.velocity <= 90 for n in d.clip.notes)
+
+
+@pytest.mark.parametrize("request_kwargs, message", [
+    ({"bars": 0}, "bars must be between 1 and 64"),
+    ({"bars": 10000}, "bars must be between 1 and 64"),
+    ({"variations": 0}, "variations"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top-p"),
+])
+def test_bad_requests_are_refused(generator, example_midi, request_kwargs, message):
+    clip = four_bar_clip(example_midi[0])
+    with pytest.raises(RequestError, match=message):
+        list(generator.stream(clip, ContinuationRequest(**request_kwargs)))
+
+
+def test_empty_clip_is_refused(generator):
+    with pytest.raises(RequestError, match="no notes"):
+        list(generator.stream(Clip(()), ContinuationRequest()))
+
+
+def test_sampling_respects_mask_top_k_and_greedy():
+    rng = np.random.default_rng(0)
+    logits = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    allowed = np.array([False, True, True, True, True])
+    assert sample(logits, allowed, SamplingParams(temperature=0.0), rng) == 1
+    picks = {sample(logits, allowed, SamplingParams(temperature=2.0, top_k=2), rng) for _ in range(200)}
+    assert picks == {1, 2}
+    picks = {sample(logits, allowed, SamplingParams(temperature=1.0, top_p=0.5), rng) for _ in range(200)}
+    assert picks == {1}
