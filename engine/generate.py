@@ -13,7 +13,7 @@ When the context fills up, each variation's history is cut at a bar boundary and
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +118,12 @@ class Generator:
         bars = sum(1 for i in ids if i == self.vocab.bar)
         return trim_to_context(ids, self.max_prompt_tokens, self.vocab.bar), bars
 
-    def stream(self, clip: Clip, request: ContinuationRequest) -> Iterator[NoteEvent | VariationDone]:
+    def stream(self, clip: Clip, request: ContinuationRequest,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[NoteEvent | VariationDone]:
+        """Notes as they complete, then one VariationDone per variation.
+
+        `should_stop` is polled before every decode step; when it returns True the stream ends at
+        once (a cancelled request frees the engine within one step)."""
         request.validate()
         try:
             clip.validate()
@@ -150,6 +155,8 @@ class Generator:
         lanes = [_Lane(rows, cache.repeat(len(rows)), np.repeat(logits, len(rows), axis=0))]
         params = request.sampling
         while lanes:
+            if should_stop is not None and should_stop():
+                return
             next_lanes = []
             for lane in lanes:
                 chosen, alive = [], []
