@@ -44,3 +44,37 @@ def generator(tiny_model):
 @pytest.fixture(scope="session")
 def example_midi(tiny_build) -> list[Path]:
     return sorted((tiny_build / "midi").glob("*.mid"))
+
+
+@pytest.fixture
+def models_dir(tiny_model, tmp_path) -> Path:
+    """A models directory holding the tiny model as `default`."""
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.copytree(tiny_model, root / "default")
+    return root
+
+
+@pytest.fixture
+def service(models_dir, tmp_path):
+    """A running Service over `models_dir` (workers started; closed after the test)."""
+    from plugin_bridge.models import ModelRegistry
+    from plugin_bridge.service import Service
+
+    registry = ModelRegistry(models_dir)
+    assert registry.scan() == ["default"]
+    svc = Service(registry, tmp_path / "clips", workers=2)
+    yield svc
+    svc.close()
+    registry.stop()
+
+
+def clip_payload(bars: int = 4, meter=(4, 4)) -> dict:
+    """A small real clip in protocol form: a rising figure with a bass note per bar."""
+    beats = meter[0] * 4 / meter[1]
+    notes = []
+    for bar in range(bars):
+        notes.append([48 + (bar % 3) * 2, 70, bar * beats, beats * 0.9, 0])
+        for step in range(int(beats * 2)):
+            notes.append([60 + (step * 2 + bar) % 12, 80 + step % 3 * 10, bar * beats + step * 0.5, 0.45, 0])
+    return {"notes": notes, "tempo": 110.0, "time_signature": list(meter), "length": bars * beats, "program": 0}

@@ -1,0 +1,135 @@
+"""The models a server can serve: every verified folder under a models directory, hot-swapped.
+
+Each subfolder with a `manifest.json` is a model named after the folder. A folder is verified
+(every file hash) and its session warmed up before it is offered; when `export-onnx` writes a new
+or updated folder, the watcher notices, verifies and loads it on its own thread and swaps it in
+atomically, so a request in flight keeps the generator it started with and the next request gets
+the new one. A folder that fails verification is refused with a logged reason, and the model that
+was serving under that name keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.generate import Generator
+from engine.manifest import MANIFEST_FILE, ModelError
+
+log = logging.getLogger("segue.models")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    folder: Path
+    generator: Generator
+    signature: tuple
+
+    @property
+    def manifest(self) -> dict:
+        return self.generator.decoder.manifest
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {"name": self.name, "parameters": m["model"].get("parameters"), "max_context": m["model"]["max_context"],
+                "val_perplexity": (m.get("metrics") or {}).get("val_perplexity"),
+                "data_fingerprint": (m.get("training") or {}).get("data_fingerprint"), "created": m.get("created")}
+
+
+def folder_signature(folder: Path) -> tuple:
+    """Changes whenever export-onnx rewrites the folder (it swaps in a new folder with a new manifest)."""
+    stat = (folder / MANIFEST_FILE).stat()
+    return (folder.stat().st_ino, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+class ModelRegistry:
+    def __init__(self, models_dir: Path, threads: int = 1, default: str = "default"):
+        self.models_dir = Path(models_dir)
+        self.threads = threads
+        self.default_name = default
+        self._models: dict[str, LoadedModel] = {}
+        self._refused: dict[str, tuple[tuple, str]] = {}  # name -> (signature, reason): not retried until it changes
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # --- lookup ----------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def get(self, name: str | None) -> LoadedModel:
+        with self._lock:
+            if name:
+                if name not in self._models:
+                    raise KeyError(name)
+                return self._models[name]
+            if self.default_name in self._models:
+                return self._models[self.default_name]
+            if not self._models:
+                raise KeyError("(no models loaded)")
+            return self._models[sorted(self._models)[0]]
+
+    def describe(self) -> list[dict]:
+        with self._lock:
+            return [self._models[n].describe() for n in sorted(self._models)]
+
+    def refused(self) -> dict[str, str]:
+        with self._lock:
+            return {name: reason for name, (_, reason) in self._refused.items()}
+
+    # --- loading ---------------------------------------------------------------------------------
+
+    def scan(self) -> list[str]:
+        """Load every new or changed folder now. Returns the names loaded (or reloaded)."""
+        loaded = []
+        if not self.models_dir.is_dir():
+            return loaded
+        for folder in sorted(p for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (folder / MANIFEST_FILE).is_file():
+                continue
+            try:
+                signature = folder_signature(folder)
+            except FileNotFoundError:  # being swapped right now; the next scan sees the result
+                continue
+            name = folder.name
+            with self._lock:
+                current = self._models.get(name)
+                refused = self._refused.get(name)
+            if (current and current.signature == signature) or (refused and refused[0] == signature):
+                continue
+            try:
+                generator = Generator.load(folder, threads=self.threads)
+                generator.decoder.warm_up()
+            except (ModelError, ValueError, OSError) as exc:
+                with self._lock:
+                    self._refused[name] = (signature, str(exc))
+                verb = "keeping the model already serving" if current else "not serving it"
+                log.warning("model %s refused: %s (%s)", name, exc, verb)
+                continue
+            with self._lock:
+                self._models[name] = LoadedModel(name, folder, generator, signature)
+                self._refused.pop(name, None)
+            log.info("model %s %s from %s", name, "reloaded" if current else "loaded", folder)
+            loaded.append(name)
+        return loaded
+
+    def start_watching(self, interval: float = 1.0) -> None:
+        def watch():
+            while not self._stop.wait(interval):
+                try:
+                    self.scan()
+                except Exception:  # a watcher that dies silently would stop hot-swap for good
+                    log.exception("model watcher failed; trying again in %.0f s", interval)
+
+        self._watcher = threading.Thread(target=watch, name="segue-model-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watcher:
+            self._watcher.join(timeout=5)

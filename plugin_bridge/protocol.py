@@ -1,0 +1,170 @@
+"""The wire contract, independent of transport: request parsing and reply events as plain dicts.
+
+Both transports carry the same messages. A request is a JSON-like dict with a `type`; every reply
+is a dict with a `type` and, where it answers a request, that request's client-chosen `id`.
+`docs/protocol.md` is the human version of this module; keep them in step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from engine.clip import Clip, ClipError, Note
+
+PROTOCOL_VERSION = 1
+MAX_NOTES_PER_CLIP = 20_000
+MAX_ID_LENGTH = 64
+
+
+class ProtocolError(ValueError):
+    """A request that cannot be served: `code` for programs, `message` for musicians."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# Error codes (documented in docs/protocol.md).
+BAD_REQUEST = "bad_request"  # malformed message or parameter out of range
+BAD_CLIP = "bad_clip"  # the clip cannot be used (no notes, impossible meter, ...)
+UNKNOWN_MODEL = "unknown_model"
+UNKNOWN_TYPE = "unknown_type"
+TOO_LARGE = "too_large"
+BUSY = "busy"
+CANCELLED = "cancelled"
+INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class ContinueRequest:
+    id: str
+    clip: Clip
+    model: str | None
+    params: dict[str, Any]  # bars, variations, temperature, top_k, top_p, seed, mode, beam_width, constraints
+
+
+def _number(payload: dict, key: str, kind, default, request_id: str):
+    value = payload.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(BAD_REQUEST, f"{key} must be a number, not {type(value).__name__}", request_id)
+    if kind is int:
+        if float(value) != int(value):
+            raise ProtocolError(BAD_REQUEST, f"{key} must be a whole number, not {value}", request_id)
+        return int(value)
+    if not math.isfinite(value):
+        raise ProtocolError(BAD_REQUEST, f"{key} must be a finite number", request_id)
+    return float(value)
+
+
+def request_id_of(payload: Any) -> str:
+    if not isinstance(payload, dict):
+        raise ProtocolError(BAD_REQUEST, "a request must be a JSON object")
+    rid = payload.get("id", "")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or len(str(rid)) > MAX_ID_LENGTH:
+        raise ProtocolError(BAD_REQUEST, f"id must be a string of at most {MAX_ID_LENGTH} characters")
+    return str(rid)
+
+
+def parse_clip(data: Any, request_id: str) -> Clip:
+    """The `clip` object of a continue request -> Clip (notes as [pitch, velocity, start, duration, channel?])."""
+    if not isinstance(data, dict):
+        raise ProtocolError(BAD_REQUEST, "clip must be an object with notes, tempo and time_signature", request_id)
+    notes_in = data.get("notes")
+    if not isinstance(notes_in, list):
+        raise ProtocolError(BAD_REQUEST, "clip.notes must be a list of [pitch, velocity, start, duration] notes", request_id)
+    if len(notes_in) > MAX_NOTES_PER_CLIP:
+        raise ProtocolError(TOO_LARGE, f"the clip has {len(notes_in)} notes; at most {MAX_NOTES_PER_CLIP} are accepted", request_id)
+    notes = []
+    for index, raw in enumerate(notes_in):
+        if isinstance(raw, dict):
+            raw = [raw.get("pitch"), raw.get("velocity"), raw.get("start"), raw.get("duration"), raw.get("channel", 0)]
+        if not isinstance(raw, (list, tuple)) or len(raw) not in (4, 5) or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw):
+            raise ProtocolError(BAD_REQUEST, f"clip note {index} must be [pitch, velocity, start, duration(, channel)] numbers",
+                                request_id)
+        pitch, velocity, start, duration, *rest = raw
+        notes.append(Note(int(pitch), int(velocity), float(start), float(duration), int(rest[0]) if rest else 0))
+    meter = data.get("time_signature", [4, 4])
+    if not (isinstance(meter, (list, tuple)) and len(meter) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in meter)):
+        raise ProtocolError(BAD_REQUEST, "clip.time_signature must be [numerator, denominator]", request_id)
+    tempo = _number(data, "tempo", float, 120.0, request_id)
+    length = _number(data, "length", float, None, request_id)
+    program = _number(data, "program", int, 0, request_id)
+    is_drum = data.get("is_drum", False)
+    if not isinstance(is_drum, bool):
+        raise ProtocolError(BAD_REQUEST, "clip.is_drum must be true or false", request_id)
+    clip = Clip((), tempo, (meter[0], meter[1]), length, program, is_drum).with_notes(notes)
+    try:
+        clip.validate()
+    except ClipError as exc:
+        raise ProtocolError(BAD_CLIP, str(exc), request_id) from exc
+    if not clip.notes:
+        raise ProtocolError(BAD_CLIP, "the clip has no notes to continue", request_id)
+    if clip.length is not None and clip.length > 4096:
+        raise ProtocolError(TOO_LARGE, f"the clip is {clip.length:g} beats long; at most 4096 are accepted", request_id)
+    return clip
+
+
+_PARAMS = {  # name -> (type, default)
+    "bars": (int, 4),
+    "variations": (int, 1),
+    "temperature": (float, 1.0),
+    "top_k": (int, 0),
+    "top_p": (float, 1.0),
+    "seed": (int, None),
+    "beam_width": (int, 5),
+}
+
+
+def parse_continue(payload: Any) -> ContinueRequest:
+    request_id = request_id_of(payload)
+    if not request_id:
+        raise ProtocolError(BAD_REQUEST, "a continue request needs an id")
+    clip = parse_clip(payload.get("clip"), request_id)
+    params: dict[str, Any] = {name: _number(payload, name, kind, default, request_id) for name, (kind, default) in _PARAMS.items()}
+    mode = payload.get("mode", "sample")
+    if mode not in ("sample", "beam"):
+        raise ProtocolError(BAD_REQUEST, f"mode must be 'sample' or 'beam', not {mode!r}", request_id)
+    params["mode"] = mode
+    constraints = payload.get("constraints") or {}
+    if not isinstance(constraints, dict):
+        raise ProtocolError(BAD_REQUEST, "constraints must be an object", request_id)
+    params["constraints"] = constraints
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError(BAD_REQUEST, "model must be a model name", request_id)
+    return ContinueRequest(request_id, clip, model, params)
+
+
+# --- reply events ---------------------------------------------------------------------------------
+
+def note_event(request_id: str, variation: int, note: Note) -> dict:
+    return {"type": "note", "id": request_id, "variation": variation, "pitch": note.pitch, "velocity": note.velocity,
+            "start": round(note.start, 6), "duration": round(note.duration, 6), "channel": note.channel}
+
+
+def done_event(request_id: str, variation: int, path: str, notes: int, first_note_ms: float | None, total_ms: float) -> dict:
+    return {"type": "done", "id": request_id, "variation": variation, "path": path, "notes": notes,
+            "first_note_ms": None if first_note_ms is None else round(first_note_ms, 2), "total_ms": round(total_ms, 2)}
+
+
+def finished_event(request_id: str, variations: int, total_ms: float) -> dict:
+    return {"type": "finished", "id": request_id, "variations": variations, "total_ms": round(total_ms, 2)}
+
+
+def error_event(request_id: str | None, code: str, message: str) -> dict:
+    return {"type": "error", "id": request_id or "", "code": code, "message": message}
+
+
+def cancelled_event(request_id: str) -> dict:
+    return {"type": "cancelled", "id": request_id}
+
+
+def pong_event(request_id: str) -> dict:
+    return {"type": "pong", "id": request_id}

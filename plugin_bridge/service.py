@@ -1,0 +1,226 @@
+"""The transport-independent generation service: validate, queue, run, stream, cancel.
+
+Transports call `Service.handle(client, payload, emit)` with a decoded request dict and a function
+that sends one reply dict back to that client. `emit` is called from worker threads: a transport
+whose socket is not thread-safe must hand the reply to its own I/O thread (see the transports).
+
+- hello and ping are answered at once on the caller's thread, so a busy engine never delays them;
+- a continue request is validated at once (errors go straight back), then queued; a new request
+  from the same client cancels that client's running or queued one;
+- workers (a small fixed pool) stream note events as each note completes, write one `.mid` per
+  variation for drag-and-drop, and finish with `finished`;
+- cancel (or a client that went away) stops the generation within one decode step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
+from export.midi_clip import write_clip
+from plugin_bridge import protocol
+from plugin_bridge.models import ModelRegistry
+
+log = logging.getLogger("segue.service")
+
+Emit = Callable[[dict], None]
+SERVER_VERSION = "0.1.0"
+
+
+@dataclass
+class Job:
+    client: str
+    request: protocol.ContinueRequest
+    emit: Emit
+    received: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Service:
+    def __init__(self, registry: ModelRegistry, clips_dir: Path, workers: int = 2, max_queue: int = 32,
+                 build_request: Callable[[dict], ContinuationRequest] | None = None):
+        self.registry = registry
+        self.clips_dir = Path(clips_dir)
+        self.max_queue = max_queue
+        self.build_request = build_request or default_build_request
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: dict[str, Job] = {}  # client -> its latest job (queued or running)
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._work, name=f"segue-worker-{i}", daemon=True) for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
+
+    # --- entry point for transports ------------------------------------------------------------------
+
+    def handle(self, client: str, payload: object, emit: Emit) -> None:
+        """Act on one decoded request. Never raises: every problem becomes an error reply."""
+        request_id = None
+        try:
+            request_id = protocol.request_id_of(payload)
+            kind = payload.get("type")  # type: ignore[union-attr]
+            if kind == "ping":
+                emit(protocol.pong_event(request_id))
+            elif kind == "hello":
+                emit(self.hello(request_id))
+            elif kind == "continue":
+                self._submit(client, protocol.parse_continue(payload), emit)
+            elif kind == "cancel":
+                self.cancel(client, request_id or None, emit)
+            else:
+                raise protocol.ProtocolError(protocol.UNKNOWN_TYPE, f"unknown message type {kind!r}", request_id)
+        except protocol.ProtocolError as exc:
+            emit(protocol.error_event(exc.request_id or request_id, exc.code, exc.message))
+        except Exception as exc:  # a bug must answer the client and be logged, never kill the transport
+            log.error("request from %s failed: %s\n%s", client, exc, traceback.format_exc())
+            emit(protocol.error_event(request_id, protocol.INTERNAL, f"the server hit an internal error ({type(exc).__name__})"))
+
+    def hello(self, request_id: str = "") -> dict:
+        return {"type": "hello", "id": request_id, "protocol": protocol.PROTOCOL_VERSION, "server": SERVER_VERSION,
+                "models": self.registry.describe(), "default_model": self._default_name()}
+
+    def cancel(self, client: str, request_id: str | None, emit: Emit | None = None) -> bool:
+        """Cancel the client's job (only if it has `request_id`, when given). True if one was cancelled."""
+        with self._lock:
+            job = self._jobs.get(client)
+            if job is None or (request_id and job.request.id != request_id) or job.cancelled.is_set():
+                job = None
+            else:
+                job.cancelled.set()
+                del self._jobs[client]
+        if job is not None:
+            job.emit(protocol.cancelled_event(job.request.id))
+            return True
+        if emit is not None and request_id:
+            emit(protocol.error_event(request_id, protocol.BAD_REQUEST, f"there is no running request {request_id!r} to cancel"))
+        return False
+
+    def client_gone(self, client: str) -> None:
+        """The transport lost this client: free the engine without replying."""
+        with self._lock:
+            job = self._jobs.pop(client, None)
+        if job is not None:
+            job.cancelled.set()
+
+    def close(self) -> None:
+        with self._lock:
+            for job in self._jobs.values():
+                job.cancelled.set()
+            self._jobs.clear()
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(timeout=5)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _default_name(self) -> str | None:
+        try:
+            return self.registry.get(None).name
+        except KeyError:
+            return None
+
+    def _submit(self, client: str, request: protocol.ContinueRequest, emit: Emit) -> None:
+        try:
+            self.registry.get(request.model)
+        except KeyError:
+            available = ", ".join(self.registry.names()) or "none"
+            raise protocol.ProtocolError(protocol.UNKNOWN_MODEL, f"there is no model named {request.model!r} "
+                                         f"(available: {available})", request.id) from None
+        try:
+            self.build_request(request.params).validate()
+        except (RequestError, ValueError) as exc:
+            raise protocol.ProtocolError(protocol.BAD_REQUEST, str(exc), request.id) from exc
+        if self._queue.qsize() >= self.max_queue:
+            raise protocol.ProtocolError(protocol.BUSY, "the server is busy with other requests; try again in a moment", request.id)
+        job = Job(client, request, emit)
+        with self._lock:
+            previous = self._jobs.get(client)
+            self._jobs[client] = job
+        if previous is not None and not previous.cancelled.is_set():
+            previous.cancelled.set()  # a new request from the same client replaces its old one
+            previous.emit(protocol.cancelled_event(previous.request.id))
+        self._queue.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                continue
+            try:
+                self._run(job)
+            except Exception as exc:
+                log.error("request %s from %s failed: %s\n%s", job.request.id, job.client, exc, traceback.format_exc())
+                job.emit(protocol.error_event(job.request.id, protocol.INTERNAL,
+                                              f"generation failed inside the server ({type(exc).__name__}); the server keeps running"))
+            finally:
+                with self._lock:
+                    if self._jobs.get(job.client) is job:
+                        del self._jobs[job.client]
+
+    def _run(self, job: Job) -> None:
+        request = job.request
+        try:
+            model = self.registry.get(request.model)  # resolved per request: hot-swap happens between requests
+        except KeyError:
+            job.emit(protocol.error_event(request.id, protocol.UNKNOWN_MODEL, f"model {request.model!r} was removed"))
+            return
+        spec = self.build_request(request.params)
+        started = time.perf_counter()
+        first_note = None
+        variations = 0
+        try:
+            for event in model.generator.stream(request.clip, spec, should_stop=job.cancelled.is_set):
+                if job.cancelled.is_set():
+                    break
+                now_ms = (time.perf_counter() - job.received) * 1000
+                if isinstance(event, NoteEvent):
+                    if first_note is None:
+                        first_note = now_ms
+                    job.emit(protocol.note_event(request.id, event.variation, event.note))
+                elif isinstance(event, VariationDone):
+                    path = self._write(job, model.name, event, spec.variations)
+                    job.emit(protocol.done_event(request.id, event.variation, str(path), len(event.clip.notes), first_note, now_ms))
+                    variations += 1
+        except RequestError as exc:
+            job.emit(protocol.error_event(request.id, protocol.BAD_CLIP, str(exc)))
+            return
+        total = (time.perf_counter() - job.received) * 1000
+        if job.cancelled.is_set():
+            log.info("client=%s id=%s model=%s bars=%d cancelled after %.0f ms", job.client, request.id, model.name, spec.bars, total)
+            return
+        job.emit(protocol.finished_event(request.id, variations, total))
+        log.info("client=%s id=%s model=%s bars=%d variations=%d first_note_ms=%s total_ms=%.0f queue_ms=%.0f",
+                 job.client, request.id, model.name, spec.bars, spec.variations,
+                 "-" if first_note is None else f"{first_note:.1f}", total, (started - job.received) * 1000)
+
+    def _write(self, job: Job, model_name: str, done: VariationDone, variations: int) -> Path:
+        safe_client = re.sub(r"[^A-Za-z0-9_.-]", "_", job.client)[:40] or "client"
+        safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", job.request.id)[:40]
+        path = self.clips_dir / f"{safe_client}-{safe_id}-v{done.variation + 1}.mid"
+        return write_clip(path, done.clip, track_name=f"Segue {model_name} continuation {done.variation + 1} of {variations}")
+
+
+def default_build_request(params: dict) -> ContinuationRequest:
+    """Protocol parameters -> engine request (constraints are mapped by the engine's own parser)."""
+    from engine.generate import ContinuationRequest
+
+    kwargs = {k: params[k] for k in ("bars", "variations", "temperature", "top_k", "top_p", "seed") if params.get(k) is not None}
+    constraints = params.get("constraints") or {}
+    if constraints:
+        from engine import constraints as engine_constraints  # added with decode-time constraints
+
+        kwargs["limits"] = engine_constraints.Constraints.from_dict(constraints)
+    if params.get("mode", "sample") != "sample":
+        kwargs["mode"] = params["mode"]
+        kwargs["beam_width"] = params.get("beam_width", 5)
+    return ContinuationRequest(**kwargs)

@@ -1,0 +1,124 @@
+"""The transport-independent Service: streaming, cancel, replacement, errors, hot-swap, tamper refusal."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import time
+
+from conftest import clip_payload
+
+from plugin_bridge.models import ModelRegistry
+
+
+class Inbox:
+    """Collects the replies the service emits to one client (emit is called from worker threads)."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+
+    def __call__(self, event: dict) -> None:
+        self.q.put(event)
+
+    def until(self, kind: str, request_id: str, timeout: float = 30.0) -> list[dict]:
+        events, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            events.append(event)
+            if event["type"] in (kind, "error") and event.get("id") == request_id:
+                return events
+        raise AssertionError(f"no {kind} for {request_id} within {timeout} s; got {[e['type'] for e in events]}")
+
+
+def test_continue_streams_notes_then_done_then_finished(service):
+    inbox = Inbox()
+    service.handle("a", {"type": "continue", "id": "r1", "clip": clip_payload(), "bars": 4, "variations": 2, "seed": 3}, inbox)
+    events = inbox.until("finished", "r1")
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "finished" and kinds.count("done") == 2 and "error" not in kinds
+    for variation in (0, 1):
+        notes = [e for e in events if e["type"] == "note" and e["variation"] == variation]
+        done = next(e for e in events if e["type"] == "done" and e["variation"] == variation)
+        assert done["notes"] == len(notes) > 0
+        assert kinds.index("done") > kinds.index("note")
+        assert all(16.0 <= n["start"] < 32.0 for n in notes)
+        from export.midi_clip import read_clip
+
+        written = read_clip(done["path"])
+        assert sorted((n.pitch, round(n.start, 4)) for n in written.notes) == \
+               sorted((n["pitch"], round(n["start"], 4)) for n in notes)
+
+
+def test_errors_name_the_problem_and_the_request(service):
+    inbox = Inbox()
+    service.handle("a", {"type": "continue", "id": "x", "clip": clip_payload(), "bars": 10000}, inbox)
+    error = inbox.until("error", "x")[-1]
+    assert error["code"] == "bad_request" and "bars must be between 1 and 64" in error["message"]
+    service.handle("a", {"type": "continue", "id": "y", "clip": {"notes": []}}, inbox)
+    assert inbox.until("error", "y")[-1]["code"] == "bad_clip"
+    service.handle("a", {"type": "continue", "id": "z", "clip": clip_payload(), "model": "nope"}, inbox)
+    assert "available: default" in inbox.until("error", "z")[-1]["message"]
+    service.handle("a", {"type": "dance", "id": "w"}, inbox)
+    assert inbox.until("error", "w")[-1]["code"] == "unknown_type"
+    service.handle("a", ["not", "an", "object"], inbox)
+    assert inbox.until("error", "")[-1]["code"] == "bad_request"
+
+
+def test_cancel_and_replacement(service):
+    inbox = Inbox()
+    long = {"type": "continue", "clip": clip_payload(), "bars": 64, "variations": 16, "temperature": 1.5}
+    service.handle("a", {**long, "id": "slow"}, inbox)
+    time.sleep(0.05)
+    service.handle("a", {"type": "cancel", "id": "slow"}, inbox)
+    events = inbox.until("cancelled", "slow", timeout=5)
+    assert events[-1]["type"] == "cancelled"
+    # A new request from the same client replaces its running one.
+    service.handle("a", {**long, "id": "first"}, inbox)
+    time.sleep(0.05)
+    service.handle("a", {"type": "continue", "id": "second", "clip": clip_payload(), "bars": 1, "seed": 1}, inbox)
+    events = inbox.until("finished", "second")
+    assert any(e["type"] == "cancelled" and e["id"] == "first" for e in events)
+    assert not any(e["type"] == "finished" and e["id"] == "first" for e in events)
+
+
+def test_hello_lists_models_and_versions(service):
+    inbox = Inbox()
+    service.handle("a", {"type": "hello", "id": "h"}, inbox)
+    hello = inbox.until("hello", "h")[-1]
+    assert hello["protocol"] == 1 and hello["server"] and hello["default_model"] == "default"
+    assert [m["name"] for m in hello["models"]] == ["default"]
+    assert len(hello["models"][0]["data_fingerprint"]) == 64
+
+
+def test_hot_swap_and_tampered_folder_refused(models_dir, tiny_model, tmp_path):
+    registry = ModelRegistry(models_dir)
+    registry.scan()
+    old = registry.get("default")
+    # A new model folder dropped in is picked up.
+    shutil.copytree(tiny_model, models_dir / "second")
+    assert registry.scan() == ["second"]
+    # An updated folder (export-onnx swaps a new folder in) replaces the old generator.
+    staged = tmp_path / "staged"
+    shutil.copytree(tiny_model, staged)
+    manifest = json.loads((staged / "manifest.json").read_text())
+    manifest["name"] = "retrained"
+    (staged / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(models_dir / "default")
+    shutil.move(staged, models_dir / "default")
+    assert registry.scan() == ["default"]
+    assert registry.get("default") is not old and registry.get("default").manifest["name"] == "retrained"
+    serving = registry.get("default")
+    # A tampered update is refused with a reason, and the model already serving keeps serving.
+    onnx = models_dir / "default" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    onnx.write_bytes(bytes(data))
+    manifest["name"] = "tampered"
+    (models_dir / "default" / "manifest.json").write_text(json.dumps(manifest))
+    assert registry.scan() == []
+    assert registry.get("default") is serving
+    assert "does not match the sha256" in registry.refused()["default"]
