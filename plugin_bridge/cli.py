@@ -105,8 +105,9 @@ def _run_module(module: str, argv: list[str]) -> int:
     try:
         entry = importlib.import_module(module)
     except ImportError as exc:
-        print(f"error: this command needs the training extras ({exc.name} is missing): "
-              f"pip install -e '.[train]' torch==2.13.0", file=sys.stderr)
+        hint = "pip install -e '.[cpu,train]' torch==2.13.0" if exc.name in ("torch", "onnx", "onnxscript", "safetensors",
+                                                                             "music21", "tqdm") else "pip install -e '.[cpu]'"
+        print(f"error: this command needs {exc.name}, which is not installed: {hint}", file=sys.stderr)
         return 1
     return entry.main(argv)
 
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _continue_parser(sub)
+    _passthrough(sub, "serve", "run the generation server for plugins and DAW scripts (OSC + ZeroMQ)", "plugin_bridge.server")
+    _passthrough(sub, "client", "talk to a running server: continue a clip, ping, hello", "plugin_bridge.client")
     _passthrough(sub, "train", "train a model from scratch on the built-in corpus or a MIDI folder", "training.train")
     _passthrough(sub, "export-onnx", "turn a training checkpoint into a model folder Segue can serve", "export.onnx_export")
     return parser

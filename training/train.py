@@ -121,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95),
     )
+    program_ids = np.array(sorted(tokenizer.kinds.program))
+    counts = np.bincount(np.concatenate(corpus.train), minlength=tokenizer.vocab_size)[program_ids]
+    programs = {str(tokenizer.kinds.program[int(i)]): int(c) for i, c in zip(program_ids, counts) if c}
     metadata = {
         "tokenizer": tokenizer_file.read_text(),
+        "programs": programs,  # notes per program in training: lets the engine map unseen instruments
         "data_fingerprint": corpus.fingerprint,
         "data_source": source,
         "preset": args.preset,
