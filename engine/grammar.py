@@ -1,4 +1,4 @@
-"""The REMI token grammar for a continuation, as a mask over the vocabulary.
+"""The REMI token grammar for a continuation, and the musician's constraints, as a mask over the vocabulary.
 
 Every generated sequence decodes because the sampler may only pick what the grammar allows:
 
@@ -9,16 +9,46 @@ Every generated sequence decodes because the sampler may only pick what the gram
 Positions strictly increase inside a bar and pitches strictly increase inside a position (the order
 miditok writes), so a bar always ends and no note is doubled. The bar counter stops generation at
 exactly the requested number of bars: the `Bar` that would open one bar too many ends the sequence.
-Constraints (pitch range, velocities, ...) only narrow the allowed sets further.
+
+Each `Constraints` field narrows the allowed sets further, so it holds for every generated note:
+
+- key/scale, pitch range: only Pitch tokens in the range (and, for pitched clips, in the scale).
+- velocity range: only Velocity tokens whose value lies in the range.
+- max_polyphony M: a note may start at time t only while fewer than M notes of the continuation
+  sound at t (start <= t < end; notes held over from earlier positions and bars count). Sounding
+  notes only increase at note starts, so at no time do more than M sound. Notes of the prompt
+  that ring into the continuation are not counted.
+- max_notes_per_bar: once a bar holds that many notes, only `Bar` may follow.
+- min_notes_per_bar: every bar of the continuation holds at least that many notes (a guarantee,
+  not a hope). `Bar` is forbidden while the bar is short, and a Position, Pitch or Duration is
+  allowed only if the rest of the bar can still take the missing notes (and, with max_polyphony,
+  if no later bar loses the room for its own minimum to a long held note). The room left is
+  counted by `_room`, see there. A request whose minimum cannot fit a bar is refused up front.
+
+No dead ends (the state where nothing is allowed cannot be reached). Per state:
+- TIME_SIG, PROGRAM: their one token. VELOCITY: non-empty range, checked at construction.
+  DURATION: with no minimum every duration; with one, the shortest (it ends by the next position,
+  so it takes no room the check counted on; construction refuses a model where it would not).
+- PITCH: we got here through a Position or Program that the masks allowed, so some pitch above
+  the last is in range and, with a minimum, the lowest such pitch leaves exactly the room the
+  Position/Program check counted, minus this note.
+- BAR_START, NOTE_END: `Bar` unless the bar is short of its minimum. If it is short, the room left
+  is >= the missing notes >= 1 (the invariant every earlier step kept, true at a bar's start by the
+  later-bar check and construction), so either this position has room (Program is allowed) or the
+  first later position with room is allowed (the room from there on is all the room there is).
+  A full bar (max_notes_per_bar) is never short since min <= max.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
+from engine.constraints import Constraints
 from engine.tokens import ClipTokenizer
 
 
@@ -44,6 +74,8 @@ class Vocabulary:
     drum_value: np.ndarray  # [size] MIDI pitch for PitchDrum tokens, -1 elsewhere
     velocity_value: np.ndarray  # [size] velocity for Velocity tokens, -1 elsewhere
     duration_mask: np.ndarray  # [size] bool
+    duration_units: np.ndarray  # [size] length of Duration tokens in time units, -1 elsewhere
+    units_per_position: int  # time unit = 1/units_per_position of a Position step (exact for every duration)
 
     @classmethod
     def of(cls, tokenizer: ClipTokenizer) -> Vocabulary:
@@ -58,46 +90,65 @@ class Vocabulary:
 
         durations = np.zeros(size, dtype=bool)
         durations[list(kinds.duration)] = True
+        # Positions and durations count beats of the meter's denominator at different resolutions;
+        # a unit that divides both keeps note ends exact integers.
+        per_beat = math.lcm(tokenizer.positions_per_beat, *(res for _, _, res in kinds.duration.values()))
+        lengths = {t: beats * per_beat + sub * per_beat // res for t, (beats, sub, res) in kinds.duration.items()}
         return cls(size, kinds.bar, table(kinds.position), table(kinds.pitch), table(kinds.pitch_drum),
-                   table(kinds.velocity), durations)
-
-
-@dataclass
-class NoteLimits:
-    """Hard limits applied at decode time (the server's constraints build on these)."""
-
-    pitch_min: int = 0
-    pitch_max: int = 127
-    velocity_min: int = 1
-    velocity_max: int = 127
+                   table(kinds.velocity), durations, table(lengths), per_beat // tokenizer.positions_per_beat)
 
 
 class ContinuationGrammar:
     """Tracks one continuation's place in the grammar and answers which tokens may come next."""
 
     def __init__(self, vocab: Vocabulary, time_sig_id: int, program_id: int, positions_per_bar: int, bars: int,
-                 is_drum: bool = False, limits: NoteLimits | None = None):
+                 is_drum: bool = False, constraints: Constraints | None = None):
         if bars < 1:
             raise ValueError("a continuation needs at least one bar")
+        c = constraints or Constraints()
+        c.validate()
         self.vocab = vocab
         self.time_sig_id = time_sig_id
         self.program_id = program_id
         self.positions_per_bar = positions_per_bar
         self.bars = bars
-        self.limits = limits or NoteLimits()
+        self.constraints = c
         pitch_table = vocab.drum_value if is_drum else vocab.pitch_value
         self._pitch_table = pitch_table
-        self._pitch_ok = (pitch_table >= self.limits.pitch_min) & (pitch_table <= self.limits.pitch_max)
-        self._velocity_ok = (vocab.velocity_value >= self.limits.velocity_min) & (vocab.velocity_value <= self.limits.velocity_max)
+        self._pitch_ok = (pitch_table >= 0) & c.pitch_mask(is_drum)[np.clip(pitch_table, 0, 127)]
+        self._velocity_ok = c.velocity_mask(vocab.velocity_value)
+        low, high = c.pitch_range
         if not self._pitch_ok.any():
-            raise ValueError(f"no pitch of this model lies in {self.limits.pitch_min}-{self.limits.pitch_max}")
+            where = f"{low}-{high}" if c.key is None or is_drum else f"{c.scale_name} within {low}-{high}"
+            raise ValueError(f"no pitch this model knows lies in {where}")
         if not self._velocity_ok.any():
-            raise ValueError(f"no velocity bin of this model lies in {self.limits.velocity_min}-{self.limits.velocity_max}")
+            raise ValueError(f"no velocity step of this model lies in {c.velocity_range[0]}-{c.velocity_range[1]}")
+        self._ok_pitches = np.sort(pitch_table[self._pitch_ok])
+        # For every Pitch token: how many allowed pitches lie above it (the chord can still grow by that many).
+        self._above = len(self._ok_pitches) - np.searchsorted(self._ok_pitches, pitch_table, side="right")
         self._position_ok = (vocab.position_index >= 0) & (vocab.position_index < positions_per_bar)
+        self._duration_ids = np.flatnonzero(vocab.duration_mask)
+        self._duration_len = vocab.duration_units[self._duration_ids]
+        self._unit = vocab.units_per_position
+        self._bar_units = positions_per_bar * self._unit
+        self._position_times = np.arange(positions_per_bar) * self._unit  # offsets within a bar
+        self._max_voices = c.max_polyphony
+        self._max_notes = c.max_notes_per_bar
+        self._min_notes = c.min_notes_per_bar or 0
+        per_position = min(len(self._ok_pitches), self._max_voices or len(self._ok_pitches))
+        if self._min_notes > positions_per_bar * per_position:
+            raise ValueError(f"at least {self._min_notes} notes per bar do not fit: a bar of this meter has room "
+                             f"for {positions_per_bar * per_position} with these constraints")
+        if self._min_notes and self._max_voices and self._duration_len.min() > self._unit:
+            raise ValueError("this model's shortest note is longer than its grid step, so a minimum number of "
+                             "notes per bar cannot be guaranteed together with a polyphony limit")
         self.bars_started = 0
         self.position = -1
         self.last_pitch = -1
+        self.notes_in_bar = 0
         self.expect = Expect.BAR_START
+        self._ends: list[int] = []  # end times (units from the continuation's start) of notes that may still sound
+        self._mask: np.ndarray | None = None  # allowed() of the current state, computed once
 
     def forced_opening(self) -> list[int]:
         """The tokens that open the first bar (fed with the prompt): Bar, TimeSig."""
@@ -105,11 +156,41 @@ class ContinuationGrammar:
         self._advance(self.time_sig_id)
         return [self.vocab.bar, self.time_sig_id]
 
+    def copy(self) -> ContinuationGrammar:
+        """An independent copy of this state (the vocabulary tables are shared, they never change)."""
+        clone = copy.copy(self)
+        clone._ends = list(self._ends)
+        return clone
+
     @property
     def done(self) -> bool:
         return self.expect is Expect.DONE
 
+    def ends_continuation(self, token: int) -> bool:
+        """Whether `token` is the `Bar` that would open one bar too many (it ends the sequence)."""
+        return token == self.vocab.bar and self.bars_started == self.bars
+
     def allowed(self) -> np.ndarray:
+        """[vocab] bool, read-only: the tokens that may come next (never all False before `done`)."""
+        if self._mask is None:
+            self._mask = self._compute_mask()
+            self._mask.flags.writeable = False
+        return self._mask
+
+    def accept(self, token: int) -> bool:
+        """Record a sampled token. Returns False when it ends the continuation (it is not emitted)."""
+        if not self.allowed()[token]:
+            raise ValueError(f"token {token} is not allowed here (expecting {self.expect.value})")
+        if self.ends_continuation(token):
+            self.expect = Expect.DONE
+            self._mask = None
+            return False
+        self._advance(token)
+        return True
+
+    # --- masks ------------------------------------------------------------------------------
+
+    def _compute_mask(self) -> np.ndarray:
         v = self.vocab
         mask = np.zeros(v.size, dtype=bool)
         e = self.expect
@@ -119,41 +200,120 @@ class ContinuationGrammar:
             mask[self.program_id] = True
         elif e is Expect.PITCH:
             mask |= self._pitch_ok & (self._pitch_table > self.last_pitch)
+            if self._missing > 0:
+                mask &= self._room_after_pitch()
         elif e is Expect.VELOCITY:
             mask |= self._velocity_ok
         elif e is Expect.DURATION:
-            mask |= v.duration_mask
+            mask[self._duration_ids[self._durations_keeping_room()]] = True
         elif e in (Expect.BAR_START, Expect.NOTE_END):
-            mask |= self._position_ok & (v.position_index > self.position)
-            mask[v.bar] = True
-            if e is Expect.NOTE_END and (self._pitch_ok & (self._pitch_table > self.last_pitch)).any():
-                mask[self.program_id] = True
+            mask = self._between_notes()
         return mask
 
-    def accept(self, token: int) -> bool:
-        """Record a sampled token. Returns False when it ends the continuation (it is not emitted)."""
-        if not self.allowed()[token]:
-            raise ValueError(f"token {token} is not allowed here (expecting {self.expect.value})")
-        if token == self.vocab.bar and self.bars_started == self.bars:
-            self.expect = Expect.DONE
-            return False
-        self._advance(token)
-        return True
+    def _between_notes(self) -> np.ndarray:
+        """After TimeSig or Duration: Bar, a later Position, or another note at this position."""
+        v = self.vocab
+        mask = np.zeros(v.size, dtype=bool)
+        mask[v.bar] = self._missing <= 0
+        if self._max_notes is not None and self.notes_in_bar >= self._max_notes:
+            return mask  # the bar is full; never short then, as min <= max
+        later = np.arange(self.positions_per_bar) > self.position
+        if self._max_voices is not None or self._missing > 0:
+            room = self._room()
+            room_from = np.cumsum(room[::-1])[::-1]  # notes that fit from each position to the bar's end
+            later &= (room > 0) & (room_from >= self._missing)
+        mask |= self._position_ok & later[np.clip(v.position_index, 0, self.positions_per_bar - 1)]
+        if self.expect is Expect.NOTE_END and self._room_here(self._pitches_above(self.last_pitch), pending=0) > 0:
+            mask[self.program_id] = True
+        return mask
+
+    @property
+    def _missing(self) -> int:
+        """Notes this bar still needs to reach its minimum (<= 0 when it has enough)."""
+        return self._min_notes - self.notes_in_bar
+
+    def _sounding(self, times: np.ndarray, extra_ends: np.ndarray | None = None) -> np.ndarray:
+        """How many notes sound at each of `times` [T] (notes all started by now, so end > t is enough);
+        with `extra_ends` [D] the counts are [D, T], each row adding one more note."""
+        ends = np.asarray(self._ends, dtype=np.int64)
+        counts = (ends[None, :] > times[:, None]).sum(axis=1) if len(ends) else np.zeros(len(times), dtype=np.int64)
+        if extra_ends is None:
+            return counts
+        return counts[None, :] + (extra_ends[:, None] > times[None, :])
+
+    def _room(self, bar_start: int | None = None, extra_ends: np.ndarray | None = None) -> np.ndarray:
+        """How many notes could still start at each position of a bar: as many as there are allowed
+        pitches, less the voices taken by notes held there. Filling the earliest room first with
+        the shortest notes (which end by the next position) fits the most notes: notes of equal
+        length packed earliest-first under a voice limit is the optimal greedy of interval scheduling,
+        so the sum of this room is exactly how many more notes the bar can take."""
+        start = self._bar_start if bar_start is None else bar_start
+        pitches = len(self._ok_pitches)
+        shape = (len(self._position_times),) if extra_ends is None else (len(extra_ends), len(self._position_times))
+        if self._max_voices is None:
+            return np.full(shape, pitches)
+        return np.clip(self._max_voices - self._sounding(start + self._position_times, extra_ends), 0, pitches)
+
+    def _pitches_above(self, pitch: int) -> int:
+        return len(self._ok_pitches) - int(np.searchsorted(self._ok_pitches, pitch, side="right"))
+
+    def _room_here(self, above, pending: int):
+        """Notes that could still join the current position: `above` [int or array] allowed pitches
+        lie above the last one, and `pending` started notes are not yet counted as sounding."""
+        if self._max_voices is None:
+            return above
+        voices = self._max_voices - int(self._sounding(np.asarray([self._now]))[0]) - pending
+        return np.minimum(above, max(voices, 0))
+
+    def _room_after_pitch(self) -> np.ndarray:
+        """[vocab] bool: pitches after which this bar can still reach its minimum (this note counted)."""
+        later = self._room()[self.position + 1:].sum()
+        return self._room_here(self._above, pending=1) + later >= self._missing
+
+    def _durations_keeping_room(self) -> np.ndarray:
+        """[durations] bool: lengths for the pending note that keep every minimum reachable."""
+        ok = np.ones(len(self._duration_ids), dtype=bool)
+        if not (self._min_notes and self._max_voices):
+            return ok  # without a voice limit a held note takes no room
+        ends = self._now + self._duration_len
+        if self._missing > 0:  # this bar: the positions after this one, with the new note held
+            later = self._room(extra_ends=ends)[:, self.position + 1:].sum(axis=1)
+            ok &= self._room_here(self._pitches_above(self.last_pitch), pending=1) + later >= self._missing
+        bar = self.bars_started + 1  # later bars this note reaches must keep room for their minimum
+        while bar <= self.bars and (bar - 1) * self._bar_units < ends.max():
+            ok &= self._room((bar - 1) * self._bar_units, ends).sum(axis=1) >= self._min_notes
+            bar += 1
+        return ok
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def _bar_start(self) -> int:
+        return (self.bars_started - 1) * self._bar_units
+
+    @property
+    def _now(self) -> int:
+        return self._bar_start + max(self.position, 0) * self._unit
 
     def _advance(self, token: int) -> None:
         v = self.vocab
+        self._mask = None
         if token == v.bar:
             self.bars_started += 1
             self.position = -1
             self.last_pitch = -1
+            self.notes_in_bar = 0
             self.expect = Expect.TIME_SIG
+            self._forget_ended()
         elif token == self.time_sig_id and self.expect is Expect.TIME_SIG:
             self.expect = Expect.BAR_START
         elif v.position_index[token] >= 0:
             self.position = int(v.position_index[token])
             self.last_pitch = -1
             self.expect = Expect.PROGRAM
+            self._forget_ended()
         elif token == self.program_id:
+            self.notes_in_bar += 1
             self.expect = Expect.PITCH
         elif self._pitch_table[token] >= 0:
             self.last_pitch = int(self._pitch_table[token])
@@ -161,6 +321,12 @@ class ContinuationGrammar:
         elif v.velocity_value[token] >= 0:
             self.expect = Expect.DURATION
         elif v.duration_mask[token]:
+            self._ends.append(self._now + int(v.duration_units[token]))
             self.expect = Expect.NOTE_END
         else:
             raise ValueError(f"token {token} has no place in a continuation")
+
+    def _forget_ended(self) -> None:
+        """Time only moves forward, so a note that has ended never sounds again."""
+        now = self._now
+        self._ends = [end for end in self._ends if end > now]

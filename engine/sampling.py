@@ -3,6 +3,7 @@
 Temperature 0 is greedy (argmax). Otherwise the masked logits are scaled by 1/temperature, cut to
 the `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`, and one
 token is drawn with the caller's `numpy.random.Generator`, so a seed reproduces a continuation.
+`masked_log_probs` is the distribution beam search ranks by and `Generator.log_prob` scores with.
 """
 
 from __future__ import annotations
@@ -49,3 +50,15 @@ def sample(logits: np.ndarray, allowed: np.ndarray, params: SamplingParams, rng:
         probs = probs[:keep] / probs[:keep].sum()
         order = order[:keep]
     return int(candidates[order[rng.choice(len(order), p=probs)]])
+
+
+def masked_log_probs(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """log p [vocab] of the model's distribution restricted to `allowed` and renormalised
+    (temperature 1); -inf where not allowed. A token the grammar forces has log p = 0."""
+    out = np.full(logits.shape, -np.inf)
+    scores = logits[allowed].astype(np.float64)
+    if len(scores) == 0:
+        raise ValueError("the grammar allows no token here")
+    top = scores.max()
+    out[allowed] = scores - (top + np.log(np.exp(scores - top).sum()))
+    return out

@@ -34,7 +34,8 @@ class KVCache:
         return int(self.tensors[0].shape[0])
 
     def select(self, rows) -> KVCache:
-        """The cache of some batch rows (used when a variation finishes early)."""
+        """The cache of some batch rows, in the order given; a repeated row is copied (a variation
+        finishing early drops its row, beam search reorders and duplicates rows)."""
         return KVCache(tuple(t[rows] for t in self.tensors))
 
     def repeat(self, times: int) -> KVCache:
@@ -92,6 +93,11 @@ class OnnxDecoder:
     def step(self, ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed `ids` [batch, T] after the cached positions. Returns the last position's logits
         [batch, vocab] and the extended cache."""
+        logits, cache = self.forward(ids, cache)
+        return logits[:, -1, :], cache
+
+    def forward(self, ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """As `step`, but the logits of every fed position [batch, T, vocab] (for scoring a sequence)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         batch, steps = ids.shape
         start = cache.length
@@ -99,9 +105,9 @@ class OnnxDecoder:
             raise ValueError(f"{start + steps} positions exceed the model context of {self.max_context}")
         positions = np.broadcast_to(np.arange(start, start + steps, dtype=np.int64), (batch, steps))
         feeds = {"input_ids": ids, "position_ids": np.ascontiguousarray(positions)}
-        feeds.update(zip(self.past_names, cache.tensors))
+        feeds.update(zip(self.past_names, cache.tensors, strict=True))
         outputs = self.session.run(self.output_names, feeds)
-        return outputs[0][:, -1, :], KVCache(tuple(outputs[1:]))
+        return outputs[0], KVCache(tuple(outputs[1:]))
 
     def warm_up(self) -> None:
         """One prefill and one decode step, so the first request does not pay for lazy init."""

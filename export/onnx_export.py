@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -65,6 +66,8 @@ def export_graph(model: GPT, path: Path) -> None:
     past_dim = torch.export.Dim("past", min=0, max=cfg.max_context)
     dynamic = {"input_ids": {0: batch_dim, 1: seq_dim}, "position_ids": {0: batch_dim, 1: seq_dim},
                "flat_past": tuple({0: batch_dim, 2: past_dim} for _ in past_names)}
+    # The exporter logs a warning per torchvision op it cannot find; torchvision is irrelevant here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         # The exporter narrates its own symbolic-shape bookkeeping; none of it is actionable here.
         warnings.simplefilter("ignore")
@@ -117,6 +120,7 @@ def export_model(checkpoint: Path, out: Path, name: str | None = None, extra_man
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    stage.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
     try:
         started = time.time()
         export_graph(model, stage / MODEL_FILE)

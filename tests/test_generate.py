@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from engine.clip import Clip, Note
+from engine.constraints import Constraints
 from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
-from engine.grammar import NoteLimits
 from engine.sampling import SamplingParams, sample
 from export.midi_clip import read_clip
 
@@ -98,7 +98,7 @@ def test_long_prompt_is_cut_at_a_bar_keeping_the_end(generator):
 
 def test_limits_are_never_violated(generator, example_midi):
     clip = four_bar_clip(example_midi[3])
-    limits = NoteLimits(pitch_min=60, pitch_max=72, velocity_min=40, velocity_max=90)
+    limits = Constraints(pitch_min=60, pitch_max=72, velocity_min=40, velocity_max=90)
     for seed in range(10):
         done = generator.generate(clip, ContinuationRequest(bars=4, variations=2, seed=seed, temperature=1.5, limits=limits))
         for d in done:
@@ -132,3 +132,16 @@ def test_sampling_respects_mask_top_k_and_greedy():
     assert picks == {1, 2}
     picks = {sample(logits, allowed, SamplingParams(temperature=1.0, top_p=0.5), rng) for _ in range(200)}
     assert picks == {1}
+
+
+def test_unseen_instrument_is_played_to_the_model_as_a_trained_one(generator, example_midi):
+    from dataclasses import replace
+
+    clip = replace(four_bar_clip(example_midi[0]), program=40)  # violin; the tiny model only saw piano
+    assert generator.decoder.manifest["training"]["programs"] == {"0": generator.decoder.manifest["training"]["programs"]["0"]}
+    prompt, _ = generator.prompt_tokens(clip)
+    text = generator.tokenizer.tokens_to_text(prompt)
+    assert "Program_0" in text and "Program_40" not in text
+    done = generator.generate(clip, ContinuationRequest(bars=2, seed=5))[0]
+    assert done.clip.program == 40
+    assert "Program_40" not in generator.tokenizer.tokens_to_text(done.tokens)
