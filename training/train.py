@@ -154,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-        if budget and step == 50:
-            # Fit the cosine schedule to the time budget once the step time is known.
-            per_step = (time.time() - started) / step
-            max_steps = min(max_steps, max(step + 1, int(budget / per_step * 0.92)))
+        if budget and step >= 20 and step % 10 == 0:
+            # Fit the cosine schedule to the time budget, again and again: the step time changes
+            # when something else (a DAW, a test run) shares the CPU.
+            elapsed = time.time() - started
+            per_step = elapsed / step
+            max_steps = min(args.max_steps, max(step + 1, int(step + (budget * 0.97 - elapsed) / per_step)))
             bar.total = max_steps
         if step % args.eval_every == 0 or step == max_steps:
             val_loss = validation_loss(model, val, args.batch_size, args.val_windows)

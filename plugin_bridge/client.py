@@ -1,0 +1,415 @@
+"""A small ZeroMQ client for a running `segue serve`, and the `segue client` command built on it.
+
+For DAW scripts and shells that cannot keep a model in memory themselves: the server holds the
+model warm, this client sends a clip and prints the notes as they are decoded.
+
+    segue client continue riff.mid --bars 8 --variations 2 --seed 7
+    segue client continue riff.mid --json          # one JSON event per line, for scripts
+    segue client ping
+    segue client hello
+
+In Python:
+
+    with SegueClient("tcp://127.0.0.1:5555") as client:
+        for event in client.continue_stream(clip_payload, bars=4, seed=1):
+            ...  # note events, then done per variation, then finished
+
+The client is not thread-safe (one DEALER socket); use one per thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import zmq
+
+log = logging.getLogger("segue.client")
+
+DEFAULT_ZMQ_PORT = 5555
+DEFAULT_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_ZMQ_PORT}"
+CONTINUE_PARAMS = frozenset({"bars", "variations", "temperature", "top_k", "top_p", "seed", "model", "mode",
+                             "beam_width", "constraints"})
+MAX_REPLY_BYTES = 64 << 20  # a hello listing many models is the largest reply; anything bigger is not Segue
+
+
+class ClientError(Exception):
+    """The server answered with an error, or could not be reached: `code` for programs, `message` for people."""
+
+    def __init__(self, code: str, message: str, request_id: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ServerTimeout(ClientError):
+    """The server went silent for longer than the client's timeout."""
+
+    def __init__(self, message: str, request_id: str = ""):
+        super().__init__("timeout", message, request_id)
+
+
+class ServerUnreachable(ClientError):
+    """No server accepted the connection within the connect timeout."""
+
+    def __init__(self, message: str):
+        super().__init__("unreachable", message)
+
+
+class SegueClient:
+    """Requests over one DEALER socket; replies are matched to requests by their `id`.
+
+    `timeout` is how long the server may stay silent while a reply is awaited (a stream resets it
+    with every event); `connect_timeout` is how long a request waits for the connection, so a
+    missing server is reported quickly instead of the request sitting in a queue.
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 30.0, connect_timeout: float = 3.0,
+                 context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing until connected: a missing server fails the send
+        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(connect_timeout * 1000)))
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(3).hex()
+        self._waiting: dict[str, deque[dict]] = {}  # request ids still expecting replies -> replies read early
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    def hello(self) -> dict:
+        """The server's protocol version, server version, models (with manifest summaries), default model."""
+        return self._call({"type": "hello"}, "hello")
+
+    def ping(self) -> float:
+        """Round trip to the server in seconds (answered on the server's I/O path, never queued behind generation)."""
+        started = time.perf_counter()
+        self._call({"type": "ping"}, "pong")
+        return time.perf_counter() - started
+
+    def continue_stream(self, clip: dict, *, request_id: str | None = None, **params) -> Iterator[dict]:
+        """Continue `clip` (protocol form): yields note events as they are decoded, a done event per
+        variation, and finally the finished event (or the cancelled event, after `cancel`).
+
+        The request is sent when iteration starts. Raises ClientError on an error reply and
+        ServerTimeout when the server is silent for `timeout` seconds. Leaving the loop early
+        cancels the request on the server, so the engine is freed at once.
+        """
+        unknown = set(params) - CONTINUE_PARAMS
+        if unknown:  # checked now, not on first iteration, so a typo fails where it is written
+            raise TypeError(f"unknown continue parameter(s): {', '.join(sorted(unknown))}")
+        request = {"type": "continue", "clip": clip, **{k: v for k, v in params.items() if v is not None}}
+        return self._stream(request, request_id)
+
+    def _stream(self, request: dict, request_id: str | None) -> Iterator[dict]:
+        rid = self._send(request, request_id)
+        complete = False
+        try:
+            while True:
+                event = self._next(rid)
+                kind = event.get("type")
+                if kind == "error":
+                    complete = True
+                    raise ClientError(event.get("code", "error"), event.get("message", "the server reported an error"), rid)
+                yield event
+                if kind in ("finished", "cancelled"):
+                    complete = True
+                    return
+        except ServerTimeout:
+            complete = True  # the server is not listening; a cancel would only sit in a queue
+            raise
+        finally:
+            self._waiting.pop(rid, None)
+            if not complete:
+                self._cancel_quietly(rid)
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the server to stop `request_id`; returns without waiting. Its stream then ends with a
+        `cancelled` event (an unknown or finished id is answered with an error nobody awaits, and dropped)."""
+        try:
+            self._sock.send(_cancel_frame(request_id))
+        except zmq.Again:
+            raise ServerUnreachable(f"no Segue server answered at {self.endpoint} within {self.connect_timeout:g} s; "
+                                    f"the request cannot be cancelled") from None
+
+    def close(self) -> None:
+        """Close the socket at once (linger 0): nothing unsent is kept."""
+        self._sock.close(linger=0)
+        if self._own_context:
+            self._ctx.term()
+
+    def __enter__(self) -> SegueClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _call(self, request: dict, expect: str) -> dict:
+        rid = self._send(request)
+        try:
+            while True:
+                event = self._next(rid)
+                if event.get("type") == "error":
+                    raise ClientError(event.get("code", "error"), event.get("message", "the server reported an error"), rid)
+                if event.get("type") == expect:
+                    return event
+        finally:
+            self._waiting.pop(rid, None)
+
+    def _send(self, request: dict, request_id: str | None = None) -> str:
+        rid = request_id or f"{self._prefix}-{next(self._ids)}"
+        data = json.dumps({**request, "id": rid}, separators=(",", ":")).encode("utf-8")
+        self._waiting[rid] = deque()
+        try:
+            self._sock.send(data)
+        except zmq.Again:
+            self._waiting.pop(rid, None)
+            raise ServerUnreachable(f"no Segue server answered at {self.endpoint} within {self.connect_timeout:g} s; "
+                                    f"start one with `segue serve` (or point --server at it)") from None
+        return rid
+
+    def _next(self, rid: str) -> dict:
+        """The next reply for `rid`: replies for other requests still awaited are kept for them,
+        replies for requests nobody awaits (an abandoned stream's tail) are dropped."""
+        early = self._waiting.get(rid)
+        if early:
+            return early.popleft()
+        while True:
+            if not self._sock.poll(int(self.timeout * 1000), zmq.POLLIN):
+                raise ServerTimeout(f"the Segue server at {self.endpoint} sent nothing for {self.timeout:g} s", rid)
+            raw = self._sock.recv()
+            try:
+                event = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise ClientError("bad_reply", f"the server sent a reply that is not JSON ({exc})", rid) from exc
+            if not isinstance(event, dict):
+                raise ClientError("bad_reply", "the server sent a reply that is not a JSON object", rid)
+            eid = str(event.get("id", ""))
+            if eid == rid:
+                return event
+            if eid in self._waiting:
+                self._waiting[eid].append(event)
+            elif event.get("type") == "error" and not eid:  # the server could not tell which request it answers
+                raise ClientError(event.get("code", "error"), event.get("message", "the server reported an error"), rid)
+            else:
+                log.debug("dropping a reply for %r, which nothing awaits: %s", eid, event.get("type"))
+
+    def _cancel_quietly(self, rid: str) -> None:
+        """Cancel an abandoned stream without waiting (the caller is leaving, possibly on Ctrl-C)."""
+        try:
+            self._sock.send(_cancel_frame(rid), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the server also frees the engine when this socket disconnects
+            log.debug("could not cancel %s: %s", rid, exc)
+
+
+def _cancel_frame(request_id: str) -> bytes:
+    return json.dumps({"type": "cancel", "id": request_id}, separators=(",", ":")).encode("utf-8")
+
+
+# --- clip conversion and display ----------------------------------------------------------------------
+
+def clip_to_payload(clip) -> dict:
+    """An `engine.clip.Clip` -> the protocol's clip object (notes in beats; length null = whole bars)."""
+    return {"notes": [[n.pitch, n.velocity, n.start, n.duration, n.channel] for n in clip.notes],
+            "tempo": clip.tempo, "time_signature": list(clip.time_signature), "length": clip.length,
+            "program": clip.program, "is_drum": clip.is_drum}
+
+
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+
+
+def note_name(pitch: int) -> str:
+    """MIDI pitch -> scientific pitch name (60 = C4, middle C)."""
+    return f"{NOTE_NAMES[pitch % 12]}{pitch // 12 - 1}"
+
+
+def bar_beat(start: float, time_signature: tuple[int, int]) -> str:
+    """Beats from the clip start -> "bar.beat.hundredths", counted from 1 in the meter's own beats
+    (eighths in 6/8), as REAPER's Measures.Beats display shows it: 5.2.50 = bar 5, half-way through beat 2."""
+    numerator, denominator = time_signature
+    hundredths = round(start * denominator / 4 * 100)
+    bar, within = divmod(hundredths, numerator * 100)
+    beat, fraction = divmod(within, 100)
+    return f"{bar + 1}.{beat + 1}.{fraction:02d}"
+
+
+# --- the `segue client` command -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=os.environ.get("SEGUE_SERVER", DEFAULT_ENDPOINT),
+                        help=f"the server's ZeroMQ address (default {DEFAULT_ENDPOINT}, or $SEGUE_SERVER)")
+    common.add_argument("--timeout", type=float, default=30.0,
+                        help="give up when the server stays silent this many seconds (default 30)")
+    common.add_argument("--connect-timeout", type=float, default=3.0,
+                        help="give up when no server accepts the connection within this many seconds (default 3)")
+    common.add_argument("--json", action="store_true", help="print one JSON event per line (for DAW scripts)")
+
+    parser = argparse.ArgumentParser(
+        prog="segue client",
+        description="Talk to a running `segue serve` over ZeroMQ: the model stays loaded in the server, "
+                    "so each continuation starts at once.")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = sub.add_parser("continue", parents=[common], help="continue a MIDI clip on the server, printing notes as they come",
+                       description="Send a MIDI clip to the server and print the new notes as they are decoded; the "
+                                   "server writes one .mid per variation (placed right after your clip) and prints its path.")
+    p.add_argument("clip", type=Path, help="the MIDI file to continue (all its tracks are read as one clip)")
+    p.add_argument("--bars", type=int, default=4, help="how many bars to add (1-64, default 4)")
+    p.add_argument("--variations", type=int, default=1, help="how many different continuations (1-16, default 1)")
+    p.add_argument("--temperature", type=float, default=0.9,
+                   help="0 = always the most likely note, 1 = as trained, higher = wilder (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="only choose among the K most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="only choose among the most likely tokens covering this "
+                   "probability (default 0.95; 1 = off)")
+    p.add_argument("--seed", type=int, help="same seed, same clip, same settings = same notes")
+    p.add_argument("--model", help="the server's model to use (default: the server's default model)")
+    p.add_argument("--mode", choices=("sample", "beam"), default="sample",
+                   help="sample = varied ideas; beam = the most likely continuation (default sample)")
+    p.add_argument("--beam-width", type=int, help="how many candidates beam mode keeps (default 5)")
+    limits = p.add_argument_group("constraints", "limits every generated note obeys")
+    limits.add_argument("--key", help="tonic of the key, e.g. C, F#, Bb")
+    limits.add_argument("--scale", help="scale in that key, e.g. major, minor")
+    limits.add_argument("--pitch-min", type=int, help="lowest MIDI pitch allowed (60 = middle C)")
+    limits.add_argument("--pitch-max", type=int, help="highest MIDI pitch allowed")
+    limits.add_argument("--max-polyphony", type=int, help="most notes sounding at once")
+    limits.add_argument("--max-notes-per-bar", type=int, help="most notes started in one bar")
+    limits.add_argument("--velocity-min", type=int, help="softest velocity allowed (1-127)")
+    limits.add_argument("--velocity-max", type=int, help="loudest velocity allowed (1-127)")
+    p.set_defaults(run=_run_continue)
+
+    p = sub.add_parser("ping", parents=[common], help="check that the server answers, and how fast")
+    p.set_defaults(run=_run_ping)
+    p = sub.add_parser("hello", parents=[common], help="show the server's version and the models it serves")
+    p.set_defaults(run=_run_hello)
+    return parser
+
+
+CONSTRAINT_OPTIONS = ("key", "scale", "pitch_min", "pitch_max", "max_polyphony", "max_notes_per_bar",
+                      "velocity_min", "velocity_max")
+
+
+def continue_params(args: argparse.Namespace) -> dict:
+    """Parsed options -> continue request fields (options left out are not sent: the server's defaults apply)."""
+    params = {"bars": args.bars, "variations": args.variations, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed, "model": args.model, "mode": args.mode, "beam_width": args.beam_width}
+    constraints = {name: getattr(args, name) for name in CONSTRAINT_OPTIONS if getattr(args, name) is not None}
+    if constraints:
+        params["constraints"] = constraints
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _print_json(event: dict) -> None:
+    print(json.dumps(event, separators=(",", ":")), flush=True)
+
+
+def _run_continue(args: argparse.Namespace, client: SegueClient) -> int:
+    from export.midi_clip import read_clip
+
+    clip = read_clip(args.clip)  # ClipError names the file and the problem
+    params = continue_params(args)
+    client.ping()  # fail with "start segue serve" before printing anything, and keep connecting out of the timings
+    if not args.json:
+        print(f"clip: {args.clip} ({len(clip.notes)} notes, {clip.bars} bars of {clip.time_signature[0]}/"
+              f"{clip.time_signature[1]} at {clip.tempo:g} BPM) -> {args.server}", flush=True)
+        print(f"{'var':>3}  {'bar.beat':>9}  {'note':<4}  {'vel':>3}  {'beats':>5}", flush=True)
+    started = time.perf_counter()
+    first_note = None
+    written: list[str] = []
+    with closing(client.continue_stream(clip_to_payload(clip), **params)) as stream:  # Ctrl-C cancels on the server
+        for event in stream:
+            kind = event["type"]
+            if kind == "note" and first_note is None:
+                first_note = time.perf_counter() - started
+            if args.json:
+                _print_json(event)
+            elif kind == "note":
+                print(f"{event['variation'] + 1:>3}  {bar_beat(event['start'], clip.time_signature):>9}  "
+                      f"{note_name(event['pitch']):<4}  {event['velocity']:>3}  {event['duration']:>5.2f}", flush=True)
+            elif kind == "done":
+                written.append(event["path"])
+                first = "-" if event.get("first_note_ms") is None else f"{event['first_note_ms']:.0f} ms"
+                plural = "" if event["notes"] == 1 else "s"
+                print(f"variation {event['variation'] + 1}: {event['notes']} note{plural} (first note {first}, "
+                      f"done at {event['total_ms']:.0f} ms)", flush=True)
+            elif kind == "cancelled":
+                print("cancelled by the server", flush=True)
+            elif kind == "finished":
+                for path in written:
+                    print(f"  {path}")
+                first = "no notes" if first_note is None else f"{first_note * 1000:.0f} ms"
+                print(f"finished: {event['variations']} variation(s), server total {event['total_ms'] / 1000:.2f} s; "
+                      f"time to first note here {first}, round trip {time.perf_counter() - started:.2f} s", flush=True)
+    return 0
+
+
+def _run_ping(args: argparse.Namespace, client: SegueClient) -> int:
+    seconds = client.ping()
+    if args.json:
+        _print_json({"type": "pong", "server": args.server, "round_trip_ms": round(seconds * 1000, 3)})
+    else:
+        print(f"pong from {args.server} in {seconds * 1000:.1f} ms")
+    return 0
+
+
+def _run_hello(args: argparse.Namespace, client: SegueClient) -> int:
+    hello = client.hello()
+    if args.json:
+        _print_json(hello)
+        return 0
+    print(f"Segue server {hello.get('server')} at {args.server}, protocol {hello.get('protocol')}")
+    for model in hello.get("models") or []:
+        params = model.get("parameters")
+        size = f"{params / 1e6:.1f} M parameters" if isinstance(params, (int, float)) else "size unknown"
+        mark = "  (default)" if model.get("name") == hello.get("default_model") else ""
+        print(f"  {model.get('name')}: {size}, context {model.get('max_context')} tokens{mark}")
+    if not hello.get("models"):
+        print("  no models loaded")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`segue client ACTION ...`: 0 on success; 1 with one `error: ...` line on any failure."""
+    from engine.clip import ClipError
+
+    args = build_parser().parse_args(argv)
+    try:
+        with SegueClient(args.server, timeout=args.timeout, connect_timeout=args.connect_timeout) as client:
+            return args.run(args, client)
+    except (ClientError, ClipError) as exc:
+        if args.json:
+            code = exc.code if isinstance(exc, ClientError) else "bad_clip"
+            _print_json({"type": "error", "code": code, "message": str(exc)})
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except zmq.ZMQError as exc:  # e.g. a malformed --server address
+        print(f"error: cannot talk to {args.server}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the stream's cleanup has already asked the server to cancel
+        print("error: interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,552 @@
+"""The ZeroMQ transport and client over real loopback TCP: streams, cancel, concurrency, dead
+clients, hostile frames, binding, and `segue client` end to end.
+
+Every socket lives on a random port with linger 0, every receive has a timeout, and the
+`no_leaks` fixture fails a test that leaves a thread or a file descriptor behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import clip_payload
+from zmq.utils.monitor import recv_monitor_message
+
+from engine.clip import Clip, Note
+from export.midi_clip import read_clip, write_clip
+from plugin_bridge import client as client_module
+from plugin_bridge import zmq_transport
+from plugin_bridge.client import ClientError, SegueClient, ServerTimeout, ServerUnreachable, bar_beat, note_name
+from plugin_bridge.zmq_transport import ZmqTransport, client_name
+
+TIMEOUT = 10.0  # seconds any single wait may take before the test fails (generous for a busy 2-core machine)
+LONG = {"bars": 64, "variations": 16, "temperature": 1.5}  # keeps a worker busy for a while
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+def _fd_count() -> int | None:
+    fd_dir = Path("/proc/self/fd")
+    return len(os.listdir(fd_dir)) if fd_dir.is_dir() else None
+
+
+def _settle(check, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+@pytest.fixture
+def no_leaks(service):
+    """Fail the test if it leaves a Python thread or a file descriptor open (measured after the
+    Service exists and before it closes, so only transport and client resources count)."""
+    threads = {t.ident for t in threading.enumerate()}
+    fds = _fd_count()
+    yield
+    assert _settle(lambda: {t.ident for t in threading.enumerate()} <= threads), \
+        f"threads leaked: {[t.name for t in threading.enumerate() if t.ident not in threads]}"
+    if fds is not None:
+        assert _settle(lambda: _fd_count() <= fds), f"file descriptors leaked: {fds} before, {_fd_count()} after"
+
+
+@pytest.fixture
+def transport(service, no_leaks):
+    t = ZmqTransport(service)
+    t.start()
+    yield t
+    t.stop()
+
+
+class Peers:
+    """Raw DEALER sockets for byte-level tests; the test must close each one (else it fails)."""
+
+    def __init__(self):
+        self.ctx = zmq.Context()
+        self.sockets: list[zmq.Socket] = []
+
+    def dealer(self, endpoint: str, routing_id: bytes | None = None) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        if routing_id is not None:
+            sock.routing_id = routing_id
+        sock.connect(endpoint)
+        self.sockets.append(sock)
+        return sock
+
+    def close(self) -> list[zmq.Socket]:
+        left_open = [s for s in self.sockets if not s.closed]
+        for sock in left_open:
+            sock.close(linger=0)
+        self.ctx.term()
+        return left_open
+
+
+@pytest.fixture
+def peers(no_leaks):
+    p = Peers()
+    yield p
+    left_open = p.close()
+    assert not left_open, f"the test left {len(left_open)} socket(s) open"
+
+
+def send_json(sock: zmq.Socket, payload: dict) -> None:
+    sock.send(json.dumps(payload).encode())
+
+
+def recv_json(sock: zmq.Socket, timeout: float = TIMEOUT) -> dict:
+    assert sock.poll(int(timeout * 1000), zmq.POLLIN), f"no reply within {timeout} s"
+    return json.loads(sock.recv())
+
+
+def recv_until(sock: zmq.Socket, kinds: tuple[str, ...] = ("finished", "error", "cancelled")) -> list[dict]:
+    events = []
+    while True:
+        events.append(recv_json(sock))
+        if events[-1]["type"] in kinds:
+            return events
+
+
+def connected(client: SegueClient) -> SegueClient:
+    client.ping()  # the first request waits for the connection; later timings measure only the server
+    return client
+
+
+def assert_stream_matches_files(events: list[dict], variations: int) -> None:
+    """Per variation: notes, then its done (whose count and .mid file hold exactly those notes); finished last."""
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "finished" and kinds.count("finished") == 1 and "error" not in kinds, kinds
+    assert events[-1]["variations"] == variations
+    for variation in range(variations):
+        positions = [i for i, e in enumerate(events) if e.get("variation") == variation]
+        done_at = [i for i in positions if events[i]["type"] == "done"]
+        assert len(done_at) == 1 and done_at[0] == positions[-1], "notes of a variation must all come before its done"
+        notes = [events[i] for i in positions if events[i]["type"] == "note"]
+        done = events[done_at[0]]
+        assert done["notes"] == len(notes) > 0
+        written = read_clip(done["path"])
+        on_grid = lambda beats: round(beats * 480)  # the .mid stores ticks at 480 per beat
+        # Starts and ends are compared separately: when two notes of one pitch overlap, a MIDI file cannot
+        # say which note-off ends which note-on, so a reader may swap their durations (same starts, same ends).
+        assert sorted((n.pitch, n.velocity, on_grid(n.start)) for n in written.notes) == \
+               sorted((n["pitch"], n["velocity"], on_grid(n["start"])) for n in notes)
+        assert sorted((n.pitch, on_grid(n.start) + on_grid(n.duration)) for n in written.notes) == \
+               sorted((n["pitch"], on_grid(n["start"]) + on_grid(n["duration"])) for n in notes)
+
+
+# --- basics ---------------------------------------------------------------------------------------
+
+def test_ping_and_hello_raw_bytes(transport, peers):
+    sock = peers.dealer(transport.endpoint)
+    sock.send(b'{"type":"ping","id":"p1"}')
+    assert sock.poll(int(TIMEOUT * 1000))
+    assert sock.recv_multipart() == [b'{"type":"pong","id":"p1"}']  # one frame, compact JSON
+    sock.send(b'{"type":"hello","id":7}')
+    hello = recv_json(sock)
+    assert hello["type"] == "hello" and hello["id"] == "7" and hello["protocol"] == 1
+    assert hello["default_model"] == "default" and [m["name"] for m in hello["models"]] == ["default"]
+    sock.close()
+
+
+def test_client_hello_and_ping(transport, no_leaks):
+    with SegueClient(transport.endpoint, timeout=TIMEOUT) as client:
+        hello = client.hello()
+        assert hello["protocol"] == 1 and hello["models"][0]["name"] == "default"
+        seconds = client.ping()
+        assert 0 < seconds < TIMEOUT
+
+
+def test_binds_loopback_only_by_default(transport):
+    assert transport.host == "127.0.0.1" and transport.endpoint == f"tcp://127.0.0.1:{transport.port}"
+    proc_tcp = Path("/proc/net/tcp")
+    if not proc_tcp.is_file():
+        pytest.skip("no /proc/net/tcp to read listening addresses from")
+    listening = set()
+    for path in (proc_tcp, Path("/proc/net/tcp6")):
+        if path.is_file():
+            for line in path.read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, port = local.split(":")
+                if state == "0A" and int(port, 16) == transport.port:
+                    listening.add(address)
+    assert listening == {"0100007F"}, f"port {transport.port} listens on {listening}, not only 127.0.0.1"
+
+
+def test_port_in_use_is_a_clear_oserror(transport, service):
+    second = ZmqTransport(service, port=transport.port)
+    with pytest.raises(OSError, match=rf"port {transport.port} .*already in use") as caught:
+        second.start()
+    assert caught.value.errno == errno.EADDRINUSE
+    with socket.socket() as plain:  # held by something that is not Segue at all
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        taken = plain.getsockname()[1]
+        with pytest.raises(OSError, match=str(taken)):
+            ZmqTransport(service, port=taken).start()
+    with SegueClient(transport.endpoint, timeout=TIMEOUT) as client:
+        client.ping()  # the failed binds disturbed nothing
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+def test_continue_streams_notes_done_finished_in_order(transport, no_leaks):
+    with connected(SegueClient(transport.endpoint, timeout=TIMEOUT)) as client:
+        events = list(client.continue_stream(clip_payload(), bars=4, variations=2, seed=3, request_id="r1"))
+    assert all(e["id"] == "r1" for e in events)
+    assert_stream_matches_files(events, variations=2)
+    for variation in (0, 1):
+        starts = [e["start"] for e in events if e["type"] == "note" and e["variation"] == variation]
+        assert all(16.0 <= s < 32.0 for s in starts), "a continuation starts after the 4-bar clip and lasts 4 bars"
+
+
+def test_cancel_ends_the_stream_and_frees_the_engine(transport, no_leaks):
+    with connected(SegueClient(transport.endpoint, timeout=TIMEOUT)) as client:
+        stream = client.continue_stream(clip_payload(), **LONG, request_id="slow")
+        first = next(stream)
+        assert first["type"] == "note" and first["id"] == "slow"
+        client.cancel("slow")
+        started = time.perf_counter()
+        rest = list(stream)
+        assert rest[-1] == {"type": "cancelled", "id": "slow"}
+        assert time.perf_counter() - started < 2.0
+        assert not any(e["type"] in ("finished", "done") for e in rest)
+        short = list(client.continue_stream(clip_payload(), bars=1, seed=1))
+        assert short[-1]["type"] == "finished"
+
+
+def test_leaving_a_stream_early_cancels_it_on_the_server(transport, service, no_leaks):
+    with connected(SegueClient(transport.endpoint, timeout=TIMEOUT)) as client:
+        stream = client.continue_stream(clip_payload(), **LONG, request_id="abandoned")
+        next(stream)
+        stream.close()  # what `break` or Ctrl-C does
+        assert _settle(lambda: not service._jobs, timeout=2.0), "the abandoned request kept the engine"
+        assert client.ping() < 1.0  # the cancelled tail is dropped, the next reply is found
+
+
+def test_two_clients_interleaved_get_exactly_their_own_streams(transport, peers):
+    a, b = peers.dealer(transport.endpoint), peers.dealer(transport.endpoint)
+    request = {"type": "continue", "id": "same", "clip": clip_payload(), "bars": 4, "variations": 2}
+    send_json(a, {**request, "seed": 1})
+    send_json(b, {**request, "seed": 2, "clip": clip_payload(meter=(3, 4))})
+    streams: dict[str, list[dict]] = {"a": [], "b": []}
+    pending = {"a": a, "b": b}
+    deadline = time.monotonic() + 60
+    while pending and time.monotonic() < deadline:  # read both as they come, interleaved
+        for name, sock in list(pending.items()):
+            if sock.poll(10):
+                streams[name].append(json.loads(sock.recv()))
+                if streams[name][-1]["type"] in ("finished", "error"):
+                    del pending[name]
+    assert not pending, f"streams not finished in time: {list(pending)}"
+    for name in ("a", "b"):
+        assert all(e["id"] == "same" for e in streams[name])
+        assert_stream_matches_files(streams[name], variations=2)
+    # Each stream is its own: the same request id went to two clients, and the files and meters differ.
+    paths_a = {e["path"] for e in streams["a"] if e["type"] == "done"}
+    paths_b = {e["path"] for e in streams["b"] if e["type"] == "done"}
+    assert paths_a.isdisjoint(paths_b)
+    assert {read_clip(p).time_signature for p in paths_a} == {(4, 4)}
+    assert {read_clip(p).time_signature for p in paths_b} == {(3, 4)}
+    a.close()
+    b.close()
+
+
+# --- dead clients ---------------------------------------------------------------------------------
+
+VICTIM = r"""
+import json, sys, zmq
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.linger = 0
+sock.routing_id = b"victim-1"
+sock.connect(sys.argv[1])
+sock.send(json.dumps({"type": "continue", "id": "v", "clip": json.loads(sys.argv[2]),
+                      "bars": 64, "variations": 16, "temperature": 1.5}).encode())
+while json.loads(sock.recv())["type"] != "note":
+    pass
+print("streaming", flush=True)
+sys.stdin.read()  # stay mid-stream (never reading again) until killed
+"""
+
+
+def test_client_killed_mid_stream_frees_the_engine_and_the_next_client_is_served(transport, service, monkeypatch, caplog):
+    gone: dict[str, float] = {}
+    original = service.client_gone
+    monkeypatch.setattr(service, "client_gone", lambda client: (gone.setdefault(client, time.monotonic()), original(client)))
+    caplog.set_level("INFO", logger="segue.zmq")
+    threads, fds = threading.active_count(), _fd_count()
+
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, transport.endpoint, json.dumps(clip_payload())],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline().strip() == "streaming"
+        victim_name = client_name(b"victim-1")
+        assert victim_name in service._jobs, "the victim's request should be running"
+        victim.kill()
+        killed = time.monotonic()
+        victim.wait(timeout=TIMEOUT)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(timeout=TIMEOUT)
+        victim.stdin.close()
+        victim.stdout.close()
+
+    with SegueClient(transport.endpoint, timeout=TIMEOUT) as client:
+        events = list(client.continue_stream(clip_payload(), bars=1, seed=5))
+        served = time.monotonic() - killed
+    assert events[-1]["type"] == "finished"
+    assert served < 1.0, f"the next client waited {served:.2f} s"
+    assert _settle(lambda: victim_name in gone, timeout=1.0), "the dead client was never reported to the Service"
+    print(f"\nkilled mid-stream: engine freed after {1000 * (gone[victim_name] - killed):.1f} ms, "
+          f"next client's continue finished {1000 * served:.0f} ms after the kill")
+    assert gone[victim_name] - killed < 1.0
+    assert victim_name not in service._jobs
+    assert any("disconnected" in r.getMessage() for r in caplog.records), "the socket monitor saw no disconnect"
+    assert _settle(lambda: threading.active_count() == threads, timeout=1.0)
+    if fds is not None:
+        assert _settle(lambda: _fd_count() == fds, timeout=1.0), f"{fds} fds before, {_fd_count()} after"
+
+
+def test_without_the_monitor_a_failed_reply_still_frees_the_engine(transport, service, peers, monkeypatch, caplog):
+    """ROUTER_MANDATORY path alone: with fd-to-client mapping off, the first reply to a vanished
+    client fails with EHOSTUNREACH and that cancels its request."""
+    monkeypatch.setattr(transport, "_srcfd_ok", False)
+    caplog.set_level("INFO", logger="segue.zmq")
+    sock = peers.dealer(transport.endpoint, routing_id=b"leaver")
+    send_json(sock, {"type": "continue", "id": "x", "clip": clip_payload(), **LONG})
+    assert recv_json(sock)["type"] == "note"
+    sock.close()
+    closed = time.monotonic()
+    assert _settle(lambda: client_name(b"leaver") not in service._jobs, timeout=1.0), "the engine was not freed"
+    print(f"\nengine freed {1000 * (time.monotonic() - closed):.0f} ms after the client closed (reply failure path)")
+    assert any("unreachable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_client_that_stops_reading_loses_only_its_own_stream(service, peers, monkeypatch, caplog):
+    """Its replies pile up to the send high-water mark (made tiny here, with tiny kernel buffers):
+    its request is cancelled, the rest of that stream is dropped, and its next request is served."""
+    monkeypatch.setattr(zmq_transport, "SEND_HWM", 4)
+    configure = ZmqTransport._configure
+    monkeypatch.setattr(ZmqTransport, "_configure", lambda self, sock: (configure(self, sock), sock.setsockopt(zmq.SNDBUF, 4096)))
+    caplog.set_level("INFO", logger="segue.zmq")
+    with ZmqTransport(service) as transport:
+        sleeper = peers.ctx.socket(zmq.DEALER)
+        peers.sockets.append(sleeper)
+        sleeper.linger, sleeper.rcvhwm, sleeper.rcvbuf, sleeper.routing_id = 0, 1, 4096, b"sleeper"
+        sleeper.connect(transport.endpoint)
+        send_json(sleeper, {"type": "continue", "id": "big", "clip": clip_payload(), **LONG})
+        assert _settle(lambda: any("not reading" in r.getMessage() for r in caplog.records), timeout=TIMEOUT)
+        assert _settle(lambda: client_name(b"sleeper") not in service._jobs, timeout=1.0)
+        with SegueClient(transport.endpoint, timeout=TIMEOUT) as other:
+            assert other.ping() < 0.1  # everyone else is unaffected
+        received = []
+        while sleeper.poll(200):
+            received.append(json.loads(sleeper.recv()))
+        assert received and {e["type"] for e in received} <= {"note", "done"}, "a cut stream has no finished"
+        send_json(sleeper, {"type": "ping", "id": "after"})
+        assert recv_json(sleeper) == {"type": "pong", "id": "after"}  # its next request gets through
+        sleeper.close()
+
+
+def test_server_going_silent_times_out_the_client(no_leaks):
+    ctx = zmq.Context()
+    mute = ctx.socket(zmq.ROUTER)  # accepts connections and never answers
+    mute.linger = 0
+    port = mute.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with SegueClient(f"tcp://127.0.0.1:{port}", timeout=0.3) as client, pytest.raises(ServerTimeout, match="sent nothing"):
+            list(client.continue_stream(clip_payload(), bars=1))
+    finally:
+        mute.close(linger=0)
+        ctx.term()
+
+
+# --- hostile input ----------------------------------------------------------------------------------
+
+MALFORMED = [  # (frames after the identity, what the error message says)
+    ([b"\x00\x01garbage\xff"], "not UTF-8"),
+    ([b"\xc3\x28"], "not UTF-8"),
+    ([b"not json at all"], "not valid JSON"),
+    ([b"[1, 2, 3]"], "JSON object"),
+    ([b'"just a string"'], "JSON object"),
+    ([b'{"type": "ping", "id": "n", "x": NaN}'], "not valid JSON"),
+    ([b"[" * 200_000], "not valid JSON"),  # deep nesting: RecursionError inside json
+    ([b""], "empty"),
+    ([b"junk", b"more junk", b"\xff"], "exactly one frame"),
+]
+
+
+def test_malformed_frames_answer_bad_request_and_the_server_keeps_serving(transport, peers):
+    sock = peers.dealer(transport.endpoint)
+    for frames, says in MALFORMED:
+        sock.send_multipart(frames)
+        reply = recv_json(sock)
+        assert reply["type"] == "error" and reply["code"] == "bad_request" and says in reply["message"], (frames[0][:20], reply)
+    send_json(sock, {"type": "dance", "id": "d"})
+    assert recv_json(sock)["code"] == "unknown_type"
+    send_json(sock, {"type": "continue", "id": "c", "clip": {"notes": "nope"}})
+    assert recv_json(sock) == {"type": "error", "id": "c", "code": "bad_request",
+                               "message": "clip.notes must be a list of [pitch, velocity, start, duration] notes"}
+    req = peers.ctx.socket(zmq.REQ)  # a REQ socket cannot take a stream; it is told so, in a reply it can read
+    req.linger = 0
+    req.connect(transport.endpoint)
+    req.send(b'{"type":"ping","id":"q"}')
+    assert req.poll(int(TIMEOUT * 1000)) and "DEALER" in json.loads(req.recv())["message"]
+    req.close()
+    sock.close()
+
+
+def test_oversized_message_disconnects_only_its_sender_and_ping_stays_fast(transport, service, peers):
+    good = connected(SegueClient(transport.endpoint, timeout=TIMEOUT))
+    stream = good.continue_stream(clip_payload(), **LONG, seed=9, request_id="keep")
+    first = next(stream)  # a stream in flight on another connection must survive all of the below
+
+    bad = peers.dealer(transport.endpoint)
+    monitor = bad.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    send_json(bad, {"type": "ping", "id": "before"})
+    assert recv_json(bad)["type"] == "pong"
+    bad.send(b'{"type":"ping","id":"huge","pad":"' + b"x" * (transport.max_message + 1) + b'"}')
+    assert monitor.poll(int(TIMEOUT * 1000)), "the oversized sender was not disconnected"
+    assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    assert not bad.poll(200), "an oversized message must not be answered"
+    bad.disable_monitor()
+    monitor.close()
+    bad.close()
+
+    with socket.create_connection(("127.0.0.1", transport.port), timeout=TIMEOUT) as raw:  # not even ZMTP
+        raw.sendall(os.urandom(4096))
+    idle = socket.create_connection(("127.0.0.1", transport.port), timeout=TIMEOUT)  # connects, never handshakes
+    try:
+        first_ping = good.ping()
+        pings = [good.ping() for _ in range(20)]
+        generating = bool(service._jobs)
+    finally:
+        idle.close()
+    print(f"\nping after hostile input: first {first_ping * 1000:.2f} ms, median of 20 {statistics.median(pings) * 1000:.2f} ms,"
+          f" max {max(pings) * 1000:.2f} ms (64 bars x 16 variations {'still' if generating else 'no longer'} generating)")
+    assert first_ping < 0.1 and max(pings) < 0.1
+
+    events = [first, *stream]  # the notes that arrived during the pings were kept for the stream
+    good.close()
+    assert_stream_matches_files(events, variations=LONG["variations"])
+
+
+# --- the `segue client` command --------------------------------------------------------------------
+
+@pytest.fixture
+def clip_file(tmp_path) -> Path:
+    payload = clip_payload(bars=2)
+    clip = Clip((), payload["tempo"], tuple(payload["time_signature"])).with_notes(Note(*n) for n in payload["notes"])
+    return write_clip(tmp_path / "riff.mid", clip)
+
+
+NOTE_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\.(\d+)\.(\d\d)\s+([A-G]#?-?\d+)\s+(\d+)\s+(\d+\.\d\d)$")
+
+
+def test_cli_continue_prints_notes_paths_and_timings(transport, clip_file, capsys):
+    code = client_module.main(["continue", str(clip_file), "--server", transport.endpoint, "--bars", "2",
+                               "--variations", "2", "--seed", "4", "--timeout", str(TIMEOUT)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"clip: {clip_file} (") and "2 bars of 4/4 at 110 BPM" in lines[0]
+    notes = [m for m in map(NOTE_LINE.match, lines) if m]
+    assert notes and all(int(m[1]) in (1, 2) and 3 <= int(m[2]) <= 4 for m in notes), "new notes fill bars 3-4"
+    paths = [line.strip() for line in lines if line.strip().endswith(".mid")]
+    assert len(paths) == 2 and all(Path(p).is_file() for p in paths)
+    assert sum(len(read_clip(p).notes) for p in paths) == len(notes)
+    assert re.search(r"^finished: 2 variation\(s\), server total \d+\.\d\d s; time to first note here \d+ ms", out, re.M)
+
+
+def test_cli_continue_json_lines_match_the_written_files(transport, clip_file, capsys):
+    code = client_module.main(["continue", str(clip_file), "--server", transport.endpoint, "--json", "--bars", "1",
+                               "--variations", "2", "--seed", "2", "--temperature", "1.0", "--top-k", "8"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert_stream_matches_files(events, variations=2)
+
+
+def test_cli_errors_are_one_line_and_exit_1(transport, clip_file, tmp_path, capsys):
+    code = client_module.main(["continue", str(clip_file), "--server", transport.endpoint, "--model", "nope"])
+    out, err = capsys.readouterr()
+    assert code == 1 and err == "error: there is no model named 'nope' (available: default)\n"
+    code = client_module.main(["continue", str(clip_file), "--server", transport.endpoint, "--bars", "500", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1 and err.count("\n") == 1 and "bars must be between" in err
+    assert json.loads(out)["code"] == "bad_request"
+    (tmp_path / "broken.mid").write_bytes(b"MThd\x00\x00\x00\x06garbage")
+    code = client_module.main(["continue", str(tmp_path / "broken.mid"), "--server", transport.endpoint])
+    out, err = capsys.readouterr()
+    assert code == 1 and err.startswith("error: ") and "broken.mid" in err and err.count("\n") == 1
+
+
+def test_cli_unreachable_server_says_to_start_segue_serve(clip_file, capsys, no_leaks):
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for argv in (["ping"], ["hello"], ["continue", str(clip_file)]):
+        started = time.perf_counter()
+        code = client_module.main([*argv, "--server", f"tcp://127.0.0.1:{port}", "--connect-timeout", "0.3"])
+        out, err = capsys.readouterr()
+        assert code == 1 and out == ""
+        assert err == f"error: no Segue server answered at tcp://127.0.0.1:{port} within 0.3 s; " \
+                      "start one with `segue serve` (or point --server at it)\n"
+        assert time.perf_counter() - started < 2.0
+    with SegueClient(f"tcp://127.0.0.1:{port}", connect_timeout=0.1) as client, pytest.raises(ServerUnreachable) as caught:
+        client.ping()
+    assert caught.value.code == "unreachable"
+
+
+def test_cli_ping_and_hello(transport, capsys):
+    assert client_module.main(["ping", "--server", transport.endpoint]) == 0
+    assert re.fullmatch(rf"pong from {re.escape(transport.endpoint)} in \d+\.\d ms\n", capsys.readouterr().out)
+    assert client_module.main(["hello", "--server", transport.endpoint]) == 0
+    out = capsys.readouterr().out
+    assert "protocol 1" in out and re.search(r"^  default: \d+\.\d M parameters, context \d+ tokens  \(default\)$", out, re.M)
+    assert client_module.main(["hello", "--json", "--server", transport.endpoint]) == 0
+    assert json.loads(capsys.readouterr().out)["default_model"] == "default"
+
+
+def test_cli_options_map_to_request_fields():
+    args = client_module.build_parser().parse_args(
+        ["continue", "x.mid", "--bars", "8", "--mode", "beam", "--beam-width", "3", "--key", "F#", "--scale", "minor",
+         "--pitch-min", "48", "--pitch-max", "72", "--max-polyphony", "2", "--max-notes-per-bar", "6",
+         "--velocity-min", "30", "--velocity-max", "100", "--model", "bach"])
+    assert client_module.continue_params(args) == {
+        "bars": 8, "variations": 1, "temperature": 0.9, "top_k": 0, "top_p": 0.95, "model": "bach", "mode": "beam",
+        "beam_width": 3, "constraints": {"key": "F#", "scale": "minor", "pitch_min": 48, "pitch_max": 72, "max_polyphony": 2,
+                                         "max_notes_per_bar": 6, "velocity_min": 30, "velocity_max": 100}}
+    assert "constraints" not in client_module.continue_params(client_module.build_parser().parse_args(["continue", "x.mid"]))
+
+
+def test_display_helpers():
+    assert [note_name(p) for p in (60, 61, 69, 0, 127)] == ["C4", "C#4", "A4", "C-1", "G9"]
+    assert bar_beat(0.0, (4, 4)) == "1.1.00" and bar_beat(17.5, (4, 4)) == "5.2.50"
+    assert bar_beat(3.0, (6, 8)) == "2.1.00" and bar_beat(1.0 / 3, (4, 4)) == "1.1.33"
+    assert bar_beat(11.999999, (3, 4)) == "5.1.00"  # float noise rounds onto the grid, never "4.4.100"
+
+
+def test_client_errors_carry_the_server_code(transport, no_leaks):
+    with SegueClient(transport.endpoint, timeout=TIMEOUT) as client:
+        with pytest.raises(ClientError) as caught:
+            list(client.continue_stream({"notes": []}))
+        assert caught.value.code == "bad_clip"
+        with pytest.raises(TypeError, match="temprature"):
+            client.continue_stream(clip_payload(), temprature=1.0)
+        assert client.ping() < 1.0
