@@ -92,11 +92,13 @@ def run_continue(args) -> int:
     return 0
 
 
-def _passthrough(sub, name: str, help_text: str, module: str) -> None:
-    """A subcommand whose own parser lives in its module (they need torch, imported on use)."""
-    p = sub.add_parser(name, help=help_text, add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(run=lambda args: _run_module(module, args.rest))
+# Subcommands whose own parser lives in their module (some need torch, imported only when used).
+PASSTHROUGH = {
+    "serve": ("plugin_bridge.server", "run the generation server for plugins and DAW scripts (OSC + ZeroMQ)"),
+    "client": ("plugin_bridge.client", "talk to a running server: continue a clip, ping, hello"),
+    "train": ("training.train", "train a model from scratch on the built-in corpus or a MIDI folder"),
+    "export-onnx": ("export.onnx_export", "turn a training checkpoint into a model folder Segue can serve"),
+}
 
 
 def _run_module(module: str, argv: list[str]) -> int:
@@ -119,21 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _continue_parser(sub)
-    _passthrough(sub, "serve", "run the generation server for plugins and DAW scripts (OSC + ZeroMQ)", "plugin_bridge.server")
-    _passthrough(sub, "client", "talk to a running server: continue a clip, ping, hello", "plugin_bridge.client")
-    _passthrough(sub, "train", "train a model from scratch on the built-in corpus or a MIDI folder", "training.train")
-    _passthrough(sub, "export-onnx", "turn a training checkpoint into a model folder Segue can serve", "export.onnx_export")
+    for name, (_, help_text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; parsed by its own module
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return _run_module(PASSTHROUGH[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
 
 
 def export_onnx_main() -> int:
     """The `export-onnx` console script."""
-    return _run_module("export.onnx_export", sys.argv[1:])
+    return _run_module(PASSTHROUGH["export-onnx"][0], sys.argv[1:])
 
 
 if __name__ == "__main__":
