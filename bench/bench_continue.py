@@ -61,7 +61,8 @@ def main() -> None:
     generator.decoder.warm_up()
     print(f"model {args.model} | {args.bars} bars x {args.variations} variations | temperature {args.temperature} "
           f"top-p {args.top_p} | {args.runs} runs | {args.threads} thread(s)\n")
-    print("| clip | prompt tokens | first note p50 (ms) | total p50 (s) | tokens/s | notes | range | notes/bar | polyphony | pitch classes |")
+    print("| clip | prompt tokens | first note p50 (ms) | total p50 (s) | tokens/s | notes | range | notes/bar "
+          "| polyphony | pitch classes |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in args.clips:
         clip = read_clip(path)

@@ -100,7 +100,7 @@ def check_parity(model: GPT, onnx_path: Path, seed: int = 0, decode_steps: int =
         with torch.no_grad():
             t_logits, torch_past = model(torch.from_numpy(step_ids), torch.from_numpy(pos.copy()), torch_past)
         outputs = session.run(None, {"input_ids": step_ids.astype(np.int64), "position_ids": pos,
-                                     **dict(zip(past_names, ort_past))})
+                                     **dict(zip(past_names, ort_past, strict=True))})
         diff = float(np.abs(outputs[0] - t_logits.numpy()).max())
         key = "prefill" if step == 0 else "decode"
         worst[key] = max(worst[key], diff)

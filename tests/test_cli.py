@@ -38,6 +38,7 @@ def test_continue_writes_one_file_per_variation(tiny_model, example_midi, tmp_pa
         assert _track_name(f) == f"Segue continuation {number} of 3 (seed 7)"
     again = segue("continue", clip_path, "--bars", 8, "--variations", 3, "--temperature", 0.9, "--seed", 7,
                   "--out", tmp_path / "again", "--model", tiny_model)
+    assert again.returncode == 0, again.stderr
     assert [(tmp_path / "again" / f.name).read_bytes() for f in files] == [f.read_bytes() for f in files]
 
 

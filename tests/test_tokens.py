@@ -36,7 +36,7 @@ def test_round_trip_keeps_every_note(example_midi, tokenizer):
         # Velocities come back as the nearest velocity bin (ties may go either way).
         bins = _velocity_bins(tokenizer)
         half_step = np.diff(bins).max() / 2
-        for (_, _, v_out), (_, _, v_in) in zip(got, want):
+        for (_, _, v_out), (_, _, v_in) in zip(got, want, strict=True):
             assert v_out in bins and abs(v_out - v_in) <= half_step, path.name
         durations_in = sorted(round(_grid(n.duration, tokenizer, clip.time_signature), 2) for n in clip.notes)
         durations_out = sorted(round(n.duration, 2) for n in back.notes)

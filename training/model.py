@@ -145,7 +145,7 @@ class GPT(nn.Module):
         """Logits and per-layer (key, value) presents. `pasts=None` is the uncached training path."""
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
         presents = []
-        for block, (past_k, past_v) in zip(self.blocks, pasts or [(None, None)] * len(self.blocks)):
+        for block, (past_k, past_v) in zip(self.blocks, pasts or [(None, None)] * len(self.blocks), strict=True):
             x, k, v = block(x, past_k, past_v)
             presents.append((k, v))
         return self.head(self.ln_f(x)), presents

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     program_ids = np.array(sorted(tokenizer.kinds.program))
     counts = np.bincount(np.concatenate(corpus.train), minlength=tokenizer.vocab_size)[program_ids]
-    programs = {str(tokenizer.kinds.program[int(i)]): int(c) for i, c in zip(program_ids, counts) if c}
+    programs = {str(tokenizer.kinds.program[int(i)]): int(c) for i, c in zip(program_ids, counts, strict=True) if c}
     metadata = {
         "tokenizer": tokenizer_file.read_text(),
         "programs": programs,  # notes per program in training: lets the engine map unseen instruments
