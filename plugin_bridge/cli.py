@@ -97,6 +97,9 @@ PASSTHROUGH = {
     "serve": ("plugin_bridge.server", "run the generation server for plugins and DAW scripts (OSC + ZeroMQ)"),
     "client": ("plugin_bridge.client", "talk to a running server: continue a clip, ping, hello"),
     "train": ("training.train", "train a model from scratch on the built-in corpus or a MIDI folder"),
+    "finetune": ("training.finetune", "fine-tune a model on a folder of MIDI files (your catalogue, an artist's)"),
+    "eval": ("training.evaluate", "measure how well a model continues held-out clips in their style, with a report"),
+    "render": ("export.render", "render a .mid file to audio with FluidSynth and a General MIDI soundfont"),
     "export-onnx": ("export.onnx_export", "turn a training checkpoint into a model folder Segue can serve"),
 }
 
