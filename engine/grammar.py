@@ -7,7 +7,10 @@ Every generated sequence decodes because the sampler may only pick what the gram
                                        a later Position, or the next Bar
 
 Positions strictly increase inside a bar and pitches strictly increase inside a position (the order
-miditok writes), so a bar always ends and no note is doubled. The bar counter stops generation at
+miditok writes), so a bar always ends and no note is doubled. A pitch that is still sounding cannot
+start again: two overlapping notes of one pitch are ambiguous in a MIDI file (which note-off ends
+which note-on?) and DAWs cut or merge them, so the grammar never writes them. Since every generated
+pitch is an allowed one, this acts like a voice limit of (allowed pitches) for the room counts below. The bar counter stops generation at
 exactly the requested number of bars: the `Bar` that would open one bar too many ends the sequence.
 
 Each `Constraints` field narrows the allowed sets further, so it holds for every generated note:
@@ -21,8 +24,8 @@ Each `Constraints` field narrows the allowed sets further, so it holds for every
 - max_notes_per_bar: once a bar holds that many notes, only `Bar` may follow.
 - min_notes_per_bar: every bar of the continuation holds at least that many notes (a guarantee,
   not a hope). `Bar` is forbidden while the bar is short, and a Position, Pitch or Duration is
-  allowed only if the rest of the bar can still take the missing notes (and, with max_polyphony,
-  if no later bar loses the room for its own minimum to a long held note). The room left is
+  allowed only if the rest of the bar can still take the missing notes (and if no later bar loses
+  the room for its own minimum to a long held note, which holds a voice and its pitch). The room left is
   counted by `_room`, see there. A request whose minimum cannot fit a bar is refused up front.
 
 No dead ends (the state where nothing is allowed cannot be reached). Per state:
@@ -124,8 +127,6 @@ class ContinuationGrammar:
         if not self._velocity_ok.any():
             raise ValueError(f"no velocity step of this model lies in {c.velocity_range[0]}-{c.velocity_range[1]}")
         self._ok_pitches = np.sort(pitch_table[self._pitch_ok])
-        # For every Pitch token: how many allowed pitches lie above it (the chord can still grow by that many).
-        self._above = len(self._ok_pitches) - np.searchsorted(self._ok_pitches, pitch_table, side="right")
         self._position_ok = (vocab.position_index >= 0) & (vocab.position_index < positions_per_bar)
         self._duration_ids = np.flatnonzero(vocab.duration_mask)
         self._duration_len = vocab.duration_units[self._duration_ids]
@@ -139,15 +140,16 @@ class ContinuationGrammar:
         if self._min_notes > positions_per_bar * per_position:
             raise ValueError(f"at least {self._min_notes} notes per bar do not fit: a bar of this meter has room "
                              f"for {positions_per_bar * per_position} with these constraints")
-        if self._min_notes and self._max_voices and self._duration_len.min() > self._unit:
+        if self._min_notes and self._duration_len.min() > self._unit:
             raise ValueError("this model's shortest note is longer than its grid step, so a minimum number of "
-                             "notes per bar cannot be guaranteed together with a polyphony limit")
+                             "notes per bar cannot be guaranteed")
         self.bars_started = 0
         self.position = -1
         self.last_pitch = -1
         self.notes_in_bar = 0
         self.expect = Expect.BAR_START
         self._ends: list[int] = []  # end times (units from the continuation's start) of notes that may still sound
+        self._end_pitches: list[int] = []  # their pitches, in the same order
         self._mask: np.ndarray | None = None  # allowed() of the current state, computed once
 
     def forced_opening(self) -> list[int]:
@@ -160,6 +162,7 @@ class ContinuationGrammar:
         """An independent copy of this state (the vocabulary tables are shared, they never change)."""
         clone = copy.copy(self)
         clone._ends = list(self._ends)
+        clone._end_pitches = list(self._end_pitches)
         return clone
 
     @property
@@ -200,6 +203,9 @@ class ContinuationGrammar:
             mask[self.program_id] = True
         elif e is Expect.PITCH:
             mask |= self._pitch_ok & (self._pitch_table > self.last_pitch)
+            sounding = self._sounding_pitches()
+            if len(sounding):
+                mask &= ~np.isin(self._pitch_table, sounding)
             if self._missing > 0:
                 mask &= self._room_after_pitch()
         elif e is Expect.VELOCITY:
@@ -218,12 +224,12 @@ class ContinuationGrammar:
         if self._max_notes is not None and self.notes_in_bar >= self._max_notes:
             return mask  # the bar is full; never short then, as min <= max
         later = np.arange(self.positions_per_bar) > self.position
-        if self._max_voices is not None or self._missing > 0:
+        if self._ends or self._missing > 0:
             room = self._room()
             room_from = np.cumsum(room[::-1])[::-1]  # notes that fit from each position to the bar's end
             later &= (room > 0) & (room_from >= self._missing)
         mask |= self._position_ok & later[np.clip(v.position_index, 0, self.positions_per_bar - 1)]
-        if self.expect is Expect.NOTE_END and self._room_here(self._pitches_above(self.last_pitch), pending=0) > 0:
+        if self.expect is Expect.NOTE_END and self._room_here(self._free_above(self.last_pitch), pending=0) > 0:
             mask[self.program_id] = True
         return mask
 
@@ -249,13 +255,20 @@ class ContinuationGrammar:
         so the sum of this room is exactly how many more notes the bar can take."""
         start = self._bar_start if bar_start is None else bar_start
         pitches = len(self._ok_pitches)
-        shape = (len(self._position_times),) if extra_ends is None else (len(extra_ends), len(self._position_times))
-        if self._max_voices is None:
-            return np.full(shape, pitches)
-        return np.clip(self._max_voices - self._sounding(start + self._position_times, extra_ends), 0, pitches)
+        # A sounding note takes a voice and, as its pitch may not start again, one allowed pitch.
+        capacity = pitches if self._max_voices is None else min(self._max_voices, pitches)
+        return np.clip(capacity - self._sounding(start + self._position_times, extra_ends), 0, pitches)
 
-    def _pitches_above(self, pitch: int) -> int:
-        return len(self._ok_pitches) - int(np.searchsorted(self._ok_pitches, pitch, side="right"))
+    def _sounding_pitches(self) -> np.ndarray:
+        """Pitches of notes still sounding now (they may not start again until they end)."""
+        now = self._now
+        return np.asarray([p for p, end in zip(self._end_pitches, self._ends, strict=True) if end > now], dtype=np.int64)
+
+    def _free_above(self, pitch):
+        """For `pitch` (int or array): allowed pitches above it that are not sounding now."""
+        sounding = np.sort(self._sounding_pitches())
+        above = len(self._ok_pitches) - np.searchsorted(self._ok_pitches, pitch, side="right")
+        return above - (len(sounding) - np.searchsorted(sounding, pitch, side="right"))
 
     def _room_here(self, above, pending: int):
         """Notes that could still join the current position: `above` [int or array] allowed pitches
@@ -268,17 +281,17 @@ class ContinuationGrammar:
     def _room_after_pitch(self) -> np.ndarray:
         """[vocab] bool: pitches after which this bar can still reach its minimum (this note counted)."""
         later = self._room()[self.position + 1:].sum()
-        return self._room_here(self._above, pending=1) + later >= self._missing
+        return self._room_here(self._free_above(self._pitch_table), pending=1) + later >= self._missing
 
     def _durations_keeping_room(self) -> np.ndarray:
         """[durations] bool: lengths for the pending note that keep every minimum reachable."""
         ok = np.ones(len(self._duration_ids), dtype=bool)
-        if not (self._min_notes and self._max_voices):
-            return ok  # without a voice limit a held note takes no room
+        if not self._min_notes:
+            return ok  # with no minimum to keep, any length will do
         ends = self._now + self._duration_len
         if self._missing > 0:  # this bar: the positions after this one, with the new note held
             later = self._room(extra_ends=ends)[:, self.position + 1:].sum(axis=1)
-            ok &= self._room_here(self._pitches_above(self.last_pitch), pending=1) + later >= self._missing
+            ok &= self._room_here(self._free_above(self.last_pitch), pending=1) + later >= self._missing
         bar = self.bars_started + 1  # later bars this note reaches must keep room for their minimum
         while bar <= self.bars and (bar - 1) * self._bar_units < ends.max():
             ok &= self._room((bar - 1) * self._bar_units, ends).sum(axis=1) >= self._min_notes
@@ -322,6 +335,7 @@ class ContinuationGrammar:
             self.expect = Expect.DURATION
         elif v.duration_mask[token]:
             self._ends.append(self._now + int(v.duration_units[token]))
+            self._end_pitches.append(self.last_pitch)
             self.expect = Expect.NOTE_END
         else:
             raise ValueError(f"token {token} has no place in a continuation")
@@ -329,4 +343,6 @@ class ContinuationGrammar:
     def _forget_ended(self) -> None:
         """Time only moves forward, so a note that has ended never sounds again."""
         now = self._now
-        self._ends = [end for end in self._ends if end > now]
+        alive = [(end, pitch) for end, pitch in zip(self._ends, self._end_pitches, strict=True) if end > now]
+        self._ends = [end for end, _ in alive]
+        self._end_pitches = [pitch for _, pitch in alive]

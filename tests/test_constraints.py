@@ -257,3 +257,31 @@ def test_beam_survives_the_context_filling_up(generator):
     assert len(prompt) + len(done.tokens) > generator.decoder.max_context  # the cache was cut and refilled
     assert sum(1 for t in done.tokens if t == generator.vocab.bar) == 6
     assert violations(done.clip.notes, request.limits, 64 * 4, 4.0, 6) == []
+
+
+def test_no_two_notes_of_one_pitch_overlap(generator, example_midi):
+    """Overlapping same-pitch notes are ambiguous in MIDI files; the grammar never writes them."""
+    from engine.clip import Clip
+    from engine.generate import ContinuationRequest
+    from export.midi_clip import read_clip
+
+    cases = [Constraints(), Constraints(pitch_min=60, pitch_max=62), Constraints(pitch_min=64, pitch_max=64, min_notes_per_bar=2),
+             Constraints(pitch_min=60, pitch_max=61, max_polyphony=3, min_notes_per_bar=3)]
+    checked = 0
+    for index, constraints in enumerate(cases):
+        clip = read_clip(example_midi[index])
+        clip = Clip(clip.notes, clip.tempo, clip.time_signature, None, clip.program)
+        for seed in range(12):
+            request = ContinuationRequest(bars=3, variations=2, temperature=1.5, seed=seed, limits=constraints)
+            for done in generator.generate(clip, request):
+                notes = sorted(done.clip.notes, key=lambda n: (n.pitch, n.start))
+                for a, b in zip(notes, notes[1:]):
+                    if a.pitch == b.pitch:
+                        assert b.start >= a.end - 1e-9, (constraints, seed, a, b)
+                if constraints.min_notes_per_bar:
+                    bar = clip.beats_per_bar
+                    start = clip.bars * bar
+                    counts = [sum(1 for n in done.clip.notes if start + k * bar <= n.start < start + (k + 1) * bar) for k in range(3)]
+                    assert min(counts) >= constraints.min_notes_per_bar, counts
+                checked += 1
+    assert checked == 96
