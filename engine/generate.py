@@ -19,12 +19,11 @@ variation in one batch (measured on 2 busy cores with the tiny test model, 4 bar
 at least 4 notes a bar: width 5 about 0.1 s, width 16 about 0.3 s, where sampling streams its
 first note after about 7 ms). Summed log-probabilities favour sparse music: an empty bar costs a
 few tokens, a full one dozens, and a weak model's best guess is often silence. Ask for
-`limits=Constraints(min_notes_per_bar=...)` with beam mode.
+`constraints=Constraints(min_notes_per_bar=...)` with beam mode.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,7 +57,7 @@ class ContinuationRequest:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    limits: Constraints = field(default_factory=Constraints)  # hard musical constraints (engine/constraints.py)
+    constraints: Constraints = field(default_factory=Constraints)  # hard musical constraints (engine/constraints.py)
     mode: str = "sample"  # "sample" | "beam" (the most likely continuations, see the module docstring)
     beam_width: int = 5  # hypotheses kept per step in beam mode
 
@@ -76,7 +75,7 @@ class ContinuationRequest:
                                f"ask for fewer variations or a wider beam")
         try:
             self.sampling.validate()
-            self.limits.validate()
+            self.constraints.validate()
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
 
@@ -187,7 +186,7 @@ class Generator:
         try:
             return ContinuationGrammar(
                 self.vocab, self.tokenizer.time_sig_id(meter), self.tokenizer.program_id(self.model_program(clip), clip.is_drum),
-                self.tokenizer.positions_per_bar(meter), request.bars, clip.is_drum, request.limits)
+                self.tokenizer.positions_per_bar(meter), request.bars, clip.is_drum, request.constraints)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
 
@@ -308,9 +307,3 @@ class Generator:
         done = [event for event in self.stream(clip, request) if isinstance(event, VariationDone)]
         return sorted(done, key=lambda d: d.variation)
 
-
-def timed(events: Iterator) -> Iterator[tuple[float, object]]:
-    """Pairs each event with the seconds since the iteration started (for first-note latency)."""
-    started = time.perf_counter()
-    for event in events:
-        yield time.perf_counter() - started, event

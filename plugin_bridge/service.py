@@ -219,7 +219,7 @@ def default_build_request(params: dict) -> ContinuationRequest:
     if constraints:
         from engine import constraints as engine_constraints  # added with decode-time constraints
 
-        kwargs["limits"] = engine_constraints.Constraints.from_dict(constraints)
+        kwargs["constraints"] = engine_constraints.Constraints.from_dict(constraints)
     if params.get("mode", "sample") != "sample":
         kwargs["mode"] = params["mode"]
         kwargs["beam_width"] = params.get("beam_width", 5)

@@ -68,7 +68,7 @@ def test_constraints_are_never_violated(generator, example_midi, constraints):
     for seed in range(8):  # 7 combinations x 8 seeds x 4 variations = 224 continuations
         clip = four_bar_clip(example_midi[seed % len(example_midi)])  # 4/4, 3/4 and 6/8 in turn
         bars = 1 + seed % 3
-        request = ContinuationRequest(bars=bars, variations=4, temperature=1.3, seed=seed, limits=constraints)
+        request = ContinuationRequest(bars=bars, variations=4, temperature=1.3, seed=seed, constraints=constraints)
         for done in generator.generate(clip, request):
             offset = clip.bars * clip.beats_per_bar
             assert violations(done.clip.notes, constraints, offset, clip.beats_per_bar, bars) == []
@@ -177,7 +177,7 @@ def test_key_names():
 def test_impossible_requests_are_refused(generator, example_midi, constraints, message):
     clip = four_bar_clip(example_midi[0])  # 4/4
     with pytest.raises(RequestError, match=message):
-        list(generator.stream(clip, ContinuationRequest(limits=constraints)))
+        list(generator.stream(clip, ContinuationRequest(constraints=constraints)))
 
 
 # --- beam search ------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_beam_sequences_decode_with_exact_bar_counts_and_are_deterministic(gener
         bars = 1 + index % 3
         # A minimum density keeps the search from its favourite answer on this tiny model, empty bars.
         request = ContinuationRequest(bars=bars, variations=3, mode="beam", beam_width=4, seed=index,
-                                      limits=Constraints(min_notes_per_bar=2, max_polyphony=2))
+                                      constraints=Constraints(min_notes_per_bar=2, max_polyphony=2))
         found = generator.generate(clip, request)
         again = generator.generate(clip, replace(request, seed=index + 100))
         assert [d.tokens for d in found] == [d.tokens for d in again]  # no randomness, the seed is unused
@@ -213,20 +213,20 @@ def test_beam_sequences_decode_with_exact_bar_counts_and_are_deterministic(gener
             score = tokenizer.decode_to_score(done.tokens)
             assert sum(len(t.notes) for t in score.tracks) == len(done.clip.notes)
             offset = clip.bars * clip.beats_per_bar
-            assert violations(done.clip.notes, request.limits, offset, clip.beats_per_bar, bars) == []
+            assert violations(done.clip.notes, request.constraints, offset, clip.beats_per_bar, bars) == []
 
 
 @pytest.mark.parametrize("constraints", [Constraints(), Constraints(min_notes_per_bar=3), Constraints(key="C", max_polyphony=1)])
 def test_beam_scores_at_least_greedy_and_width_one_is_greedy(generator, example_midi, constraints):
     for index in (0, 3):  # 4/4 clips: greedy's bar fits the tiny model's context, so it can be scored
         clip = four_bar_clip(example_midi[index])
-        greedy_request = ContinuationRequest(bars=1, temperature=0.0, limits=constraints)
+        greedy_request = ContinuationRequest(bars=1, temperature=0.0, constraints=constraints)
         greedy = generator.generate(clip, greedy_request)[0]
         greedy_score = generator.log_prob(clip, greedy_request, greedy.tokens)
-        one = generator.generate(clip, ContinuationRequest(bars=1, mode="beam", beam_width=1, limits=constraints))[0]
+        one = generator.generate(clip, ContinuationRequest(bars=1, mode="beam", beam_width=1, constraints=constraints))[0]
         assert one.tokens == greedy.tokens
         assert one.log_prob == pytest.approx(greedy_score, abs=1e-3)
-        beam_request = ContinuationRequest(bars=1, mode="beam", beam_width=5, limits=constraints)
+        beam_request = ContinuationRequest(bars=1, mode="beam", beam_width=5, constraints=constraints)
         five = generator.generate(clip, beam_request)[0]
         five_score = generator.log_prob(clip, beam_request, five.tokens)
         assert five_score == pytest.approx(five.log_prob, abs=1e-3)  # the search ranks by what the scorer computes
@@ -235,7 +235,7 @@ def test_beam_scores_at_least_greedy_and_width_one_is_greedy(generator, example_
 
 def test_beam_streams_each_variation_at_the_end(generator, example_midi):
     clip = four_bar_clip(example_midi[0])
-    request = ContinuationRequest(bars=2, variations=2, mode="beam", beam_width=3, limits=Constraints(min_notes_per_bar=1))
+    request = ContinuationRequest(bars=2, variations=2, mode="beam", beam_width=3, constraints=Constraints(min_notes_per_bar=1))
     events = list(generator.stream(clip, request))
     kinds = [(type(e).__name__, e.variation) for e in events]
     done_at = [i for i, e in enumerate(events) if isinstance(e, VariationDone)]
@@ -251,12 +251,12 @@ def test_beam_streams_each_variation_at_the_end(generator, example_midi):
 def test_beam_survives_the_context_filling_up(generator):
     notes = [Note(60 + (i % 12), 80, i * 0.25, 0.25) for i in range(64 * 16)]
     clip = Clip(tuple(notes), time_signature=(4, 4))
-    request = ContinuationRequest(bars=6, mode="beam", beam_width=3, limits=Constraints(min_notes_per_bar=4))
+    request = ContinuationRequest(bars=6, mode="beam", beam_width=3, constraints=Constraints(min_notes_per_bar=4))
     done = generator.generate(clip, request)[0]
     prompt, _ = generator.prompt_tokens(clip)
     assert len(prompt) + len(done.tokens) > generator.decoder.max_context  # the cache was cut and refilled
     assert sum(1 for t in done.tokens if t == generator.vocab.bar) == 6
-    assert violations(done.clip.notes, request.limits, 64 * 4, 4.0, 6) == []
+    assert violations(done.clip.notes, request.constraints, 64 * 4, 4.0, 6) == []
 
 
 def test_no_two_notes_of_one_pitch_overlap(generator, example_midi):
@@ -272,10 +272,10 @@ def test_no_two_notes_of_one_pitch_overlap(generator, example_midi):
         clip = read_clip(example_midi[index])
         clip = Clip(clip.notes, clip.tempo, clip.time_signature, None, clip.program)
         for seed in range(12):
-            request = ContinuationRequest(bars=3, variations=2, temperature=1.5, seed=seed, limits=constraints)
+            request = ContinuationRequest(bars=3, variations=2, temperature=1.5, seed=seed, constraints=constraints)
             for done in generator.generate(clip, request):
                 notes = sorted(done.clip.notes, key=lambda n: (n.pitch, n.start))
-                for a, b in zip(notes, notes[1:]):
+                for a, b in zip(notes, notes[1:], strict=False):
                     if a.pitch == b.pitch:
                         assert b.start >= a.end - 1e-9, (constraints, seed, a, b)
                 if constraints.min_notes_per_bar:

@@ -100,7 +100,7 @@ def test_limits_are_never_violated(generator, example_midi):
     clip = four_bar_clip(example_midi[3])
     limits = Constraints(pitch_min=60, pitch_max=72, velocity_min=40, velocity_max=90)
     for seed in range(10):
-        done = generator.generate(clip, ContinuationRequest(bars=4, variations=2, seed=seed, temperature=1.5, limits=limits))
+        done = generator.generate(clip, ContinuationRequest(bars=4, variations=2, seed=seed, temperature=1.5, constraints=limits))
         for d in done:
             assert all(60 <= n.pitch <= 72 and 40 <= n.velocity <= 90 for n in d.clip.notes)
 
