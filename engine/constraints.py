@@ -82,9 +82,11 @@ class Constraints:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be a whole number, not {value!r}")
         if self.key is not None:
+            if not isinstance(self.key, (str, int)) or isinstance(self.key, bool):
+                raise ValueError(f"key must be a note name such as 'C' or 'F#', not {self.key!r}")
             parse_key(self.key)
         if self.scale is not None:
-            if self.scale not in SCALES:
+            if not isinstance(self.scale, str) or self.scale not in SCALES:
                 raise ValueError(f"unknown scale {self.scale!r}; choose from {', '.join(SCALES)}")
             if self.key is None and self.scale != "chromatic":
                 raise ValueError(f"the scale {self.scale!r} needs a key (its tonic), for example key='D'")

@@ -46,7 +46,14 @@ MODES = ("sample", "beam")
 
 
 class RequestError(ValueError):
-    """A request that cannot be served, with a sentence a musician understands."""
+    """A request that cannot be served, with a sentence a musician understands.
+
+    `code` says whose fault it is, for the server's error replies: the clip (`bad_clip`) or the
+    request's parameters and constraints (`bad_request`)."""
+
+    def __init__(self, message: str, code: str = "bad_request"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class ContinuationRequest:
             raise RequestError(f"variations must be between 1 and {MAX_VARIATIONS}, not {self.variations}")
         if self.mode not in MODES:
             raise RequestError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RequestError(f"seed must be a whole number from 0 up, not {self.seed}")
         if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
             raise RequestError(f"beam width must be between 1 and {MAX_BEAM_WIDTH}, not {self.beam_width}")
         if self.mode == "beam" and self.variations > self.beam_width:
@@ -76,7 +85,7 @@ class ContinuationRequest:
         try:
             self.sampling.validate()
             self.constraints.validate()
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise RequestError(str(exc)) from exc
 
     @property
@@ -174,11 +183,11 @@ class Generator:
         """The prompt tokens and the beat where the continuation starts."""
         try:
             clip.validate()
+            if not clip.notes:
+                raise ClipError("the clip has no notes to continue")
+            prompt, prompt_bars = self.prompt_tokens(clip)  # a meter the model lacks, a bar longer than the context
         except ClipError as exc:
-            raise RequestError(str(exc)) from exc
-        if not clip.notes:
-            raise RequestError("the clip has no notes to continue")
-        prompt, prompt_bars = self.prompt_tokens(clip)
+            raise RequestError(str(exc), code="bad_clip") from exc
         return prompt, prompt_bars * clip.beats_per_bar
 
     def _grammar(self, clip: Clip, request: ContinuationRequest) -> ContinuationGrammar:

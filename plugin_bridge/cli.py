@@ -42,6 +42,8 @@ def _continue_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("segue-out"), help="folder for the .mid files (default ./segue-out)")
     p.add_argument("--model", type=Path, default=None, help="model folder (default: models/default)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1, leaves cores to your DAW)")
+    p.add_argument("--render", action="store_true", help="also render each .mid to a .wav beside it with FluidSynth "
+                   "(as `segue render` does), to listen without a DAW")
     p.set_defaults(run=run_continue)
 
 
@@ -86,6 +88,15 @@ def run_continue(args) -> int:
         path = write_clip(args.out / f"{stem}-continuation-{number}.mid", done.clip, track_name=name)
         tokens += len(done.tokens)
         print(f"  {path}  ({len(done.clip.notes)} notes)")
+        if args.render and done.clip.notes:  # an empty continuation renders to silence, which render_midi refuses
+            from export.render import RenderError, render_midi
+
+            try:
+                rendered = render_midi(path)
+            except RenderError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"  {rendered.path}  ({rendered.seconds:.1f} s of audio)")
     first = f"{first_note * 1000:.0f} ms" if first_note is not None else "no notes"
     print(f"time to first note: {first}; total: {total:.2f} s for {request.bars} bars x {request.variations} "
           f"({tokens / total:.0f} tokens/s); model load {load_seconds:.2f} s")

@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--pitch-max", type=int, help="highest MIDI pitch allowed")
     limits.add_argument("--max-polyphony", type=int, help="most notes sounding at once")
     limits.add_argument("--max-notes-per-bar", type=int, help="most notes started in one bar")
+    limits.add_argument("--min-notes-per-bar", type=int, help="fewest notes started in every bar (pairs well with --mode beam)")
     limits.add_argument("--velocity-min", type=int, help="softest velocity allowed (1-127)")
     limits.add_argument("--velocity-max", type=int, help="loudest velocity allowed (1-127)")
     p.set_defaults(run=_run_continue)
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CONSTRAINT_OPTIONS = ("key", "scale", "pitch_min", "pitch_max", "max_polyphony", "max_notes_per_bar",
-                      "velocity_min", "velocity_max")
+                      "min_notes_per_bar", "velocity_min", "velocity_max")
 
 
 def continue_params(args: argparse.Namespace) -> dict:

@@ -1,6 +1,6 @@
 """A small pure-Python OSC client for the Segue server: scripts, tests, benchmarks, Ableton Live.
 
-    with OscClient("127.0.0.1", 9000) as client:
+    with OscClient("127.0.0.1", 9100) as client:
         request_id = client.continue_clip({"clip": clip, "bars": 4})
         for event in client.stream(request_id):
             print(event)          # {"type": "note", ...}, ..., {"type": "done", ...}, {"type": "finished", ...}
@@ -39,7 +39,7 @@ TERMINAL = frozenset({"finished", "error", "cancelled"})
 class OscClient:
     """Talks to a Segue OSC server at host:port; replies arrive on its own socket bound to bind_host:0."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 9000, timeout: float = 10.0, max_datagram: int = 8000,
+    def __init__(self, host: str = "127.0.0.1", port: int = 9100, timeout: float = 10.0, max_datagram: int = 8000,
                  window: int = 8, ack_timeout: float = 1.0, retries: int = 3, bind_host: str = "127.0.0.1"):
         family, _, _, _, self.server = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
         if family == socket.AF_INET6 and bind_host == "127.0.0.1":

@@ -7,7 +7,7 @@
 Thin by design (docs/ARCHITECTURE.md): receive a datagram, guard it, parse it, call
 `Service.handle`, send the replies. It owns a plain UDP socket and one receive thread instead of
 python-osc's servers, because those servers hang on a 20-byte bundle, sleep until a bundle's
-timetag, let `UnicodeDecodeError` escape and cut datagrams at 8192 bytes (docs/RELIABILITY.md).
+timetag, let `UnicodeDecodeError` escape and cut datagrams at 8192 bytes (../shared/guide/RELIABILITY.md).
 Here every datagram passes `osc_guard.check_datagram` before python-osc parses it, bundle timetags
 are ignored (contents act at once; the server never sleeps), and each datagram and each message
 is handled inside its own try so that one bad packet costs one error reply and one log line.

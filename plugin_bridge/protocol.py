@@ -16,6 +16,7 @@ from engine.clip import Clip, ClipError, Note
 PROTOCOL_VERSION = 1
 MAX_NOTES_PER_CLIP = 20_000
 MAX_ID_LENGTH = 64
+MAX_CLIP_BEATS = 4096
 
 
 class ProtocolError(ValueError):
@@ -35,7 +36,6 @@ UNKNOWN_MODEL = "unknown_model"
 UNKNOWN_TYPE = "unknown_type"
 TOO_LARGE = "too_large"
 BUSY = "busy"
-CANCELLED = "cancelled"
 INTERNAL = "internal"
 
 
@@ -106,8 +106,9 @@ def parse_clip(data: Any, request_id: str) -> Clip:
         raise ProtocolError(BAD_CLIP, str(exc), request_id) from exc
     if not clip.notes:
         raise ProtocolError(BAD_CLIP, "the clip has no notes to continue", request_id)
-    if clip.length is not None and clip.length > 4096:
-        raise ProtocolError(TOO_LARGE, f"the clip is {clip.length:g} beats long; at most 4096 are accepted", request_id)
+    end = max(clip.length or 0.0, max(n.end for n in clip.notes))
+    if end > MAX_CLIP_BEATS:
+        raise ProtocolError(TOO_LARGE, f"the clip is {end:g} beats long; at most {MAX_CLIP_BEATS} are accepted", request_id)
     return clip
 
 

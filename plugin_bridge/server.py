@@ -20,7 +20,7 @@ from plugin_bridge.cli import REPO_ROOT
 
 DEFAULT_OSC_PORT = 9100
 DEFAULT_ZMQ_PORT = 5555
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+LOOPBACK = {"127.0.0.1", "localhost"}  # IPv6 loopback would need ZeroMQ's IPv6 mode; not offered yet
 
 
 def default_clips_dir() -> Path:

@@ -42,6 +42,26 @@ class Job:
     emit: Emit
     received: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Sending and cancelling take turns, so no event of a request ever follows its `cancelled`.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, event: dict) -> bool:
+        """Emit `event` unless the job was cancelled. False when it was."""
+        with self.lock:
+            if self.cancelled.is_set():
+                return False
+            self.emit(event)
+            return True
+
+    def cancel(self, tell_client: bool = True) -> bool:
+        """Stop the job (and say so to its client). False when it had already stopped."""
+        with self.lock:
+            if self.cancelled.is_set():
+                return False
+            self.cancelled.set()
+            if tell_client:
+                self.emit(protocol.cancelled_event(self.request.id))
+            return True
 
 
 class Service:
@@ -90,13 +110,11 @@ class Service:
         """Cancel the client's job (only if it has `request_id`, when given). True if one was cancelled."""
         with self._lock:
             job = self._jobs.get(client)
-            if job is None or (request_id and job.request.id != request_id) or job.cancelled.is_set():
-                job = None
-            else:
-                job.cancelled.set()
+            if job is not None and (not request_id or job.request.id == request_id):
                 del self._jobs[client]
-        if job is not None:
-            job.emit(protocol.cancelled_event(job.request.id))
+            else:
+                job = None
+        if job is not None and job.cancel():
             return True
         if emit is not None and request_id:
             emit(protocol.error_event(request_id, protocol.BAD_REQUEST, f"there is no running request {request_id!r} to cancel"))
@@ -107,13 +125,14 @@ class Service:
         with self._lock:
             job = self._jobs.pop(client, None)
         if job is not None:
-            job.cancelled.set()
+            job.cancel(tell_client=False)
 
     def close(self) -> None:
         with self._lock:
-            for job in self._jobs.values():
-                job.cancelled.set()
+            jobs = list(self._jobs.values())
             self._jobs.clear()
+        for job in jobs:
+            job.cancel(tell_client=False)
         for _ in self._workers:
             self._queue.put(None)
         for worker in self._workers:
@@ -136,7 +155,7 @@ class Service:
                                          f"(available: {available})", request.id) from None
         try:
             self.build_request(request.params).validate()
-        except (RequestError, ValueError) as exc:
+        except (RequestError, ValueError, TypeError) as exc:
             raise protocol.ProtocolError(protocol.BAD_REQUEST, str(exc), request.id) from exc
         if self._queue.qsize() >= self.max_queue:
             raise protocol.ProtocolError(protocol.BUSY, "the server is busy with other requests; try again in a moment", request.id)
@@ -144,9 +163,8 @@ class Service:
         with self._lock:
             previous = self._jobs.get(client)
             self._jobs[client] = job
-        if previous is not None and not previous.cancelled.is_set():
-            previous.cancelled.set()  # a new request from the same client replaces its old one
-            previous.emit(protocol.cancelled_event(previous.request.id))
+        if previous is not None:
+            previous.cancel()  # a new request from the same client replaces its old one
         self._queue.put(job)
 
     def _work(self) -> None:
@@ -160,19 +178,22 @@ class Service:
                 self._run(job)
             except Exception as exc:
                 log.error("request %s from %s failed: %s\n%s", job.request.id, job.client, exc, traceback.format_exc())
-                job.emit(protocol.error_event(job.request.id, protocol.INTERNAL,
+                job.send(protocol.error_event(job.request.id, protocol.INTERNAL,
                                               f"generation failed inside the server ({type(exc).__name__}); the server keeps running"))
             finally:
-                with self._lock:
-                    if self._jobs.get(job.client) is job:
-                        del self._jobs[job.client]
+                self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            if self._jobs.get(job.client) is job:
+                del self._jobs[job.client]
 
     def _run(self, job: Job) -> None:
         request = job.request
         try:
             model = self.registry.get(request.model)  # resolved per request: hot-swap happens between requests
         except KeyError:
-            job.emit(protocol.error_event(request.id, protocol.UNKNOWN_MODEL, f"model {request.model!r} was removed"))
+            job.send(protocol.error_event(request.id, protocol.UNKNOWN_MODEL, f"model {request.model!r} was removed"))
             return
         spec = self.build_request(request.params)
         started = time.perf_counter()
@@ -180,25 +201,25 @@ class Service:
         variations = 0
         try:
             for event in model.generator.stream(request.clip, spec, should_stop=job.cancelled.is_set):
-                if job.cancelled.is_set():
-                    break
                 now_ms = (time.perf_counter() - job.received) * 1000
                 if isinstance(event, NoteEvent):
-                    if first_note is None:
-                        first_note = now_ms
-                    job.emit(protocol.note_event(request.id, event.variation, event.note))
-                elif isinstance(event, VariationDone):
+                    first_note = now_ms if first_note is None else first_note
+                    reply = protocol.note_event(request.id, event.variation, event.note)
+                else:
                     path = self._write(job, model.name, event, spec.variations)
-                    job.emit(protocol.done_event(request.id, event.variation, str(path), len(event.clip.notes), first_note, now_ms))
+                    reply = protocol.done_event(request.id, event.variation, str(path), len(event.clip.notes), first_note, now_ms)
                     variations += 1
-        except RequestError as exc:
-            job.emit(protocol.error_event(request.id, protocol.BAD_CLIP, str(exc)))
+                if not job.send(reply):
+                    break
+        except RequestError as exc:  # found only against the model: a meter it lacks, constraints it cannot meet
+            job.send(protocol.error_event(request.id, exc.code, str(exc)))
             return
         total = (time.perf_counter() - job.received) * 1000
         if job.cancelled.is_set():
             log.info("client=%s id=%s model=%s bars=%d cancelled after %.0f ms", job.client, request.id, model.name, spec.bars, total)
             return
-        job.emit(protocol.finished_event(request.id, variations, total))
+        self._forget(job)  # before `finished`, so a next request from this client cannot cancel a finished one
+        job.send(protocol.finished_event(request.id, variations, total))
         log.info("client=%s id=%s model=%s bars=%d variations=%d first_note_ms=%s total_ms=%.0f queue_ms=%.0f",
                  job.client, request.id, model.name, spec.bars, spec.variations,
                  "-" if first_note is None else f"{first_note:.1f}", total, (started - job.received) * 1000)
@@ -220,7 +241,7 @@ def default_build_request(params: dict) -> ContinuationRequest:
         from engine import constraints as engine_constraints  # added with decode-time constraints
 
         kwargs["constraints"] = engine_constraints.Constraints.from_dict(constraints)
-    if params.get("mode", "sample") != "sample":
-        kwargs["mode"] = params["mode"]
-        kwargs["beam_width"] = params.get("beam_width", 5)
+    kwargs["mode"] = params.get("mode") or "sample"
+    if params.get("beam_width") is not None:
+        kwargs["beam_width"] = params["beam_width"]
     return ContinuationRequest(**kwargs)

@@ -122,3 +122,32 @@ def test_hot_swap_and_tampered_folder_refused(models_dir, tiny_model, tmp_path):
     assert registry.scan() == []
     assert registry.get("default") is serving
     assert "does not match the sha256" in registry.refused()["default"]
+
+
+def test_no_cancelled_after_finished_when_the_next_request_follows_at_once(service):
+    inbox = Inbox()
+    for n in range(30):
+        service.handle("a", {"type": "continue", "id": f"r{n}", "clip": clip_payload(1), "bars": 1, "seed": n}, inbox)
+        events = inbox.until("finished", f"r{n}")
+        assert not any(e["type"] == "cancelled" for e in events)
+    time.sleep(0.2)
+    leftovers = []
+    while not inbox.q.empty():
+        leftovers.append(inbox.q.get())
+    assert not any(e["type"] == "cancelled" for e in leftovers)
+
+
+def test_bad_values_get_the_right_error_code_not_internal(service):
+    inbox = Inbox()
+    cases = {
+        "meter": ({"clip": clip_payload(1, meter=(5, 16))}, "bad_clip", "5/16 is not supported"),
+        "seed": ({"clip": clip_payload(), "seed": -3}, "bad_request", "seed"),
+        "scale": ({"clip": clip_payload(), "constraints": {"key": "C", "scale": ["major"]}}, "bad_request", "scale"),
+        "far": ({"clip": {**clip_payload(), "notes": [[60, 90, 400000.0, 1.0, 0]], "length": None}}, "too_large", "beats long"),
+        "beam": ({"clip": clip_payload(), "beam_width": 100}, "bad_request", "beam width"),
+        "range": ({"clip": clip_payload(), "constraints": {"pitch_min": 0, "pitch_max": 10}}, "bad_request", "no pitch"),
+    }
+    for name, (fields, code, words) in cases.items():
+        service.handle("a", {"type": "continue", "id": name, **fields}, inbox)
+        error = inbox.until("error", name)[-1]
+        assert error["type"] == "error" and error["code"] == code and words in error["message"], (name, error)

@@ -172,22 +172,25 @@ class StyleClassifier:
     weights: np.ndarray  # [features, labels]
     bias: np.ndarray  # [labels]
 
-    def features(self, clip: Clip) -> np.ndarray:
-        """The clip's features over the bars from its first note's bar to its last note."""
-        start = _span_start(clip)
-        last = max((n.start for n in clip.notes), default=start)
-        bars = max(1, int(math.floor((last - start) / clip.beats_per_bar + 1e-9)) + 1)
+    def features(self, clip: Clip, bars: int | None = None, start: float | None = None) -> np.ndarray:
+        """The clip's features over `bars` bars from beat `start`; by default from its first note's bar
+        to its last note's bar (pass both for a continuation whose last bars may be empty)."""
+        start = _span_start(clip) if start is None else start
+        if bars is None:
+            last = max((n.start for n in clip.notes), default=start)
+            bars = max(1, int(math.floor((last - start) / clip.beats_per_bar + 1e-9)) + 1)
         return feature_vector(style_metrics(clip, bars, start))
 
     def _probabilities(self, x: np.ndarray) -> np.ndarray:
         return _softmax(((x - self.mean) / self.scale) @ self.weights + self.bias)
 
-    def predict_proba(self, clip: Clip) -> dict[str, float]:
-        p = self._probabilities(self.features(clip)[None, :])[0]
+    def predict_proba(self, clip: Clip, bars: int | None = None, start: float | None = None) -> dict[str, float]:
+        p = self._probabilities(self.features(clip, bars, start)[None, :])[0]
         return {label: float(v) for label, v in zip(self.labels, p, strict=True)}
 
-    def predict(self, clip: Clip) -> str:
-        probabilities = self.predict_proba(clip)
+    def predict(self, clip: Clip, bars: int | None = None, start: float | None = None) -> str:
+        """The most likely style label of the clip (see `features` for the span measured)."""
+        probabilities = self.predict_proba(clip, bars, start)
         return max(probabilities, key=probabilities.get)
 
 
