@@ -158,6 +158,13 @@ def export_model(checkpoint: Path, out: Path, name: str | None = None, extra_man
             "parity": parity,
             "files": {f: sha256_file(stage / f) for f in (MODEL_FILE, TOKENIZER_FILE)},
         }
+        # A fine-tuned checkpoint names what it started from and what it learned (segue finetune).
+        if "base_model" in meta:
+            manifest["base_model"] = json.loads(meta["base_model"])
+        if "finetune" in meta:
+            manifest["finetune"] = {**json.loads(meta["finetune"]), "steps": manifest["training"]["steps"],
+                                    "val_perplexity": number("val_perplexity"),
+                                    "base_val_perplexity": number("base_val_perplexity")}
         manifest.update(extra_manifest or {})
         (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_in(stage, out)
