@@ -34,12 +34,13 @@ from engine.assembler import NoteAssembler
 from engine.beam import beam_search
 from engine.clip import Clip, ClipError, Note
 from engine.constraints import Constraints
-from engine.grammar import ContinuationGrammar, Vocabulary
+from engine.grammar import ContinuationGrammar, Expect, Vocabulary
 from engine.sampling import SamplingParams, masked_log_probs, sample
 from engine.session import KVCache, OnnxDecoder
 from engine.tokens import ClipTokenizer, trim_to_context
 
 MAX_BARS = 64
+LOOKAHEAD_MIN_P = 0.02  # below this chance of another note at a position, no chord lookahead (see _choose)
 MAX_VARIATIONS = 16
 MAX_BEAM_WIDTH = 16
 MODES = ("sample", "beam")
@@ -127,6 +128,7 @@ class _Lane:
     rows: list[_Row]
     cache: KVCache
     logits: np.ndarray  # [len(rows), vocab]: the next-token distribution of each row
+    stepped: tuple[KVCache, np.ndarray] | None = None  # cache and logits after this step's tokens, when already fed
 
 
 class Generator:
@@ -224,9 +226,9 @@ class Generator:
                 return
             next_lanes = []
             for lane in lanes:
-                chosen, alive = [], []
-                for index, row in enumerate(lane.rows):
-                    token = sample(lane.logits[index], row.grammar.allowed(), params, row.rng)
+                tokens = self._choose(lane, params)
+                alive = []
+                for index, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):
                     if not row.grammar.accept(token):
                         yield VariationDone(row.variation, clip.with_notes(row.notes), tuple(row.generated))
                         continue
@@ -236,18 +238,76 @@ class Generator:
                     if note is not None:
                         row.notes.append(note)
                         yield NoteEvent(row.variation, note)
-                    chosen.append(token)
                     alive.append(index)
                 if not alive:
                     continue
-                cache = lane.cache if len(alive) == len(lane.rows) else lane.cache.select(alive)
                 rows_alive = [lane.rows[i] for i in alive]
+                if lane.stepped is not None:  # the lookahead already fed these tokens
+                    cache, logits = lane.stepped
+                    next_lanes.append(_Lane(rows_alive, cache.select(alive) if len(alive) < len(lane.rows) else cache,
+                                            logits[alive]))
+                    continue
+                cache = lane.cache if len(alive) == len(lane.rows) else lane.cache.select(alive)
                 if cache.length + 1 > self.decoder.max_context:
                     next_lanes.extend(self._reprefill(rows_alive))
                     continue
-                logits, cache = self.decoder.step(np.asarray(chosen)[:, None], cache)
+                logits, cache = self.decoder.step(np.asarray([tokens[i] for i in alive])[:, None], cache)
                 next_lanes.append(_Lane(rows_alive, cache, logits))
             lanes = next_lanes
+
+    @staticmethod
+    def _worth_a_lookahead(row: _Row, logits: np.ndarray) -> bool:
+        """Whether Program is a real option here. The lookahead can only lower its probability, so
+        below LOOKAHEAD_MIN_P (monophonic lines, mostly) it would change almost nothing and cost a
+        decode step per note."""
+        grammar = row.grammar
+        if grammar.expect is not Expect.NOTE_END or not grammar.allowed()[grammar.program_id]:
+            return False
+        return masked_log_probs(logits, grammar.allowed())[grammar.program_id] >= np.log(LOOKAHEAD_MIN_P)
+
+    def _choose(self, lane: _Lane, params: SamplingParams) -> list[int]:
+        """The next token of every row of a lane.
+
+        After a note, "another note at this position" (Program) is weighed by how likely the model
+        finds a pitch the grammar still allows there (above the chord's highest, in the constraints).
+        Without this, the model's mass on pitches already used would be renormalised onto the few
+        left, and a chord would climb to the top of the keyboard whenever the model half-expected
+        one more note. The weight needs the model's pitch distribution after Program, so rows that
+        could add a note feed Program speculatively in one batched step; a row that then chooses
+        something else is fed its real token from the cache as it was before.
+        """
+        rows = lane.rows
+        lane.stepped = None
+        speculating = [i for i, row in enumerate(rows) if self._worth_a_lookahead(row, lane.logits[i])]
+        if not speculating or lane.cache.length + 1 > self.decoder.max_context:
+            return [sample(lane.logits[i], row.grammar.allowed(), params, row.rng) for i, row in enumerate(rows)]
+        tokens = [rows[i].grammar.program_id if i in speculating else -1 for i in range(len(rows))]
+        for i, row in enumerate(rows):  # rows with nothing to weigh are sampled as usual, in row order
+            if tokens[i] < 0:
+                tokens[i] = sample(lane.logits[i], row.grammar.allowed(), params, row.rng)
+        logits, cache = self.decoder.step(np.asarray(tokens)[:, None], lane.cache)
+        redo = []
+        for i in speculating:
+            row = rows[i]
+            after = row.grammar.copy()
+            after.accept(row.grammar.program_id)
+            pitch_mass = float(np.exp(np.logaddexp.reduce(logits[i][after.allowed()].astype(np.float64))
+                                      - np.logaddexp.reduce(logits[i].astype(np.float64))))
+            weighted = lane.logits[i].astype(np.float64)  # p(Program) * p(an allowed pitch | Program), at temperature T
+            weighted[row.grammar.program_id] += np.log(max(pitch_mass, 1e-12)) * (params.temperature or 1.0)
+            tokens[i] = sample(weighted, row.grammar.allowed(), params, row.rng)
+            if tokens[i] != row.grammar.program_id:
+                redo.append(i)
+        if redo:
+            redo_logits, redo_cache = self.decoder.step(np.asarray([tokens[i] for i in redo])[:, None], lane.cache.select(redo))
+            tensors = tuple(np.array(t) for t in cache.tensors)  # writable copies to patch the redone rows into
+            for full, part in zip(tensors, redo_cache.tensors, strict=True):
+                full[redo] = part
+            cache = KVCache(tensors)
+            logits = np.array(logits)
+            logits[redo] = redo_logits
+        lane.stepped = (cache, logits)
+        return tokens
 
     def _stream_beam(self, clip: Clip, request: ContinuationRequest, prompt: list[int], offset: float,
                      should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:

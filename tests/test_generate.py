@@ -145,3 +145,57 @@ def test_unseen_instrument_is_played_to_the_model_as_a_trained_one(generator, ex
     done = generator.generate(clip, ContinuationRequest(bars=2, seed=5))[0]
     assert done.clip.program == 40
     assert "Program_40" not in generator.tokenizer.tokens_to_text(done.tokens)
+
+
+class ChordHappyDecoder:
+    """A hand-written 'model' for the chord lookahead: after every note it wants another note at
+    the same position (Program), but after Program it only ever wants pitch 60. Under the grammar
+    (pitches rise inside a chord) that note is impossible once 60 is played, so a decoder that
+    renormalises would stack ever higher notes; the lookahead must see that no allowed pitch is
+    likely and move on instead."""
+
+    max_context = 4096
+    manifest: dict = {"model": {"max_context": 4096}}
+
+    def __init__(self, tokenizer):
+        from engine.session import KVCache
+
+        self.KVCache = KVCache
+        self.vocab_size = tokenizer.vocab_size
+        kinds = tokenizer.kinds
+        size = tokenizer.vocab_size
+        self.table = np.zeros((size, size), dtype=np.float32)  # next-token logits by last token
+        after_duration = np.full(size, -30.0, dtype=np.float32)
+        for token in kinds.program:
+            after_duration[token] = 5.0
+            self.table[token] = -20.0
+            self.table[token, tokenizer.token_id("Pitch_60")] = 10.0
+        for token in kinds.position:
+            after_duration[token] = 3.0
+        after_duration[kinds.bar] = 0.0
+        for token in kinds.duration:
+            self.table[token] = after_duration
+
+    def empty_cache(self, batch: int = 1):
+        return self.KVCache((np.zeros((batch, 1, 0, 1), np.float32),))
+
+    def step(self, ids, cache):
+        ids = np.asarray(ids)
+        grown = np.zeros((ids.shape[0], 1, cache.length + ids.shape[1], 1), np.float32)
+        return self.table[ids[:, -1]], self.KVCache((grown,))
+
+
+def test_chord_lookahead_moves_on_when_no_allowed_pitch_is_likely():
+    from collections import Counter
+
+    from engine.generate import Generator
+    from engine.tokens import ClipTokenizer
+
+    tokenizer = ClipTokenizer.default()
+    generator = Generator(ChordHappyDecoder(tokenizer), tokenizer)
+    clip = Clip((Note(60, 90, 0.0, 1.0), Note(62, 90, 1.0, 1.0)), time_signature=(4, 4))
+    onsets = Counter()
+    for seed in range(20):
+        for done in generator.generate(clip, ContinuationRequest(bars=2, variations=2, temperature=1.0, seed=seed)):
+            onsets.update(Counter(round(n.start, 4) for n in done.clip.notes).values())
+    assert onsets and set(onsets) == {1}, onsets  # never a second note stacked on an onset
