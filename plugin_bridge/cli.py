@@ -30,6 +30,17 @@ def _continue_parser(sub) -> None:
         description="Continue a MIDI clip: writes one .mid per variation, each holding the new bars placed "
                     "right after the end of your clip (drop it on the clip's start and it lines up).",
     )
+    add_continuation_args(p)
+    p.add_argument("--out", type=Path, default=Path("segue-out"), help="folder for the .mid files (default ./segue-out)")
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: models/default)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1, leaves cores to your DAW)")
+    p.add_argument("--render", action="store_true", help="also render each .mid to a .wav beside it with FluidSynth "
+                   "(as `segue render` does), to listen without a DAW")
+    p.set_defaults(run=run_continue)
+
+
+def add_continuation_args(p: argparse.ArgumentParser) -> None:
+    """The clip and the musical options shared by `segue continue` and `segue client continue`."""
     p.add_argument("clip", type=Path, help="the MIDI file to continue (all its tracks are read as one clip)")
     p.add_argument("--bars", type=int, default=4, help="how many bars to add (1-64, default 4)")
     p.add_argument("--variations", type=int, default=1, help="how many different continuations (1-16, default 1)")
@@ -39,12 +50,6 @@ def _continue_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="only choose among the most likely tokens "
                    "covering this probability (default 0.95; 1 = off)")
     p.add_argument("--seed", type=int, help="same seed, same clip, same settings = same notes")
-    p.add_argument("--out", type=Path, default=Path("segue-out"), help="folder for the .mid files (default ./segue-out)")
-    p.add_argument("--model", type=Path, default=None, help="model folder (default: models/default)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1, leaves cores to your DAW)")
-    p.add_argument("--render", action="store_true", help="also render each .mid to a .wav beside it with FluidSynth "
-                   "(as `segue render` does), to listen without a DAW")
-    p.set_defaults(run=run_continue)
 
 
 def run_continue(args) -> int:

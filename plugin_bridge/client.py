@@ -29,9 +29,10 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import closing
-from pathlib import Path
 
 import zmq
+
+from plugin_bridge.cli import add_continuation_args
 
 log = logging.getLogger("segue.client")
 
@@ -275,15 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("continue", parents=[common], help="continue a MIDI clip on the server, printing notes as they come",
                        description="Send a MIDI clip to the server and print the new notes as they are decoded; the "
                                    "server writes one .mid per variation (placed right after your clip) and prints its path.")
-    p.add_argument("clip", type=Path, help="the MIDI file to continue (all its tracks are read as one clip)")
-    p.add_argument("--bars", type=int, default=4, help="how many bars to add (1-64, default 4)")
-    p.add_argument("--variations", type=int, default=1, help="how many different continuations (1-16, default 1)")
-    p.add_argument("--temperature", type=float, default=0.9,
-                   help="0 = always the most likely note, 1 = as trained, higher = wilder (default 0.9)")
-    p.add_argument("--top-k", type=int, default=0, help="only choose among the K most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="only choose among the most likely tokens covering this "
-                   "probability (default 0.95; 1 = off)")
-    p.add_argument("--seed", type=int, help="same seed, same clip, same settings = same notes")
+    add_continuation_args(p)
     p.add_argument("--model", help="the server's model to use (default: the server's default model)")
     p.add_argument("--mode", choices=("sample", "beam"), default="sample",
                    help="sample = varied ideas; beam = the most likely continuation (default sample)")
