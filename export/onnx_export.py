@@ -22,7 +22,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engine.manifest import (
@@ -35,6 +34,7 @@ from engine.manifest import (
 )
 from training.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from training.model import GPT
+from training.parity import logit_gaps
 
 PARITY_TOLERANCE = 1e-4
 
@@ -83,33 +83,10 @@ def check_parity(model: GPT, onnx_path: Path, seed: int = 0, decode_steps: int =
     """Largest |onnx - torch| logit difference for a prefill and cached decode steps."""
     import onnxruntime as ort
 
-    cfg = model.cfg
-    past_names, present_names = kv_names(cfg.n_layer)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    batch, prompt = 2, min(17, cfg.max_context - decode_steps)
-    ids = rng.integers(0, cfg.vocab_size, (batch, prompt))
-    worst = {"prefill": 0.0, "decode": 0.0}
-    torch_past = model.empty_past(batch)
-    ort_past = [np.zeros((batch, cfg.n_head, 0, cfg.head_dim), np.float32) for _ in past_names]
-    position = 0
-    step_ids = ids
-    for step in range(decode_steps + 1):
-        steps = step_ids.shape[1]
-        pos = np.broadcast_to(np.arange(position, position + steps), (batch, steps)).astype(np.int64)
-        with torch.no_grad():
-            t_logits, torch_past = model(torch.from_numpy(step_ids), torch.from_numpy(pos.copy()), torch_past)
-        outputs = session.run(None, {"input_ids": step_ids.astype(np.int64), "position_ids": pos,
-                                     **dict(zip(past_names, ort_past, strict=True))})
-        diff = float(np.abs(outputs[0] - t_logits.numpy()).max())
-        key = "prefill" if step == 0 else "decode"
-        worst[key] = max(worst[key], diff)
-        ort_past = outputs[1:]
-        position += steps
-        step_ids = rng.integers(0, cfg.vocab_size, (batch, 1))
-    return {"max_abs_diff_prefill": worst["prefill"], "max_abs_diff_decode": worst["decode"],
-            "decode_steps": decode_steps, "tolerance": PARITY_TOLERANCE,
-            "passed": max(worst.values()) <= PARITY_TOLERANCE}
+    prefill, decode = logit_gaps(model, session, seed, decode_steps)
+    return {"max_abs_diff_prefill": prefill, "max_abs_diff_decode": decode, "decode_steps": decode_steps,
+            "tolerance": PARITY_TOLERANCE, "passed": max(prefill, decode) <= PARITY_TOLERANCE}
 
 
 def export_model(checkpoint: Path, out: Path, name: str | None = None, extra_manifest: dict | None = None) -> dict:

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.manifest import MODEL_FILE, kv_names, verify_model_folder
+from engine.manifest import MODEL_FILE, verify_model_folder
 from training.model import GPT, GPTConfig
+from training.parity import logit_gaps
 
 PARITY_TOLERANCE = 1e-4
 _PREFIX = "model."  # the export wrapper (`_FlatKV`) holds the GPT as `.model`
@@ -174,30 +175,8 @@ def onnx_parity(model: GPT, path: Path, seeds: tuple[int, ...] = (0, 1, 2), deco
     """Largest |torch - onnxruntime| logit gap over random prompts, each a prefill plus cached steps."""
     import onnxruntime as ort
 
-    cfg = model.cfg
-    past_names, _ = kv_names(cfg.n_layer)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    model.eval()
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        batch, length = 2, int(rng.integers(4, max(5, min(48, cfg.max_context - decode_steps))))
-        ids = rng.integers(0, cfg.vocab_size, (batch, length))
-        torch_past = model.empty_past(batch)
-        ort_past = [np.zeros((batch, cfg.n_head, 0, cfg.head_dim), np.float32) for _ in past_names]
-        position = 0
-        for _ in range(decode_steps + 1):
-            steps = ids.shape[1]
-            pos = np.broadcast_to(np.arange(position, position + steps), (batch, steps)).astype(np.int64)
-            with torch.no_grad():
-                logits, torch_past = model(torch.from_numpy(ids), torch.from_numpy(pos.copy()), torch_past)
-            outputs = session.run(None, {"input_ids": ids.astype(np.int64), "position_ids": pos,
-                                         **dict(zip(past_names, ort_past, strict=True))})
-            worst = max(worst, float(np.abs(outputs[0] - logits.numpy()).max()))
-            ort_past = outputs[1:]
-            position += steps
-            ids = rng.integers(0, cfg.vocab_size, (batch, 1))
-    return worst
+    return max(max(logit_gaps(model, session, seed, decode_steps)) for seed in seeds)
 
 
 def load_model_folder(folder: Path, dropout: float = 0.0) -> tuple[GPT, dict, float]:
