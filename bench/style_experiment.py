@@ -101,6 +101,9 @@ QUICK = dict(minutes=0.5, clips=4, samples=2)
 QUICK_FINETUNE = {"--max-steps": "8", "--eval-every": "4", "--batch-size": "4", "--val-windows": "4", "--warmup": "2"}
 
 
+HELD_OUT_DIR = "held-out"
+
+
 class ExperimentError(RuntimeError):
     """The experiment cannot go on; the message says why and what to do."""
 
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: 8 fine-tuning steps, {QUICK['clips']} clips, {QUICK['samples']} samples")
     p.add_argument("--quiet", action="store_true", help="no progress bars from the fine-tunes")
+    p.add_argument("--prepare-only", action="store_true",
+                   help=f"only write the data folders (OUT/data/<style>) and the held-out folders (OUT/{HELD_OUT_DIR}/<style>), "
+                        f"e.g. to pretrain a base with `segue train --exclude OUT/{HELD_OUT_DIR}`")
     return p
 
 
@@ -227,6 +233,16 @@ def split_style(style: Style, tokenizer_file: Path, val_fraction: float) -> None
         shared = f" ({style.dropped_shared} files also in style A were left to A)" if style.dropped_shared else ""
         raise ExperimentError(f"style {style.name}: {len(style.split.train)} training and {len(style.split.val)} held-out "
                               f"pieces in {style.folder}{shared}; both parts need files (add files or change --val-fraction)")
+
+
+def write_held_out(style: Style, folder: Path) -> None:
+    """OUT/held-out/<style>: links to the held-out pieces, for `segue train --exclude OUT/held-out`
+    (a base model that never learns from the music it is measured on)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for path, _, _ in style.split.val:
+        (folder / Path(path).name).symlink_to(Path(path).resolve())
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------
@@ -332,12 +348,18 @@ def base_training_data(manifest: dict, tokenizer_file: Path, val_fraction: float
     else:
         info["why"] = "the base's data source is not a readable folder here"
         return info
+    # A base trained with `--exclude` names the pieces it left out, and records its split fraction.
+    excluded = set((training.get("excluded") or {}).get("hashes") or [])
+    if training.get("val_fraction"):
+        val_fraction = float(training["val_fraction"])
+        info["val_fraction"] = val_fraction
     corpus = load_corpus(files, tokenizer_file, val_fraction, workers=threads, progress=False)
-    pieces = dict(zip(corpus.train_hashes + corpus.val_hashes, corpus.train + corpus.val, strict=True))
+    pieces = {h: t for h, t in zip(corpus.train_hashes + corpus.val_hashes, corpus.train + corpus.val, strict=True)
+              if h not in excluded}
     match = match_base_split(pieces, skipped_tokens(corpus, tokenizer_file), training, val_fraction)
     pool, fraction = match.pop("pieces"), match["val_fraction"]
     train = sorted(h for h in pool if not is_validation(h, fraction))
-    info.update(available=True, files=len(files), duplicates=len(corpus.duplicates), **match,
+    info.update(available=True, files=len(files), duplicates=len(corpus.duplicates), **match, excluded=len(excluded),
                 fraction_given=val_fraction, manifest_train_tokens=training.get("train_tokens"),
                 skipped_now=[f"{path}: {why}" for path, why in corpus.skipped],
                 train_pieces=len(train), val_pieces=len(pool) - len(train),
@@ -724,6 +746,9 @@ def overlap_text(results: dict) -> str:
     fraction = f"`is_validation(hash, {data['val_fraction']:g})`"
     skipped = "; ".join(data["skipped_now"]) or "none"
     head += f"Re-reading it today: {data['files']} files, {data['duplicates']} duplicates, skipped by today's ingest checks: {skipped}. "
+    if data.get("excluded"):
+        head += (f"The base was trained with `--exclude`: its manifest lists {data['excluded']} pieces it left out, "
+                 "and they are left out here too. ")
     if data["fingerprint_matches"]:
         head += ("Those files" + (f" plus {len(data['restored'])} that today's checks skip but the base's did not "
                                   f"({', '.join(data['restored'])})" if data["restored"] else "")
@@ -801,7 +826,10 @@ def run(args, argv: list[str]) -> dict:
     styles = prepare_styles(args)
     for style in styles:
         split_style(style, args.base / TOKENIZER_FILE, args.val_fraction)
+        write_held_out(style, args.out / HELD_OUT_DIR / style.name)
     timings["data"] = time.perf_counter() - clock
+    if args.prepare_only:
+        return {}
     finetunes = {}
     for style in styles:
         finetunes[style.name] = run_finetune(style, args)
@@ -904,6 +932,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         results = run(args, argv)
+        if args.prepare_only:
+            print(f"data: {args.out / 'data'}\nheld out: {args.out / HELD_OUT_DIR}")
+            return 0
     except (ExperimentError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -130,7 +130,11 @@ def export_model(checkpoint: Path, out: Path, name: str | None = None, extra_man
             "training": {"data_fingerprint": meta.get("data_fingerprint"), "data_source": meta.get("data_source"),
                          "steps": int(meta["step"]) if "step" in meta else None,
                          "train_tokens": int(meta["train_tokens"]) if "train_tokens" in meta else None,
-                         "programs": json.loads(meta["programs"]) if "programs" in meta else None},
+                         "programs": json.loads(meta["programs"]) if "programs" in meta else None,
+                         # The split rule's fraction and what --exclude left out: with the data source and
+                         # fingerprint they pin exactly which pieces trained the model, and which did not.
+                         "val_fraction": number("val_fraction"),
+                         "excluded": json.loads(meta["excluded"]) if "excluded" in meta else None},
             "metrics": {"val_loss": number("val_loss"), "val_perplexity": number("val_perplexity")},
             "parity": parity,
             "files": {f: sha256_file(stage / f) for f in (MODEL_FILE, TOKENIZER_FILE)},

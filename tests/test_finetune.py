@@ -433,3 +433,45 @@ def test_torchrun_two_processes_on_cpu(tiny_build, tmp_path):
     log = read_log(tmp_path / "train_log.jsonl")
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4]  # rank 0 alone writes
     assert load_checkpoint(tmp_path / "best.safetensors")[1]["step"] in ("2", "4")
+
+
+# --- --exclude and --precision --------------------------------------------------------------------
+
+def test_exclude_keeps_a_test_set_out_of_training_and_the_manifest_says_so(midi_folder, tiny_model, tmp_path):
+    """A held-out set (renamed copies, another folder) never reaches training or validation, and
+    the exported manifest names what was left out and the split fraction; bf16 steps keep fp32 weights."""
+    pieces = sorted(midi_folder.glob("piece_*.mid"))
+    test_set = tmp_path / "test-set"
+    test_set.mkdir()
+    for i, path in enumerate(pieces[:10]):
+        shutil.copy(path, test_set / f"renamed_{i}.mid")
+    code, out, err = _run(finetune_main, [
+        "--data", str(midi_folder), "--from", str(tiny_model), "--out", str(tmp_path / "run"),
+        "--exclude", str(test_set), "--export", str(tmp_path / "model"), "--max-steps", "4", "--eval-every", "4",
+        "--batch-size", "4", "--warmup", "1", "--val-windows", "4", "--threads", "1", "--precision", "bf16",
+    ])
+    assert code == 0, err
+    assert "10 files left out" in err and "bf16 autocast" in err
+    report = json.loads((tmp_path / "run" / "ingest_report.json").read_text())
+    assert report["ingested"] == GOOD_FILES - 10
+    left_out = sorted(sha256_file(p) for p in pieces[:10])
+    manifest = verify_model_folder(tmp_path / "model")
+    assert manifest["training"]["excluded"]["hashes"] == left_out
+    assert manifest["training"]["excluded"]["files_left_out"] == 10
+    assert manifest["training"]["val_fraction"] == 0.2
+    assert manifest["finetune"]["data_fingerprint"] == data_fingerprint(sha256_file(p) for p in pieces[10:])
+    weights = load_file(str(tmp_path / "run" / "last.safetensors"))
+    assert all(t.dtype == torch.float32 for name, t in weights.items() if t.is_floating_point()), "fp32 master weights"
+    assert _run(finetune_main, ["--data", str(midi_folder), "--from", str(tiny_model), "--out", str(tmp_path / "r2"),
+                                "--exclude", str(tmp_path / "missing")])[0] == 1
+
+
+def test_precision_auto_takes_bf16_only_where_the_hardware_has_it():
+    from training.loop import training_dtype
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert training_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert training_dtype("fp32", cpu) is None and training_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown precision"):
+        training_dtype("fp8", cpu)

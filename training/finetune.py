@@ -38,6 +38,7 @@ from training.pipeline import (
     add_loop_args,
     check_fresh_out,
     check_same_data,
+    exclude_files,
     folder_files,
     loop_config,
     make_samplers,
@@ -136,6 +137,7 @@ def _finetune(args: argparse.Namespace, dist: Distributed) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     files = folder_files(args.data)  # fail on a missing or empty folder before loading any model
+    files, excluded = exclude_files(files, args.exclude, dist)
     augment = augment_from_args(args)
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer_file = args.out / TOKENIZER_FILE
@@ -172,7 +174,10 @@ def _finetune(args: argparse.Namespace, dist: Distributed) -> int:
                          "train_files": len(corpus.train), "val_files": len(corpus.val), "skipped": len(corpus.skipped),
                          "duplicates": len(corpus.duplicates), "val_fraction": args.val_fraction, "lr": args.lr,
                          "augmentation": augment.to_dict()},
+            "val_fraction": args.val_fraction,
         }
+        if excluded:
+            metadata["excluded"] = excluded
     model = model.to(dist.device)
     window = min(args.window or model.cfg.max_context, model.cfg.max_context)
     train, val = make_samplers(corpus, tokenizer, window, args.seed, dist.rank, augment)

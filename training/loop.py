@@ -64,6 +64,7 @@ class LoopConfig:
     resume: bool = False
     quiet: bool = False
     desc: str = "training"
+    precision: str = "auto"  # "fp32", "bf16" (autocast for the training step) or "auto" (see training_dtype)
 
 
 @dataclass
@@ -90,6 +91,30 @@ class LoopResult:
     last: Path
     seconds: float = 0.0  # wall-clock time of this invocation
     log: list[dict] = field(default_factory=list)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training steps, or None for plain fp32.
+
+    bf16 autocast halves the step time where the hardware multiplies bf16 natively (CPUs with
+    AVX512-BF16 or AMX, Ampere-or-newer GPUs) and keeps fp32 master weights, optimizer state and
+    gradients, so nothing about checkpoints or export changes. "auto" takes it only there: emulated
+    bf16 is slower than fp32. Validation always runs in fp32, so its numbers compare across runs.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else None
 
 
 def make_optimizer(model: GPT, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -221,6 +246,10 @@ def run_loop(model: GPT, train: WindowSampler, val: WindowSampler, cfg: LoopConf
         elif dist.is_main:
             print(f"warning: the run was saved by {len(rng_states)} processes and resumes with {dist.world}: "
                   "the data order restarts from the seed", file=sys.stderr)
+    autocast_dtype = training_dtype(cfg.precision, device)
+    if not cfg.quiet and dist.is_main:
+        print(f"training steps in {'bf16 autocast' if autocast_dtype else 'fp32'} on {device.type} "
+              f"(--precision {cfg.precision})", file=sys.stderr)
     net: torch.nn.Module = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -283,7 +312,8 @@ def run_loop(model: GPT, train: WindowSampler, val: WindowSampler, cfg: LoopConf
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = train.batch(cfg.batch_size)
-            loss = window_loss(net, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss = window_loss(net, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

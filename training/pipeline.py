@@ -18,10 +18,10 @@ import numpy as np
 from engine.tokens import ClipTokenizer
 from training.augment import AugmentConfig, TokenAugmenter, add_augment_args
 from training.checkpoint import read_metadata
-from training.data import Corpus, WindowSampler, find_midi_files, load_corpus
+from training.data import Corpus, WindowSampler, content_hash, data_fingerprint, find_midi_files, load_corpus
 from training.distributed import Distributed
 from training.ingest_report import REPORT_TEXT, build_report, print_report, write_report
-from training.loop import LoopConfig
+from training.loop import PRECISIONS, LoopConfig
 from training.model import GPTConfig
 from training.run_folder import LAST_FILE
 
@@ -57,6 +57,14 @@ def add_loop_args(parser: argparse.ArgumentParser, defaults: dict, augment: Augm
     run.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto: a GPU if there is one)")
     run.add_argument("--quiet", action="store_true", help="no progress bars (for scripts and tests)")
+    run.add_argument("--precision", choices=PRECISIONS,
+                     help="training-step arithmetic: bf16 autocast (about 2x faster where the CPU or GPU has native "
+                          "bf16), fp32, or auto (bf16 where native; default). Weights, checkpoints and validation "
+                          "stay fp32")
+    data = parser.add_argument_group("data")
+    data.add_argument("--exclude", type=Path, nargs="+", action="extend", default=[], metavar="DIR",
+                      help="leave out every file whose content is also in DIR (for example a test set you will "
+                           "evaluate on, so no model learns from it); the manifest records what was left out")
     add_augment_args(parser, augment)
 
 
@@ -64,6 +72,7 @@ def resolve_run_options(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options whose default depends on the machine (after --resume had its say)."""
     args.threads = args.threads or os.cpu_count() or 1
     args.device = args.device or "auto"
+    args.precision = getattr(args, "precision", None) or "auto"  # runs saved before --precision existed
     return args
 
 
@@ -71,7 +80,8 @@ def loop_config(args: argparse.Namespace, desc: str) -> LoopConfig:
     return LoopConfig(out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       weight_decay=args.weight_decay, eval_every=args.eval_every, val_windows=args.val_windows,
                       patience=args.patience, max_minutes=args.max_minutes, log_every=args.log_every,
-                      stop_after=args.stop_after, resume=args.resume, quiet=args.quiet, desc=desc)
+                      stop_after=args.stop_after, resume=args.resume, quiet=args.quiet, desc=desc,
+                      precision=args.precision)
 
 
 def check_fresh_out(out: Path) -> None:
@@ -89,6 +99,36 @@ def folder_files(folder: Path) -> list[Path]:
     if not files:
         raise DataError(f"no MIDI files (.mid, .midi, .smf) in {folder}")
     return files
+
+
+EXCLUDED_HASHES_KEPT = 5000  # the manifest lists the left-out hashes up to this many (else only their fingerprint)
+
+
+def exclude_files(files: list[Path], exclude: list[Path], dist: Distributed) -> tuple[list[Path], dict | None]:
+    """`files` without those whose bytes equal a file's in the --exclude folders, and what was left out.
+
+    Keyed on content, as the split is: a held-out piece stays out under any name or folder."""
+    if not exclude:
+        return files, None
+    excluded: set[str] = set()
+    for folder in exclude:
+        if not Path(folder).is_dir():
+            raise DataError(f"--exclude folder {folder} does not exist")
+        excluded.update(content_hash(path.read_bytes()) for path in find_midi_files(Path(folder)))
+    kept, left_out = [], set()
+    for path in files:
+        file_hash = content_hash(Path(path).read_bytes())
+        if file_hash in excluded:
+            left_out.add(file_hash)
+        else:
+            kept.append(path)
+    say(f"--exclude: {len(files) - len(kept)} files left out ({len(left_out)} distinct contents; "
+        f"{len(excluded)} distinct contents in {', '.join(map(str, exclude))})", dist)
+    info = {"folders": [str(f) for f in exclude], "files_left_out": len(files) - len(kept),
+            "fingerprint": data_fingerprint(left_out)}
+    if len(left_out) <= EXCLUDED_HASHES_KEPT:
+        info["hashes"] = sorted(left_out)
+    return kept, info
 
 
 def read_data(files: list[Path], source: str, tokenizer_file: Path, out: Path, val_fraction: float,

@@ -29,11 +29,16 @@ TENSORBOARD_DIR = "tensorboard"
 CONTROL_OPTIONS = {"resume", "stop_after", "quiet", "export", "name"}
 # Saved and reused, but a value given on the resuming command line wins (their CLI default is None).
 # The thread count changes float summation order: keep it for a bit-identical continuation on CPU.
-OVERRIDABLE_OPTIONS = {"threads", "device"}
+OVERRIDABLE_OPTIONS = {"threads", "device", "precision"}  # the machine's business, not the run's
 
 
 def save_settings(out: Path, command: str, args: argparse.Namespace) -> None:
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in CONTROL_OPTIONS}
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+    settings = {k: plain(v) for k, v in vars(args).items() if k not in CONTROL_OPTIONS}
     text = json.dumps({"command": command, "settings": settings}, indent=2) + "\n"
     atomic_write(Path(out) / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(text))
 

@@ -29,6 +29,7 @@ from training.pipeline import (
     add_loop_args,
     check_fresh_out,
     check_same_data,
+    exclude_files,
     folder_files,
     loop_config,
     make_samplers,
@@ -110,6 +111,7 @@ def _train(args: argparse.Namespace, dist) -> int:
         dist.barrier()
     tokenizer = ClipTokenizer.from_file(tokenizer_file)
     files, source = corpus_files(args, dist)
+    files, excluded = exclude_files(files, args.exclude, dist)
     corpus = read_data(files, source, tokenizer_file, args.out, args.val_fraction, augment, dist, not args.quiet)
     if args.resume:
         check_same_data(corpus, metadata, source)
@@ -131,7 +133,10 @@ def _train(args: argparse.Namespace, dist) -> int:
             "preset": args.preset,
             "train_tokens": corpus.token_count("train"),
             "augmentation": augment.to_dict(),
+            "val_fraction": args.val_fraction,
         }
+        if excluded:
+            metadata["excluded"] = excluded
     result = run_loop(model, train, val, loop_config(args, "training"), metadata, dist)
     if dist.is_main:
         print("\n".join(summary_lines(result, args.patience)))
