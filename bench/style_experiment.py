@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate (default 1e-4, finetune's)")
     p.add_argument("--warmup", type=int, default=20, help="fine-tuning warm-up steps (default 20)")
     p.add_argument("--eval-every", type=int, default=20, help="fine-tuning steps between validations (default 20)")
+    p.add_argument("--finetune-args", metavar="'OPTIONS'",
+                   help="more options for every `segue finetune`, e.g. '--velocity-jitter 0 --tempo-copies 0'")
     p.add_argument("--prompt-bars", type=int, default=4, help="bars of real music each model continues (default 4)")
     p.add_argument("--bars", type=int, default=4, help="bars generated and compared with the real ones (default 4)")
     p.add_argument("--clips", type=int, default=24, help="held-out clips per style (default 24)")
@@ -259,7 +261,8 @@ def finetune_argv(style: Style, args) -> list[str]:
     paths = {"--data": style.folder, "--from": args.base, "--out": args.out / "finetune" / style.name,
              "--export": args.out / "models" / style.name, "--name": f"{style.name}-finetuned"}
     options = {**{k: str(v) for k, v in paths.items()}, **finetune_options(args)}
-    return [x for item in options.items() for x in item] + (["--quiet"] if args.quiet else [])
+    return ([x for item in options.items() for x in item] + shlex.split(args.finetune_args or "")
+            + (["--quiet"] if args.quiet else []))
 
 
 def prepare_run_folders(style: Style, args) -> bool:
@@ -660,8 +663,9 @@ def _finetune_section(results: dict) -> list[str]:
     base = results["base"]
     return ["## Fine-tuning\n",
             f"`segue finetune` from `{base['path']}` (sha256 {base['sha256'][:12]}) with "
-            f"`{' '.join(f'{k} {v}' for k, v in results['finetune_options'].items())}`; every other option (patience, "
-            "augmentation...) at finetune's defaults. Validation perplexity: the fine-tune's own "
+            f"`{' '.join(f'{k} {v}' for k, v in results['finetune_options'].items())}`"
+            + (f" `{results['settings'].get('finetune_args')}`" if results["settings"].get("finetune_args") else "")
+            + "; every other option (patience, augmentation...) at finetune's defaults. Validation perplexity: the fine-tune's own "
             "measure on its validation windows (= the held-out pieces), before the first step and at the best step.\n",
             _table(["style", "steps", "training loop", "whole fine-tune", "val ppl: start", "val ppl: best", "command"],
                    [[s, str(f["steps"]), f"{f['loop_seconds'] / 60:.1f} min", f"{f['seconds'] / 60:.1f} min"
