@@ -195,14 +195,18 @@ def choose(files: dict, cap: int) -> dict:
     return {h: files[h] for h in order[:cap]}
 
 
+def link_files(folder: Path, targets: dict[str, Path]) -> None:
+    """`folder` rebuilt (it is the experiment's own folder of links) with one symlink per name -> target."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for name, target in targets.items():
+        (folder / name).symlink_to(Path(target).resolve())
+
+
 def link_folder(folder: Path, files: dict[str, tuple[Path, Path]]) -> None:
     """OUT/data/<style>: one symlink per chosen file, named after its source folder and its path there."""
-    if folder.exists():
-        shutil.rmtree(folder)  # the experiment's own folder of links, rebuilt every run
-    folder.mkdir(parents=True)
-    for path, source in files.values():
-        name = "__".join((source.name, *path.relative_to(source).parts))
-        (folder / name).symlink_to(path.resolve())
+    link_files(folder, {"__".join((source.name, *path.relative_to(source).parts)): path for path, source in files.values()})
 
 
 def prepare_styles(args) -> list[Style]:
@@ -240,11 +244,7 @@ def split_style(style: Style, tokenizer_file: Path, val_fraction: float) -> None
 def write_held_out(style: Style, folder: Path) -> None:
     """OUT/held-out/<style>: links to the held-out pieces, for `segue train --exclude OUT/held-out`
     (a base model that never learns from the music it is measured on)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for path, _, _ in style.split.val:
-        (folder / Path(path).name).symlink_to(Path(path).resolve())
+    link_files(folder, {Path(path).name: Path(path) for path, _, _ in style.split.val})
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------

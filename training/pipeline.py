@@ -72,7 +72,7 @@ def resolve_run_options(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options whose default depends on the machine (after --resume had its say)."""
     args.threads = args.threads or os.cpu_count() or 1
     args.device = args.device or "auto"
-    args.precision = getattr(args, "precision", None) or "auto"  # runs saved before --precision existed
+    args.precision = args.precision or "auto"  # also for runs saved before --precision existed
     return args
 
 
