@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engine.clip import Clip
 from engine.generate import ContinuationRequest, Generator, NoteEvent, VariationDone
-from export.midi_clip import read_clip
+from engine.midi_file import read_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,7 +42,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     decoders = {threads: OnnxDecoder.load(args.model, threads=threads) for threads in (1, 2)}
     vocab = decoders[1].vocab_size
-    print(f"model {args.model}: {decoders[1].manifest['model']['parameters'] / 1e6:.2f} M parameters, "
+    print(f"model {args.model}: {(decoders[1].manifest.model.parameters or 0) / 1e6:.2f} M parameters, "
           f"context {decoders[1].max_context}\n")
     print("| context | threads | batch | prefill (ms) | cached decode step (ms) | uncached step (ms) | uncached / cached |")
     print("|---|---|---|---|---|---|---|")

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.midi_clip import read_clip  # noqa: E402
+from engine.midi_file import read_clip  # noqa: E402
 from plugin_bridge.client import SegueClient, clip_to_payload  # noqa: E402
 from plugin_bridge.osc_client import OscClient  # noqa: E402
 

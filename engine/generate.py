@@ -156,11 +156,11 @@ class Generator:
         never seen most Program tokens; feeding it one would push it off its training distribution.
         Programs the model was trained on are kept; others are played to the model as its most
         trained program. The notes written back always carry the clip's own program."""
-        programs = (self.decoder.manifest.get("training") or {}).get("programs") or {}
-        if clip.is_drum or not programs or str(clip.program) in programs:
+        programs = self.decoder.manifest.seen_programs
+        if clip.is_drum or not programs or clip.program in programs:
             return clip.program
-        melodic = {int(p): n for p, n in programs.items() if int(p) >= 0}
-        return max(melodic, key=melodic.get) if melodic else clip.program
+        melodic = {p: n for p, n in programs.items() if p >= 0}
+        return max(melodic, key=lambda p: melodic[p]) if melodic else clip.program
 
     def prompt_tokens(self, clip: Clip) -> tuple[list[int], int]:
         """The clip's tokens cut to fit the context, and how many bars the full clip spans."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine.manifest import MODEL_FILE, ModelError, verify_model_folder
+from engine.manifest import MODEL_FILE, Manifest, ModelError, verify_model_folder
 
 
 @dataclass(frozen=True)
@@ -56,18 +56,18 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class OnnxDecoder:
-    def __init__(self, folder: Path, manifest: dict, session: ort.InferenceSession):
+    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession):
         self.folder = Path(folder)
         self.manifest = manifest
         self.session = session
-        shape = manifest["model"]
-        self.n_layer = int(shape["n_layer"])
-        self.n_head = int(shape["n_head"])
-        self.head_dim = int(shape["head_dim"])
-        self.vocab_size = int(shape["vocab_size"])
-        self.max_context = int(shape["max_context"])
-        self.past_names = list(manifest["onnx"]["past_inputs"])
-        self.output_names = list(manifest["onnx"]["outputs"])
+        shape = manifest.model
+        self.n_layer = shape.n_layer
+        self.n_head = shape.n_head
+        self.head_dim = shape.head_dim
+        self.vocab_size = shape.vocab_size
+        self.max_context = shape.max_context
+        self.past_names = list(manifest.onnx.past_inputs)
+        self.output_names = list(manifest.onnx.outputs)
         declared = {i.name for i in session.get_inputs()}
         missing = {"input_ids", "position_ids", *self.past_names} - declared
         if missing:

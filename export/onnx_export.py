@@ -12,6 +12,7 @@ half-written model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -29,10 +30,12 @@ from engine.manifest import (
     MODEL_FILE,
     SCHEMA_VERSION,
     TOKENIZER_FILE,
+    Manifest,
+    Parity,
     kv_names,
     sha256_file,
 )
-from training.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.model import GPT
 from training.parity import logit_gaps
 
@@ -79,18 +82,57 @@ def export_graph(model: GPT, path: Path) -> None:
     program.save(str(path), external_data=False)
 
 
-def check_parity(model: GPT, onnx_path: Path, seed: int = 0, decode_steps: int = 4) -> dict:
+def check_parity(model: GPT, onnx_path: Path, seed: int = 0, decode_steps: int = 4) -> Parity:
     """Largest |onnx - torch| logit difference for a prefill and cached decode steps."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     prefill, decode = logit_gaps(model, session, seed, decode_steps)
-    return {"max_abs_diff_prefill": prefill, "max_abs_diff_decode": decode, "decode_steps": decode_steps,
-            "tolerance": PARITY_TOLERANCE, "passed": max(prefill, decode) <= PARITY_TOLERANCE}
+    return Parity(prefill, decode, decode_steps, PARITY_TOLERANCE, max(prefill, decode) <= PARITY_TOLERANCE)
 
 
-def export_model(checkpoint: Path, out: Path, name: str | None = None, extra_manifest: dict | None = None) -> dict:
-    """Export, check parity, write the folder atomically. Returns the manifest."""
+def build_manifest(model: GPT, meta: dict[str, str], name: str, parity: Parity, checkpoint_sha256: str, opset: int,
+                   files: dict[str, str]) -> Manifest:
+    """The one place a manifest is made: the checkpoint's own metadata says where the model came from."""
+    cfg = model.cfg
+    past_names, present_names = kv_names(cfg.n_layer)
+
+    def number(key: str) -> float | None:
+        return float(meta[key]) if key in meta else None
+
+    def record(key: str) -> dict | None:
+        return json.loads(meta[key]) if key in meta else None
+
+    steps = int(meta["step"]) if "step" in meta else None
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
+                  "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
+                  "parameters": model.num_parameters(), "preset": meta.get("preset")},
+        "onnx": {"inputs": ["input_ids", "position_ids", *past_names], "outputs": ["logits", *present_names],
+                 "past_inputs": past_names, "present_outputs": present_names, "opset": opset},
+        "source_checkpoint_sha256": checkpoint_sha256,
+        # The split rule's fraction and what --exclude left out: with the data source and
+        # fingerprint they pin exactly which pieces trained the model, and which did not.
+        "training": {"data_fingerprint": meta.get("data_fingerprint"), "data_source": meta.get("data_source"),
+                     "steps": steps, "train_tokens": int(meta["train_tokens"]) if "train_tokens" in meta else None,
+                     "programs": record("programs"), "val_fraction": number("val_fraction"), "excluded": record("excluded")},
+        "metrics": {"val_loss": number("val_loss"), "val_perplexity": number("val_perplexity")},
+        "parity": dataclasses.asdict(parity),
+        "files": files,
+        # A fine-tuned checkpoint names what it started from and what it learned (segue finetune).
+        "base_model": record("base_model"),
+        "finetune": None if "finetune" not in meta else {
+            **json.loads(meta["finetune"]), "steps": steps, "val_perplexity": number("val_perplexity"),
+            "base_val_perplexity": number("base_val_perplexity")},
+    }
+    return Manifest.from_dict(data, "the exported manifest")
+
+
+def export_model(checkpoint: Path, out: Path, name: str | None = None) -> Manifest:
+    """Export, check parity, write the folder atomically. Returns the manifest it wrote."""
     model, meta, _ = load_checkpoint(checkpoint)
     if "tokenizer" not in meta:
         raise CheckpointError(f"{checkpoint} does not carry its tokenizer; it was not written by `segue train`")
@@ -99,57 +141,16 @@ def export_model(checkpoint: Path, out: Path, name: str | None = None, extra_man
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     stage.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
     try:
-        started = time.time()
         export_graph(model, stage / MODEL_FILE)
         (stage / TOKENIZER_FILE).write_text(meta["tokenizer"])
         parity = check_parity(model, stage / MODEL_FILE)
-        if not parity["passed"]:
-            raise RuntimeError(
-                f"ONNX Runtime logits differ from torch by {max(parity['max_abs_diff_prefill'], parity['max_abs_diff_decode']):.2e} "
-                f"(tolerance {PARITY_TOLERANCE:g}); the model was not exported"
-            )
-        cfg = model.cfg
-        past_names, present_names = kv_names(cfg.n_layer)
-
-        def number(key):
-            return float(meta[key]) if key in meta else None
-
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": name or out.name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
-                      "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
-                      "parameters": model.num_parameters(), "preset": meta.get("preset")},
-            "onnx": {"inputs": ["input_ids", "position_ids", *past_names],
-                     "outputs": ["logits", *present_names],
-                     "past_inputs": past_names, "present_outputs": present_names,
-                     "kv_layout": "[batch, heads, sequence, head_dim] per layer; presents = pasts + new positions",
-                     "opset": _opset(stage / MODEL_FILE)},
-            "source_checkpoint_sha256": file_sha256(checkpoint),
-            "training": {"data_fingerprint": meta.get("data_fingerprint"), "data_source": meta.get("data_source"),
-                         "steps": int(meta["step"]) if "step" in meta else None,
-                         "train_tokens": int(meta["train_tokens"]) if "train_tokens" in meta else None,
-                         "programs": json.loads(meta["programs"]) if "programs" in meta else None,
-                         # The split rule's fraction and what --exclude left out: with the data source and
-                         # fingerprint they pin exactly which pieces trained the model, and which did not.
-                         "val_fraction": number("val_fraction"),
-                         "excluded": json.loads(meta["excluded"]) if "excluded" in meta else None},
-            "metrics": {"val_loss": number("val_loss"), "val_perplexity": number("val_perplexity")},
-            "parity": parity,
-            "files": {f: sha256_file(stage / f) for f in (MODEL_FILE, TOKENIZER_FILE)},
-        }
-        # A fine-tuned checkpoint names what it started from and what it learned (segue finetune).
-        if "base_model" in meta:
-            manifest["base_model"] = json.loads(meta["base_model"])
-        if "finetune" in meta:
-            manifest["finetune"] = {**json.loads(meta["finetune"]), "steps": manifest["training"]["steps"],
-                                    "val_perplexity": number("val_perplexity"),
-                                    "base_val_perplexity": number("base_val_perplexity")}
-        manifest.update(extra_manifest or {})
-        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if not parity.passed:
+            raise RuntimeError(f"ONNX Runtime logits differ from torch by {parity.max_abs_diff:.2e} "
+                               f"(tolerance {PARITY_TOLERANCE:g}); the model was not exported")
+        manifest = build_manifest(model, meta, name or out.name, parity, sha256_file(checkpoint), _opset(stage / MODEL_FILE),
+                                  {f: sha256_file(stage / f) for f in (MODEL_FILE, TOKENIZER_FILE)})
+        (stage / MANIFEST_FILE).write_text(manifest.to_json())
         _swap_in(stage, out)
-        manifest["export_seconds"] = round(time.time() - started, 1)
         return manifest
     finally:
         if stage.exists():
@@ -193,12 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    parity = manifest["parity"]
-    ppl = manifest["metrics"]["val_perplexity"]
-    print(f"wrote {args.out} ({sum((args.out / f).stat().st_size for f in manifest['files']) / 1e6:.1f} MB)\n"
-          f"parity: max |onnx - torch| = {max(parity['max_abs_diff_prefill'], parity['max_abs_diff_decode']):.2e} "
-          f"(prefill and {parity['decode_steps']} cached steps)\n"
-          f"validation perplexity: {ppl:.2f}" if ppl else "validation perplexity: not recorded")
+    assert manifest.parity is not None, "export_model always records parity"
+    ppl = manifest.metrics.val_perplexity
+    print(f"wrote {args.out} ({sum((args.out / f).stat().st_size for f in manifest.files) / 1e6:.1f} MB)")
+    print(f"parity: max |onnx - torch| = {manifest.parity.max_abs_diff:.2e} (prefill and {manifest.parity.decode_steps} cached steps)")
+    print(f"validation perplexity: {ppl:.2f}" if ppl is not None else "validation perplexity: not recorded")
     return 0
 
 

@@ -56,7 +56,7 @@ def run_continue(args) -> int:
     from engine.clip import ClipError
     from engine.generate import ContinuationRequest, Generator, NoteEvent, RequestError, VariationDone
     from engine.manifest import ModelError
-    from export.midi_clip import read_clip, write_clip
+    from engine.midi_file import read_clip, write_clip
 
     model_dir = args.model or default_model_dir()
     request = ContinuationRequest(bars=args.bars, variations=args.variations, temperature=args.temperature,
@@ -94,7 +94,7 @@ def run_continue(args) -> int:
         tokens += len(done.tokens)
         print(f"  {path}  ({len(done.clip.notes)} notes)")
         if args.render and done.clip.notes:  # an empty continuation renders to silence, which render_midi refuses
-            from export.render import RenderError, render_midi
+            from engine.render import RenderError, render_midi
 
             try:
                 rendered = render_midi(path)
@@ -115,7 +115,7 @@ PASSTHROUGH = {
     "train": ("training.train", "train a model from scratch on the built-in corpus or a MIDI folder"),
     "finetune": ("training.finetune", "fine-tune a model on a folder of MIDI files (your catalogue, an artist's)"),
     "eval": ("training.evaluate", "measure how well a model continues held-out clips in their style, with a report"),
-    "render": ("export.render", "render a .mid file to audio with FluidSynth and a General MIDI soundfont"),
+    "render": ("engine.render", "render a .mid file to audio with FluidSynth and a General MIDI soundfont"),
     "export-onnx": ("export.onnx_export", "turn a training checkpoint into a model folder Segue can serve"),
 }
 

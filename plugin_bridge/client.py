@@ -319,7 +319,7 @@ def _print_json(event: dict) -> None:
 
 
 def _run_continue(args: argparse.Namespace, client: SegueClient) -> int:
-    from export.midi_clip import read_clip
+    from engine.midi_file import read_clip
 
     clip = read_clip(args.clip)  # ClipError names the file and the problem
     params = continue_params(args)

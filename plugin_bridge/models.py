@@ -10,13 +10,14 @@ was serving under that name keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.generate import Generator
-from engine.manifest import MANIFEST_FILE, ModelError
+from engine.manifest import MANIFEST_FILE, Manifest, ModelError
 
 log = logging.getLogger("segue.models")
 
@@ -29,14 +30,14 @@ class LoadedModel:
     signature: tuple
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return self.generator.decoder.manifest
 
     def describe(self) -> dict:
         m = self.manifest
-        return {"name": self.name, "parameters": m["model"].get("parameters"), "max_context": m["model"]["max_context"],
-                "val_perplexity": (m.get("metrics") or {}).get("val_perplexity"),
-                "data_fingerprint": (m.get("training") or {}).get("data_fingerprint"), "created": m.get("created")}
+        return {"name": self.name, "parameters": m.model.parameters, "max_context": m.model.max_context,
+                "val_perplexity": m.metrics.val_perplexity, "data_fingerprint": m.training.data_fingerprint,
+                "created": m.created, "search": dataclasses.asdict(m.search)}
 
 
 def folder_signature(folder: Path) -> tuple:

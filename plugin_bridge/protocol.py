@@ -7,6 +7,7 @@ is a dict with a `type` and, where it answers a request, that request's client-c
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,43 @@ UNKNOWN_TYPE = "unknown_type"
 TOO_LARGE = "too_large"
 BUSY = "busy"
 INTERNAL = "internal"
+
+
+def decode_json(data: bytes, request_id: str | None = None, what: str = "the request") -> dict:
+    """One request's UTF-8 JSON bytes -> a dict, for both transports.
+
+    JSON has no NaN or Infinity (Python's json accepts them; the protocol does not); a payload
+    nested too deeply for the parser is refused like any other invalid JSON."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(BAD_REQUEST, f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})", request_id) from None
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(BAD_REQUEST, f"{what} is not valid JSON ({str(exc)[:120]})", request_id) from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(BAD_REQUEST, f"{what} must be a JSON object, not {type(payload).__name__}", request_id)
+    return payload
+
+
+def decode_osc_continue(data: bytes, request_id: str, address: str = "/segue/continue") -> dict:
+    """The JSON body of an OSC continue (one message or reassembled chunks) -> the same dict ZeroMQ carries.
+
+    The OSC message already names the request id; the JSON may repeat it but must not contradict it."""
+    payload = decode_json(data, request_id, "the continue request")
+    if payload.get("type", "continue") != "continue":
+        raise ProtocolError(BAD_REQUEST, f"the JSON says type {str(payload.get('type'))[:40]!r} but was sent to {address}",
+                            request_id)
+    if "id" in payload and str(payload["id"]) != request_id:
+        raise ProtocolError(BAD_REQUEST, f"the JSON id {str(payload['id'])[:MAX_ID_LENGTH]!r} differs from the OSC id "
+                            f"{request_id!r}; leave it out or make them equal", request_id)
+    payload["type"], payload["id"] = "continue", request_id
+    return payload
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 @dataclass(frozen=True)

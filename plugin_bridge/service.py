@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
-from export.midi_clip import write_clip
+from engine.midi_file import write_clip
 from plugin_bridge import protocol
 from plugin_bridge.models import ModelRegistry
 

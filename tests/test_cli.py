@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from export.midi_clip import read_clip
+from engine.midi_file import read_clip
 
 
 def segue(*args, cwd=None) -> subprocess.CompletedProcess:

@@ -266,7 +266,7 @@ def test_no_two_notes_of_one_pitch_overlap(generator, example_midi):
     """Overlapping same-pitch notes are ambiguous in MIDI files; the grammar never writes them."""
     from engine.clip import Clip
     from engine.generate import ContinuationRequest
-    from export.midi_clip import read_clip
+    from engine.midi_file import read_clip
 
     cases = [Constraints(), Constraints(pitch_min=60, pitch_max=62), Constraints(pitch_min=64, pitch_max=64, min_notes_per_bar=2),
              Constraints(pitch_min=60, pitch_max=61, max_polyphony=3, min_notes_per_bar=3)]

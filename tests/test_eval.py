@@ -14,10 +14,10 @@ import pytest
 import symusic
 
 from engine.clip import Clip, Note
+from engine.midi_file import read_clip, write_clip
+from engine.render import RenderError, render_midi, wav_level
 from engine.sampling import SamplingParams
 from engine.tokens import ClipTokenizer
-from export.midi_clip import read_clip, write_clip
-from export.render import RenderError, render_midi, wav_level
 from training.data import ingest_file
 from training.evaluate import REPORT_SECTIONS, model_perplexity, repeat_last_bar
 from training.metrics import (

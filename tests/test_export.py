@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.manifest import ModelError, kv_names, verify_model_folder
+from engine.manifest import Manifest, ModelError, SearchDefaults, kv_names, verify_model_folder
 from engine.session import OnnxDecoder
 from export.onnx_export import check_parity
 from training.checkpoint import load_checkpoint
@@ -26,15 +26,43 @@ def test_manifest_records_what_was_exported(tiny_build, tiny_model):
     assert len(manifest["source_checkpoint_sha256"]) == 64
     assert len(manifest["training"]["data_fingerprint"]) == 64
     assert manifest["metrics"]["val_perplexity"] > 1
-    assert verify_model_folder(tiny_model) == manifest
+    typed = verify_model_folder(tiny_model)
+    assert typed.to_dict() == manifest  # export-onnx writes exactly what the engine reads
+    assert typed.search == SearchDefaults()  # generation defaults travel with the model
+
+
+def test_typed_manifest_refuses_missing_and_mistyped_fields(model_copy):
+    """A manifest is validated on load, naming the field (the watcher then refuses just that folder)."""
+    original = json.loads((model_copy / "manifest.json").read_text())
+    cases = [({**original, "model": {}}, "missing 'n_layer'"),
+             ({**original, "model": {**original["model"], "max_context": "512"}}, "max_context must be a whole number"),
+             ({**original, "search": {"temperature": "hot"}}, "search: temperature must be a number"),
+             ({**original, "onnx": {**original["onnx"], "past_inputs": ["a"]}}, "KV-cache names do not match"),
+             ({**original, "schema_version": 99}, "schema version 99"),
+             ([1, 2], "must be a JSON object")]
+    for data, message in cases:
+        (model_copy / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(ModelError, match=message):
+            verify_model_folder(model_copy)
+    (model_copy / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelError, match="too deeply"):
+        verify_model_folder(model_copy)
+
+
+def test_older_manifest_without_search_gets_the_default_search(model_copy):
+    data = json.loads((model_copy / "manifest.json").read_text())
+    del data["search"]
+    (model_copy / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.from_json(json.dumps(data)).search == SearchDefaults()
+    assert OnnxDecoder.load(model_copy).manifest.search.temperature == SearchDefaults().temperature
 
 
 def test_onnx_matches_torch_on_fresh_prompts(tiny_build, tiny_model):
     model, _, _ = load_checkpoint(tiny_build / "run" / "best.safetensors")
     for seed in (1, 2, 3):
         parity = check_parity(model, tiny_model / "model.onnx", seed=seed, decode_steps=6)
-        assert parity["passed"], parity
-        assert parity["max_abs_diff_prefill"] <= 1e-4 and parity["max_abs_diff_decode"] <= 1e-4
+        assert parity.passed, parity
+        assert parity.max_abs_diff_prefill <= 1e-4 and parity.max_abs_diff_decode <= 1e-4
 
 
 def test_engine_session_matches_torch_step_by_step(tiny_build, tiny_model):

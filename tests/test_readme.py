@@ -34,7 +34,7 @@ def test_main_command_uses_a_shipped_clip_and_the_shipped_model():
 
 def test_shipped_default_model_verifies_and_continues_the_examples():
     from engine.generate import ContinuationRequest, Generator
-    from export.midi_clip import read_clip
+    from engine.midi_file import read_clip
 
     generator = Generator.load(ROOT / "models" / "default")
     for clip_path in sorted((ROOT / "docs" / "examples").glob("*.mid")):

@@ -46,7 +46,7 @@ def test_continue_streams_notes_then_done_then_finished(service):
         assert done["notes"] == len(notes) > 0
         assert kinds.index("done") > kinds.index("note")
         assert all(16.0 <= n["start"] < 32.0 for n in notes)
-        from export.midi_clip import read_clip
+        from engine.midi_file import read_clip
 
         written = read_clip(done["path"])
         assert sorted((n.pitch, round(n.start, 4)) for n in written.notes) == \

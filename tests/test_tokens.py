@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from engine.clip import Clip, ClipError, Note
+from engine.midi_file import read_clip, write_clip
 from engine.tokens import ClipTokenizer, trim_to_context
-from export.midi_clip import read_clip, write_clip
 
 
 @pytest.fixture(scope="module")

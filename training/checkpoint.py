@@ -8,40 +8,19 @@ a kill at any moment leaves either the old or the new checkpoint, never a torn o
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from engine.atomic_file import atomic_write
 from training.model import GPT, GPTConfig
 
 
 class CheckpointError(ValueError):
     pass
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then move the result into place durably."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -85,11 +64,3 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[GPT, dict, dict[st
     model.load_state_dict(weights)
     model.eval()
     return model, meta, extras
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

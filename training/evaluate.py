@@ -38,10 +38,10 @@ import symusic
 from engine.clip import Clip, ClipError
 from engine.generate import ContinuationRequest, Generator, RequestError
 from engine.manifest import ModelError
+from engine.midi_file import write_clip
 from engine.sampling import SamplingParams
 from engine.session import OnnxDecoder
 from engine.tokens import TOKENIZER_FILE, ClipTokenizer
-from export.midi_clip import write_clip
 from training.data import find_midi_files, ingest_file, is_validation
 from training.metrics import (
     HISTOGRAM_METRICS,
@@ -256,7 +256,7 @@ def evaluate(args) -> dict:
             "perplexity": {"model": model_ppl, "ngram": ngram_ppl, "uniform": float(tokenizer.vocab_size),
                            "tokens": scored, "pieces": len(val_pieces), "ngram_order": args.ngram_order,
                            "ngram_discounts": [level.discount for level in ngram.levels],
-                           "training_run": (generator.decoder.manifest.get("metrics") or {}).get("val_perplexity")}}
+                           "training_run": generator.decoder.manifest.metrics.val_perplexity}}
 
 
 def summarise(clips: list[dict]) -> dict:
@@ -312,7 +312,7 @@ def write_plots(values: dict, folder: Path) -> list[Path]:
 def write_audio(clips: list[dict], folder: Path, count: int, soundfont: Path | None) -> tuple[list[tuple[Path, Path | None]], str]:
     """Prompt + continuation as .mid (and .wav) for the first `count` clips: the real one, the model's, the n-gram's.
     Returns (midi, wav or None) pairs and, when rendering failed, the reason."""
-    from export.render import RenderError, render_midi
+    from engine.render import RenderError, render_midi
 
     written, problem = [], ""
     for number, clip in enumerate(clips[:count], start=1):
@@ -345,9 +345,9 @@ def write_report(args, result: dict, summary: dict, plots: list[Path], audio: li
     d, v, o = summary["distances"], summary["values"], summary["originality"]
     metrics = (*HISTOGRAM_METRICS, *SCALAR_METRICS)
     wins = {s: sum(d["model"][m] < d[s][m] for m in metrics) for s in ("ngram", "repeat")}
-    text = [f"# Segue evaluation: {manifest.get('name', args.model.name)}\n",
-            f"Model `{args.model}` ({manifest['model'].get('parameters', 0) / 1e6:.2f} M parameters, context "
-            f"{manifest['model']['max_context']}) on `{args.data}`. Prompt {args.prompt_bars} bars, continuation "
+    text = [f"# Segue evaluation: {manifest.name or args.model.name}\n",
+            f"Model `{args.model}` ({(manifest.model.parameters or 0) / 1e6:.2f} M parameters, context "
+            f"{manifest.model.max_context}) on `{args.data}`. Prompt {args.prompt_bars} bars, continuation "
             f"{args.bars} bars, temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}; written "
             f"{time.strftime('%Y-%m-%d %H:%M')}. Reproduce: `segue eval {shlex.join(args.argv)}`.\n",
             "## Data\n",
@@ -360,7 +360,7 @@ def write_report(args, result: dict, summary: dict, plots: list[Path], audio: li
             "## Perplexity\n",
             f"Per token on {ppl['tokens']:,} validation tokens ({ppl['pieces']} pieces, each `BOS piece EOS`, every "
             f"token after BOS scored over the full vocabulary; lower is better). The model reads windows of its "
-            f"context sliding by {args.stride or manifest['model']['max_context'] // 2} tokens.\n",
+            f"context sliding by {args.stride or manifest.model.max_context // 2} tokens.\n",
             _table(["", "perplexity"], [
                 ["model", f"{ppl['model']:.3f}"],
                 [f"n-gram (order {ppl['ngram_order']}, interpolated Kneser-Ney, training split)", f"{ppl['ngram']:.3f}"],

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from engine.manifest import TOKENIZER_FILE, ModelError
+from engine.atomic_file import atomic_write
+from engine.manifest import MODEL_FILE, TOKENIZER_FILE, ModelError, sha256_file
 from engine.tokens import ClipTokenizer
 from training.augment import AugmentConfig, augment_from_args
-from training.checkpoint import CheckpointError, atomic_write, file_sha256, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.distributed import Distributed, setup
 from training.from_onnx import OnnxImportError, load_model_folder
 from training.loop import LoopResult, run_loop, summary_lines
@@ -95,12 +96,10 @@ def load_base(path: Path, dropout: float) -> Base:
         raise DataError(f"--from {path} does not exist: give a model folder (such as models/default) or a .safetensors checkpoint")
     if path.is_dir():
         model, manifest, gap = load_model_folder(path, dropout=dropout)
-        training = manifest.get("training") or {}
-        info = {"kind": "model_folder", "path": str(path), "name": manifest.get("name"),
-                "sha256": manifest["files"]["model.onnx"], "source_checkpoint_sha256": manifest.get("source_checkpoint_sha256"),
-                "data_fingerprint": training.get("data_fingerprint"), "onnx_parity_max_abs_diff": gap}
-        return Base(model, (path / TOKENIZER_FILE).read_text(), info, training.get("programs") or {},
-                    (manifest.get("model") or {}).get("preset"))
+        info = {"kind": "model_folder", "path": str(path), "name": manifest.name,
+                "sha256": manifest.files[MODEL_FILE], "source_checkpoint_sha256": manifest.source_checkpoint_sha256,
+                "data_fingerprint": manifest.training.data_fingerprint, "onnx_parity_max_abs_diff": gap}
+        return Base(model, (path / TOKENIZER_FILE).read_text(), info, dict(manifest.training.programs), manifest.model.preset)
     if path.suffix != ".safetensors":
         raise DataError(f"--from {path} is neither a model folder nor a .safetensors checkpoint")
     saved, meta, _ = load_checkpoint(path)
@@ -108,7 +107,7 @@ def load_base(path: Path, dropout: float) -> Base:
         raise CheckpointError(f"{path} does not carry its tokenizer; it was not written by `segue train` or `segue finetune`")
     model = GPT(replace(saved.cfg, dropout=dropout))
     model.load_state_dict(saved.state_dict())
-    info = {"kind": "checkpoint", "path": str(path), "sha256": file_sha256(path),
+    info = {"kind": "checkpoint", "path": str(path), "sha256": sha256_file(path),
             "data_fingerprint": meta.get("data_fingerprint")}
     programs = json.loads(meta["programs"]) if "programs" in meta else {}
     return Base(model, meta["tokenizer"], info, programs, meta.get("preset"))
@@ -202,9 +201,9 @@ def _finish(args: argparse.Namespace, result: LoopResult) -> int:
     except (CheckpointError, RuntimeError, OSError) as exc:
         print(f"error: the export failed: {exc}; the checkpoints in {args.out} are intact", file=sys.stderr)
         return 1
-    parity = max(manifest["parity"]["max_abs_diff_prefill"], manifest["parity"]["max_abs_diff_decode"])
-    print(f"exported {args.export} (parity {parity:.1e}, "
-          f"base {manifest['base_model']['sha256'][:12]}, data {manifest['finetune']['data_fingerprint'][:12]})")
+    assert manifest.parity and manifest.base_model and manifest.finetune, "export_model records all three for a fine-tune"
+    print(f"exported {args.export} (parity {manifest.parity.max_abs_diff:.1e}, "
+          f"base {manifest.base_model.sha256[:12]}, data {manifest.finetune.data_fingerprint[:12]})")
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.manifest import MODEL_FILE, verify_model_folder
+from engine.manifest import MODEL_FILE, Manifest, verify_model_folder
 from training.model import GPT, GPTConfig
 from training.parity import logit_gaps
 
@@ -123,14 +123,10 @@ class _Graph:
         return None
 
 
-def config_from_manifest(manifest: dict, dropout: float = 0.0) -> GPTConfig:
-    shape = manifest["model"]
-    try:
-        return GPTConfig(vocab_size=int(shape["vocab_size"]), n_layer=int(shape["n_layer"]), n_head=int(shape["n_head"]),
-                         d_model=int(shape["d_model"]), d_ff=int(shape["d_ff"]), max_context=int(shape["max_context"]),
-                         dropout=dropout)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise OnnxImportError(f"the manifest's model section is incomplete ({exc})") from exc
+def config_from_manifest(manifest: Manifest, dropout: float = 0.0) -> GPTConfig:
+    shape = manifest.model
+    return GPTConfig(vocab_size=shape.vocab_size, n_layer=shape.n_layer, n_head=shape.n_head, d_model=shape.d_model,
+                     d_ff=shape.d_ff, max_context=shape.max_context, dropout=dropout)
 
 
 def state_dict_from_onnx(path: Path, cfg: GPTConfig) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from training.checkpoint import atomic_write
+from engine.atomic_file import atomic_write
 from training.data import Corpus
 
 REPORT_JSON = "ingest_report.json"

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.checkpoint import atomic_write
+from engine.atomic_file import atomic_write
 
 SETTINGS_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"

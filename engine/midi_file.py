@@ -2,17 +2,17 @@
 
 Reading is guarded: MIDI parsers raise many exception types on corrupt files and accept absurd
 ones silently (0 ticks per beat, tempo 0, a note ten million ticks long), so every failure becomes
-a `ClipError` with a sentence naming the file and the problem. Writing goes through a temp file
-and a rename, so a DAW never imports half a clip.
+a `ClipError` with a sentence naming the file and the problem. Writing is atomic
+(engine/atomic_file.py), so a DAW never imports half a clip.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import symusic
 
+from engine.atomic_file import atomic_write
 from engine.clip import Clip, ClipError
 
 MAX_CLIP_FILE_BYTES = 8 * 1024 * 1024
@@ -54,16 +54,7 @@ def read_clip(path: str | Path) -> Clip:
 
 def write_clip(path: str | Path, clip: Clip, track_name: str | None = None) -> Path:
     """Write `clip` as a one-track MIDI file with its tempo, meter and instrument."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     score = clip.to_score()
     if track_name is not None:
         score.tracks[0].name = track_name
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        score.dump_midi(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: score.dump_midi(str(tmp)))
