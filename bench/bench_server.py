@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.midi_file import read_clip  # noqa: E402
-from plugin_bridge.client import SegueClient, clip_to_payload  # noqa: E402
+from plugin_bridge.client import SegueClient  # noqa: E402
 from plugin_bridge.osc_client import OscClient  # noqa: E402
+from plugin_bridge.protocol import clip_payload  # noqa: E402
 
 
 def free_port(kind: int) -> int:
@@ -39,7 +40,7 @@ def free_port(kind: int) -> int:
 def prompt_payload(path: Path, bars: int) -> dict:
     clip = read_clip(path)
     length = bars * clip.beats_per_bar
-    payload = clip_to_payload(clip)
+    payload = clip_payload(clip)
     payload["notes"] = [n for n in payload["notes"] if n[2] < length]
     payload["length"] = length
     return payload

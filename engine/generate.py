@@ -33,65 +33,13 @@ import numpy as np
 from engine.assembler import NoteAssembler
 from engine.beam import beam_search
 from engine.clip import Clip, ClipError, Note
-from engine.constraints import Constraints
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
+from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
 from engine.session import KVCache, OnnxDecoder
 from engine.tokens import ClipTokenizer, trim_to_context
 
-MAX_BARS = 64
 LOOKAHEAD_MIN_P = 0.02  # below this chance of another note at a position, no chord lookahead (see _choose)
-MAX_VARIATIONS = 16
-MAX_BEAM_WIDTH = 16
-MODES = ("sample", "beam")
-
-
-class RequestError(ValueError):
-    """A request that cannot be served, with a sentence a musician understands.
-
-    `code` says whose fault it is, for the server's error replies: the clip (`bad_clip`) or the
-    request's parameters and constraints (`bad_request`)."""
-
-    def __init__(self, message: str, code: str = "bad_request"):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class ContinuationRequest:
-    bars: int = 4
-    variations: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    constraints: Constraints = field(default_factory=Constraints)  # hard musical constraints (engine/constraints.py)
-    mode: str = "sample"  # "sample" | "beam" (the most likely continuations, see the module docstring)
-    beam_width: int = 5  # hypotheses kept per step in beam mode
-
-    def validate(self) -> None:
-        if not 1 <= self.bars <= MAX_BARS:
-            raise RequestError(f"bars must be between 1 and {MAX_BARS}, not {self.bars}")
-        if not 1 <= self.variations <= MAX_VARIATIONS:
-            raise RequestError(f"variations must be between 1 and {MAX_VARIATIONS}, not {self.variations}")
-        if self.mode not in MODES:
-            raise RequestError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise RequestError(f"seed must be a whole number from 0 up, not {self.seed}")
-        if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
-            raise RequestError(f"beam width must be between 1 and {MAX_BEAM_WIDTH}, not {self.beam_width}")
-        if self.mode == "beam" and self.variations > self.beam_width:
-            raise RequestError(f"a beam of width {self.beam_width} finds at most {self.beam_width} variations; "
-                               f"ask for fewer variations or a wider beam")
-        try:
-            self.sampling.validate()
-            self.constraints.validate()
-        except (ValueError, TypeError) as exc:
-            raise RequestError(str(exc)) from exc
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p)
 
 
 @dataclass(frozen=True)

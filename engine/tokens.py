@@ -13,15 +13,38 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import symusic
-from miditok import REMI, TokenizerConfig
 
-from engine.clip import Clip, ClipError
+
+def _import_miditok_without_torch() -> None:
+    """Import miditok without its PyTorch data helpers.
+
+    `import miditok` also imports `miditok.pytorch_data` whenever torch is importable, which loads
+    all of torch (2-3 s, hundreds of MB) into every `segue continue` and server start on a machine
+    that also trains. The engine never uses those helpers, so while miditok's package is first
+    imported the submodule is marked unavailable (miditok catches that ImportError itself), and the
+    mark is removed at once, so training code can still import `miditok.pytorch_data` explicitly."""
+    if "miditok" in sys.modules or "torch" in sys.modules:  # already paid for, or torch is loaded anyway
+        return
+    blocked = sys.modules.setdefault("miditok.pytorch_data", None)
+    try:
+        import miditok  # noqa: F401
+    finally:
+        if blocked is None and sys.modules.get("miditok.pytorch_data", 0) is None:
+            del sys.modules["miditok.pytorch_data"]
+
+
+_import_miditok_without_torch()
+
+from miditok import REMI, TokenizerConfig  # noqa: E402  (after the guard above)
+
+from engine.clip import Clip, ClipError  # noqa: E402
 
 TOKENIZER_FILE = "tokenizer.json"
 

@@ -11,16 +11,12 @@ works on a machine with only the runtime installed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_model_dir() -> Path:
-    return Path(os.environ.get("SEGUE_MODEL", REPO_ROOT / "models" / "default"))
+from engine.locations import default_model_dir
+from plugin_bridge.options import add_continuation_args, continuation_options
 
 
 def _continue_parser(sub) -> None:
@@ -32,37 +28,32 @@ def _continue_parser(sub) -> None:
     )
     add_continuation_args(p)
     p.add_argument("--out", type=Path, default=Path("segue-out"), help="folder for the .mid files (default ./segue-out)")
-    p.add_argument("--model", type=Path, default=None, help="model folder (default: models/default)")
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: models/default, or $SEGUE_MODEL)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1, leaves cores to your DAW)")
     p.add_argument("--render", action="store_true", help="also render each .mid to a .wav beside it with FluidSynth "
                    "(as `segue render` does), to listen without a DAW")
     p.set_defaults(run=run_continue)
 
 
-def add_continuation_args(p: argparse.ArgumentParser) -> None:
-    """The clip and the musical options shared by `segue continue` and `segue client continue`."""
-    p.add_argument("clip", type=Path, help="the MIDI file to continue (all its tracks are read as one clip)")
-    p.add_argument("--bars", type=int, default=4, help="how many bars to add (1-64, default 4)")
-    p.add_argument("--variations", type=int, default=1, help="how many different continuations (1-16, default 1)")
-    p.add_argument("--temperature", type=float, default=0.9,
-                   help="0 = always the most likely note, 1 = as trained, higher = wilder (default 0.9)")
-    p.add_argument("--top-k", type=int, default=0, help="only choose among the K most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="only choose among the most likely tokens "
-                   "covering this probability (default 0.95; 1 = off)")
-    p.add_argument("--seed", type=int, help="same seed, same clip, same settings = same notes")
-
-
 def run_continue(args) -> int:
-    from engine.clip import ClipError
-    from engine.generate import ContinuationRequest, Generator, NoteEvent, RequestError, VariationDone
-    from engine.manifest import ModelError
-    from engine.midi_file import read_clip, write_clip
+    try:
+        from engine.clip import ClipError
+        from engine.constraints import Constraints
+        from engine.generate import ContinuationRequest, Generator, NoteEvent, RequestError, VariationDone
+        from engine.manifest import ModelError, load_manifest
+        from engine.midi_file import read_clip, write_clip
+    except ImportError as exc:
+        return _missing(exc)
 
     model_dir = args.model or default_model_dir()
-    request = ContinuationRequest(bars=args.bars, variations=args.variations, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     try:
-        request.validate()
+        options = continuation_options(args)
+        constraints = Constraints.from_dict(options.pop("constraints", {}))
+        request = ContinuationRequest.from_options(load_manifest(model_dir).search, constraints=constraints, **options)
+    except (RequestError, ValueError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
         clip = read_clip(args.clip)
         loaded = time.perf_counter()
         generator = Generator.load(model_dir, threads=args.threads)
@@ -82,14 +73,13 @@ def run_continue(args) -> int:
         return 1
     manifest = generator.decoder.manifest
     stem = args.clip.stem
-    print(f"model: {model_dir} ({manifest.get('name', model_dir.name)}, "
-          f"{manifest['model']['parameters'] / 1e6:.1f} M parameters)")
+    print(f"model: {model_dir} ({manifest.name or model_dir.name}, {(manifest.model.parameters or 0) / 1e6:.1f} M parameters)")
     print(f"clip: {args.clip} ({len(clip.notes)} notes, {clip.bars} bars of {clip.time_signature[0]}/{clip.time_signature[1]} "
           f"at {clip.tempo:g} BPM)")
     tokens = 0
     for done in sorted(finished, key=lambda d: d.variation):
         number = done.variation + 1
-        name = f"Segue continuation {number} of {request.variations}" + (f" (seed {args.seed})" if args.seed is not None else "")
+        name = f"Segue continuation {number} of {request.variations}" + (f" (seed {request.seed})" if request.seed is not None else "")
         path = write_clip(args.out / f"{stem}-continuation-{number}.mid", done.clip, track_name=name)
         tokens += len(done.tokens)
         print(f"  {path}  ({len(done.clip.notes)} notes)")
@@ -120,16 +110,23 @@ PASSTHROUGH = {
 }
 
 
+TRAINING_PACKAGES = ("torch", "onnx", "onnxscript", "safetensors", "music21", "tqdm", "tensorboard")
+
+
+def _missing(exc: ImportError) -> int:
+    """One line naming the package a command needs and the install command that brings it."""
+    hint = "pip install -e '.[cpu,train]' torch==2.13.0" if exc.name in TRAINING_PACKAGES else "pip install -e '.[cpu]'"
+    print(f"error: this command needs {exc.name}, which is not installed: {hint}", file=sys.stderr)
+    return 1
+
+
 def _run_module(module: str, argv: list[str]) -> int:
     import importlib
 
     try:
         entry = importlib.import_module(module)
     except ImportError as exc:
-        hint = "pip install -e '.[cpu,train]' torch==2.13.0" if exc.name in ("torch", "onnx", "onnxscript", "safetensors",
-                                                                             "music21", "tqdm") else "pip install -e '.[cpu]'"
-        print(f"error: this command needs {exc.name}, which is not installed: {hint}", file=sys.stderr)
-        return 1
+        return _missing(exc)
     return entry.main(argv)
 
 

@@ -32,12 +32,11 @@ from contextlib import closing
 
 import zmq
 
-from plugin_bridge.cli import add_continuation_args
+from plugin_bridge.options import DEFAULT_ENDPOINT, add_continuation_args, continuation_options
+from plugin_bridge.protocol import clip_payload
 
 log = logging.getLogger("segue.client")
 
-DEFAULT_ZMQ_PORT = 5555
-DEFAULT_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_ZMQ_PORT}"
 CONTINUE_PARAMS = frozenset({"bars", "variations", "temperature", "top_k", "top_p", "seed", "model", "mode",
                              "beam_width", "constraints"})
 MAX_REPLY_BYTES = 64 << 20  # a hello listing many models is the largest reply; anything bigger is not Segue
@@ -230,13 +229,6 @@ def _cancel_frame(request_id: str) -> bytes:
 
 # --- clip conversion and display ----------------------------------------------------------------------
 
-def clip_to_payload(clip) -> dict:
-    """An `engine.clip.Clip` -> the protocol's clip object (notes in beats; length null = whole bars)."""
-    return {"notes": [[n.pitch, n.velocity, n.start, n.duration, n.channel] for n in clip.notes],
-            "tempo": clip.tempo, "time_signature": list(clip.time_signature), "length": clip.length,
-            "program": clip.program, "is_drum": clip.is_drum}
-
-
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
 
@@ -278,19 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "server writes one .mid per variation (placed right after your clip) and prints its path.")
     add_continuation_args(p)
     p.add_argument("--model", help="the server's model to use (default: the server's default model)")
-    p.add_argument("--mode", choices=("sample", "beam"), default="sample",
-                   help="sample = varied ideas; beam = the most likely continuation (default sample)")
-    p.add_argument("--beam-width", type=int, help="how many candidates beam mode keeps (default 5)")
-    limits = p.add_argument_group("constraints", "limits every generated note obeys")
-    limits.add_argument("--key", help="tonic of the key, e.g. C, F#, Bb")
-    limits.add_argument("--scale", help="scale in that key, e.g. major, minor")
-    limits.add_argument("--pitch-min", type=int, help="lowest MIDI pitch allowed (60 = middle C)")
-    limits.add_argument("--pitch-max", type=int, help="highest MIDI pitch allowed")
-    limits.add_argument("--max-polyphony", type=int, help="most notes sounding at once")
-    limits.add_argument("--max-notes-per-bar", type=int, help="most notes started in one bar")
-    limits.add_argument("--min-notes-per-bar", type=int, help="fewest notes started in every bar (pairs well with --mode beam)")
-    limits.add_argument("--velocity-min", type=int, help="softest velocity allowed (1-127)")
-    limits.add_argument("--velocity-max", type=int, help="loudest velocity allowed (1-127)")
     p.set_defaults(run=_run_continue)
 
     p = sub.add_parser("ping", parents=[common], help="check that the server answers, and how fast")
@@ -298,20 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hello", parents=[common], help="show the server's version and the models it serves")
     p.set_defaults(run=_run_hello)
     return parser
-
-
-CONSTRAINT_OPTIONS = ("key", "scale", "pitch_min", "pitch_max", "max_polyphony", "max_notes_per_bar",
-                      "min_notes_per_bar", "velocity_min", "velocity_max")
-
-
-def continue_params(args: argparse.Namespace) -> dict:
-    """Parsed options -> continue request fields (options left out are not sent: the server's defaults apply)."""
-    params = {"bars": args.bars, "variations": args.variations, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed, "model": args.model, "mode": args.mode, "beam_width": args.beam_width}
-    constraints = {name: getattr(args, name) for name in CONSTRAINT_OPTIONS if getattr(args, name) is not None}
-    if constraints:
-        params["constraints"] = constraints
-    return {k: v for k, v in params.items() if v is not None}
 
 
 def _print_json(event: dict) -> None:
@@ -322,7 +287,8 @@ def _run_continue(args: argparse.Namespace, client: SegueClient) -> int:
     from engine.midi_file import read_clip
 
     clip = read_clip(args.clip)  # ClipError names the file and the problem
-    params = continue_params(args)
+    params = continuation_options(args)
+    params["model"] = args.model
     client.ping()  # fail with "start segue serve" before printing anything, and keep connecting out of the timings
     if not args.json:
         print(f"clip: {args.clip} ({len(clip.notes)} notes, {clip.bars} bars of {clip.time_signature[0]}/"
@@ -331,7 +297,7 @@ def _run_continue(args: argparse.Namespace, client: SegueClient) -> int:
     started = time.perf_counter()
     first_note = None
     written: list[str] = []
-    with closing(client.continue_stream(clip_to_payload(clip), **params)) as stream:  # Ctrl-C cancels on the server
+    with closing(client.continue_stream(clip_payload(clip), **params)) as stream:  # Ctrl-C cancels on the server
         for event in stream:
             kind = event["type"]
             if kind == "note" and first_note is None:

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from engine.clip import Clip, ClipError, Note
+from engine.constraints import Constraints
+from engine.manifest import SearchDefaults
+from engine.request import ContinuationRequest, RequestError
 
 PROTOCOL_VERSION = 1
 MAX_NOTES_PER_CLIP = 20_000
 MAX_ID_LENGTH = 64
 MAX_CLIP_BEATS = 4096
+MAX_MESSAGE_CHARS = 300  # an error message never echoes more of the client's input than this
 
 
 class ProtocolError(ValueError):
@@ -79,24 +84,37 @@ def _reject_constant(name: str) -> float:
 
 @dataclass(frozen=True)
 class ContinueRequest:
+    """A continue message, decoded and validated: what the Service queues and the engine runs."""
+
     id: str
     clip: Clip
-    model: str | None
-    params: dict[str, Any]  # bars, variations, temperature, top_k, top_p, seed, mode, beam_width, constraints
+    model: str | None  # None: the server's default model
+    request: ContinuationRequest  # the client's options over the model's `search` defaults
 
 
-def _number(payload: dict, key: str, kind, default, request_id: str):
-    value = payload.get(key, default)
+SearchFor = Callable[[str | None], SearchDefaults]  # model name -> its generation defaults (KeyError: no such model)
+
+# Continue options a message may carry, with their wire types (defaults live in the model's `search`).
+OPTION_TYPES: dict[str, type] = {"bars": int, "variations": int, "temperature": float, "top_k": int, "top_p": float,
+                                 "seed": int, "beam_width": int}
+
+
+def _number(payload: dict, key: str, kind: type, default: float | None, request_id: str | None) -> Any:
+    """A JSON number of the given kind, or `default` when absent or null. Refuses booleans, strings,
+    non-finite values (1e999 parses as infinity) and fractions where a whole number is needed."""
+    value = payload.get(key)
     if value is None:
-        return None
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(BAD_REQUEST, f"{key} must be a number, not {type(value).__name__}", request_id)
-    if kind is int:
-        if float(value) != int(value):
-            raise ProtocolError(BAD_REQUEST, f"{key} must be a whole number, not {value}", request_id)
-        return int(value)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ProtocolError(BAD_REQUEST, f"{key} must be a finite number", request_id)
+    if kind is int:
+        if isinstance(value, float):  # exact for any JSON integer written with a fraction part or exponent
+            if not value.is_integer():
+                raise ProtocolError(BAD_REQUEST, f"{key} must be a whole number, not {value:g}", request_id)
+            value = int(value)
+        return value
     return float(value)
 
 
@@ -109,7 +127,7 @@ def request_id_of(payload: Any) -> str:
     return str(rid)
 
 
-def parse_clip(data: Any, request_id: str) -> Clip:
+def parse_clip(data: Any, request_id: str | None) -> Clip:
     """The `clip` object of a continue request -> Clip (notes as [pitch, velocity, start, duration, channel?])."""
     if not isinstance(data, dict):
         raise ProtocolError(BAD_REQUEST, "clip must be an object with notes, tempo and time_signature", request_id)
@@ -123,7 +141,8 @@ def parse_clip(data: Any, request_id: str) -> Clip:
         if isinstance(raw, dict):
             raw = [raw.get("pitch"), raw.get("velocity"), raw.get("start"), raw.get("duration"), raw.get("channel", 0)]
         if not isinstance(raw, (list, tuple)) or len(raw) not in (4, 5) or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw):
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw) or \
+                not all(abs(v) < 1e9 for v in raw):
             raise ProtocolError(BAD_REQUEST, f"clip note {index} must be [pitch, velocity, start, duration(, channel)] numbers",
                                 request_id)
         pitch, velocity, start, duration, *rest = raw
@@ -150,35 +169,42 @@ def parse_clip(data: Any, request_id: str) -> Clip:
     return clip
 
 
-_PARAMS = {  # name -> (type, default)
-    "bars": (int, 4),
-    "variations": (int, 1),
-    "temperature": (float, 1.0),
-    "top_k": (int, 0),
-    "top_p": (float, 1.0),
-    "seed": (int, None),
-    "beam_width": (int, 5),
-}
+def clip_payload(clip: Clip) -> dict:
+    """A Clip -> the protocol's clip object (notes in beats; length null = whole bars); `parse_clip` reads it back."""
+    return {"notes": [[n.pitch, n.velocity, n.start, n.duration, n.channel] for n in clip.notes],
+            "tempo": clip.tempo, "time_signature": list(clip.time_signature), "length": clip.length,
+            "program": clip.program, "is_drum": clip.is_drum}
 
 
-def parse_continue(payload: Any) -> ContinueRequest:
+def parse_continue(payload: Any, search_for: SearchFor) -> ContinueRequest:
+    """A decoded continue message -> a validated ContinueRequest, or ProtocolError saying what is wrong.
+
+    `search_for(model)` gives the named (or default) model's generation defaults, which fill the
+    options the message leaves out; it raises KeyError for a model the server does not have."""
     request_id = request_id_of(payload)
     if not request_id:
         raise ProtocolError(BAD_REQUEST, "a continue request needs an id")
-    clip = parse_clip(payload.get("clip"), request_id)
-    params: dict[str, Any] = {name: _number(payload, name, kind, default, request_id) for name, (kind, default) in _PARAMS.items()}
-    mode = payload.get("mode", "sample")
-    if mode not in ("sample", "beam"):
-        raise ProtocolError(BAD_REQUEST, f"mode must be 'sample' or 'beam', not {mode!r}", request_id)
-    params["mode"] = mode
-    constraints = payload.get("constraints") or {}
-    if not isinstance(constraints, dict):
-        raise ProtocolError(BAD_REQUEST, "constraints must be an object", request_id)
-    params["constraints"] = constraints
     model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ProtocolError(BAD_REQUEST, "model must be a model name", request_id)
-    return ContinueRequest(request_id, clip, model, params)
+    if model is not None and (not isinstance(model, str) or len(model) > MAX_ID_LENGTH):
+        raise ProtocolError(BAD_REQUEST, f"model must be a model name of at most {MAX_ID_LENGTH} characters", request_id)
+    try:
+        search = search_for(model)
+    except KeyError as exc:
+        raise ProtocolError(UNKNOWN_MODEL, str(exc.args[0]) if exc.args else f"there is no model named {model!r}",
+                            request_id) from None
+    clip = parse_clip(payload.get("clip"), request_id)
+    options: dict[str, Any] = {name: _number(payload, name, kind, None, request_id) for name, kind in OPTION_TYPES.items()}
+    mode = payload.get("mode")
+    if mode is not None and not isinstance(mode, str):
+        raise ProtocolError(BAD_REQUEST, "mode must be a string", request_id)
+    constraints = payload.get("constraints")
+    try:
+        if constraints is not None:
+            options["constraints"] = Constraints.from_dict(constraints)
+        request = ContinuationRequest.from_options(search, mode=mode, **options)
+    except (RequestError, ValueError, TypeError) as exc:
+        raise ProtocolError(BAD_REQUEST, str(exc)[:MAX_MESSAGE_CHARS], request_id) from None
+    return ContinueRequest(request_id, clip, model, request)
 
 
 # --- reply events ---------------------------------------------------------------------------------

@@ -16,15 +16,10 @@ import sys
 import threading
 from pathlib import Path
 
-from plugin_bridge.cli import REPO_ROOT
+from engine.locations import default_clips_dir, default_models_dir
+from plugin_bridge.options import DEFAULT_OSC_PORT, DEFAULT_ZMQ_PORT
 
-DEFAULT_OSC_PORT = 9100
-DEFAULT_ZMQ_PORT = 5555
 LOOPBACK = {"127.0.0.1", "localhost"}  # IPv6 loopback would need ZeroMQ's IPv6 mode; not offered yet
-
-
-def default_clips_dir() -> Path:
-    return Path.home() / "Segue" / "clips"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the Segue generation server for plugins and DAW scripts (OSC over UDP and ZeroMQ, "
                     "on this computer only unless told otherwise).",
     )
-    p.add_argument("--models", type=Path, default=REPO_ROOT / "models",
+    p.add_argument("--models", type=Path, default=default_models_dir(),
                    help="folder of model folders (default: the models/ folder of this install)")
     p.add_argument("--default-model", default="default", help="model used when a request names none")
     p.add_argument("--osc-port", type=int, default=DEFAULT_OSC_PORT, help=f"UDP port for OSC (default {DEFAULT_OSC_PORT})")

@@ -14,6 +14,7 @@ whose socket is not thread-safe must hand the reply to its own I/O thread (see t
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import queue
 import re
@@ -24,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
+from engine.generate import NoteEvent, RequestError, VariationDone
+from engine.manifest import SearchDefaults
 from engine.midi_file import write_clip
 from plugin_bridge import protocol
 from plugin_bridge.models import ModelRegistry
@@ -32,7 +34,24 @@ from plugin_bridge.models import ModelRegistry
 log = logging.getLogger("segue.service")
 
 Emit = Callable[[dict], None]
-SERVER_VERSION = "0.1.0"
+
+
+def server_version() -> str:
+    """The installed package's version (pyproject.toml is the one place it is written)."""
+    try:
+        return importlib.metadata.version("segue")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def safe_emit(emit: Emit, event: dict) -> None:
+    """Hand `event` to a transport; a transport that fails is logged, never raised into a worker or
+    the I/O thread (the transports promise not to raise; this is the second line)."""
+    try:
+        emit(event)
+    except Exception:
+        log.error("a transport failed to send a %s reply for id %r:\n%s", event.get("type"), event.get("id"),
+                  traceback.format_exc())
 
 
 @dataclass
@@ -50,7 +69,7 @@ class Job:
         with self.lock:
             if self.cancelled.is_set():
                 return False
-            self.emit(event)
+            safe_emit(self.emit, event)
             return True
 
     def cancel(self, tell_client: bool = True) -> bool:
@@ -60,17 +79,15 @@ class Job:
                 return False
             self.cancelled.set()
             if tell_client:
-                self.emit(protocol.cancelled_event(self.request.id))
+                safe_emit(self.emit, protocol.cancelled_event(self.request.id))
             return True
 
 
 class Service:
-    def __init__(self, registry: ModelRegistry, clips_dir: Path, workers: int = 2, max_queue: int = 32,
-                 build_request: Callable[[dict], ContinuationRequest] | None = None):
+    def __init__(self, registry: ModelRegistry, clips_dir: Path, workers: int = 2, max_queue: int = 32):
         self.registry = registry
         self.clips_dir = Path(clips_dir)
         self.max_queue = max_queue
-        self.build_request = build_request or default_build_request
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[str, Job] = {}  # client -> its latest job (queued or running)
         self._lock = threading.Lock()
@@ -87,23 +104,24 @@ class Service:
             request_id = protocol.request_id_of(payload)
             kind = payload.get("type")  # type: ignore[union-attr]
             if kind == "ping":
-                emit(protocol.pong_event(request_id))
+                safe_emit(emit, protocol.pong_event(request_id))
             elif kind == "hello":
-                emit(self.hello(request_id))
+                safe_emit(emit, self.hello(request_id))
             elif kind == "continue":
-                self._submit(client, protocol.parse_continue(payload), emit)
+                self._submit(client, protocol.parse_continue(payload, self._search_for), emit)
             elif kind == "cancel":
                 self.cancel(client, request_id or None, emit)
             else:
                 raise protocol.ProtocolError(protocol.UNKNOWN_TYPE, f"unknown message type {kind!r}", request_id)
         except protocol.ProtocolError as exc:
-            emit(protocol.error_event(exc.request_id or request_id, exc.code, exc.message))
+            safe_emit(emit, protocol.error_event(exc.request_id or request_id, exc.code, exc.message))
         except Exception as exc:  # a bug must answer the client and be logged, never kill the transport
             log.error("request from %s failed: %s\n%s", client, exc, traceback.format_exc())
-            emit(protocol.error_event(request_id, protocol.INTERNAL, f"the server hit an internal error ({type(exc).__name__})"))
+            safe_emit(emit, protocol.error_event(request_id, protocol.INTERNAL,
+                                                 f"the server hit an internal error ({type(exc).__name__})"))
 
     def hello(self, request_id: str = "") -> dict:
-        return {"type": "hello", "id": request_id, "protocol": protocol.PROTOCOL_VERSION, "server": SERVER_VERSION,
+        return {"type": "hello", "id": request_id, "protocol": protocol.PROTOCOL_VERSION, "server": server_version(),
                 "models": self.registry.describe(), "default_model": self._default_name()}
 
     def cancel(self, client: str, request_id: str | None, emit: Emit | None = None) -> bool:
@@ -117,7 +135,8 @@ class Service:
         if job is not None and job.cancel():
             return True
         if emit is not None and request_id:
-            emit(protocol.error_event(request_id, protocol.BAD_REQUEST, f"there is no running request {request_id!r} to cancel"))
+            safe_emit(emit, protocol.error_event(request_id, protocol.BAD_REQUEST,
+                                                 f"there is no running request {request_id!r} to cancel"))
         return False
 
     def client_gone(self, client: str) -> None:
@@ -146,17 +165,15 @@ class Service:
         except KeyError:
             return None
 
-    def _submit(self, client: str, request: protocol.ContinueRequest, emit: Emit) -> None:
+    def _search_for(self, model: str | None) -> SearchDefaults:
+        """The generation defaults of the model a request names (KeyError with a sentence when there is none)."""
         try:
-            self.registry.get(request.model)
+            return self.registry.get(model).manifest.search
         except KeyError:
             available = ", ".join(self.registry.names()) or "none"
-            raise protocol.ProtocolError(protocol.UNKNOWN_MODEL, f"there is no model named {request.model!r} "
-                                         f"(available: {available})", request.id) from None
-        try:
-            self.build_request(request.params).validate()
-        except (RequestError, ValueError, TypeError) as exc:
-            raise protocol.ProtocolError(protocol.BAD_REQUEST, str(exc), request.id) from exc
+            raise KeyError(f"there is no model named {model!r} (available: {available})") from None
+
+    def _submit(self, client: str, request: protocol.ContinueRequest, emit: Emit) -> None:
         if self._queue.qsize() >= self.max_queue:
             raise protocol.ProtocolError(protocol.BUSY, "the server is busy with other requests; try again in a moment", request.id)
         job = Job(client, request, emit)
@@ -195,7 +212,7 @@ class Service:
         except KeyError:
             job.send(protocol.error_event(request.id, protocol.UNKNOWN_MODEL, f"model {request.model!r} was removed"))
             return
-        spec = self.build_request(request.params)
+        spec = request.request
         started = time.perf_counter()
         first_note = None
         variations = 0
@@ -230,18 +247,3 @@ class Service:
         path = self.clips_dir / f"{safe_client}-{safe_id}-v{done.variation + 1}.mid"
         return write_clip(path, done.clip, track_name=f"Segue {model_name} continuation {done.variation + 1} of {variations}")
 
-
-def default_build_request(params: dict) -> ContinuationRequest:
-    """Protocol parameters -> engine request (constraints are mapped by the engine's own parser)."""
-    from engine.generate import ContinuationRequest
-
-    kwargs = {k: params[k] for k in ("bars", "variations", "temperature", "top_k", "top_p", "seed") if params.get(k) is not None}
-    constraints = params.get("constraints") or {}
-    if constraints:
-        from engine import constraints as engine_constraints  # added with decode-time constraints
-
-        kwargs["constraints"] = engine_constraints.Constraints.from_dict(constraints)
-    kwargs["mode"] = params.get("mode") or "sample"
-    if params.get("beam_width") is not None:
-        kwargs["beam_width"] = params["beam_width"]
-    return ContinuationRequest(**kwargs)

@@ -110,7 +110,7 @@ def test_hot_swap_and_tampered_folder_refused(models_dir, tiny_model, tmp_path):
     shutil.rmtree(models_dir / "default")
     shutil.move(staged, models_dir / "default")
     assert registry.scan() == ["default"]
-    assert registry.get("default") is not old and registry.get("default").manifest["name"] == "retrained"
+    assert registry.get("default") is not old and registry.get("default").manifest.name == "retrained"
     serving = registry.get("default")
     # A tampered update is refused with a reason, and the model already serving keeps serving.
     onnx = models_dir / "default" / "model.onnx"
