@@ -20,11 +20,11 @@ class NoteAssembler:
         self.offset = offset_beats
         self.channel = channel
         self.meter = meter
-        self.bar_start = None  # ticks of the current bar's start; None before the first Bar
+        self.bar_start: int | None = None  # ticks of the current bar's start; None before the first Bar
         self.next_bar_start = 0
         self.position = 0
-        self.pitch = None
-        self.velocity = None
+        self.pitch: int | None = None
+        self.velocity: int | None = None
 
     def feed(self, token: int) -> Note | None:
         k = self.kinds

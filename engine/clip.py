@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import symusic
+from symusic.core import ScoreTick
 
 # Ticks per quarter note used whenever a clip becomes a symusic Score (fine enough for any grid).
 TICKS_PER_BEAT = 480
@@ -93,7 +94,7 @@ class Clip:
         """The same notes moved later by `beats` (used to place a continuation after its prompt)."""
         return self.with_notes(replace(n, start=n.start + beats) for n in self.notes)
 
-    def to_score(self) -> symusic.Score:
+    def to_score(self) -> ScoreTick:
         """This clip as a one-track symusic Score at TICKS_PER_BEAT, with its tempo and meter."""
         score = symusic.Score(TICKS_PER_BEAT)
         numerator, denominator = self.time_signature
@@ -108,7 +109,7 @@ class Clip:
         return score
 
     @classmethod
-    def from_score(cls, score: symusic.Score, length: float | None = None, name: str = "") -> Clip:
+    def from_score(cls, score: ScoreTick, length: float | None = None, name: str = "") -> Clip:
         """All notes of a score, merged into one clip; tempo, meter and instrument from the score.
 
         The instrument is the first non-empty track's. Channels are kept as the track order

@@ -70,7 +70,7 @@ class Constraints:
         # Some clients send every number as a float (60.0); a whole float is the integer it names.
         values = {name: int(v) if isinstance(v, float) and v.is_integer() and name not in ("key", "scale") else v
                   for name, v in data.items()}
-        constraints = cls(**values)
+        constraints = cls(**values)  # type: ignore[arg-type]  # validate() checks the types, with a sentence
         constraints.validate()
         return constraints
 

@@ -15,9 +15,9 @@ variations <= beam_width. Temperature, top-k, top-p and seed do not apply; the r
 deterministic. A hypothesis is only final when the search ends, so beam mode streams at the end:
 all notes of variation 0, its VariationDone (with the score), then variation 1, ... The first note
 therefore waits for the whole search, about `beam_width` times the model work of one sampled
-variation in one batch (measured on 2 busy cores with the tiny test model, 4 bars of 4/4 with
-at least 4 notes a bar: width 5 about 0.1 s, width 16 about 0.3 s, where sampling streams its
-first note after about 7 ms). Summed log-probabilities favour sparse music: an empty bar costs a
+variation in one batch, where sampling streams its first note after one prefill and a few steps
+(`segue continue --mode beam` prints the time to first note on your machine). Summed
+log-probabilities favour sparse music: an empty bar costs a
 few tokens, a full one dozens, and a weak model's best guess is often silence. Ask for
 `constraints=Constraints(min_notes_per_bar=...)` with beam mode.
 """
@@ -154,7 +154,7 @@ class Generator:
 
     def _stream_samples(self, clip: Clip, request: ContinuationRequest, prompt: list[int], offset: float,
                         should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:
-        seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % (2**31))
+        seed = request.seed if request.seed is not None else int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
         rows = []
         opening: list[int] = []
         for variation in range(request.variations):

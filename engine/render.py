@@ -71,8 +71,8 @@ def wav_level(path: str | Path) -> tuple[float, float]:
         samples = np.frombuffer(data, dtype=np.uint8).astype(np.float64) - 128.0
     elif width == 3:  # 24-bit: widen each little-endian triple to 32 bits
         raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3)
-        samples = (raw[:, 0].astype(np.int32) | raw[:, 1].astype(np.int32) << 8 | raw[:, 2].astype(np.int32) << 16)
-        samples = np.where(samples >= 1 << 23, samples - (1 << 24), samples).astype(np.float64)
+        packed = (raw[:, 0].astype(np.int32) | raw[:, 1].astype(np.int32) << 8 | raw[:, 2].astype(np.int32) << 16)
+        samples = np.where(packed >= 1 << 23, packed - (1 << 24), packed).astype(np.float64)
     else:
         samples = np.frombuffer(data, dtype={2: "<i2", 4: "<i4"}[width]).astype(np.float64)
     full_scale = float(1 << (8 * width - 1))

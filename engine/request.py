@@ -51,7 +51,7 @@ class ContinuationRequest:
         unknown = set(given) - {f.name for f in fields(cls)}
         if unknown:
             raise RequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        request = cls(**{**asdict(search), **given})  # type: ignore[arg-type]
+        request = cls(**{**asdict(search), **given})
         request.validate()
         return request
 

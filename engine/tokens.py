@@ -19,20 +19,20 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import symusic
+from symusic.core import ScoreTick
 
 
 def _import_miditok_without_torch() -> None:
     """Import miditok without its PyTorch data helpers.
 
     `import miditok` also imports `miditok.pytorch_data` whenever torch is importable, which loads
-    all of torch (2-3 s, hundreds of MB) into every `segue continue` and server start on a machine
+    all of torch (seconds and hundreds of MB) into every `segue continue` and server start on a machine
     that also trains. The engine never uses those helpers, so while miditok's package is first
     imported the submodule is marked unavailable (miditok catches that ImportError itself), and the
     mark is removed at once, so training code can still import `miditok.pytorch_data` explicitly."""
     if "miditok" in sys.modules or "torch" in sys.modules:  # already paid for, or torch is loaded anyway
         return
-    blocked = sys.modules.setdefault("miditok.pytorch_data", None)
+    blocked = sys.modules.setdefault("miditok.pytorch_data", None)  # type: ignore[arg-type]  # None means "not importable"
     try:
         import miditok  # noqa: F401
     finally:
@@ -199,7 +199,7 @@ class ClipTokenizer:
 
     # --- encoding ---------------------------------------------------------------------------
 
-    def encode_score(self, score: symusic.Score) -> list[int]:
+    def encode_score(self, score: ScoreTick) -> list[int]:
         """A whole score (all tracks in one stream) as token ids; for training data."""
         if score.ticks_per_quarter <= 0:
             raise ClipError("the MIDI file has 0 ticks per beat")
@@ -222,7 +222,7 @@ class ClipTokenizer:
         ids.extend(filler * max(0, clip.bars - bars))
         return ids
 
-    def decode_to_score(self, ids) -> symusic.Score:
+    def decode_to_score(self, ids) -> ScoreTick:
         return self._tok.decode([int(i) for i in ids])
 
 

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import closing
 
 import zmq
@@ -106,7 +106,7 @@ class SegueClient:
         self._call({"type": "ping"}, "pong")
         return time.perf_counter() - started
 
-    def continue_stream(self, clip: dict, *, request_id: str | None = None, **params) -> Iterator[dict]:
+    def continue_stream(self, clip: dict, *, request_id: str | None = None, **params) -> Generator[dict, None, None]:
         """Continue `clip` (protocol form): yields note events as they are decoded, a done event per
         variation, and finally the finished event (or the cancelled event, after `cancel`).
 
@@ -120,7 +120,7 @@ class SegueClient:
         request = {"type": "continue", "clip": clip, **{k: v for k, v in params.items() if v is not None}}
         return self._stream(request, request_id)
 
-    def _stream(self, request: dict, request_id: str | None) -> Iterator[dict]:
+    def _stream(self, request: dict, request_id: str | None) -> Generator[dict, None, None]:
         rid = self._send(request, request_id)
         complete = False
         try:

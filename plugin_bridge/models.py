@@ -87,7 +87,7 @@ class ModelRegistry:
 
     def scan(self) -> list[str]:
         """Load every new or changed folder now. Returns the names loaded (or reloaded)."""
-        loaded = []
+        loaded: list[str] = []
         if not self.models_dir.is_dir():
             return loaded
         for folder in sorted(p for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):

@@ -41,7 +41,8 @@ class OscClient:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9100, timeout: float = 10.0, max_datagram: int = 8000,
                  window: int = 8, ack_timeout: float = 1.0, retries: int = 3, bind_host: str = "127.0.0.1"):
-        family, _, _, _, self.server = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        family, _, _, _, server = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        self.server: tuple = server
         if family == socket.AF_INET6 and bind_host == "127.0.0.1":
             bind_host = "::1"
         self.timeout = timeout

@@ -1,6 +1,6 @@
 """Validate a raw OSC datagram before python-osc is allowed to parse it.
 
-python-osc 1.10.2 trusts the bytes it is given (../shared/guide/RELIABILITY.md): a bundle element of size -4
+python-osc 1.10.2 trusts the bytes it is given: a bundle element of size -4
 makes `OscBundle` loop forever, a non-UTF-8 address or string raises `UnicodeDecodeError` past its
 own error handling, and unknown type tags are skipped with a log line. A musician's session must
 never hang on one bad packet, so every datagram is walked here first, with plain index arithmetic

@@ -15,9 +15,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.locations import default_clips_dir, default_models_dir
 from plugin_bridge.options import DEFAULT_OSC_PORT, DEFAULT_ZMQ_PORT
+
+if TYPE_CHECKING:  # the transports load pyzmq and python-osc only when a server starts
+    from plugin_bridge.osc_transport import OscTransport
+    from plugin_bridge.zmq_transport import ZmqTransport
 
 LOOPBACK = {"127.0.0.1", "localhost"}  # IPv6 loopback would need ZeroMQ's IPv6 mode; not offered yet
 
@@ -61,7 +66,8 @@ class Server:
             raise RuntimeError(f"no usable model in {models} ({detail})")
         self.service = Service(self.registry, clips_dir or default_clips_dir(), workers=workers)
         self.host, self.osc_port, self.zmq_port, self.watch = host, osc_port, zmq_port, watch
-        self.osc = self.zmq = None
+        self.osc: OscTransport | None = None
+        self.zmq: ZmqTransport | None = None
 
     def start(self) -> Server:
         from plugin_bridge.osc_transport import OscTransport
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     models = ", ".join(server.registry.names())
+    assert server.osc is not None and server.zmq is not None, "start() either starts both transports or raises"
     print(f"segue serving {models} | OSC udp://{args.host}:{server.osc.port} | ZeroMQ tcp://{args.host}:{server.zmq.port} | "
           f"clips -> {server.service.clips_dir} | Ctrl-C to stop", flush=True)
     stop = threading.Event()

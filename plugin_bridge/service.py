@@ -98,11 +98,11 @@ class Service:
     # --- entry point for transports ------------------------------------------------------------------
 
     def handle(self, client: str, payload: object, emit: Emit) -> None:
-        """Act on one decoded request. Never raises: every problem becomes an error reply."""
+        """Act on one decoded request (protocol.decode_json's dict). Never raises: every problem becomes an error reply."""
         request_id = None
         try:
             request_id = protocol.request_id_of(payload)
-            kind = payload.get("type")  # type: ignore[union-attr]
+            kind = payload.get("type") if isinstance(payload, dict) else None  # request_id_of refused non-objects
             if kind == "ping":
                 safe_emit(emit, protocol.pong_event(request_id))
             elif kind == "hello":

@@ -109,3 +109,27 @@ def test_help_reads_like_a_manual():
         assert option in result.stdout
     top = segue("--help")
     assert "continue" in top.stdout and "train" in top.stdout and "export-onnx" in top.stdout
+
+
+def test_continue_without_onnx_runtime_names_the_install_command(example_midi, tmp_path):
+    """`pip install -e .` without the [cpu] extra: one line with the command that fixes it, no traceback."""
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"  # as if it were not installed
+            "from plugin_bridge.cli import main\n"
+            f"raise SystemExit(main(['continue', {str(example_midi[0])!r}, '--out', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    _one_line_error(result, "needs onnxruntime, which is not installed: pip install -e '.[cpu]'")
+
+
+def test_search_defaults_of_the_model_apply_when_options_are_left_out(tiny_model, example_midi, tmp_path):
+    """The model's manifest `search` section is the default for options not given on the command line."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["search"] = {**manifest["search"], "bars": 2, "variations": 2}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    result = segue("continue", example_midi[0], "--seed", 3, "--out", tmp_path / "out", "--model", model)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "out").glob("*.mid"))) == 2 and "for 2 bars x 2" in result.stdout
