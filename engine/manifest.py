@@ -157,19 +157,19 @@ class FinetuneRecord:
     base_val_perplexity: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keyword-only, so the fields keep the order they are written in
 class Manifest:
-    model: ModelShape
-    onnx: OnnxSignature
-    files: dict[str, str]  # file name in the folder -> sha256
+    schema_version: int = SCHEMA_VERSION
     name: str = ""
     created: str | None = None
-    schema_version: int = SCHEMA_VERSION
+    model: ModelShape
+    onnx: OnnxSignature
     source_checkpoint_sha256: str | None = None
     training: TrainingRecord = field(default_factory=TrainingRecord)
     metrics: Metrics = field(default_factory=Metrics)
     parity: Parity | None = None
     search: SearchDefaults = field(default_factory=SearchDefaults)  # absent in older manifests: the defaults above
+    files: dict[str, str]  # file name in the folder -> sha256
     base_model: BaseModelRecord | None = None
     finetune: FinetuneRecord | None = None
 
