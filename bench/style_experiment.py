@@ -22,10 +22,11 @@ in runs/style-experiment; `--reuse-models` measures them again without training,
    warm-up and more frequent validation than its defaults (a 12-minute CPU run is ~110 steps).
    Exported to OUT/models/<style>.
 3. Measure, for each style S:
-   (1) perplexity on the held-out pieces of S (evaluate.model_perplexity, the same windows for
+   (1) perplexity on the held-out pieces of S (eval_measures.model_perplexity, the same windows for
        every model): the model fine-tuned on S vs the base (and the other fine-tune, as a control);
-   (2) held-out clips (prompt 4 bars, continue 4, --samples seeds each): style-metric distance of
-       each model's continuation to the real continuation (metrics.metric_distances), per metric;
+   (2) held-out clips (prompt 4 bars, continue 4, --samples seeds each), chosen as `segue eval`
+       chooses them (held_out.held_out_examples): style-metric distance of each model's
+       continuation to the real continuation (metrics.metric_distances), per metric;
    (3) a style classifier trained only on the real training pieces of A and B
        (metrics.train_style_classifier): its accuracy on held-out real pieces, and the labels it
        gives every model's continuations;
@@ -64,18 +65,11 @@ import symusic  # noqa: E402
 
 from engine.clip import Clip, ClipError  # noqa: E402
 from engine.generate import ContinuationRequest, Generator, RequestError  # noqa: E402
-from engine.manifest import MANIFEST_FILE, TOKENIZER_FILE, ModelError  # noqa: E402
+from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, Manifest, ModelError, TrainingRecord, load_manifest  # noqa: E402
 from training.corpus import default_cache_dir, midi_files  # noqa: E402
 from training.data import content_hash, data_fingerprint, find_midi_files, is_validation, load_corpus  # noqa: E402
-from training.evaluate import (  # noqa: E402
-    DataSplit,
-    Example,
-    capped,
-    continuation_tokens,
-    held_out_example,
-    model_perplexity,
-    split_folder,
-)
+from training.eval_measures import continuation_tokens, model_perplexity  # noqa: E402
+from training.held_out import DataSplit, Example, capped, held_out_examples, read_piece, split_folder  # noqa: E402
 from training.metrics import (  # noqa: E402
     HISTOGRAM_METRICS,
     METRIC_UNITS,
@@ -169,7 +163,7 @@ class Style:
 
     @property
     def val_hashes(self) -> list[str]:
-        return [h for _, h, _ in self.split.val]
+        return [piece.hash for piece in self.split.val]
 
 
 def distinct_files(dirs: list[Path]) -> dict[str, tuple[Path, Path]]:
@@ -224,18 +218,12 @@ def prepare_styles(args) -> list[Style]:
 
 
 def split_style(style: Style, tokenizer_file: Path, val_fraction: float) -> None:
-    """Tokenize and split the style's folder exactly as finetune will (evaluate.split_folder)."""
+    """Tokenize and split the style's folder exactly as finetune will (held_out.split_folder)."""
     style.split = split_folder(style.folder, tokenizer_file, val_fraction)
-    skipped = {path for path, _ in style.split.skipped}
-    val = {path for path, _, _ in style.split.val}
-    for path in find_midi_files(style.folder):
-        if str(path) in skipped:
-            continue
-        style.hashes[str(path)] = content_hash(path.read_bytes())
-        if path not in val:
-            style.train_paths.append(path)
+    style.train_paths = [piece.path for piece in style.split.train]
+    style.hashes = {str(piece.path): piece.hash for piece in style.split.train + style.split.val}
     style.fingerprint = data_fingerprint(style.hashes.values())
-    if len(style.train_paths) != len(style.split.train) or not style.split.val or not style.split.train:
+    if not style.split.val or not style.split.train:
         shared = f" ({style.dropped_shared} files also in style A were left to A)" if style.dropped_shared else ""
         raise ExperimentError(f"style {style.name}: {len(style.split.train)} training and {len(style.split.val)} held-out "
                               f"pieces in {style.folder}{shared}; both parts need files (add files or change --val-fraction)")
@@ -244,7 +232,7 @@ def split_style(style: Style, tokenizer_file: Path, val_fraction: float) -> None
 def write_held_out(style: Style, folder: Path) -> None:
     """OUT/held-out/<style>: links to the held-out pieces, for `segue train --exclude OUT/held-out`
     (a base model that never learns from the music it is measured on)."""
-    link_files(folder, {Path(path).name: Path(path) for path, _, _ in style.split.val})
+    link_files(folder, {piece.path.name: piece.path for piece in style.split.val})
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------
@@ -302,31 +290,34 @@ def run_finetune(style: Style, args) -> dict:
         raise ExperimentError(f"the fine-tune on {style.name} stopped before exporting {model}; finish it with "
                               f"`segue finetune --out {args.out / 'finetune' / style.name} --resume --export {model}`, "
                               "then run the experiment again with --reuse-models (or start over with --fresh)")
-    manifest = json.loads((model / MANIFEST_FILE).read_text())
+    manifest = load_manifest(model)
+    if manifest.finetune is None:
+        raise ExperimentError(f"{model} holds no fine-tuned model (its manifest has no fine-tune record)")
     log = read_log(args.out / "finetune" / style.name / LOG_FILE)
     evals = [r for r in log if r.get("kind") == "eval"]
     return {"model": model, "command": "segue finetune " + shlex.join(argv), "reused": args.reuse_models,
-            "seconds": time.perf_counter() - started, "steps": manifest["training"]["steps"],
+            "seconds": time.perf_counter() - started, "steps": manifest.training.steps,
             "last_step": max((r["step"] for r in log), default=0),
             "loop_seconds": max((r.get("elapsed_s", 0.0) for r in evals), default=0.0),
-            "val_perplexity": manifest["finetune"].get("val_perplexity"),
-            "base_val_perplexity": manifest["finetune"].get("base_val_perplexity"),
+            "val_perplexity": manifest.finetune.val_perplexity,
+            "base_val_perplexity": manifest.finetune.base_val_perplexity,
             "evals": [(r["step"], r["val_perplexity"]) for r in evals], "manifest": manifest}
 
 
-def check_finetune(style: Style, info: dict, base_manifest: dict, base: Path, args) -> None:
+def check_finetune(style: Style, info: dict, base_manifest: Manifest, base: Path, args) -> None:
     """The fine-tune's validation set is our held-out set: same files (fingerprint), same fraction, same
     rule (`is_validation`, a pure function of the content hash), same counts; same tokenizer and base."""
-    ft = info["manifest"]["finetune"]
+    manifest: Manifest = info["manifest"]
+    ft = manifest.finetune
     problems = []
-    if ft["data_fingerprint"] != style.fingerprint:
-        problems.append(f"data fingerprint {ft['data_fingerprint'][:12]} vs ours {style.fingerprint[:12]}")
-    if abs(float(ft["val_fraction"]) - args.val_fraction) > 1e-12:
-        problems.append(f"validation fraction {ft['val_fraction']} vs ours {args.val_fraction}")
-    if (ft["train_files"], ft["val_files"]) != (len(style.split.train), len(style.split.val)):
-        problems.append(f"{ft['train_files']}/{ft['val_files']} train/validation files vs ours "
+    if ft.data_fingerprint != style.fingerprint:
+        problems.append(f"data fingerprint {ft.data_fingerprint[:12]} vs ours {style.fingerprint[:12]}")
+    if ft.val_fraction is None or abs(ft.val_fraction - args.val_fraction) > 1e-12:
+        problems.append(f"validation fraction {ft.val_fraction} vs ours {args.val_fraction}")
+    if (ft.train_files, ft.val_files) != (len(style.split.train), len(style.split.val)):
+        problems.append(f"{ft.train_files}/{ft.val_files} train/validation files vs ours "
                         f"{len(style.split.train)}/{len(style.split.val)}")
-    if info["manifest"].get("base_model", {}).get("sha256") != base_manifest["files"]["model.onnx"]:
+    if manifest.base_model is None or manifest.base_model.sha256 != base_manifest.files[MODEL_FILE]:
         problems.append("it was not fine-tuned from this base model")
     if (info["model"] / TOKENIZER_FILE).read_text() != (base / TOKENIZER_FILE).read_text():
         problems.append("its tokenizer differs from the base's")
@@ -337,12 +328,12 @@ def check_finetune(style: Style, info: dict, base_manifest: dict, base: Path, ar
 
 # --- the base model's own training data -------------------------------------------------------------
 
-def base_training_data(manifest: dict, tokenizer_file: Path, val_fraction: float, threads: int) -> dict:
+def base_training_data(manifest: Manifest, tokenizer_file: Path, val_fraction: float, threads: int) -> dict:
     """The base's training split re-derived from its manifest's data source (a folder, or
     `music21:collections` in the corpus cache): today's reading of the folder, matched to the
     manifest's data fingerprint and training token count by `match_base_split`."""
-    training = manifest.get("training") or {}
-    source = str(training.get("data_source") or "")
+    training = manifest.training
+    source = training.data_source or ""
     info = {"source": source, "val_fraction": val_fraction, "available": False}
     if source.startswith("music21:"):
         files = midi_files(default_cache_dir(), source.split(":", 1)[1].split(","))
@@ -352,9 +343,9 @@ def base_training_data(manifest: dict, tokenizer_file: Path, val_fraction: float
         info["why"] = "the base's data source is not a readable folder here"
         return info
     # A base trained with `--exclude` names the pieces it left out, and records its split fraction.
-    excluded = set((training.get("excluded") or {}).get("hashes") or [])
-    if training.get("val_fraction"):
-        val_fraction = float(training["val_fraction"])
+    excluded = set(training.excluded.hashes if training.excluded else [])
+    if training.val_fraction:
+        val_fraction = training.val_fraction
         info["val_fraction"] = val_fraction
     corpus = load_corpus(files, tokenizer_file, val_fraction, workers=threads, progress=False)
     pieces = {h: t for h, t in zip(corpus.train_hashes + corpus.val_hashes, corpus.train + corpus.val, strict=True)
@@ -363,7 +354,7 @@ def base_training_data(manifest: dict, tokenizer_file: Path, val_fraction: float
     pool, fraction = match.pop("pieces"), match["val_fraction"]
     train = sorted(h for h in pool if not is_validation(h, fraction))
     info.update(available=True, files=len(files), duplicates=len(corpus.duplicates), **match, excluded=len(excluded),
-                fraction_given=val_fraction, manifest_train_tokens=training.get("train_tokens"),
+                fraction_given=val_fraction, manifest_train_tokens=training.train_tokens,
                 skipped_now=[f"{path}: {why}" for path, why in corpus.skipped],
                 train_pieces=len(train), val_pieces=len(pool) - len(train),
                 train_hashes=set(train), val_hashes=set(pool) - set(train), train=[pool[h] for h in train])
@@ -386,14 +377,14 @@ def skipped_tokens(corpus, tokenizer_file: Path) -> dict[str, tuple[str, np.ndar
     return out
 
 
-def match_base_split(pieces: dict[str, np.ndarray], skipped: dict[str, tuple[str, np.ndarray]], training: dict,
-                     given: float) -> dict:
+def match_base_split(pieces: dict[str, np.ndarray], skipped: dict[str, tuple[str, np.ndarray]],
+                     training: TrainingRecord, given: float) -> dict:
     """Which files and which validation fraction the base was trained with. The manifest records neither
     the fraction nor the file list, but its data fingerprint (sha256 of the file hashes) pins the files
     (today's pieces plus some of the files today's checks skip) and its training token count pins the
     fraction (`given` first, then FRACTION_CANDIDATES). Without an exact match: today's pieces and
     `given`, with the token gap of each fraction tried."""
-    target_fp, target_tokens = training.get("data_fingerprint"), training.get("train_tokens")
+    target_fp, target_tokens = training.data_fingerprint, training.train_tokens
     fractions = list(dict.fromkeys((given, *FRACTION_CANDIDATES)))
 
     def train_tokens(pool, fraction):
@@ -435,11 +426,11 @@ def perplexities(style: Style, models: dict[str, Generator], args, base_seen: se
     """(1) and (5): every model and an n-gram (trained on the style's training split) on the same held-out
     tokens; again on the held-out pieces the base never trained on either (`unseen`) when that is known."""
     tokenizer = models["base"].tokenizer
-    ngram = NgramModel.train(style.split.train, tokenizer.vocab_size, tokenizer.kinds.bos, tokenizer.kinds.eos,
+    ngram = NgramModel.train([piece.tokens for piece in style.split.train], tokenizer.vocab_size, tokenizer.kinds.bos, tokenizer.kinds.eos,
                              args.ngram_order)
-    out = score_pieces([tokens for _, _, tokens in style.split.val], models, ngram, args.max_val_tokens)
+    out = score_pieces([piece.tokens for piece in style.split.val], models, ngram, args.max_val_tokens)
     if base_seen is not None:
-        unseen = [tokens for _, h, tokens in style.split.val if h not in base_seen]
+        unseen = [piece.tokens for piece in style.split.val if piece.hash not in base_seen]
         out["unseen"] = score_pieces(unseen, models, ngram, args.max_val_tokens) if unseen else None
     return out
 
@@ -457,18 +448,9 @@ def score_pieces(pieces: list[np.ndarray], models: dict[str, Generator], ngram: 
 
 
 def candidate_examples(style: Style, tokenizer, args) -> tuple[list[Example], list[tuple[str, str]]]:
-    """Held-out clips in hash order, chosen as `segue eval` chooses them (single meter, seeded offset)."""
-    kinds = tokenizer.kinds
-    examples, skipped = [], []
-    for path, file_hash, tokens in style.split.val:
-        if len({int(t) for t in tokens if int(t) in kinds.time_sig}) > 1:
-            skipped.append((path.name, "changes meter (bars would not line up)"))
-            continue
-        example = held_out_example(path, args.prompt_bars, args.bars, np.random.default_rng([args.seed, int(file_hash[:8], 16)]))
-        if isinstance(example, str):
-            skipped.append((path.name, example))
-        else:
-            examples.append(example)
+    """Every held-out piece's clip, chosen as `segue eval` chooses them (held_out.held_out_examples)."""
+    skipped: list[tuple[str, str]] = []
+    examples = list(held_out_examples(style.split.val, tokenizer, args.prompt_bars, args.bars, args.seed, skipped))
     return examples, skipped
 
 
@@ -522,11 +504,11 @@ def summarise_clips(clips: list[dict], labels: tuple[str, ...]) -> dict:
 
 
 def load_clips(paths: list[Path]) -> tuple[list[Clip], int]:
-    """Whole pieces as clips (as evaluate reads held-out files), and how many could not be read."""
+    """Whole pieces as clips (held_out.read_piece, as held-out clips are cut), and how many could not be read."""
     clips, failed = [], 0
     for path in paths:
         try:
-            clips.append(Clip.from_score(symusic.Score.from_midi(Path(path).read_bytes()), name=Path(path).stem))
+            clips.append(read_piece(path))
         except Exception:  # symusic's parse errors have many types; the file is counted and left out
             failed += 1
     return clips, failed
@@ -546,7 +528,7 @@ def train_classifier(styles: list[Style], bars: int) -> tuple[StyleClassifier, d
     info["train_windows"] = {name: sum(len(clip_windows(c, bars)) for c in clips) for name, clips in train.items()}
     info["held_out"] = {}
     for style in styles:
-        clips, failed = load_clips([path for path, _, _ in style.split.val])
+        clips, failed = load_clips([piece.path for piece in style.split.val])
         info["unreadable"] += failed
         predicted = [classifier.predict(c, bars, start) for c in clips for start in clip_windows(c, bars)]
         info["held_out"][style.name] = {"pieces": len(clips), "windows": len(predicted),
@@ -679,7 +661,7 @@ def _perplexity_section(results: dict) -> list[str]:
             for s in names for part, p in ((" (all)", ppl[s]), (", unseen by the base too", ppl[s].get("unseen"))) if p]
     unseen = any(ppl[s].get("unseen") for s in names)
     return ["## (1) and (5) Perplexity on the held-out pieces\n",
-            "Per token, each piece scored as `BOS piece EOS` over the full vocabulary (`evaluate.model_perplexity`, windows "
+            "Per token, each piece scored as `BOS piece EOS` over the full vocabulary (`eval_measures.model_perplexity`, windows "
             "sliding by half the context); the models and the n-gram of a row score exactly the same tokens. The n-gram "
             f"(order {results['settings']['ngram_order']}, Kneser-Ney) is trained on the style's training split.\n",
             _table(["held-out pieces", "pieces", "tokens", *[label[k] for k in keys], "n-gram"], rows),
@@ -845,7 +827,7 @@ def run(args, argv: list[str]) -> dict:
     models = {"base": Generator.load(args.base, threads=args.threads),
               **{f"ft_{s.name}": Generator.load(finetunes[s.name]["model"], threads=args.threads) for s in styles}}
     tokenizer = models["base"].tokenizer
-    indexes = {"finetune_data": CopyIndex([t for s in styles for t in s.split.train], tokenizer)}
+    indexes = {"finetune_data": CopyIndex([piece.tokens for s in styles for piece in s.split.train], tokenizer)}
     if base_data["available"]:
         indexes["base_data"] = CopyIndex(base_data.pop("train"), tokenizer)
     timings["base data and copy indexes"] = time.perf_counter() - clock
@@ -868,7 +850,7 @@ def run(args, argv: list[str]) -> dict:
                      for k, v in vars(args).items()},
         "cap": min(s.found for s in styles) if args.max_files is None else args.max_files,
         "styles": [style_info(s) for s in styles],
-        "base": {"path": str(args.base), "sha256": base_manifest["files"]["model.onnx"],
+        "base": {"path": str(args.base), "sha256": base_manifest.files[MODEL_FILE],
                  "data": {k: v for k, v in base_data.items() if not k.endswith("_hashes")},
                  "overlap": {s.name: overlap(s, base_data) for s in styles}},
         "finetune": {name: {k: str(v) if isinstance(v, Path) else v for k, v in info.items() if k != "manifest"}
@@ -884,12 +866,11 @@ def run(args, argv: list[str]) -> dict:
     return results
 
 
-def load_base_manifest(base: Path) -> dict:
-    path = Path(base) / MANIFEST_FILE
-    if not path.is_file():
+def load_base_manifest(base: Path) -> Manifest:
+    if not (Path(base) / MANIFEST_FILE).is_file():
         raise ExperimentError(f"base model {base} has no {MANIFEST_FILE}: give a model folder with --base "
                               "(export one with `segue export-onnx`)")
-    return json.loads(path.read_text())
+    return load_manifest(base)
 
 
 def style_info(style: Style) -> dict:

@@ -18,8 +18,10 @@ from engine.midi_file import read_clip, write_clip
 from engine.render import RenderError, render_midi, wav_level
 from engine.sampling import SamplingParams
 from engine.tokens import ClipTokenizer
-from training.data import ingest_file
-from training.evaluate import REPORT_SECTIONS, model_perplexity, repeat_last_bar
+from training.data import ingest_file, is_validation
+from training.eval_measures import model_perplexity, repeat_last_bar
+from training.eval_report import REPORT_SECTIONS
+from training.held_out import held_out_examples, split_folder
 from training.metrics import (
     HISTOGRAM_METRICS,
     IOI_LABELS,
@@ -230,6 +232,28 @@ def test_repeat_last_bar_plays_the_last_bar_again():
     repeated = repeat_last_bar(prompt, prompt_bars=2, bars=3)
     assert [n.pitch for n in repeated.notes] == [67, 69, 71, 72] * 3
     assert [n.start for n in repeated.notes] == [8.0 + i for i in range(12)]
+
+
+def test_held_out_clips_come_from_held_out_pieces_and_depend_on_nothing_else(tiny_build, tiny_model, tokenizer):
+    """The selection `segue eval` and the style experiment share: the training split rule, hash
+    order, and a clip per piece fixed by the seed and the piece's own hash."""
+    split = split_folder(tiny_build / "midi", tiny_model / "tokenizer.json", 0.2)
+    assert split.val and [p.hash for p in split.val] == sorted(p.hash for p in split.val)
+    assert all(is_validation(p.hash, 0.2) for p in split.val) and not any(is_validation(p.hash, 0.2) for p in split.train)
+    skipped: list = []
+    examples = list(held_out_examples(split.val, tokenizer, 4, 2, seed=3, skipped=skipped))
+    assert examples and len(examples) + len(skipped) == len(split.val)
+    for example in examples:
+        beats = example.prompt.beats_per_bar
+        assert example.path in {p.path for p in split.val} and example.prompt.length == 4 * beats
+        assert example.prompt.notes and all(0 <= n.start < 4 * beats for n in example.prompt.notes)
+        assert example.reference.notes and all(4 * beats - 1e-6 <= n.start < 6 * beats for n in example.reference.notes)
+        alone = [p for p in split.val if p.path == example.path]
+        assert next(held_out_examples(alone, tokenizer, 4, 2, seed=3, skipped=[])) == example
+    skipped = []
+    assert list(held_out_examples(split.val, tokenizer, 4, 5, seed=0, skipped=skipped)) == []  # 9 bars of 8-bar pieces
+    assert [name for name, _ in skipped] == [p.path.name for p in split.val]
+    assert all(why.startswith("no 4+5 bars with notes") for _, why in skipped)
 
 
 def test_segue_eval_writes_the_report_plots_and_audio(tiny_model, tiny_build, tmp_path):

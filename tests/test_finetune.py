@@ -164,15 +164,18 @@ def test_ingest_reports_every_corrupt_file_and_training_goes_on(finetuned, midi_
 
 def test_finetune_exports_a_verified_folder_naming_base_and_data(finetuned, tiny_model, midi_folder):
     manifest = verify_model_folder(finetuned["model"])
-    base_hash = sha256_file(tiny_model / "model.onnx")
-    assert manifest["base_model"]["sha256"] == base_hash
-    assert manifest["base_model"]["kind"] == "model_folder"
+    base, finetune = manifest.base_model, manifest.finetune
+    assert base is not None and finetune is not None and manifest.parity is not None
+    assert base.sha256 == sha256_file(tiny_model / "model.onnx")
+    assert base.kind == "model_folder" and base.path == str(tiny_model)
+    assert base.data_fingerprint == verify_model_folder(tiny_model).training.data_fingerprint
     good_hashes = [sha256_file(p) for p in sorted(midi_folder.glob("piece_*.mid"))]
-    assert manifest["finetune"]["data_fingerprint"] == data_fingerprint(good_hashes)
-    assert manifest["training"]["data_fingerprint"] == manifest["finetune"]["data_fingerprint"]
-    assert manifest["finetune"]["skipped"] == 23 and manifest["finetune"]["steps"] == 8
-    assert manifest["finetune"]["base_val_perplexity"] > 1
-    assert manifest["parity"]["passed"]
+    assert finetune.data_fingerprint == data_fingerprint(good_hashes)
+    assert manifest.training.data_fingerprint == finetune.data_fingerprint
+    assert finetune.skipped == 23 and finetune.steps == 8 and finetune.lr == 1e-4  # fine-tuning's default rate
+    assert finetune.train_files + finetune.val_files == GOOD_FILES and finetune.val_fraction == 0.2
+    assert finetune.base_val_perplexity > 1
+    assert manifest.parity.passed
     assert (finetuned["model"] / "tokenizer.json").read_text() == (tiny_model / "tokenizer.json").read_text()
     out = finetuned["out"]
     assert "best validation perplexity" in out and "starting model:" in out and "exported" in out
@@ -270,7 +273,8 @@ def test_checkpoint_always_loads_after_sigkill_mid_write(tmp_path):
             os.kill(pid, signal.SIGKILL)
             assert writer.stdout.readline().strip() == "reaped"
             kills += 1
-            torn_temp_files += (tmp_path / f".last.safetensors.tmp{pid}").exists()
+            # A writer killed mid-write leaves its uniquely named temp file behind (atomic_write).
+            torn_temp_files = len(list(tmp_path.glob(".last.safetensors.*.tmp")))
             _, meta, extras = load_checkpoint(path)  # raises on a torn file
             assert int(meta["write"]) >= last_write and "optim/0/exp_avg" in extras
             last_write = int(meta["write"])
@@ -456,10 +460,11 @@ def test_exclude_keeps_a_test_set_out_of_training_and_the_manifest_says_so(midi_
     assert report["ingested"] == GOOD_FILES - 10
     left_out = sorted(sha256_file(p) for p in pieces[:10])
     manifest = verify_model_folder(tmp_path / "model")
-    assert manifest["training"]["excluded"]["hashes"] == left_out
-    assert manifest["training"]["excluded"]["files_left_out"] == 10
-    assert manifest["training"]["val_fraction"] == 0.2
-    assert manifest["finetune"]["data_fingerprint"] == data_fingerprint(sha256_file(p) for p in pieces[10:])
+    excluded = manifest.training.excluded
+    assert excluded is not None and excluded.hashes == left_out and excluded.files_left_out == 10
+    assert excluded.fingerprint == data_fingerprint(left_out) and excluded.folders == [str(test_set)]
+    assert manifest.training.val_fraction == 0.2
+    assert manifest.finetune.data_fingerprint == data_fingerprint(sha256_file(p) for p in pieces[10:])
     weights = load_file(str(tmp_path / "run" / "last.safetensors"))
     assert all(t.dtype == torch.float32 for name, t in weights.items() if t.is_floating_point()), "fp32 master weights"
     assert _run(finetune_main, ["--data", str(midi_folder), "--from", str(tiny_model), "--out", str(tmp_path / "r2"),

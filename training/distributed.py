@@ -12,6 +12,7 @@ decision; only rank 0 writes files.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -67,6 +68,11 @@ class Distributed:
         chunks = [torch.zeros(longest, dtype=torch.uint8, device=self._comm_device) for _ in range(self.world)]
         dist.all_gather(chunks, padded)
         return [bytes(c[: int(s.item())].cpu().tolist()) for c, s in zip(chunks, sizes, strict=True)]
+
+    def say(self, message: str) -> None:
+        """A progress line on stderr, from rank 0 only (every rank would print it once)."""
+        if self.is_main:
+            print(message, file=sys.stderr)
 
     def barrier(self) -> None:
         if self.enabled:

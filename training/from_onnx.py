@@ -175,7 +175,7 @@ def onnx_parity(model: GPT, path: Path, seeds: tuple[int, ...] = (0, 1, 2), deco
     return max(max(logit_gaps(model, session, seed, decode_steps)) for seed in seeds)
 
 
-def load_model_folder(folder: Path, dropout: float = 0.0) -> tuple[GPT, dict, float]:
+def load_model_folder(folder: Path, dropout: float = 0.0) -> tuple[GPT, Manifest, float]:
     """(model in eval mode, verified manifest, parity gap). Verifies hashes first, parity last.
 
     Raises engine.manifest.ModelError for a folder that fails its hashes and OnnxImportError for

@@ -1,6 +1,11 @@
-"""The training loop shared by `segue train` and `segue finetune`.
+"""The loop of the one training run (training/train.py), for `segue train` and `segue finetune` alike.
 
     result = run_loop(model, train_sampler, val_sampler, LoopConfig(out=..., max_steps=...), metadata)
+
+`run_loop` reads as the loop itself: `train_step` (one optimizer step), `fit_to_budget` (the
+schedule fitted to --max-minutes), `evaluate_and_save` (validation, best and last checkpoints).
+The rules that end a run are plain functions of the loop state: `fitted_max_steps` (the time
+budget), `record_evaluation` and `finish_reason` (the end of the schedule, early stopping).
 
 AdamW (no weight decay on biases and norms), linear warm-up then cosine decay, gradient clipping,
 a validation loss every `eval_every` steps (and once before the first step: the starting model's
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from training.checkpoint import save_checkpoint
 from training.data import WindowSampler
@@ -230,73 +236,194 @@ def _perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
-def run_loop(model: GPT, train: WindowSampler, val: WindowSampler, cfg: LoopConfig, metadata: dict,
-             dist: Distributed | None = None) -> LoopResult:
-    """Train `model` (already on its device) until max_steps, early stop, time budget, pause or Ctrl-C."""
-    dist = dist or Distributed()
-    out = Path(cfg.out)
+@dataclass
+class Session:
+    """What one invocation of the loop works with; built once by `start_session`, read by each step."""
+
+    model: GPT
+    net: torch.nn.Module  # the DDP wrapper when distributed (gradients synchronised), else the model
+    optimizer: torch.optim.Optimizer
+    train: WindowSampler
+    val: WindowSampler
+    cfg: LoopConfig
+    metadata: dict  # what every checkpoint records besides the loop's numbers (tokenizer, data, base...)
+    dist: Distributed
+    logger: _Logger
+    autocast: torch.dtype | None  # the training step's dtype (None: fp32)
+    elapsed_before: float  # seconds spent by earlier invocations of this run
+    session_step: int  # the step this invocation started from
+    started: float = field(default_factory=time.time)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def seconds(self) -> float:
+        """Wall-clock time of this invocation."""
+        return time.time() - self.started
+
+    def elapsed(self) -> float:
+        """Wall-clock time of the whole run, across invocations."""
+        return self.elapsed_before + self.seconds()
+
+
+def start_session(model: GPT, train: WindowSampler, val: WindowSampler, cfg: LoopConfig, metadata: dict,
+                  dist: Distributed) -> tuple[Session, LoopState]:
+    """The optimizer, the restored state of a resumed run (weights, optimizer, RNG), DDP and the logs."""
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     state = LoopState(max_steps=cfg.max_steps)
     if cfg.resume:
-        saved, rng_states, _ = load_training_checkpoint(out / LAST_FILE, model, optimizer)
+        saved, rng_states, _ = load_training_checkpoint(Path(cfg.out) / LAST_FILE, model, optimizer)
         state = LoopState(**saved)
         if len(rng_states) == dist.world:
             train.set_state(restore_rank_rng(rng_states[dist.rank], device))
-        elif dist.is_main:
-            print(f"warning: the run was saved by {len(rng_states)} processes and resumes with {dist.world}: "
-                  "the data order restarts from the seed", file=sys.stderr)
-    autocast_dtype = training_dtype(cfg.precision, device)
-    if not cfg.quiet and dist.is_main:
-        print(f"training steps in {'bf16 autocast' if autocast_dtype else 'fp32'} on {device.type} "
-              f"(--precision {cfg.precision})", file=sys.stderr)
+        else:
+            dist.say(f"warning: the run was saved by {len(rng_states)} processes and resumes with {dist.world}: "
+                     "the data order restarts from the seed")
+    autocast = training_dtype(cfg.precision, device)
+    if not cfg.quiet:
+        dist.say(f"training steps in {'bf16 autocast' if autocast else 'fp32'} on {device.type} (--precision {cfg.precision})")
     net: torch.nn.Module = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
-    logger = _Logger(out, dist.is_main, state.step if cfg.resume else None)
-    started = time.time()
-    session_step = state.step
-    elapsed_before = state.elapsed_s
+    logger = _Logger(Path(cfg.out), dist.is_main, state.step if cfg.resume else None)
+    session = Session(model, net, optimizer, train, val, cfg, metadata, dist, logger, autocast,
+                      elapsed_before=state.elapsed_s, session_step=state.step)
+    return session, state
 
-    def elapsed() -> float:
-        return elapsed_before + time.time() - started
 
-    def checkpoint_meta() -> dict:
-        # Validation metrics describe these weights only when they were measured at this step.
-        measured = state.last_val_loss if state.last_val_step == state.step else None
-        return {**metadata, "step": state.step, "val_loss": measured,
-                "val_perplexity": _perplexity(measured), "best_val_loss": state.best_val_loss,
-                "base_val_loss": state.base_val_loss, "base_val_perplexity": _perplexity(state.base_val_loss),
-                "elapsed_s": round(state.elapsed_s, 1)}
+def train_step(s: Session, step: int, max_steps: int, warmup: int) -> tuple[float, float]:
+    """One optimizer step from `step` (steps done so far): (this rank's training loss, the learning rate)."""
+    cfg, device = s.cfg, s.device
+    lr = lr_at(step, max_steps, warmup, cfg.lr, cfg.floor_ratio)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    x, y = s.train.batch(cfg.batch_size)
+    with torch.autocast(device.type, dtype=s.autocast or torch.float32, enabled=s.autocast is not None):
+        loss = window_loss(s.net, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+    s.optimizer.step()
+    return loss.item(), lr
 
-    def save_last() -> None:
-        state.elapsed_s = elapsed()
-        # Every rank's RNG is gathered so each can resume its own stream (collective: all ranks call).
-        rngs = [json.loads(b) for b in dist.gather_bytes(rank_rng_state(train.state(), device))]
-        if dist.is_main:
-            meta = {k: v for k, v in checkpoint_meta().items() if v is not None}
-            save_training_checkpoint(out / LAST_FILE, model, optimizer, asdict(state), rngs, meta)
-        dist.barrier()
 
-    def evaluate() -> float:
-        loss = validation_loss(model, val, cfg.batch_size, cfg.val_windows, dist)
-        state.last_val_loss, state.last_val_step = loss, state.step
-        return loss
+def log_train_loss(s: Session, step: int, loss: float, lr: float) -> None:
+    """The training loss averaged over ranks (a collective: every rank calls it at the same steps)."""
+    loss = s.dist.all_mean(loss)
+    s.logger.log({"kind": "train", "step": step, "loss": loss, "lr": lr},
+                 {"train/loss": loss, "train/perplexity": _perplexity(loss), "train/lr": lr})
 
+
+# --- the budget: max minutes, the step schedule, early stopping -------------------------------------
+
+REFIT_AFTER_STEPS = 20  # steps timed in this invocation before the schedule is first fitted to the clock
+REFIT_EVERY = 10
+BUDGET_MARGIN = 0.97  # aim a little short of the budget: the last evaluation and checkpoint take time too
+
+
+def fitted_max_steps(step: int, configured: int, budget_s: float, elapsed_s: float, per_step_s: float) -> int:
+    """The schedule length that ends the run at the time budget: the steps that fit in the time left
+    at the current pace, never beyond the configured schedule and always at least one more step."""
+    return min(configured, max(step + 1, int(step + (budget_s * BUDGET_MARGIN - elapsed_s) / per_step_s)))
+
+
+def fit_to_budget(s: Session, state: LoopState) -> bool:
+    """With --max-minutes, re-fit the cosine schedule to the time left, again and again: the step time
+    changes when something else (a DAW, a test run) shares the machine. Rank 0 decides for all (a
+    collective: every rank calls it at the same steps). True when it re-fitted."""
+    steps_timed = state.step - s.session_step
+    if not s.cfg.max_minutes or steps_timed < REFIT_AFTER_STEPS or state.step % REFIT_EVERY:
+        return False
+    per_step = s.seconds() / steps_timed
+    fitted = fitted_max_steps(state.step, s.cfg.max_steps, s.cfg.max_minutes * 60, s.elapsed(), per_step)
+    state.max_steps = s.dist.broadcast_int(fitted)
+    return True
+
+
+def record_evaluation(state: LoopState, val_loss: float, min_delta: float) -> bool:
+    """Note a validation loss at the current step; True when it is the best so far (by more than min_delta)."""
+    state.last_val_loss, state.last_val_step = val_loss, state.step
+    improved = state.best_val_loss is None or val_loss < state.best_val_loss - min_delta
+    if improved:
+        state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
+    else:
+        state.bad_evals += 1
+    return improved
+
+
+def finish_reason(state: LoopState, cfg: LoopConfig) -> str | None:
+    """Why the run is over after an evaluation: patience used up, or the end of the schedule (which
+    is the time budget when the schedule was fitted short of the configured one); None to go on."""
+    if cfg.patience and state.bad_evals >= cfg.patience:
+        return "early_stop"
+    if state.step >= state.max_steps:
+        return "time_budget" if state.max_steps < cfg.max_steps else "max_steps"
+    return None
+
+
+# --- evaluation and checkpoints ----------------------------------------------------------------------
+
+def checkpoint_meta(metadata: dict, state: LoopState) -> dict:
+    """The run's metadata plus the loop's numbers, for best.safetensors and last.safetensors."""
+    # Validation metrics describe these weights only when they were measured at this step.
+    measured = state.last_val_loss if state.last_val_step == state.step else None
+    return {**metadata, "step": state.step, "val_loss": measured, "val_perplexity": _perplexity(measured),
+            "best_val_loss": state.best_val_loss, "base_val_loss": state.base_val_loss,
+            "base_val_perplexity": _perplexity(state.base_val_loss), "elapsed_s": round(state.elapsed_s, 1)}
+
+
+def save_last(s: Session, state: LoopState) -> None:
+    """last.safetensors: weights, optimizer, loop state and every rank's RNG (a collective: all ranks call)."""
+    state.elapsed_s = s.elapsed()
+    rngs = [json.loads(b) for b in s.dist.gather_bytes(rank_rng_state(s.train.state(), s.device))]
+    if s.dist.is_main:
+        meta = {k: v for k, v in checkpoint_meta(s.metadata, state).items() if v is not None}
+        save_training_checkpoint(Path(s.cfg.out) / LAST_FILE, s.model, s.optimizer, asdict(state), rngs, meta)
+    s.dist.barrier()
+
+
+def evaluate_start(s: Session, state: LoopState) -> None:
+    """The starting model's validation loss, before the first step (the base model's, for a fine-tune)."""
+    loss = validation_loss(s.model, s.val, s.cfg.batch_size, s.cfg.val_windows, s.dist)
+    state.base_val_loss = loss
+    state.last_val_loss, state.last_val_step = loss, state.step
+    s.logger.log({"kind": "eval", "step": 0, "val_loss": loss, "val_perplexity": _perplexity(loss), "elapsed_s": 0.0},
+                 {"val/loss": loss, "val/perplexity": _perplexity(loss)})
+
+
+def evaluate_and_save(s: Session, state: LoopState) -> str | None:
+    """Validate at this step, keep the best checkpoint, write the resumable one; the finish reason, if any."""
+    val_loss = validation_loss(s.model, s.val, s.cfg.batch_size, s.cfg.val_windows, s.dist)
+    improved = record_evaluation(state, val_loss, s.cfg.min_delta)
+    ppl = _perplexity(val_loss)
+    s.logger.log({"kind": "eval", "step": state.step, "val_loss": val_loss, "val_perplexity": ppl, "best": improved,
+                  "elapsed_s": round(s.elapsed(), 1)}, {"val/loss": val_loss, "val/perplexity": ppl})
+    if not s.cfg.quiet and s.dist.is_main:
+        best = " (best)" if improved else f" (best {_perplexity(state.best_val_loss):.2f} at step {state.best_step})"
+        tqdm.write(f"step {state.step}: validation perplexity {ppl:.2f}{best}", file=sys.stderr)
+    state.finished = finish_reason(state, s.cfg)  # recorded in last.safetensors: a resumed finished run stays finished
+    if improved and s.dist.is_main:
+        save_checkpoint_best(Path(s.cfg.out) / BEST_FILE, s.model, checkpoint_meta(s.metadata, state))
+    save_last(s, state)
+    return state.finished
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+def run_loop(model: GPT, train: WindowSampler, val: WindowSampler, cfg: LoopConfig, metadata: dict,
+             dist: Distributed | None = None) -> LoopResult:
+    """Train `model` (already on its device) until max_steps, early stop, time budget, pause or Ctrl-C."""
+    dist = dist or Distributed()
+    s, state = start_session(model, train, val, cfg, metadata, dist)
     if state.step == 0 and state.base_val_loss is None:
-        state.base_val_loss = evaluate()
-        logger.log({"kind": "eval", "step": 0, "val_loss": state.base_val_loss,
-                    "val_perplexity": _perplexity(state.base_val_loss), "elapsed_s": 0.0},
-                   {"val/loss": state.base_val_loss, "val/perplexity": _perplexity(state.base_val_loss)})
-
-    from tqdm import tqdm
-
+        evaluate_start(s, state)
     bar = tqdm(total=state.max_steps, initial=state.step, desc=cfg.desc, unit="step", dynamic_ncols=True,
                disable=cfg.quiet or not dist.is_main)
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     # A warm-up longer than the run would never reach the peak rate (a short fine-tune with the
     # default warm-up): cap it at a fifth of the configured schedule.
     warmup = max(1, min(cfg.warmup, cfg.max_steps // 5))
@@ -308,65 +435,28 @@ def run_loop(model: GPT, train: WindowSampler, val: WindowSampler, cfg: LoopConf
             if state.step >= state.max_steps:
                 stopped = state.finished = "max_steps"
                 break
-            lr = lr_at(state.step, state.max_steps, warmup, cfg.lr, cfg.floor_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = train.batch(cfg.batch_size)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = window_loss(net, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss, lr = train_step(s, state.step, state.max_steps, warmup)
             state.step += 1
-            step = state.step
-            value = loss.item()
+            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
             bar.update(1)
-            smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
             bar.set_postfix(loss=f"{smoothed:.3f}", ppl=f"{_perplexity(smoothed):.1f}", lr=f"{lr:.1e}")
-            if step % cfg.log_every == 0:
-                value = dist.all_mean(value)
-                logger.log({"kind": "train", "step": step, "loss": value, "lr": lr},
-                           {"train/loss": value, "train/perplexity": _perplexity(value), "train/lr": lr})
-            if budget and step - session_step >= 20 and step % 10 == 0:
-                # Fit the cosine schedule to the time budget, again and again: the step time changes
-                # when something else (a DAW, a test run) shares the machine. Rank 0 decides for all.
-                per_step = (time.time() - started) / (step - session_step)
-                fitted = min(cfg.max_steps, max(step + 1, int(step + (budget * 0.97 - elapsed()) / per_step)))
-                state.max_steps = dist.broadcast_int(fitted)
+            if state.step % cfg.log_every == 0:
+                log_train_loss(s, state.step, loss, lr)
+            if fit_to_budget(s, state):
                 bar.total = state.max_steps
-            if step % cfg.eval_every == 0 or step == state.max_steps:
-                val_loss = evaluate()
-                improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.min_delta
-                if improved:
-                    state.best_val_loss, state.best_step, state.bad_evals = val_loss, step, 0
-                else:
-                    state.bad_evals += 1
-                record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_perplexity": _perplexity(val_loss),
-                          "best": improved, "elapsed_s": round(elapsed(), 1)}
-                logger.log(record, {"val/loss": val_loss, "val/perplexity": _perplexity(val_loss)})
-                if not cfg.quiet and dist.is_main:
-                    tqdm.write(f"step {step}: validation perplexity {_perplexity(val_loss):.2f}"
-                               f"{' (best)' if improved else f' (best {_perplexity(state.best_val_loss):.2f} at step {state.best_step})'}",
-                               file=sys.stderr)
-                if cfg.patience and state.bad_evals >= cfg.patience:
-                    stopped = state.finished = "early_stop"
-                elif step >= state.max_steps:
-                    stopped = state.finished = "time_budget" if state.max_steps < cfg.max_steps else "max_steps"
-                if improved and dist.is_main:
-                    save_checkpoint_best(out / BEST_FILE, model, checkpoint_meta())
-                save_last()
-                saved_at = step
-            if not stopped and cfg.stop_after is not None and step >= cfg.stop_after:
+            if state.step % cfg.eval_every == 0 or state.step == state.max_steps:
+                stopped = evaluate_and_save(s, state) or ""
+                saved_at = state.step
+            if not stopped and cfg.stop_after is not None and state.step >= cfg.stop_after:
                 stopped = "paused"
             if not stopped and dist.any(stop.requested):
                 stopped = "interrupted"
         if saved_at != state.step:
-            save_last()
+            save_last(s, state)
     bar.close()
-    logger.close()
-    return LoopResult(state=state, stopped=stopped, best=out / BEST_FILE, last=out / LAST_FILE,
-                      seconds=time.time() - started, log=logger.records)
+    s.logger.close()
+    return LoopResult(state=state, stopped=stopped, best=Path(cfg.out) / BEST_FILE, last=Path(cfg.out) / LAST_FILE,
+                      seconds=s.seconds(), log=s.logger.records)
 
 
 def save_checkpoint_best(path: Path, model: GPT, meta: dict) -> None:
