@@ -245,12 +245,11 @@ def test_repeat_last_bar_copies_the_last_bar_cut_at_the_bar_line():
 
 
 def test_repeat_last_bar_plays_what_segue_evals_baseline_plays():
-    evaluate = pytest.importorskip("training.evaluate")
-    if not hasattr(evaluate, "repeat_last_bar"):
-        pytest.skip("training.evaluate no longer defines repeat_last_bar")
+    from training.eval_measures import repeat_last_bar
+
     prompt = clip([n(60, 0.5), n(64, 4), n(67, 6, 4.0), n(71, 7.999999, 0.5)], length=8.0)
     ours = repeat_last_bar_clip(prompt, 3)
-    theirs = evaluate.repeat_last_bar(prompt, 2, 3)
+    theirs = repeat_last_bar(prompt, 2, 3)
     assert [(x.pitch, x.velocity, x.duration) for x in ours.notes] == [(x.pitch, x.velocity, x.duration) for x in theirs.notes]
     assert [x.start for x in ours.notes] == pytest.approx([x.start for x in theirs.notes])
 

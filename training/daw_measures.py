@@ -114,8 +114,8 @@ def repeat_last_bar_clip(prompt: Clip, bars: int) -> Clip:
     """The baseline that plays the prompt's last bar again `bars` times after the prompt.
 
     The notes starting in the last bar are cut at its end and repeated bar after bar: the same notes as
-    `training.evaluate.repeat_last_bar(prompt, prompt.bars, bars)` (kept apart so this module does not
-    import the evaluation script, which imports this one). The clip's length covers prompt and continuation."""
+    `training.eval_measures.repeat_last_bar(prompt, prompt.bars, bars)` (kept apart so this module stays
+    numpy-only: eval_measures loads the ONNX generator). The clip's length covers prompt and continuation."""
     if bars < 1:
         raise ValueError(f"a continuation needs at least one bar, not {bars}")
     beats, start = prompt.beats_per_bar, continuation_start(prompt)
