@@ -264,10 +264,17 @@ def test_segue_eval_writes_the_report_plots_and_audio(tiny_model, tiny_build, tm
     report = (out / "report.md").read_text()
     for section in REPORT_SECTIONS:
         assert f"\n## {section}\n" in report, section
-    for name in ("pitch_classes.png", "ioi.png", "velocity.png"):
+    for name in ("pitch_classes.png", "ioi.png", "velocity.png", "daw_measures.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(plots/{name})" in report
     metrics = json.loads((out / "metrics.json").read_text())
+    # The DAW measures: every system on the same clips, the baselines included, and the model's verdicts.
+    daw = metrics["daw"]
+    assert {row["system"] for row in daw} == {"model", "n-gram", "repeat last bar", "loop the clip"}
+    assert all(row["clips"] == 4 for row in daw if row["family"] == "all pitched")
+    loop = next(row for row in daw if row["family"] == "all pitched" and row["system"] == "loop the clip")
+    assert loop["copied_bars_mean"] == 1.0  # looping the clip copies every bar, by definition
+    assert "| all pitched, model: mean \\|pitch offset\\| (semitones) |" in report
     ppl = metrics["perplexity"]
     assert 1 < ppl["model"] < ppl["uniform"] and 1 < ppl["ngram"] < ppl["uniform"]
     assert len(metrics["clips"]) == 4

@@ -2,7 +2,7 @@
 
     OUT/report.md      every number a person needs to judge the model, one section per question
     OUT/metrics.json   the same numbers for scripts
-    OUT/plots/*.png    mean pitch-class, inter-onset and velocity histograms, real vs each system
+    OUT/plots/*.png    mean pitch-class, inter-onset and velocity histograms, real vs each system, and the DAW measures
     OUT/audio/         prompt + continuation as .mid (and .wav through FluidSynth), to listen
 
 `result` is what `training.evaluate.evaluate` returns and `summary` what
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import time
@@ -20,12 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.midi_file import write_clip
+from training import daw_measures
 from training.eval_measures import SYSTEMS
 from training.metrics import HISTOGRAM_METRICS, IOI_LABELS, METRIC_UNITS, SCALAR_METRICS
 from training.originality import COPY_THRESHOLD_BARS
 
 SYSTEM_NAMES = {"reference": "real continuation", "model": "model", "ngram": "n-gram", "repeat": "repeat last bar"}
-REPORT_SECTIONS = ("Data", "Perplexity", "Style fidelity", "Metric values", "Originality", "Plots", "Audio", "Clips")
+REPORT_SECTIONS = ("Data", "Perplexity", "Style fidelity", "Metric values", "Originality", "DAW measures", "Plots", "Audio",
+                   "Clips")
 ALL_SYSTEMS = ("reference", *SYSTEMS)
 METRICS = (*HISTOGRAM_METRICS, *SCALAR_METRICS)
 
@@ -63,6 +66,40 @@ def write_plots(values: dict, folder: Path) -> list[Path]:
     return paths
 
 
+DAW_CHARTS = (("pitch_class_agreement_mean", "pitch-class agreement with the real bars (mean)"),
+              ("notes_per_bar_ratio_median", "notes per bar / real (median)"),
+              ("pitch_offset_mean", "|mean pitch - real| in semitones (mean)"),
+              ("copied_bars_mean", "bars copied from the clip (mean share)"))
+
+
+def write_daw_plots(summary: list, folder: Path) -> list[Path]:
+    """One grouped bar chart of the DAW measures: per instrument family, each system side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    families = list(dict.fromkeys(row.family for row in summary))
+    systems = list(dict.fromkeys(row.system for row in summary))
+    fig, axes = plt.subplots(1, len(DAW_CHARTS), figsize=(4.2 * len(DAW_CHARTS), 3.6))
+    width = 0.8 / max(1, len(systems))
+    for ax, (measure, title) in zip(axes, DAW_CHARTS, strict=True):
+        x = np.arange(len(families))
+        for i, system in enumerate(systems):
+            values = [next((getattr(r, measure) for r in summary if r.family == family and r.system == system), None)
+                      for family in families]
+            ax.bar(x + (i - (len(systems) - 1) / 2) * width, [np.nan if v is None else v for v in values], width, label=system)
+        ax.set_xticks(x, families, fontsize=7, rotation=30)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = folder / "daw_measures.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def write_audio(clips: list[dict], folder: Path, count: int, soundfont: Path | None) -> tuple[list[tuple[Path, Path | None]], str]:
     """Prompt + continuation as .mid (and .wav) for the first `count` clips: the real one, the model's, the n-gram's.
     Returns (midi, wav or None) pairs and, when rendering failed, the reason."""
@@ -95,7 +132,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def write_report(args, result: dict, summary: dict, plots: list[Path], audio: list, audio_problem: str, out: Path) -> Path:
     """report.md: every number a person needs to judge the model, with the plots and audio linked."""
     sections = (_head(args, result), _data(args, result), _perplexity(args, result), _style_fidelity(summary),
-                _metric_values(summary), _originality(args, result, summary), _plots(plots), _audio(audio, audio_problem),
+                _metric_values(summary), _originality(args, result, summary), _daw(summary), _plots(plots), _audio(audio, audio_problem),
                 _clips(args, result))
     path = out / "report.md"
     path.write_text("\n".join(part for section in sections for part in section))
@@ -108,7 +145,8 @@ def write_metrics(args, result: dict, summary: dict, out: Path) -> Path:
     path.write_text(json.dumps({
         "model": str(args.model), "data": str(args.data),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "argv"},
-        "perplexity": result["perplexity"], **summary, "timings": result["timings"],
+        "perplexity": result["perplexity"], **{k: v for k, v in summary.items() if k != "daw"},
+        "daw": [dataclasses.asdict(row) for row in summary["daw"]], "timings": result["timings"],
         "clips": [{"file": c["file"], "offset_bar": c["offset_bar"], "metrics": c["metrics"], "distances": c["distances"],
                    "longest_copy": c["longest_copy"]} for c in result["clips"]],
         "skipped": result["skipped"],
@@ -185,6 +223,18 @@ def _originality(args, result: dict, summary: dict) -> list[str]:
             table(["", "mean longest copy (bars)", "longest", f"copying >= {COPY_THRESHOLD_BARS} bars"],
                   [[SYSTEM_NAMES[s], f"{o[s]['mean_longest_copy']:.2f}", str(o[s]["max_longest_copy"]),
                     f"{o[s]['copying_fraction']:.0%}"] for s in ALL_SYSTEMS])]
+
+
+def _daw(summary: dict) -> list[str]:
+    rows = summary["daw"]
+    verdicts = daw_measures.criteria_verdicts(rows, systems=(daw_measures.MODEL,))
+    return ["## DAW measures\n",
+            "What a producer hears first, per instrument family: where the continuation sits against the real next bars "
+            "(|mean pitch - real|, pitch-class agreement), how busy it is (notes per bar relative to the real bars, "
+            "voices relative to the clip), its dynamics, for drums the kit sounds and the onset grid, and how many "
+            "generated bars only copy a bar of the clip. \"repeat last bar\" and \"loop the clip\" are what a producer "
+            "gets without Segue.\n", daw_measures.markdown_table(rows),
+            "\nThe model against the DAW criteria:\n", daw_measures.markdown_verdicts(verdicts) if verdicts else "(no criterion applies)\n"]
 
 
 def _plots(plots: list[Path]) -> list[str]:

@@ -19,6 +19,10 @@ and OUT/audio/ (prompt + continuation as .mid and .wav, to listen). The protocol
    (`metric_distances`), averaged over clips.
 4. Originality: for every continuation (and for the reference, as the base rate of the data
    itself), the longest run of bars found verbatim in the training split.
+5. DAW measures (training/daw_measures.py), per GM instrument family and drums: how far the
+   continuation's pitch sits from the real bars, pitch-class agreement, notes per bar and voices,
+   dynamics, drum kit and onset-grid agreement, and bars copied from the clip, for the model, the
+   n-gram, "repeat the last bar" and "loop the clip", with the verdicts of the DAW criteria.
 
 This module is the command and the protocol's order; the held-out selection is
 training/held_out.py, the measures training/eval_measures.py (with training/metrics.py,
@@ -37,8 +41,10 @@ from engine.generate import ContinuationRequest, Generator, RequestError
 from engine.manifest import ModelError
 from engine.sampling import SamplingParams
 from engine.tokens import TOKENIZER_FILE, ClipTokenizer
+from training import daw_measures
+from training.daw_measures import score_example
 from training.eval_measures import SYSTEMS, continuation_tokens, model_perplexity, repeat_last_bar, summarise
-from training.eval_report import write_audio, write_metrics, write_plots, write_report
+from training.eval_report import write_audio, write_daw_plots, write_metrics, write_plots, write_report
 from training.held_out import Example, capped, held_out_examples, split_folder
 from training.metrics import metric_distances, style_metrics
 from training.ngram import NgramModel, continue_clip
@@ -120,6 +126,8 @@ def measure_example(example: Example, continuations: dict[str, Clip], index: Cop
         "distances": {name: metric_distances(metrics[name], metrics["reference"]) for name in SYSTEMS},
         "longest_copy": {name: index.longest_copy(continuation_tokens(tokenizer, clip, args.prompt_bars, args.bars))
                          for name, clip in continuations.items()},
+        "daw": score_example(example.prompt, continuations["reference"], args.bars,
+                             {daw_measures.MODEL: continuations["model"], "n-gram": continuations["ngram"]}),
     }
 
 
@@ -165,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(result["clips"])
-    plots = write_plots(summary["values"], out / "plots")
+    summary["daw"] = daw_measures.summarize(row for clip in result["clips"] for row in clip["daw"])
+    plots = write_plots(summary["values"], out / "plots") + write_daw_plots(summary["daw"], out / "plots")
     clock = time.perf_counter()
     audio, audio_problem = write_audio(result["clips"], out / "audio", args.audio, args.soundfont) if args.audio else ([], "")
     result["timings"]["audio"] = time.perf_counter() - clock
