@@ -1,7 +1,9 @@
 """The clip model: notes in beats, as a DAW thinks of them.
 
 A beat is a quarter note. Seconds never appear here; they belong to files and synthesizers.
-`Clip.to_score` / `Clip.from_score` are the one place where beats meet MIDI ticks.
+A `Clip` is one track (one instrument); an `Arrangement` is several tracks that play together,
+some of them to be continued and the others heard as context. `Arrangement.to_score` /
+`Clip.from_score` / `tracks_from_score` are the one place where beats meet MIDI ticks.
 """
 
 from __future__ import annotations
@@ -96,17 +98,16 @@ class Clip:
 
     def to_score(self) -> ScoreTick:
         """This clip as a one-track symusic Score at TICKS_PER_BEAT, with its tempo and meter."""
-        score = symusic.Score(TICKS_PER_BEAT)
-        numerator, denominator = self.time_signature
-        score.time_signatures.append(symusic.TimeSignature(0, numerator, denominator))
-        score.tempos.append(symusic.Tempo(0, qpm=float(self.tempo)))
+        return Arrangement.of(self).to_score()
+
+    def to_track(self) -> symusic.core.TrackTick:
+        """This clip's notes as one symusic track (program, drum flag and name kept)."""
         track = symusic.Track(name=self.name, program=self.program, is_drum=self.is_drum)
         for n in sorted(self.notes, key=lambda n: (n.start, n.pitch)):
             start = round(n.start * TICKS_PER_BEAT)
             duration = max(1, round(n.duration * TICKS_PER_BEAT))
             track.notes.append(symusic.Note(start, duration, n.pitch, n.velocity))
-        score.tracks.append(track)
-        return score
+        return track
 
     @classmethod
     def from_score(cls, score: ScoreTick, length: float | None = None, name: str = "") -> Clip:
@@ -135,3 +136,87 @@ class Clip:
         is_drum = bool(tracks[0].is_drum) if tracks else False
         clip = cls((), tempo, meter, length, program, is_drum, name)
         return clip.with_notes(notes)
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """Tracks that play together: a multi-track clip with one tempo, one meter and one length.
+
+    `continued` holds the indices of the tracks to continue; the others are context the model
+    hears but does not continue (a bass line written against the drums and chords). A single
+    `Clip` is the arrangement of one continued track (`Arrangement.of`)."""
+
+    tracks: tuple[Clip, ...]
+    continued: tuple[int, ...]
+
+    @classmethod
+    def of(cls, clip: Clip) -> Arrangement:
+        return cls((clip,), (0,))
+
+    @property
+    def tempo(self) -> float:
+        return self.tracks[0].tempo
+
+    @property
+    def time_signature(self) -> tuple[int, int]:
+        return self.tracks[0].time_signature
+
+    @property
+    def beats_per_bar(self) -> float:
+        return self.tracks[0].beats_per_bar
+
+    @property
+    def length_beats(self) -> float:
+        """The longest track's length: every track ends where the arrangement ends."""
+        return max(track.length_beats for track in self.tracks)
+
+    @property
+    def bars(self) -> int:
+        return max(track.bars for track in self.tracks)
+
+    @property
+    def notes(self) -> int:
+        return sum(len(track.notes) for track in self.tracks)
+
+    def validate(self) -> None:
+        if not self.tracks:
+            raise ClipError("the clip has no tracks")
+        for track in self.tracks:
+            track.validate()
+            if (track.tempo, track.time_signature) != (self.tempo, self.time_signature):
+                raise ClipError(f"track {track.name or '?'!r} is at {track.tempo:g} BPM in {track.time_signature[0]}/"
+                                f"{track.time_signature[1]}, the first at {self.tempo:g} BPM in "
+                                f"{self.time_signature[0]}/{self.time_signature[1]}: tracks of one clip share them")
+        if not self.continued:
+            raise ClipError("no track is marked to continue")
+        if len(set(self.continued)) != len(self.continued) or not all(0 <= i < len(self.tracks) for i in self.continued):
+            raise ClipError(f"the tracks to continue must be distinct track numbers 1-{len(self.tracks)}")
+
+    def to_score(self) -> ScoreTick:
+        """All tracks as one symusic Score at TICKS_PER_BEAT, with the tempo and meter."""
+        score = symusic.Score(TICKS_PER_BEAT)
+        numerator, denominator = self.time_signature
+        score.time_signatures.append(symusic.TimeSignature(0, numerator, denominator))
+        score.tempos.append(symusic.Tempo(0, qpm=float(self.tempo)))
+        for track in self.tracks:
+            score.tracks.append(track.to_track())
+        return score
+
+
+def tracks_from_score(score: ScoreTick, name: str = "") -> Arrangement:
+    """Every non-empty track of a score as its own Clip (program, drum flag and name kept), all
+    sharing the score's first tempo and meter and one length in whole bars; every track continued.
+
+    Drum tracks' notes are on channel 9 (MIDI channel 10), the others on channel 0."""
+    merged = Clip.from_score(score, name=name)  # tempo, meter and the ticks check, once
+    tpq = score.ticks_per_quarter
+    length = merged.length_beats
+    clips = []
+    for index, track in enumerate(t for t in score.tracks if len(t.notes)):
+        channel = 9 if track.is_drum else 0
+        notes = [Note(int(n.pitch), max(1, min(127, int(n.velocity))), n.time / tpq, max(n.duration, 1) / tpq, channel)
+                 for n in track.notes]
+        label = str(track.name) or f"{name} track {index + 1}".strip()
+        clips.append(Clip((), merged.tempo, merged.time_signature, length, int(track.program), bool(track.is_drum),
+                          label).with_notes(notes))
+    return Arrangement(tuple(clips), tuple(range(len(clips))))

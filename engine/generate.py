@@ -32,7 +32,7 @@ import numpy as np
 
 from engine.assembler import NoteAssembler
 from engine.beam import beam_search
-from engine.clip import Clip, ClipError, Note
+from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
@@ -46,21 +46,26 @@ LOOKAHEAD_MIN_P = 0.02  # below this chance of another note at a position, no ch
 class NoteEvent:
     variation: int
     note: Note  # in beats from the start of the prompt clip
+    track: int = 0  # index of the arrangement's track this note continues
 
 
 @dataclass(frozen=True)
 class VariationDone:
+    """One track of one variation, finished (a single-track clip has one per variation)."""
+
     variation: int
-    clip: Clip  # the continuation alone, its notes placed after the prompt
+    clip: Clip  # the continuation alone, its notes placed after the prompt (the track's program, drum flag, name)
     tokens: tuple[int, ...]  # the opening Bar and TimeSig included, the ending Bar not
     log_prob: float | None = None  # beam mode: the summed log-probability the search ranked it by
+    track: int = 0  # index of the arrangement's track
 
 
 @dataclass
 class _Row:
-    """One variation in flight."""
+    """One track of one variation in flight."""
 
     variation: int
+    track: int
     grammar: ContinuationGrammar
     assembler: NoteAssembler
     rng: np.random.Generator
@@ -98,47 +103,57 @@ class Generator:
         return self.decoder.max_context * 3 // 4
 
     def model_program(self, clip: Clip) -> int:
-        """The program the model sees for this clip.
+        """The program the model sees for this clip (or track).
 
-        A model trained mostly on one instrument (the built-in corpus is nearly all program 0) has
-        never seen most Program tokens; feeding it one would push it off its training distribution.
-        Programs the model was trained on are kept; others are played to the model as its most
-        trained program. The notes written back always carry the clip's own program."""
+        A model trained mostly on a few instruments has never seen most Program tokens; feeding it
+        one would push it off its training distribution. Programs the model was trained on are
+        kept; another is played to the model as the most trained program of the same General MIDI
+        family (eight programs: pianos, basses, guitars, strings...), and only when the model knows
+        none of that family as its most trained program overall. Drums stay drums. The notes
+        written back always carry the clip's own program."""
         programs = self.decoder.manifest.seen_programs
         if clip.is_drum or not programs or clip.program in programs:
             return clip.program
         melodic = {p: n for p, n in programs.items() if p >= 0}
-        return max(melodic, key=lambda p: melodic[p]) if melodic else clip.program
+        family = {p: n for p, n in melodic.items() if p // 8 == clip.program // 8}
+        choices = family or melodic
+        return max(choices, key=lambda p: choices[p]) if choices else clip.program
 
-    def prompt_tokens(self, clip: Clip) -> tuple[list[int], int]:
-        """The clip's tokens cut to fit the context, and how many bars the full clip spans."""
-        ids = self.tokenizer.encode_clip(replace(clip, program=self.model_program(clip)))
+    def prompt_tokens(self, clip: Clip | Arrangement) -> tuple[list[int], int]:
+        """The clip's tokens (every track's, in one stream) cut to fit the context, and how many bars the full clip spans."""
+        arrangement = _arranged(clip)
+        heard = replace(arrangement, tracks=tuple(replace(t, program=self.model_program(t)) for t in arrangement.tracks))
+        ids = self.tokenizer.encode_clip(heard)
         bars = sum(1 for i in ids if i == self.vocab.bar)
         return trim_to_context(ids, self.max_prompt_tokens, self.vocab.bar), bars
 
-    def stream(self, clip: Clip, request: ContinuationRequest,
+    def stream(self, clip: Clip | Arrangement, request: ContinuationRequest,
                should_stop: Callable[[], bool] | None = None) -> Iterator[NoteEvent | VariationDone]:
-        """Notes as they complete, then one VariationDone per variation (beam mode: at the end).
+        """Notes as they complete, then one VariationDone per variation and continued track (beam
+        mode: at the end).
 
-        `should_stop` is polled before every decode step; when it returns True the stream ends at
-        once (a cancelled request frees the engine within one step)."""
+        An arrangement's continued tracks are continued side by side after one prefill of all its
+        tracks: each hears the whole clip and writes only its own instrument. `should_stop` is
+        polled before every decode step; when it returns True the stream ends at once (a cancelled
+        request frees the engine within one step)."""
         request.validate()
-        prompt, offset = self._prompt(clip)
+        arrangement = _arranged(clip)
+        prompt, offset = self._prompt(arrangement)
         if request.mode == "beam":
-            yield from self._stream_beam(clip, request, prompt, offset, should_stop)
+            yield from self._stream_beam(arrangement, request, prompt, offset, should_stop)
         else:
-            yield from self._stream_samples(clip, request, prompt, offset, should_stop)
+            yield from self._stream_samples(arrangement, request, prompt, offset, should_stop)
 
-    def _prompt(self, clip: Clip) -> tuple[list[int], float]:
+    def _prompt(self, arrangement: Arrangement) -> tuple[list[int], float]:
         """The prompt tokens and the beat where the continuation starts."""
         try:
-            clip.validate()
-            if not clip.notes:
+            arrangement.validate()
+            if not arrangement.notes:
                 raise ClipError("the clip has no notes to continue")
-            prompt, prompt_bars = self.prompt_tokens(clip)  # a meter the model lacks, a bar longer than the context
+            prompt, prompt_bars = self.prompt_tokens(arrangement)  # a meter the model lacks, a bar longer than the context
         except ClipError as exc:
             raise RequestError(str(exc), code="bad_clip") from exc
-        return prompt, prompt_bars * clip.beats_per_bar
+        return prompt, prompt_bars * arrangement.beats_per_bar
 
     def _grammar(self, clip: Clip, request: ContinuationRequest) -> ContinuationGrammar:
         meter = clip.time_signature
@@ -152,19 +167,22 @@ class Generator:
     def _assembler(self, clip: Clip, offset: float) -> NoteAssembler:
         return NoteAssembler(self.tokenizer, clip.time_signature, offset, channel=9 if clip.is_drum else 0)
 
-    def _stream_samples(self, clip: Clip, request: ContinuationRequest, prompt: list[int], offset: float,
+    def _stream_samples(self, arrangement: Arrangement, request: ContinuationRequest, prompt: list[int], offset: float,
                         should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
         rows = []
         opening: list[int] = []
         for variation in range(request.variations):
-            grammar = self._grammar(clip, request)
-            opening = grammar.forced_opening()
-            assembler = self._assembler(clip, offset)
-            for token in opening:
-                assembler.feed(token)
-            rows.append(_Row(variation, grammar, assembler, np.random.default_rng([seed, variation]),
-                             prompt + opening, list(opening)))
+            for track in arrangement.continued:
+                clip = arrangement.tracks[track]
+                grammar = self._grammar(clip, request)
+                opening = grammar.forced_opening()
+                assembler = self._assembler(clip, offset)
+                for token in opening:
+                    assembler.feed(token)
+                # Variation k of a one-track clip draws from (seed, k) however many variations were asked for.
+                rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, track])
+                rows.append(_Row(variation, track, grammar, assembler, rng, prompt + opening, list(opening)))
         # One prefill for the shared prompt, then the cache is copied for every variation.
         logits, cache = self.decoder.step(np.asarray([prompt + opening]), self.decoder.empty_cache(1))
         lanes = [_Lane(rows, cache.repeat(len(rows)), np.repeat(logits, len(rows), axis=0))]
@@ -178,14 +196,15 @@ class Generator:
                 alive = []
                 for index, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):
                     if not row.grammar.accept(token):
-                        yield VariationDone(row.variation, clip.with_notes(row.notes), tuple(row.generated))
+                        yield VariationDone(row.variation, arrangement.tracks[row.track].with_notes(row.notes),
+                                            tuple(row.generated), track=row.track)
                         continue
                     row.generated.append(token)
                     row.history.append(token)
                     note = row.assembler.feed(token)
                     if note is not None:
                         row.notes.append(note)
-                        yield NoteEvent(row.variation, note)
+                        yield NoteEvent(row.variation, note, row.track)
                     alive.append(index)
                 if not alive:
                     continue
@@ -257,27 +276,29 @@ class Generator:
         lane.stepped = (cache, logits)
         return tokens
 
-    def _stream_beam(self, clip: Clip, request: ContinuationRequest, prompt: list[int], offset: float,
+    def _stream_beam(self, arrangement: Arrangement, request: ContinuationRequest, prompt: list[int], offset: float,
                      should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:
-        found = beam_search(self.decoder, prompt, self._grammar(clip, request), self.vocab.bar, request.beam_width,
-                            request.variations, should_stop)
-        if found is None:  # cancelled
-            return
-        for variation in range(request.variations):
-            # Fewer distinct continuations than variations only under very tight constraints: repeat the last.
-            best = found[min(variation, len(found) - 1)]
-            assembler = self._assembler(clip, offset)
-            notes = [note for note in map(assembler.feed, best.tokens) if note is not None]
-            for note in notes:
-                yield NoteEvent(variation, note)
-            yield VariationDone(variation, clip.with_notes(notes), tuple(best.tokens), best.score)
+        for track in arrangement.continued:  # one search per continued track, each hearing the whole clip
+            clip = arrangement.tracks[track]
+            found = beam_search(self.decoder, prompt, self._grammar(clip, request), self.vocab.bar, request.beam_width,
+                                request.variations, should_stop)
+            if found is None:  # cancelled
+                return
+            for variation in range(request.variations):
+                # Fewer distinct continuations than variations only under very tight constraints: repeat the last.
+                best = found[min(variation, len(found) - 1)]
+                assembler = self._assembler(clip, offset)
+                notes = [note for note in map(assembler.feed, best.tokens) if note is not None]
+                for note in notes:
+                    yield NoteEvent(variation, note, track)
+                yield VariationDone(variation, clip.with_notes(notes), tuple(best.tokens), best.score, track)
 
     def log_prob(self, clip: Clip, request: ContinuationRequest, tokens: Sequence[int]) -> float:
         """The summed log-probability of a finished continuation (`VariationDone.tokens`) under the
         masked, renormalised distribution beam search ranks by, its ending Bar included: one scale
         for greedy, sampled and beam results. Prompt plus tokens must fit the model's context."""
         request.validate()
-        prompt, _ = self._prompt(clip)
+        prompt, _ = self._prompt(Arrangement.of(clip))
         grammar = self._grammar(clip, request)
         opening = grammar.forced_opening()
         ids = prompt + [int(t) for t in tokens]
@@ -319,8 +340,12 @@ class Generator:
             lanes.append(_Lane([row for row, _ in group], cache, logits))
         return lanes
 
-    def generate(self, clip: Clip, request: ContinuationRequest) -> list[VariationDone]:
-        """All variations, complete (a convenience over `stream`)."""
+    def generate(self, clip: Clip | Arrangement, request: ContinuationRequest) -> list[VariationDone]:
+        """All variations (and continued tracks), complete, in variation then track order (a convenience over `stream`)."""
         done = [event for event in self.stream(clip, request) if isinstance(event, VariationDone)]
-        return sorted(done, key=lambda d: d.variation)
+        return sorted(done, key=lambda d: (d.variation, d.track))
+
+
+def _arranged(clip: Clip | Arrangement) -> Arrangement:
+    return Arrangement.of(clip) if isinstance(clip, Clip) else clip
 

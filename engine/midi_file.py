@@ -8,12 +8,14 @@ a `ClipError` with a sentence naming the file and the problem. Writing is atomic
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import symusic
+from symusic.core import ScoreTick
 
 from engine.atomic_file import atomic_write
-from engine.clip import Clip, ClipError
+from engine.clip import Arrangement, Clip, ClipError, tracks_from_score
 
 MAX_CLIP_FILE_BYTES = 8 * 1024 * 1024
 MAX_CLIP_NOTES = 50_000
@@ -23,6 +25,21 @@ MAX_CLIP_BEATS = 4096
 def read_clip(path: str | Path) -> Clip:
     """A clip from a MIDI file: all tracks merged, tempo and meter from the file."""
     path = Path(path)
+    clip = Clip.from_score(_read_score(path), name=path.stem)
+    clip.validate()
+    return clip
+
+
+def read_tracks(path: str | Path) -> Arrangement:
+    """A MIDI file's tracks kept apart, each with its program, drum flag and name; all continued."""
+    path = Path(path)
+    arrangement = tracks_from_score(_read_score(path), name=path.stem)
+    arrangement.validate()
+    return arrangement
+
+
+def _read_score(path: Path) -> ScoreTick:
+    """The file's score, after every check a DAW clip must pass (ClipError names the file and the problem)."""
     if not path.is_file():
         raise ClipError(f"{path} does not exist")
     size = path.stat().st_size
@@ -47,14 +64,18 @@ def read_clip(path: str | Path) -> Clip:
     beats = score.end() / score.ticks_per_quarter
     if beats > MAX_CLIP_BEATS:
         raise ClipError(f"{path} is {beats:.0f} beats long; a clip may be at most {MAX_CLIP_BEATS} beats")
-    clip = Clip.from_score(score, name=path.stem)
-    clip.validate()
-    return clip
+    return score
 
 
 def write_clip(path: str | Path, clip: Clip, track_name: str | None = None) -> Path:
     """Write `clip` as a one-track MIDI file with its tempo, meter and instrument."""
-    score = clip.to_score()
-    if track_name is not None:
-        score.tracks[0].name = track_name
+    return write_tracks(path, [clip], None if track_name is None else [track_name])
+
+
+def write_tracks(path: str | Path, clips: Sequence[Clip], track_names: Sequence[str] | None = None) -> Path:
+    """Write clips as the tracks of one MIDI file (each with its program, drum flag and name), with
+    the first clip's tempo and meter."""
+    score = Arrangement(tuple(clips), tuple(range(len(clips)))).to_score()
+    for track, name in zip(score.tracks, track_names or (), strict=False):
+        track.name = name
     return atomic_write(path, lambda tmp: score.dump_midi(str(tmp)))

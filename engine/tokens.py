@@ -44,7 +44,7 @@ _import_miditok_without_torch()
 
 from miditok import REMI, TokenizerConfig  # noqa: E402  (after the guard above)
 
-from engine.clip import Clip, ClipError  # noqa: E402
+from engine.clip import Arrangement, Clip, ClipError  # noqa: E402
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -208,18 +208,20 @@ class ClipTokenizer:
             seq = seq[0]
         return list(seq.ids)
 
-    def encode_clip(self, clip: Clip) -> list[int]:
-        """A clip as token ids, with empty bars appended so the stream spans exactly `clip.bars`.
+    def encode_clip(self, clip: Clip | Arrangement) -> list[int]:
+        """A clip (or all tracks of an arrangement, in one stream told apart by their Program
+        tokens) as token ids, with empty bars appended so the stream spans exactly `clip.bars`.
 
         The result always ends at a bar boundary, ready for the continuation's first `Bar`.
         """
-        clip.validate()
-        self.time_sig_id(clip.time_signature)  # a clear error for meters the vocabulary lacks
-        ids = self.encode_score(clip.to_score()) if clip.notes else []
+        arrangement = Arrangement.of(clip) if isinstance(clip, Clip) else clip
+        arrangement.validate()
+        self.time_sig_id(arrangement.time_signature)  # a clear error for meters the vocabulary lacks
+        ids = self.encode_score(arrangement.to_score()) if arrangement.notes else []
         bars = sum(1 for i in ids if i == self.kinds.bar)
         # Notes past the clip length belong to later bars: keep them, the length grows to fit.
-        filler = [self.kinds.bar, self.time_sig_id(clip.time_signature)]
-        ids.extend(filler * max(0, clip.bars - bars))
+        filler = [self.kinds.bar, self.time_sig_id(arrangement.time_signature)]
+        ids.extend(filler * max(0, arrangement.bars - bars))
         return ids
 
     def decode_to_score(self, ids) -> ScoreTick:

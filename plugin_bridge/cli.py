@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from engine.locations import default_model_dir
@@ -30,6 +31,9 @@ def _continue_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("segue-out"), help="folder for the .mid files (default ./segue-out)")
     p.add_argument("--model", type=Path, default=None, help="model folder (default: models/default, or $SEGUE_MODEL)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1, leaves cores to your DAW)")
+    p.add_argument("--track", type=int, action="append", metavar="N",
+                   help="continue track N of the file (1 = the first track with notes; repeat for several); the other "
+                        "tracks are heard as context. Default: every track")
     p.add_argument("--render", action="store_true", help="also render each .mid to a .wav beside it with FluidSynth "
                    "(as `segue render` does), to listen without a DAW")
     p.set_defaults(run=run_continue)
@@ -41,7 +45,7 @@ def run_continue(args) -> int:
         from engine.constraints import Constraints
         from engine.generate import ContinuationRequest, Generator, NoteEvent, RequestError, VariationDone
         from engine.manifest import ModelError, load_manifest
-        from engine.midi_file import read_clip, write_clip
+        from engine.midi_file import read_tracks, write_tracks
     except ImportError as exc:
         return _missing(exc)
 
@@ -54,7 +58,10 @@ def run_continue(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        clip = read_clip(args.clip)
+        clip = read_tracks(args.clip)
+        if args.track:
+            clip = replace(clip, continued=tuple(sorted({n - 1 for n in args.track})))
+            clip.validate()
         loaded = time.perf_counter()
         generator = Generator.load(model_dir, threads=args.threads)
         generator.decoder.warm_up()
@@ -74,16 +81,23 @@ def run_continue(args) -> int:
     manifest = generator.decoder.manifest
     stem = args.clip.stem
     print(f"model: {model_dir} ({manifest.name or model_dir.name}, {(manifest.model.parameters or 0) / 1e6:.1f} M parameters)")
-    print(f"clip: {args.clip} ({len(clip.notes)} notes, {clip.bars} bars of {clip.time_signature[0]}/{clip.time_signature[1]} "
+    print(f"clip: {args.clip} ({clip.notes} notes, {clip.bars} bars of {clip.time_signature[0]}/{clip.time_signature[1]} "
           f"at {clip.tempo:g} BPM)")
+    if len(clip.tracks) > 1:
+        for index, track in enumerate(clip.tracks):
+            role = "continued" if index in clip.continued else "context"
+            print(f"  track {index + 1}: {track.name} ({'drums' if track.is_drum else f'program {track.program}'}, "
+                  f"{len(track.notes)} notes, {role})")
     tokens = 0
-    for done in sorted(finished, key=lambda d: d.variation):
-        number = done.variation + 1
+    for number in range(1, request.variations + 1):
+        tracks = sorted((d for d in finished if d.variation == number - 1), key=lambda d: d.track)
         name = f"Segue continuation {number} of {request.variations}" + (f" (seed {request.seed})" if request.seed is not None else "")
-        path = write_clip(args.out / f"{stem}-continuation-{number}.mid", done.clip, track_name=name)
-        tokens += len(done.tokens)
-        print(f"  {path}  ({len(done.clip.notes)} notes)")
-        if args.render and done.clip.notes:  # an empty continuation renders to silence, which render_midi refuses
+        names = [name] if len(clip.tracks) == 1 else [f"{d.clip.name}: {name}" for d in tracks]
+        path = write_tracks(args.out / f"{stem}-continuation-{number}.mid", [d.clip for d in tracks], names)
+        tokens += sum(len(d.tokens) for d in tracks)
+        notes = sum(len(d.clip.notes) for d in tracks)
+        print(f"  {path}  ({notes} notes" + (f" in {len(tracks)} tracks)" if len(tracks) > 1 else ")"))
+        if args.render and notes:  # an empty continuation renders to silence, which render_midi refuses
             from engine.render import RenderError, render_midi
 
             try:

@@ -22,7 +22,7 @@ CONSTRAINT_OPTIONS = ("key", "scale", "pitch_min", "pitch_max", "max_polyphony",
 
 def add_continuation_args(p: argparse.ArgumentParser) -> None:
     """The clip and the musical options shared by `segue continue` and `segue client continue`."""
-    p.add_argument("clip", type=Path, help="the MIDI file to continue (all its tracks are read as one clip)")
+    p.add_argument("clip", type=Path, help="the MIDI file to continue")
     p.add_argument("--bars", type=int, help="how many bars to add (1-64; default from the model, usually 4)")
     p.add_argument("--variations", type=int, help="how many different continuations (1-16, default 1)")
     p.add_argument("--temperature", type=float,

@@ -1,0 +1,139 @@
+"""Multi-track clips: tracks kept apart from file to tokens to continuation and back to a file,
+each continued in the context of all of them, with its program, name and drum flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mido
+import pytest
+
+from engine.clip import Arrangement, Clip, ClipError, Note
+from engine.generate import ContinuationRequest, NoteEvent, VariationDone
+from engine.midi_file import read_clip, read_tracks, write_tracks
+
+BASS, PIANO, FLUTE = 33, 0, 73  # GM: fingered bass, grand piano, flute
+
+
+def band(bars: int = 4) -> list[Clip]:
+    """A 4-track arrangement in 4/4: drums, bass, chords, melody (each with its own velocities)."""
+    drums, bass, chords, melody = [], [], [], []
+    for bar in range(bars):
+        start = bar * 4.0
+        for beat in range(4):
+            drums.append(Note(36 if beat % 2 == 0 else 38, 100 - 8 * beat, start + beat, 0.25, 9))  # kick / snare
+            drums += [Note(42, 60 + 10 * (eighth % 2), start + eighth / 2, 0.25, 9) for eighth in (2 * beat, 2 * beat + 1)]
+            bass.append(Note(40 + (bar % 2) * 5, 90, start + beat, 0.9))
+        chords += [Note(p, 70, start, 3.9) for p in (60, 64, 67)]
+        melody += [Note(72 + (step + bar) % 5, 80 + step * 5, start + step, 0.9) for step in range(4)]
+    common = {"tempo": 100.0, "time_signature": (4, 4), "length": bars * 4.0}
+    return [Clip((), **common, program=0, is_drum=True, name="Drums").with_notes(drums),
+            Clip((), **common, program=BASS, name="Bass").with_notes(bass),
+            Clip((), **common, program=PIANO, name="Keys").with_notes(chords),
+            Clip((), **common, program=FLUTE, name="Lead").with_notes(melody)]
+
+
+@pytest.fixture
+def band_file(tmp_path):
+    return write_tracks(tmp_path / "band.mid", band(), ["Drums", "Bass", "Keys", "Lead"])
+
+
+def test_tracks_stay_apart_from_file_to_arrangement(band_file):
+    arrangement = read_tracks(band_file)
+    assert [(t.name, t.program, t.is_drum) for t in arrangement.tracks] == [
+        ("Drums", 0, True), ("Bass", BASS, False), ("Keys", PIANO, False), ("Lead", FLUTE, False)]
+    assert arrangement.continued == (0, 1, 2, 3) and arrangement.bars == 4
+    assert [len(t.notes) for t in arrangement.tracks] == [len(t.notes) for t in band()]
+    assert all(n.channel == 9 for n in arrangement.tracks[0].notes)
+    assert read_clip(band_file).notes  # the merged view still reads the same file
+
+
+def test_tracks_that_disagree_on_meter_or_continue_nothing_are_refused():
+    tracks = band()
+    with pytest.raises(ClipError, match="share them"):
+        Arrangement((tracks[0], Clip(tracks[1].notes, 120.0, (3, 4))), (0, 1)).validate()
+    with pytest.raises(ClipError, match="no track is marked"):
+        Arrangement(tuple(tracks), ()).validate()
+    with pytest.raises(ClipError, match="distinct track numbers 1-4"):
+        Arrangement(tuple(tracks), (4,)).validate()
+
+
+def test_every_track_is_heard_in_one_token_stream(generator):
+    arrangement = Arrangement(tuple(band()), (1,))
+    prompt, bars = generator.prompt_tokens(arrangement)
+    text = generator.tokenizer.tokens_to_text(prompt)
+    assert bars == 4
+    assert "Program_-1" in text and any(t.startswith("PitchDrum_") for t in text)  # the drums, as drums
+    single, _ = generator.prompt_tokens(arrangement.tracks[1])
+    assert len(prompt) > len(single)  # the context tracks are in the prompt
+
+
+def test_each_continued_track_gets_its_own_notes_and_instrument(generator):
+    arrangement = Arrangement(tuple(band()), (0, 1, 3))
+    events = list(generator.stream(arrangement, ContinuationRequest(bars=2, variations=2, seed=4)))
+    done = [e for e in events if isinstance(e, VariationDone)]
+    assert sorted((d.variation, d.track) for d in done) == [(v, t) for v in (0, 1) for t in (0, 1, 3)]
+    for d in done:
+        track = arrangement.tracks[d.track]
+        assert (d.clip.program, d.clip.is_drum, d.clip.name) == (track.program, track.is_drum, track.name)
+        assert all(16.0 <= n.start < 24.0 for n in d.clip.notes)  # after the 4-bar clip, inside 2 bars
+        streamed = [e.note for e in events if isinstance(e, NoteEvent) and (e.variation, e.track) == (d.variation, d.track)]
+        assert streamed == list(d.clip.notes)
+        if track.is_drum:
+            assert all(n.channel == 9 for n in d.clip.notes)
+    again = list(generator.stream(arrangement, ContinuationRequest(bars=2, variations=2, seed=4)))
+    assert again == events  # seeded: the same notes
+
+
+def test_a_one_track_arrangement_is_exactly_the_clip(generator, example_midi):
+    clip = read_clip(example_midi[0])
+    request = ContinuationRequest(bars=2, variations=2, seed=9)
+    assert list(generator.stream(Arrangement.of(clip), request)) == list(generator.stream(clip, request))
+
+
+def test_unseen_programs_are_heard_as_a_seen_program_of_their_family(generator):
+    seen = generator.decoder.manifest.seen_programs
+    assert list(seen) == [0]  # the tiny model only heard piano
+    assert generator.model_program(band()[1]) == 0  # a bass it never heard: its most trained program
+    assert generator.model_program(band()[0]) == 0 and band()[0].is_drum  # drums stay drums (Program_-1 in the stream)
+
+
+def segue(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "plugin_bridge.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_segue_continue_writes_every_track_back_with_its_instrument(band_file, tiny_model, tmp_path):
+    result = segue("continue", band_file, "--bars", 2, "--variations", 2, "--seed", 1, "--out", tmp_path / "out",
+                   "--model", tiny_model)
+    assert result.returncode == 0, result.stderr
+    assert "track 1: Drums (drums, 48 notes, continued)" in result.stdout
+    for number in (1, 2):
+        path = tmp_path / "out" / f"band-continuation-{number}.mid"
+        names = [message.name for track in mido.MidiFile(str(path)).tracks for message in track if message.type == "track_name"]
+        assert names == [f"{name}: Segue continuation {number} of 2 (seed 1)" for name in ("Drums", "Bass", "Keys", "Lead")]
+        assert [track.is_drum for track in mido_tracks(path)] == [True, False, False, False]
+        assert [track.program for track in mido_tracks(path)] == [0, BASS, PIANO, FLUTE]
+
+
+def test_segue_continue_track_option_continues_only_the_chosen_tracks(band_file, tiny_model, tmp_path):
+    result = segue("continue", band_file, "--bars", 2, "--seed", 1, "--track", 2, "--track", 4, "--out", tmp_path / "out",
+                   "--model", tiny_model)
+    assert result.returncode == 0, result.stderr
+    assert "track 1: Drums (drums, 48 notes, context)" in result.stdout
+    assert [track.program for track in mido_tracks(tmp_path / "out" / "band-continuation-1.mid")] == [BASS, FLUTE]
+    bad = segue("continue", band_file, "--track", 9, "--out", tmp_path / "bad", "--model", tiny_model)
+    assert bad.returncode == 1 and "distinct track numbers 1-4" in bad.stderr and "Traceback" not in bad.stderr
+
+
+class MidoTrack:
+    def __init__(self, track: mido.MidiTrack):
+        channels = {m.channel for m in track if m.type == "note_on"}
+        self.is_drum = channels == {9}
+        self.program = next((m.program for m in track if m.type == "program_change"), 0)
+
+
+def mido_tracks(path) -> list[MidoTrack]:
+    """The file's tracks with notes, read by an independent library."""
+    return [MidoTrack(t) for t in mido.MidiFile(str(path)).tracks if any(m.type == "note_on" for m in t)]
