@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.clip import Clip, ClipError, Note
+from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.constraints import Constraints
 from engine.manifest import SearchDefaults
 from engine.request import ContinuationRequest, RequestError
@@ -22,6 +22,7 @@ PROTOCOL_VERSION = 1
 MAX_NOTES_PER_CLIP = 20_000
 MAX_ID_LENGTH = 64
 MAX_CLIP_BEATS = 4096
+MAX_TRACKS = 16
 MAX_MESSAGE_CHARS = 300  # an error message never echoes more of the client's input than this
 
 
@@ -87,7 +88,7 @@ class ContinueRequest:
     """A continue message, decoded and validated: what the Service queues and the engine runs."""
 
     id: str
-    clip: Clip
+    clip: Clip | Arrangement  # an Arrangement when the message carried `tracks`
     model: str | None  # None: the server's default model
     request: ContinuationRequest  # the client's options over the model's `search` defaults
 
@@ -127,15 +128,55 @@ def request_id_of(payload: Any) -> str:
     return str(rid)
 
 
-def parse_clip(data: Any, request_id: str | None) -> Clip:
-    """The `clip` object of a continue request -> Clip (notes as [pitch, velocity, start, duration, channel?])."""
+def parse_clip(data: Any, request_id: str | None) -> Clip | Arrangement:
+    """The `clip` object of a continue request -> Clip (notes as [pitch, velocity, start, duration, channel?]),
+    or an Arrangement when it carries `tracks` (each with its notes, program, drum flag, name and `continue`)."""
     if not isinstance(data, dict):
         raise ProtocolError(BAD_REQUEST, "clip must be an object with notes, tempo and time_signature", request_id)
-    notes_in = data.get("notes")
+    if "tracks" in data:
+        return _parse_tracks(data, request_id)
+    return _parse_track(data, data, request_id, MAX_NOTES_PER_CLIP)
+
+
+def _parse_tracks(data: dict, request_id: str | None) -> Arrangement:
+    tracks_in = data["tracks"]
+    if not isinstance(tracks_in, list) or not tracks_in or not all(isinstance(t, dict) for t in tracks_in):
+        raise ProtocolError(BAD_REQUEST, "clip.tracks must be a non-empty list of track objects", request_id)
+    if len(tracks_in) > MAX_TRACKS:
+        raise ProtocolError(TOO_LARGE, f"the clip has {len(tracks_in)} tracks; at most {MAX_TRACKS} are accepted", request_id)
+    total = sum(len(t["notes"]) for t in tracks_in if isinstance(t.get("notes"), list))
+    if total > MAX_NOTES_PER_CLIP:
+        raise ProtocolError(TOO_LARGE, f"the clip has {total} notes; at most {MAX_NOTES_PER_CLIP} are accepted", request_id)
+    tracks, continued = [], []
+    for index, track in enumerate(tracks_in):
+        flag = track.get("continue", True)
+        if not isinstance(flag, bool):
+            raise ProtocolError(BAD_REQUEST, f"clip.tracks[{index}].continue must be true or false", request_id)
+        name = track.get("name", "")
+        if not isinstance(name, str) or len(name) > MAX_ID_LENGTH:
+            raise ProtocolError(BAD_REQUEST, f"clip.tracks[{index}].name must be a string of at most {MAX_ID_LENGTH} characters",
+                                request_id)
+        tracks.append(_parse_track(data, track, request_id, MAX_NOTES_PER_CLIP, allow_empty=True, name=name))
+        if flag:
+            continued.append(index)
+    arrangement = Arrangement(tuple(tracks), tuple(continued))
+    try:
+        arrangement.validate()
+    except ClipError as exc:
+        raise ProtocolError(BAD_CLIP, str(exc), request_id) from exc
+    if not arrangement.notes:
+        raise ProtocolError(BAD_CLIP, "the clip has no notes to continue", request_id)
+    return arrangement
+
+
+def _parse_track(data: dict, track: dict, request_id: str | None, max_notes: int, allow_empty: bool = False,
+                 name: str = "") -> Clip:
+    """One track's notes and instrument (from `track`) with the clip's tempo, meter and length (from `data`)."""
+    notes_in = track.get("notes")
     if not isinstance(notes_in, list):
         raise ProtocolError(BAD_REQUEST, "clip.notes must be a list of [pitch, velocity, start, duration] notes", request_id)
-    if len(notes_in) > MAX_NOTES_PER_CLIP:
-        raise ProtocolError(TOO_LARGE, f"the clip has {len(notes_in)} notes; at most {MAX_NOTES_PER_CLIP} are accepted", request_id)
+    if len(notes_in) > max_notes:
+        raise ProtocolError(TOO_LARGE, f"the clip has {len(notes_in)} notes; at most {max_notes} are accepted", request_id)
     notes = []
     for index, raw in enumerate(notes_in):
         if isinstance(raw, dict):
@@ -152,28 +193,38 @@ def parse_clip(data: Any, request_id: str | None) -> Clip:
         raise ProtocolError(BAD_REQUEST, "clip.time_signature must be [numerator, denominator]", request_id)
     tempo = _number(data, "tempo", float, 120.0, request_id)
     length = _number(data, "length", float, None, request_id)
-    program = _number(data, "program", int, 0, request_id)
-    is_drum = data.get("is_drum", False)
+    program = _number(track, "program", int, 0, request_id)
+    is_drum = track.get("is_drum", False)
     if not isinstance(is_drum, bool):
         raise ProtocolError(BAD_REQUEST, "clip.is_drum must be true or false", request_id)
-    clip = Clip((), tempo, (meter[0], meter[1]), length, program, is_drum).with_notes(notes)
+    clip = Clip((), tempo, (meter[0], meter[1]), length, program, is_drum, name).with_notes(notes)
     try:
         clip.validate()
     except ClipError as exc:
         raise ProtocolError(BAD_CLIP, str(exc), request_id) from exc
-    if not clip.notes:
+    if not clip.notes and not allow_empty:
         raise ProtocolError(BAD_CLIP, "the clip has no notes to continue", request_id)
-    end = max(clip.length or 0.0, max(n.end for n in clip.notes))
+    end = max(clip.length or 0.0, max((n.end for n in clip.notes), default=0.0))
     if end > MAX_CLIP_BEATS:
         raise ProtocolError(TOO_LARGE, f"the clip is {end:g} beats long; at most {MAX_CLIP_BEATS} are accepted", request_id)
     return clip
 
 
-def clip_payload(clip: Clip) -> dict:
-    """A Clip -> the protocol's clip object (notes in beats; length null = whole bars); `parse_clip` reads it back."""
-    return {"notes": [[n.pitch, n.velocity, n.start, n.duration, n.channel] for n in clip.notes],
-            "tempo": clip.tempo, "time_signature": list(clip.time_signature), "length": clip.length,
-            "program": clip.program, "is_drum": clip.is_drum}
+def clip_payload(clip: Clip | Arrangement) -> dict:
+    """A Clip (or Arrangement) -> the protocol's clip object (notes in beats; length null = whole bars);
+    `parse_clip` reads it back. A one-track arrangement is sent as a plain clip."""
+    if isinstance(clip, Arrangement) and len(clip.tracks) == 1 and clip.continued == (0,):
+        clip = clip.tracks[0]
+    if isinstance(clip, Clip):
+        return {"notes": _notes(clip), "tempo": clip.tempo, "time_signature": list(clip.time_signature),
+                "length": clip.length, "program": clip.program, "is_drum": clip.is_drum}
+    return {"tempo": clip.tempo, "time_signature": list(clip.time_signature), "length": clip.length_beats,
+            "tracks": [{"notes": _notes(t), "program": t.program, "is_drum": t.is_drum, "name": t.name[:MAX_ID_LENGTH],
+                        "continue": i in clip.continued} for i, t in enumerate(clip.tracks)]}
+
+
+def _notes(clip: Clip) -> list[list]:
+    return [[n.pitch, n.velocity, n.start, n.duration, n.channel] for n in clip.notes]
 
 
 def parse_continue(payload: Any, search_for: SearchFor) -> ContinueRequest:
@@ -209,9 +260,9 @@ def parse_continue(payload: Any, search_for: SearchFor) -> ContinueRequest:
 
 # --- reply events ---------------------------------------------------------------------------------
 
-def note_event(request_id: str, variation: int, note: Note) -> dict:
+def note_event(request_id: str, variation: int, note: Note, track: int = 0) -> dict:
     return {"type": "note", "id": request_id, "variation": variation, "pitch": note.pitch, "velocity": note.velocity,
-            "start": round(note.start, 6), "duration": round(note.duration, 6), "channel": note.channel}
+            "start": round(note.start, 6), "duration": round(note.duration, 6), "channel": note.channel, "track": track}
 
 
 def done_event(request_id: str, variation: int, path: str, notes: int, first_note_ms: float | None, total_ms: float) -> dict:

@@ -25,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.clip import Clip
 from engine.generate import NoteEvent, RequestError, VariationDone
 from engine.manifest import SearchDefaults
-from engine.midi_file import write_clip
+from engine.midi_file import write_tracks
 from plugin_bridge import protocol
 from plugin_bridge.models import ModelRegistry
 
@@ -216,15 +217,23 @@ class Service:
         started = time.perf_counter()
         first_note = None
         variations = 0
+        continued = 1 if isinstance(request.clip, Clip) else len(request.clip.continued)
+        finished_tracks: dict[int, list[VariationDone]] = {}  # variation -> its continued tracks done so far
         try:
             for event in model.generator.stream(request.clip, spec, should_stop=job.cancelled.is_set):
                 now_ms = (time.perf_counter() - job.received) * 1000
                 if isinstance(event, NoteEvent):
                     first_note = now_ms if first_note is None else first_note
-                    reply = protocol.note_event(request.id, event.variation, event.note)
+                    reply = protocol.note_event(request.id, event.variation, event.note, event.track)
                 else:
-                    path = self._write(job, model.name, event, spec.variations)
-                    reply = protocol.done_event(request.id, event.variation, str(path), len(event.clip.notes), first_note, now_ms)
+                    tracks = finished_tracks.setdefault(event.variation, [])
+                    tracks.append(event)
+                    if len(tracks) < continued:
+                        continue  # a variation is done (one .mid, one `done`) when all its tracks are
+                    tracks.sort(key=lambda d: d.track)
+                    path = self._write(job, model.name, tracks, spec.variations)
+                    reply = protocol.done_event(request.id, event.variation, str(path), sum(len(d.clip.notes) for d in tracks),
+                                                first_note, now_ms)
                     variations += 1
                 if not job.send(reply):
                     break
@@ -241,9 +250,13 @@ class Service:
                  job.client, request.id, model.name, spec.bars, spec.variations,
                  "-" if first_note is None else f"{first_note:.1f}", total, (started - job.received) * 1000)
 
-    def _write(self, job: Job, model_name: str, done: VariationDone, variations: int) -> Path:
+    def _write(self, job: Job, model_name: str, tracks: list[VariationDone], variations: int) -> Path:
+        """One variation's continued tracks as one .mid (a track each), for drag-and-drop."""
         safe_client = re.sub(r"[^A-Za-z0-9_.-]", "_", job.client)[:40] or "client"
         safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", job.request.id)[:40]
-        path = self.clips_dir / f"{safe_client}-{safe_id}-v{done.variation + 1}.mid"
-        return write_clip(path, done.clip, track_name=f"Segue {model_name} continuation {done.variation + 1} of {variations}")
+        number = tracks[0].variation + 1
+        path = self.clips_dir / f"{safe_client}-{safe_id}-v{number}.mid"
+        name = f"Segue {model_name} continuation {number} of {variations}"
+        names = [name] if len(tracks) == 1 else [f"{d.clip.name}: {name}" for d in tracks]
+        return write_tracks(path, [d.clip for d in tracks], names)
 

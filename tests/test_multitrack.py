@@ -137,3 +137,58 @@ class MidoTrack:
 def mido_tracks(path) -> list[MidoTrack]:
     """The file's tracks with notes, read by an independent library."""
     return [MidoTrack(t) for t in mido.MidiFile(str(path)).tracks if any(m.type == "note_on" for m in t)]
+
+
+# --- over the protocol ------------------------------------------------------------------------------
+
+def test_a_multi_track_clip_round_trips_through_the_protocol():
+    from plugin_bridge.protocol import clip_payload, parse_clip
+
+    arrangement = Arrangement(tuple(band()), (1, 3))
+    payload = clip_payload(arrangement)
+    assert [t["continue"] for t in payload["tracks"]] == [False, True, False, True]
+    parsed = parse_clip(payload, "r")
+    assert isinstance(parsed, Arrangement) and parsed.continued == (1, 3)
+    assert [(t.name, t.program, t.is_drum, t.notes) for t in parsed.tracks] == \
+        [(t.name, t.program, t.is_drum, t.notes) for t in arrangement.tracks]
+    assert clip_payload(Arrangement.of(band()[1]))["program"] == BASS  # one track travels as a plain clip
+
+
+@pytest.mark.parametrize("tracks, code, message", [
+    ([], "bad_request", "non-empty list of track objects"),
+    ([{"notes": [], "continue": True}], "bad_clip", "no notes to continue"),
+    ([{"notes": [[60, 90, 0, 1]], "continue": "yes"}], "bad_request", "continue must be true or false"),
+    ([{"notes": [[60, 90, 0, 1]], "continue": False}], "bad_clip", "no track is marked to continue"),
+    ([{"notes": [[60, 90, 0, 1]]}] * 17, "too_large", "at most 16"),
+    ([{"notes": [[60, 90, 0, 1]], "program": 1e999}], "bad_request", "program must be a finite number"),
+])
+def test_bad_tracks_are_refused_with_a_reason(tracks, code, message):
+    from plugin_bridge.protocol import ProtocolError, parse_clip
+
+    with pytest.raises(ProtocolError, match=message) as caught:
+        parse_clip({"tempo": 100, "time_signature": [4, 4], "tracks": tracks}, "r")
+    assert caught.value.code == code
+
+
+def test_the_service_streams_each_tracks_notes_and_writes_one_file_per_variation(service):
+    from test_service import Inbox
+
+    from plugin_bridge.protocol import clip_payload
+
+    inbox = Inbox()
+    clip = clip_payload(Arrangement(tuple(band()), (0, 1)))
+    service.handle("a", {"type": "continue", "id": "m", "clip": clip, "bars": 2, "variations": 2, "seed": 5}, inbox)
+    events = inbox.until("finished", "m")
+    assert [e["type"] for e in events].count("done") == 2 and events[-1]["variations"] == 2
+    for variation in (0, 1):
+        notes = [e for e in events if e["type"] == "note" and e["variation"] == variation]
+        assert {e["track"] for e in notes} <= {0, 1}
+        done = next(e for e in events if e["type"] == "done" and e["variation"] == variation)
+        assert done["notes"] == len(notes)
+        tracks = [t for t in mido.MidiFile(done["path"]).tracks if any(m.type == "track_name" for m in t)]
+        assert [next(m.name for m in t if m.type == "track_name") for t in tracks] == \
+            [f"{name}: Segue default continuation {variation + 1} of 2" for name in ("Drums", "Bass")]
+        for index, track in enumerate(tracks):
+            pitches = sorted(m.note for m in track if m.type == "note_on" and m.velocity > 0)
+            assert pitches == sorted(e["pitch"] for e in notes if e["track"] == index)
+            assert all(m.channel == 9 for m in track if m.type == "note_on") == (index == 0 or not pitches)
