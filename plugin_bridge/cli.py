@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from engine.locations import default_model_dir
-from plugin_bridge.options import add_continuation_args, continuation_options
+from plugin_bridge.options import add_continuation_args, continuation_options, read_arrangement
 
 
 def _continue_parser(sub) -> None:
@@ -31,9 +30,6 @@ def _continue_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("segue-out"), help="folder for the .mid files (default ./segue-out)")
     p.add_argument("--model", type=Path, default=None, help="model folder (default: models/default, or $SEGUE_MODEL)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1, leaves cores to your DAW)")
-    p.add_argument("--track", type=int, action="append", metavar="N",
-                   help="continue track N of the file (1 = the first track with notes; repeat for several); the other "
-                        "tracks are heard as context. Default: every track")
     p.add_argument("--render", action="store_true", help="also render each .mid to a .wav beside it with FluidSynth "
                    "(as `segue render` does), to listen without a DAW")
     p.set_defaults(run=run_continue)
@@ -45,7 +41,7 @@ def run_continue(args) -> int:
         from engine.constraints import Constraints
         from engine.generate import ContinuationRequest, Generator, NoteEvent, RequestError, VariationDone
         from engine.manifest import ModelError, load_manifest
-        from engine.midi_file import read_tracks, write_tracks
+        from engine.midi_file import write_tracks
     except ImportError as exc:
         return _missing(exc)
 
@@ -58,10 +54,7 @@ def run_continue(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        clip = read_tracks(args.clip)
-        if args.track:
-            clip = replace(clip, continued=tuple(sorted({n - 1 for n in args.track})))
-            clip.validate()
+        clip = read_arrangement(args.clip, args.track)
         loaded = time.perf_counter()
         generator = Generator.load(model_dir, threads=args.threads)
         generator.decoder.warm_up()

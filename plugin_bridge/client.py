@@ -32,7 +32,7 @@ from contextlib import closing
 
 import zmq
 
-from plugin_bridge.options import DEFAULT_ENDPOINT, add_continuation_args, continuation_options
+from plugin_bridge.options import DEFAULT_ENDPOINT, add_continuation_args, continuation_options, read_arrangement
 from plugin_bridge.protocol import clip_payload
 
 log = logging.getLogger("segue.client")
@@ -284,14 +284,13 @@ def _print_json(event: dict) -> None:
 
 
 def _run_continue(args: argparse.Namespace, client: SegueClient) -> int:
-    from engine.midi_file import read_clip
 
-    clip = read_clip(args.clip)  # ClipError names the file and the problem
+    clip = read_arrangement(args.clip, args.track)  # ClipError names the file and the problem
     params = continuation_options(args)
     params["model"] = args.model
     client.ping()  # fail with "start segue serve" before printing anything, and keep connecting out of the timings
     if not args.json:
-        print(f"clip: {args.clip} ({len(clip.notes)} notes, {clip.bars} bars of {clip.time_signature[0]}/"
+        print(f"clip: {args.clip} ({clip.notes} notes in {len(clip.tracks)} track(s), {clip.bars} bars of {clip.time_signature[0]}/"
               f"{clip.time_signature[1]} at {clip.tempo:g} BPM) -> {args.server}", flush=True)
         print(f"{'var':>3}  {'bar.beat':>9}  {'note':<4}  {'vel':>3}  {'beats':>5}", flush=True)
     started = time.perf_counter()
@@ -305,8 +304,9 @@ def _run_continue(args: argparse.Namespace, client: SegueClient) -> int:
             if args.json:
                 _print_json(event)
             elif kind == "note":
+                track = f"  {clip.tracks[event.get('track', 0)].name}" if len(clip.tracks) > 1 else ""
                 print(f"{event['variation'] + 1:>3}  {bar_beat(event['start'], clip.time_signature):>9}  "
-                      f"{note_name(event['pitch']):<4}  {event['velocity']:>3}  {event['duration']:>5.2f}", flush=True)
+                      f"{note_name(event['pitch']):<4}  {event['velocity']:>3}  {event['duration']:>5.2f}{track}", flush=True)
             elif kind == "done":
                 written.append(event["path"])
                 first = "-" if event.get("first_note_ms") is None else f"{event['first_note_ms']:.0f} ms"

@@ -8,8 +8,12 @@ Continuation options default to None, meaning "not given": the model's own `sear
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.clip import Arrangement
 
 DEFAULT_OSC_PORT = 9100
 DEFAULT_ZMQ_PORT = 5555
@@ -23,6 +27,9 @@ CONSTRAINT_OPTIONS = ("key", "scale", "pitch_min", "pitch_max", "max_polyphony",
 def add_continuation_args(p: argparse.ArgumentParser) -> None:
     """The clip and the musical options shared by `segue continue` and `segue client continue`."""
     p.add_argument("clip", type=Path, help="the MIDI file to continue")
+    p.add_argument("--track", type=int, action="append", metavar="N",
+                   help="continue track N of the file (1 = the first track with notes; repeat for several); the other "
+                        "tracks are heard as context. Default: every track")
     p.add_argument("--bars", type=int, help="how many bars to add (1-64; default from the model, usually 4)")
     p.add_argument("--variations", type=int, help="how many different continuations (1-16, default 1)")
     p.add_argument("--temperature", type=float,
@@ -44,6 +51,18 @@ def add_continuation_args(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--min-notes-per-bar", type=int, help="fewest notes started in every bar (pairs well with --mode beam)")
     limits.add_argument("--velocity-min", type=int, help="softest velocity allowed (1-127)")
     limits.add_argument("--velocity-max", type=int, help="loudest velocity allowed (1-127)")
+
+
+def read_arrangement(path: Path, tracks: list[int] | None) -> Arrangement:
+    """The MIDI file's tracks, continuing those numbered in `tracks` (1-based, as printed) or all of
+    them. ClipError names the file's problem or the track numbers that do not exist."""
+    from engine.midi_file import read_tracks
+
+    arrangement = read_tracks(path)
+    if tracks:
+        arrangement = replace(arrangement, continued=tuple(sorted({n - 1 for n in tracks})))
+        arrangement.validate()
+    return arrangement
 
 
 def continuation_options(args: argparse.Namespace) -> dict[str, Any]:
