@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import queue
 import re
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +55,7 @@ def safe_emit(emit: Emit, event: dict) -> None:
                   traceback.format_exc())
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: the queue removes this very job
 class Job:
     client: str
     request: protocol.ContinueRequest
@@ -89,9 +89,14 @@ class Service:
         self.registry = registry
         self.clips_dir = Path(clips_dir)
         self.max_queue = max_queue
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._jobs: dict[str, Job] = {}  # client -> its latest job (queued or running)
+        # Jobs waiting for a worker, oldest first. A job leaves it the moment it is cancelled or
+        # replaced, so the queue holds live work only: a client replacing its request 40 times a
+        # second takes one slot, never 40, and nobody else is told `busy` because of it.
+        self._waiting: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}  # client -> its latest job (waiting or running)
         self._lock = threading.Lock()
+        self._work_ready = threading.Condition(self._lock)
+        self._closing = False
         self._workers = [threading.Thread(target=self._work, name=f"segue-worker-{i}", daemon=True) for i in range(workers)]
         for worker in self._workers:
             worker.start()
@@ -130,7 +135,7 @@ class Service:
         with self._lock:
             job = self._jobs.get(client)
             if job is not None and (not request_id or job.request.id == request_id):
-                del self._jobs[client]
+                self._drop(job)
             else:
                 job = None
         if job is not None and job.cancel():
@@ -143,7 +148,9 @@ class Service:
     def client_gone(self, client: str) -> None:
         """The transport lost this client: free the engine without replying."""
         with self._lock:
-            job = self._jobs.pop(client, None)
+            job = self._jobs.get(client)
+            if job is not None:
+                self._drop(job)
         if job is not None:
             job.cancel(tell_client=False)
 
@@ -151,10 +158,11 @@ class Service:
         with self._lock:
             jobs = list(self._jobs.values())
             self._jobs.clear()
+            self._waiting.clear()
+            self._closing = True
+            self._work_ready.notify_all()
         for job in jobs:
             job.cancel(tell_client=False)
-        for _ in self._workers:
-            self._queue.put(None)
         for worker in self._workers:
             worker.join(timeout=5)
 
@@ -175,23 +183,42 @@ class Service:
             raise KeyError(f"there is no model named {model!r} (available: {available})") from None
 
     def _submit(self, client: str, request: protocol.ContinueRequest, emit: Emit) -> None:
-        if self._queue.qsize() >= self.max_queue:
-            raise protocol.ProtocolError(protocol.BUSY, "the server is busy with other requests; try again in a moment", request.id)
         job = Job(client, request, emit)
         with self._lock:
             previous = self._jobs.get(client)
+            others = len(self._waiting) - (previous is not None and any(j is previous for j in self._waiting))
+            if others >= self.max_queue:  # the client's own waiting request is replaced, so it does not count
+                raise protocol.ProtocolError(protocol.BUSY, "the server is busy with other requests; try again in a moment",
+                                             request.id)
+            if previous is not None:
+                self._drop(previous)
             self._jobs[client] = job
+            self._waiting.append(job)
+            self._work_ready.notify()
         if previous is not None:
             previous.cancel()  # a new request from the same client replaces its old one
-        self._queue.put(job)
+
+    def _drop(self, job: Job) -> None:
+        """Forget a job that is being cancelled: its slot in the queue is free at once. Holds the lock."""
+        if self._jobs.get(job.client) is job:
+            del self._jobs[job.client]
+        try:
+            self._waiting.remove(job)  # by identity: Job compares by identity (eq=False)
+        except ValueError:
+            pass  # already running
+
+    def _next_job(self) -> Job | None:
+        """The oldest waiting job, once there is one; None when the service is closing."""
+        with self._lock:
+            while not self._waiting and not self._closing:
+                self._work_ready.wait()
+            return None if self._closing else self._waiting.popleft()
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
+            job = self._next_job()
             if job is None:
                 return
-            if job.cancelled.is_set():
-                continue
             try:
                 self._run(job)
             except Exception as exc:

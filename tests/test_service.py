@@ -151,3 +151,33 @@ def test_bad_values_get_the_right_error_code_not_internal(service):
         service.handle("a", {"type": "continue", "id": name, **fields}, inbox)
         error = inbox.until("error", name)[-1]
         assert error["type"] == "error" and error["code"] == code and words in error["message"], (name, error)
+
+
+def test_replaced_requests_free_their_queue_slot_at_once(models_dir, tmp_path):
+    """One client replacing its request 40 times while the only worker is busy takes one queue slot,
+    not 40: another client is still served, never told `busy` (a cancelled job leaves the queue)."""
+    registry = ModelRegistry(models_dir)
+    registry.scan()
+    from plugin_bridge.service import Service
+
+    service = Service(registry, tmp_path / "clips", workers=1, max_queue=4)
+    try:
+        busy_one, replacer, third = Inbox(), Inbox(), Inbox()
+        service.handle("c", {"type": "continue", "id": "long", "clip": clip_payload(), "bars": 64, "variations": 16}, busy_one)
+        for number in range(40):
+            service.handle("a", {"type": "continue", "id": f"a{number}", "clip": clip_payload(), "bars": 1}, replacer)
+        service.handle("b", {"type": "continue", "id": "b", "clip": clip_payload(), "bars": 1, "seed": 1}, third)
+        events = third.until("finished", "b", timeout=120)
+        assert events[-1]["type"] == "finished", events[-1]
+        assert replacer.until("finished", "a39", timeout=120)[-1]["type"] == "finished"
+        # The other clients fill the queue to its bound: then a newcomer is told busy, with the request's id.
+        for name in "defg":
+            service.handle(name, {"type": "continue", "id": name, "clip": clip_payload(), "bars": 64, "variations": 16}, Inbox())
+        service.handle("c", {"type": "continue", "id": "long2", "clip": clip_payload(), "bars": 64, "variations": 16}, Inbox())
+        late = Inbox()
+        service.handle("h", {"type": "continue", "id": "h", "clip": clip_payload(), "bars": 1}, late)
+        reply = late.until("error", "h")[-1]
+        assert reply["code"] == "busy", reply
+    finally:
+        service.close()
+        registry.stop()
