@@ -34,6 +34,7 @@ from engine.assembler import NoteAssembler
 from engine.beam import beam_search
 from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
+from engine.manifest import MODEL_FILE, TOKENIZER_FILE, read_model_folder
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
 from engine.session import KVCache, OnnxDecoder
@@ -94,8 +95,11 @@ class Generator:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> Generator:
-        decoder = OnnxDecoder.load(folder, threads=threads)
-        return cls(decoder, ClipTokenizer.from_file(Path(folder)))
+        """A verified model folder's generator: the session and tokenizer are built from the very bytes
+        whose hashes were checked."""
+        manifest, files = read_model_folder(Path(folder))
+        decoder = OnnxDecoder.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads=threads)
+        return cls(decoder, ClipTokenizer.from_bytes(files[TOKENIZER_FILE]))
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -242,15 +242,33 @@ def load_manifest(folder: Path) -> Manifest:
 
 def verify_model_folder(folder: Path) -> Manifest:
     """The manifest, after checking that every listed file exists and matches its sha256."""
+    return read_model_folder(folder)[0]
+
+
+def read_model_folder(folder: Path) -> tuple[Manifest, dict[str, bytes]]:
+    """The manifest and the bytes of every file it lists, each read once and checked against its
+    sha256: whoever loads a model uses these very bytes, so nothing can change a file between the
+    check and the load. The folder holds exactly the listed files and the manifest, none of them a
+    symbolic link (a link could point anywhere, and an unlisted file is unaccounted for)."""
     folder = Path(folder)
     manifest = load_manifest(folder)
+    expected_names = {MANIFEST_FILE, *manifest.files}
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in expected_names and not p.name.startswith("."))
+    if extra:
+        raise ModelError(f"model folder {folder} holds files its manifest does not list: {', '.join(extra[:5])}")
+    contents = {}
     for name, expected in manifest.files.items():
         path = folder / name
+        if path.is_symlink() or (folder / MANIFEST_FILE).is_symlink():
+            raise ModelError(f"{path if path.is_symlink() else folder / MANIFEST_FILE} is a symbolic link; "
+                             f"a model folder holds its own files")
         if not path.is_file():
             raise ModelError(f"model folder {folder} is missing {name}")
-        if sha256_file(path) != expected:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected:
             raise ModelError(f"{path} does not match the sha256 in its manifest: the file was changed or corrupted")
-    return manifest
+        contents[name] = data
+    return manifest, contents
 
 
 # --- a small typed reader for the dataclasses above ----------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine.manifest import MODEL_FILE, Manifest, ModelError, verify_model_folder
+from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,17 @@ class OnnxDecoder:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None, providers: list[str] | None = None) -> OnnxDecoder:
-        """Verify every file hash, then create the session (never the other way round)."""
-        folder = Path(folder)
-        manifest = verify_model_folder(folder)
+        """Verify every file hash, then create the session from the verified bytes (never the other way round)."""
+        manifest, files = read_model_folder(Path(folder))
+        return cls.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads, providers)
+
+    @classmethod
+    def from_bytes(cls, folder: Path, manifest: Manifest, model: bytes, threads: int | None = None,
+                   providers: list[str] | None = None) -> OnnxDecoder:
+        """A session over ONNX bytes already checked against `manifest` (read_model_folder)."""
         threads = threads or int(os.environ.get("SEGUE_THREADS", "1"))
         try:
-            session = ort.InferenceSession(str(folder / MODEL_FILE), session_options(threads),
-                                           providers=providers or ["CPUExecutionProvider"])
+            session = ort.InferenceSession(model, session_options(threads), providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelError(f"ONNX Runtime could not load {folder / MODEL_FILE}: {exc}") from exc
         return cls(folder, manifest, session)

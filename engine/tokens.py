@@ -14,6 +14,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -104,6 +105,14 @@ class ClipTokenizer:
     @classmethod
     def default(cls) -> ClipTokenizer:
         return cls(REMI(default_tokenizer_config()))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ClipTokenizer:
+        """From the bytes of a tokenizer.json already read and checked (miditok reads only files)."""
+        with tempfile.TemporaryDirectory(prefix="segue-tokenizer-") as folder:
+            path = Path(folder) / TOKENIZER_FILE
+            path.write_bytes(data)
+            return cls.from_file(path)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ClipTokenizer:

@@ -41,9 +41,14 @@ class LoadedModel:
 
 
 def folder_signature(folder: Path) -> tuple:
-    """Changes whenever export-onnx rewrites the folder (it swaps in a new folder with a new manifest)."""
-    stat = (folder / MANIFEST_FILE).stat()
-    return (folder.stat().st_ino, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    """Changes whenever anything in the folder changes: export-onnx swapping in a new folder, and
+    also a folder copied in file by file (manifest first), so a folder refused mid-copy is retried
+    once the copy is complete."""
+    entries = []
+    for path in sorted(folder.iterdir()):
+        stat = path.lstat()
+        entries.append((path.name, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    return (folder.stat().st_ino, tuple(entries))
 
 
 class ModelRegistry:
@@ -104,9 +109,11 @@ class ModelRegistry:
             if (current and current.signature == signature) or (refused and refused[0] == signature):
                 continue
             try:
+                if folder.is_symlink() and not folder.resolve().is_relative_to(self.models_dir.resolve()):
+                    raise ModelError(f"{folder} links to {folder.resolve()}, outside {self.models_dir}")
                 generator = Generator.load(folder, threads=self.threads)
                 generator.decoder.warm_up()
-            except (ModelError, ValueError, OSError) as exc:
+            except Exception as exc:  # one bad folder is refused; the others still load, and serving goes on
                 with self._lock:
                     self._refused[name] = (signature, str(exc))
                 verb = "keeping the model already serving" if current else "not serving it"

@@ -181,3 +181,64 @@ def test_replaced_requests_free_their_queue_slot_at_once(models_dir, tmp_path):
     finally:
         service.close()
         registry.stop()
+
+
+def test_bad_model_folders_are_refused_one_by_one_and_retried_when_they_change(models_dir, tiny_model, tmp_path):
+    """A manifest with an empty model section, a deeply nested one, an extra file, a symbolic link
+    and a folder linked from outside are each refused with a reason while the good model serves;
+    a folder copied manifest-first is refused mid-copy and loaded once the copy completes."""
+    def copy_with(name: str, change) -> None:
+        folder = models_dir / name
+        shutil.copytree(tiny_model, folder)
+        change(folder)
+
+    def manifest_edit(edit):
+        def change(folder):
+            manifest = json.loads((folder / "manifest.json").read_text())
+            edit(manifest)
+            (folder / "manifest.json").write_text(json.dumps(manifest))
+        return change
+
+    copy_with("empty-model", manifest_edit(lambda m: m.update(model={})))
+    copy_with("nested", lambda f: (f / "manifest.json").write_text("[" * 50_000 + "]" * 50_000))
+    copy_with("extra", lambda f: (f / "notes.txt").write_text("hello"))
+    copy_with("linked-file", lambda f: ((f / "tokenizer.json").unlink(), (f / "tokenizer.json").symlink_to(tiny_model / "tokenizer.json")))
+    outside = tmp_path / "outside"
+    shutil.copytree(tiny_model, outside)
+    (models_dir / "linked-folder").symlink_to(outside, target_is_directory=True)
+    late = models_dir / "late"
+    late.mkdir()
+    shutil.copy(tiny_model / "manifest.json", late / "manifest.json")  # the copy has only begun
+
+    registry = ModelRegistry(models_dir)
+    assert registry.scan() == ["default"]
+    refused = registry.refused()
+    assert "missing 'n_layer'" in refused["empty-model"]
+    assert "too deeply" in refused["nested"]
+    assert "does not list: notes.txt" in refused["extra"]
+    assert "symbolic link" in refused["linked-file"]
+    assert "outside" in refused["linked-folder"]
+    assert "missing" in refused["late"]
+    assert registry.scan() == []  # nothing changed: nothing is tried again
+    for name in ("model.onnx", "tokenizer.json"):
+        shutil.copy(tiny_model / name, late / name)
+    assert registry.scan() == ["late"]  # the finished copy is loaded
+    registry.stop()
+
+
+def test_the_session_is_built_from_the_bytes_that_were_verified(tiny_model, monkeypatch):
+    import onnxruntime
+
+    from engine.generate import Generator
+
+    seen = []
+    real = onnxruntime.InferenceSession
+
+    def recording(model, *args, **kwargs):
+        seen.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    Generator.load(tiny_model)
+    assert len(seen) == 1 and isinstance(seen[0], bytes)
+    assert seen[0] == (tiny_model / "model.onnx").read_bytes()
