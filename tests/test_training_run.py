@@ -131,3 +131,15 @@ def test_train_stops_at_its_time_budget(tiny_build, tmp_path):
     assert state["finished"] == "time_budget" and state["step"] == state["max_steps"] == 21
     assert [r["step"] for r in read_log(tmp_path / "train_log.jsonl") if r["kind"] == "eval"] == [0, 21]
     assert "stopped at the time budget after 21 steps" in out
+
+
+def test_a_dangling_symlink_in_a_data_folder_is_reported_not_skipped_silently(tmp_path, tiny_model):
+    from training.data import find_midi_files, ingest_file
+
+    folder = tmp_path / "catalogue"
+    folder.mkdir()
+    (folder / "gone.mid").symlink_to(tmp_path / "moved-away.mid")
+    (folder / "notes.txt").write_text("not music")
+    assert find_midi_files(folder) == [folder / "gone.mid"]
+    result = ingest_file(folder / "gone.mid", str(tiny_model / "tokenizer.json"))
+    assert result.tokens is None and "symbolic link" in result.reason and "moved-away.mid" in result.reason

@@ -40,7 +40,10 @@ def data_fingerprint(file_hashes) -> str:
 
 
 def find_midi_files(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file())
+    """Every MIDI-named file under `folder`, sorted. A symbolic link whose target is gone is listed
+    too, so ingest reports it as skipped instead of it vanishing without a word."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.suffix.lower() in MIDI_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 @dataclass
@@ -83,6 +86,9 @@ def ingest_file(path: Path, tokenizer_file: str, tempo_factors: tuple[float, ...
     from training.augment import stretch_score
 
     result = IngestResult(str(path))
+    if Path(path).is_symlink() and not Path(path).exists():
+        result.reason = f"a symbolic link to {Path(path).readlink()}, which does not exist"
+        return result
     try:
         data = Path(path).read_bytes()
         if len(data) > MAX_FILE_BYTES:
