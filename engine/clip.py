@@ -15,6 +15,18 @@ from symusic.core import ScoreTick
 
 # Ticks per quarter note used whenever a clip becomes a symusic Score (fine enough for any grid).
 TICKS_PER_BEAT = 480
+# A clip that ends this little past a bar line ends at the bar line: DAWs write note-offs and
+# end-of-track a tick or two late (16.002 beats for a 4-bar clip at 480 ticks per beat), and
+# counting that as a fifth bar would move the continuation a whole bar later. Two ticks at 96
+# ticks per beat, the coarsest resolution in common use.
+BAR_SNAP_BEATS = 2 / 96
+
+
+def whole_bars(beats: float, beats_per_bar: float) -> int:
+    """Bars needed to hold `beats`, at least one: a partial bar counts, an overhang of at most
+    BAR_SNAP_BEATS past a bar line does not."""
+    full, overhang = divmod(beats, beats_per_bar)
+    return max(1, int(full) + (overhang > BAR_SNAP_BEATS))
 
 
 class ClipError(ValueError):
@@ -68,13 +80,12 @@ class Clip:
         if self.length is not None:
             return self.length
         last_end = max((n.end for n in self.notes), default=0.0)
-        bars = max(1, -(-last_end // self.beats_per_bar))
-        return bars * self.beats_per_bar
+        return whole_bars(last_end, self.beats_per_bar) * self.beats_per_bar
 
     @property
     def bars(self) -> int:
-        """Whole bars the clip occupies (a partial last bar counts as a bar)."""
-        return max(1, int(-(-round(self.length_beats, 6) // self.beats_per_bar)))
+        """Whole bars the clip occupies (a partial last bar counts as a bar; see BAR_SNAP_BEATS)."""
+        return whole_bars(self.length_beats, self.beats_per_bar)
 
     def validate(self) -> None:
         numerator, denominator = self.time_signature

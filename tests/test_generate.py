@@ -201,3 +201,17 @@ def test_chord_lookahead_moves_on_when_no_allowed_pitch_is_likely():
         for done in generator.generate(clip, ContinuationRequest(bars=2, variations=2, temperature=1.0, seed=seed)):
             onsets.update(Counter(round(n.start, 4) for n in done.clip.notes).values())
     assert onsets and set(onsets) == {1}, onsets  # never a second note stacked on an onset
+
+
+def test_a_clip_ending_a_tick_past_a_bar_line_is_continued_from_that_bar_line(generator, example_midi):
+    """A DAW writes note-offs and end-of-track a tick or two late: 16.002 beats is a 4-bar clip, and
+    the continuation starts at beat 16, not a bar later; a real overhang (16.5) is a fifth bar."""
+    from dataclasses import replace
+
+    clip = four_bar_clip(example_midi[0])
+    late = replace(clip, length=16.002)
+    assert late.bars == 4 and replace(clip, length=16.5).bars == 5
+    ringing = clip.with_notes([*clip.notes[:-1], replace(clip.notes[-1], duration=16.002 - clip.notes[-1].start)])
+    for prompt in (late, replace(ringing, length=None)):
+        done = generator.generate(prompt, ContinuationRequest(bars=1, seed=2))[0]
+        assert done.clip.notes and all(16.0 <= n.start < 20.0 for n in done.clip.notes)
