@@ -34,7 +34,7 @@ from engine.assembler import NoteAssembler
 from engine.beam import beam_search
 from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
-from engine.manifest import MODEL_FILE, TOKENIZER_FILE, read_model_folder
+from engine.manifest import MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
 from engine.session import KVCache, OnnxDecoder
@@ -98,6 +98,10 @@ class Generator:
         """A verified model folder's generator: the session and tokenizer are built from the very bytes
         whose hashes were checked."""
         manifest, files = read_model_folder(Path(folder))
+        try:  # the defaults every request without options gets must be a request the engine accepts
+            ContinuationRequest.from_options(manifest.search)
+        except RequestError as exc:
+            raise ModelError(f"{Path(folder) / 'manifest.json'}: its search defaults are not a valid request ({exc})") from None
         decoder = OnnxDecoder.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads=threads)
         return cls(decoder, ClipTokenizer.from_bytes(files[TOKENIZER_FILE]))
 

@@ -40,7 +40,7 @@ class ContinuationRequest:
     top_p: float = _SEARCH.top_p
     seed: int | None = None
     constraints: Constraints = field(default_factory=Constraints)  # hard musical constraints (engine/constraints.py)
-    mode: str = _SEARCH.mode  # "sample" | "beam" (the most likely continuations, see the module docstring)
+    mode: str = _SEARCH.mode  # "sample" | "beam" (the most likely continuations, see engine/generate.py)
     beam_width: int = _SEARCH.beam_width  # hypotheses kept per step in beam mode
 
     @classmethod

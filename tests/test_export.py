@@ -49,6 +49,16 @@ def test_typed_manifest_refuses_missing_and_mistyped_fields(model_copy):
         verify_model_folder(model_copy)
 
 
+def test_search_defaults_that_are_not_a_valid_request_refuse_the_model(model_copy):
+    from engine.generate import Generator
+
+    data = json.loads((model_copy / "manifest.json").read_text())
+    data["search"]["temperature"] = 50.0
+    (model_copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="search defaults are not a valid request.*temperature 50"):
+        Generator.load(model_copy)
+
+
 def test_older_manifest_without_search_gets_the_default_search(model_copy):
     data = json.loads((model_copy / "manifest.json").read_text())
     del data["search"]
