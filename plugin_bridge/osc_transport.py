@@ -22,7 +22,6 @@ for the client is `osc:<host>:<reply_port>`. The address table is in docs/protoc
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import socket
 import threading
@@ -56,8 +55,8 @@ Dest = tuple[str, int]
 class _Throttle:
     """At most `limit` log lines per `window_s` for one noisy cause (a flood of garbage must not flood the log)."""
 
-    def __init__(self, limit: int = 20, window_s: float = 10.0):
-        self.limit, self.window_s = limit, window_s
+    def __init__(self, limit: int = 20, window_s: float = 10.0, what: str = "refused datagrams"):
+        self.limit, self.window_s, self.what = limit, window_s, what
         self._start, self._count, self._suppressed = 0.0, 0, 0
         self._lock = threading.Lock()
 
@@ -66,7 +65,7 @@ class _Throttle:
             now = time.monotonic()
             if now - self._start > self.window_s:
                 if self._suppressed:
-                    log.warning("%d more refused datagrams were not logged in the last %.0f s", self._suppressed, self.window_s)
+                    log.warning("%d more %s were not logged in the last %.0f s", self._suppressed, self.what, self.window_s)
                 self._start, self._count, self._suppressed = now, 0, 0
             self._count += 1
             if self._count > self.limit:
@@ -94,7 +93,8 @@ class OscTransport:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._refusals = _Throttle()
-        self._send_failures = _Throttle(limit=5)
+        self._send_failures = _Throttle(limit=5, what="failed sends")
+        self._emit_failures = _Throttle(limit=5, what="failed replies")
         # address -> (argument names, handler); the argument count is checked before the handler runs
         self._handlers: dict[str, tuple[str, Callable[[str, Dest, str, list, Emit], None]]] = {
             msgs.PING: ("reply_port id", self._on_ping),
@@ -150,22 +150,32 @@ class OscTransport:
         return self._sock.getsockname()[1]
 
     def stop(self) -> None:
-        """Stop receiving, join the receive thread and close both sockets. Safe to call twice."""
+        """Stop receiving, join the receive thread and close both sockets. Safe to call twice.
+
+        Invariant: when stop() returns both sockets are closed, even if waking or joining the
+        thread failed; a reply emitted afterwards is dropped by `_send`, never raised."""
         self._stop.set()
-        if self._thread is not None and self._sock is not None and self._send_sock is not None:
-            try:  # wake the receive loop now instead of at its next poll
-                self._send_sock.sendto(b"", self._sock.getsockname())
-            except OSError as exc:  # it wakes within _POLL_S anyway
-                log.debug("could not wake the OSC receive loop: %s", exc)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            if self._thread.is_alive():
-                log.error("the OSC receive thread did not stop within 5 s")
+        try:
+            if self._thread is not None and self._sock is not None and self._send_sock is not None:
+                try:  # wake the receive loop now instead of at its next poll
+                    self._send_sock.sendto(b"", self._sock.getsockname())
+                except OSError as exc:  # it wakes within _POLL_S anyway
+                    log.debug("could not wake the OSC receive loop: %s", exc)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+                if self._thread.is_alive():
+                    log.error("the OSC receive thread did not stop within 5 s")
+        finally:
             self._thread = None
-        for sock in (self._sock, self._send_sock):
-            if sock is not None:
-                sock.close()
-        self._sock = self._send_sock = None
+            sock, self._sock = self._sock, None
+            try:
+                if sock is not None:
+                    sock.close()
+            finally:
+                with self._send_lock:  # a reply being sent right now finishes first; later ones find None
+                    send_sock, self._send_sock = self._send_sock, None
+                    if send_sock is not None:
+                        send_sock.close()
 
     def __enter__(self) -> OscTransport:
         return self.start()
@@ -305,22 +315,10 @@ class OscTransport:
             self._submit(client, request_id, payload, emit)
 
     def _submit(self, client: str, request_id: str, raw: bytes, emit: Emit) -> None:
-        """A complete continue request (one message or reassembled chunks) -> the service."""
-        try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise protocol.ProtocolError(protocol.BAD_REQUEST, f"the continue request is not valid UTF-8 JSON ({exc})",
-                                         request_id) from None
-        if not isinstance(payload, dict):
-            raise protocol.ProtocolError(protocol.BAD_REQUEST, "the continue request JSON must be an object", request_id)
-        if payload.get("type", "continue") != "continue":
-            raise protocol.ProtocolError(protocol.BAD_REQUEST, f"the JSON says type {payload.get('type')!r} but was sent "
-                                         f"to {msgs.CONTINUE}", request_id)
-        if "id" in payload and str(payload["id"]) != request_id:
-            raise protocol.ProtocolError(protocol.BAD_REQUEST, f"the JSON id {payload['id']!r} differs from the OSC id "
-                                         f"{request_id!r}; leave it out or make them equal", request_id)
-        payload["type"], payload["id"] = "continue", request_id
-        self.service.handle(client, payload, emit)
+        """A complete continue request (one message or reassembled chunks) -> the service.
+        Decoding is the protocol's (the same JSON rules as ZeroMQ: no NaN, no Infinity); a bad body
+        raises ProtocolError, which `_message` turns into an error reply."""
+        self.service.handle(client, protocol.decode_osc_continue(raw, request_id, msgs.CONTINUE), emit)
 
     def _expire_uploads(self) -> None:
         with self._uploads_lock:
@@ -336,27 +334,29 @@ class OscTransport:
     # --- sending -----------------------------------------------------------------------------------
 
     def _emitter(self, dest: Dest) -> Emit:
-        """The `emit` the service calls (from worker threads) for replies to `dest`. Never raises."""
+        """The `emit` the service calls (from worker threads) for replies to `dest`. Never raises:
+        an exception here would land in a worker thread that can do nothing about it, so anything
+        that goes wrong (even after stop()) costs that one reply and a rate-limited log line."""
 
         def emit(event: dict) -> None:
             try:
                 data = msgs.encode_reply(event)
+                if data is not None:
+                    self._send(data, dest)
             except Exception:
-                log.exception("could not encode the reply %r for %s", event, dest)
-                return
-            if data is not None:
-                self._send(data, dest)
+                if self._emit_failures.allow():
+                    log.exception("could not send the reply %.200r to %s", event, dest)
 
         return emit
 
     def _send(self, data: bytes, dest: Dest) -> None:
         """Send one datagram; failures (client gone, buffer full) are logged, never raised."""
-        sock = self._send_sock
-        if sock is None:
-            log.debug("reply to %s after the transport stopped; dropped", dest)
-            return
         try:
-            with self._send_lock:
+            with self._send_lock:  # stop() closes the socket under this lock, so it is never closed mid-send
+                sock = self._send_sock
+                if sock is None:
+                    log.debug("reply to %s after the transport stopped; dropped", dest)
+                    return
                 sock.sendto(data, dest)
         except OSError as exc:
             if self._send_failures.allow():

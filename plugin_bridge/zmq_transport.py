@@ -16,6 +16,10 @@ Why it is built this way:
   A client that stops reading fills its send high-water mark and is treated the same way.
 - Nothing a client sends may stop the loop: bad frames are answered with `bad_request` and
   logged; a message over MAXMSGSIZE makes libzmq drop only that sender's connection.
+- Stopping cannot leak: the loop checks a stopping flag at least every POLL_MS, so the wake-up
+  stop() sends is only a nudge (the loop may already have closed its end: zmq.Again is expected);
+  the join and the closing of every socket and the context run in `finally`. The `emit` handed to
+  the Service never raises into its worker threads, before, during or after stop().
 
     transport = ZmqTransport(service, port=5555); transport.start(); ...; transport.stop()
 """
@@ -27,6 +31,7 @@ import json
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -50,6 +55,33 @@ BATCH = 256  # requests read per turn before replies are flushed, so replies nev
 _REMEMBER_GONE = 1024  # identities logged as gone (identities are never reused, so this only bounds memory)
 
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED
+
+
+class _LogLimit:
+    """At most `limit` log lines per `window_s` for one cause, counting the ones held back, so a
+    failure repeated by every reply of a stream is seen once without flooding the log."""
+
+    def __init__(self, limit: int = 5, window_s: float = 10.0):
+        self.limit, self.window_s = limit, window_s
+        self._start, self._count, self._suppressed = float("-inf"), 0, 0
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start > self.window_s:
+                self._start, self._count = now, 0
+            self._count += 1
+            if self._count > self.limit:
+                self._suppressed += 1
+                return False
+            return True
+
+    def take_suppressed(self) -> int:
+        """How many lines were held back since the last call (reported in the next line that is logged)."""
+        with self._lock:
+            suppressed, self._suppressed = self._suppressed, 0
+            return suppressed
 
 
 def client_name(identity: bytes) -> str:
@@ -81,6 +113,8 @@ class ZmqTransport:
         self._gone: OrderedDict[bytes, None] = OrderedDict()
         self._overflowed: OrderedDict[bytes, str | None] = OrderedDict()  # identity -> request whose replies are dropped
         self._srcfd_ok = True
+        self._emit_log = _LogLimit()  # emit() must never raise into a worker thread: it logs instead
+        self._dropped_log = _LogLimit()
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -99,23 +133,22 @@ class ZmqTransport:
         if self._thread is not None:
             raise RuntimeError("the ZeroMQ transport is already started")
         ctx = zmq.Context()
-        router = ctx.socket(zmq.ROUTER)
-        try:
+        try:  # a failed start leaves nothing open: destroy closes every socket this context made
+            router = ctx.socket(zmq.ROUTER)
             self._configure(router)
             self._port = self._bind(router)
+            monitor = router.get_monitor_socket(_MONITOR_EVENTS)
+            address = f"inproc://segue-wake-{id(self):x}"
+            wake_rx = ctx.socket(zmq.PAIR)
+            wake_rx.linger = 0
+            wake_rx.bind(address)
+            wake_tx = ctx.socket(zmq.PAIR)
+            wake_tx.linger = 0
+            wake_tx.connect(address)
         except BaseException:
-            router.close(linger=0)
-            ctx.term()
+            ctx.destroy(linger=0)
             raise
-        self._ctx, self._router = ctx, router
-        self._monitor = router.get_monitor_socket(_MONITOR_EVENTS)
-        address = f"inproc://segue-wake-{id(self):x}"
-        self._wake_rx = ctx.socket(zmq.PAIR)
-        self._wake_rx.linger = 0
-        self._wake_rx.bind(address)
-        self._wake_tx = ctx.socket(zmq.PAIR)
-        self._wake_tx.linger = 0
-        self._wake_tx.connect(address)
+        self._ctx, self._router, self._monitor, self._wake_rx, self._wake_tx = ctx, router, monitor, wake_rx, wake_tx
         self._stopping.clear()
         self._wake_pending = False
         # The sockets move to the I/O thread here; Thread.start is the full memory barrier zmq asks for.
@@ -124,26 +157,48 @@ class ZmqTransport:
         log.info("ZeroMQ transport listening on %s (max message %d bytes)", self.endpoint, self.max_message)
 
     def stop(self) -> None:
-        """Stop the loop, close every socket without lingering and cancel the streams of our clients."""
-        if self._thread is None:
+        """Stop the loop, close every socket without lingering and cancel the streams of our clients.
+
+        Invariant: when stop() returns, the I/O thread has been joined and every socket and the
+        context are closed, whatever the wake-up or the loop did; nothing here raises because the
+        I/O thread already closed its end. Safe to call twice."""
+        thread, ctx = self._thread, self._ctx
+        if thread is None or ctx is None:
             return
         self._stopping.set()
-        with self._wake_lock:  # wake the loop even when a wake-up is already pending
-            self._wake_tx.send(b"", zmq.NOBLOCK)
-        self._thread.join(timeout=5)
-        if self._thread.is_alive():  # should not happen: the loop polls at most POLL_MS
-            log.error("the ZeroMQ I/O thread did not stop within 5 s; destroying its sockets")
-            self._ctx.destroy(linger=0)
-        with self._wake_lock:
-            self._wake_tx.close(linger=0)
-            self._wake_tx = None
-        self._ctx.term()
-        self._thread = self._ctx = self._router = self._monitor = self._wake_rx = None
-        for identity in set(self._fd_client.values()):
-            self.service.client_gone(client_name(identity))
-        self._fd_client.clear()
-        self._client_fd.clear()
-        log.info("ZeroMQ transport on port %s stopped", self._port)
+        try:
+            self._nudge()
+            thread.join(timeout=5)
+            if thread.is_alive():  # should not happen: the loop polls at most POLL_MS
+                log.error("the ZeroMQ I/O thread did not stop within 5 s; destroying its sockets under it")
+        finally:
+            with self._wake_lock:  # emitters look at _wake_tx under this lock: after this none sends on it
+                self._wake_tx = None
+            try:
+                # destroy, not term: it closes what is still open (our end of the wake-up pipe, and any
+                # socket the loop could not close), so it never waits forever on a forgotten socket
+                ctx.destroy(linger=0)
+            finally:
+                self._thread = self._ctx = self._router = self._monitor = self._wake_rx = None
+                clients = set(self._fd_client.values())
+                self._fd_client.clear()
+                self._client_fd.clear()
+                for identity in clients:
+                    self.service.client_gone(client_name(identity))
+                log.info("ZeroMQ transport on port %s stopped", self._port)
+
+    def _nudge(self) -> None:
+        """Wake the loop so it sees the stopping flag now rather than at its next poll (within POLL_MS).
+
+        Only a nudge: the I/O thread may already have seen the flag and closed its end, which makes
+        the send fail with zmq.Again; the flag and the join are what stop the loop."""
+        with self._wake_lock:  # sent even when a wake-up is already pending, so the loop wakes at once
+            if self._wake_tx is None:
+                return
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("no wake-up for the stopping ZeroMQ loop (%s); it stops at its next poll", exc)
 
     def __enter__(self) -> ZmqTransport:
         self.start()
@@ -183,9 +238,23 @@ class ZmqTransport:
     # --- replies from any thread ---------------------------------------------------------------------
 
     def _emitter(self, route: list[bytes]) -> Callable[[dict], None]:
+        """The `emit` the Service calls (from worker threads) for replies to `route`. Never raises:
+        an exception here would land in a worker thread that can do nothing about it. After stop()
+        replies are dropped (the clients' streams were cancelled), with a rate-limited log line."""
+
         def emit(event: dict) -> None:
-            self._outbox.put((route, event))
-            self._wake()
+            try:
+                if self._stopping.is_set():
+                    if self._dropped_log.allow():
+                        log.debug("reply %s for %s after the transport stopped; dropped",
+                                  event.get("type"), client_name(route[0]))
+                    return
+                self._outbox.put((route, event))
+                self._wake()
+            except Exception:
+                if self._emit_log.allow():
+                    log.exception("could not queue a reply for %s (%d such failures since the last line not logged)",
+                                  client_name(route[0]), self._emit_log.take_suppressed())
 
         return emit
 
@@ -195,47 +264,68 @@ class ZmqTransport:
         with self._wake_lock:
             if self._wake_tx is None or self._wake_pending:  # stopped, or a flush is already due
                 return
-            self._wake_tx.send(b"", zmq.NOBLOCK)
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.Again:  # the I/O thread has closed its end: it is stopping, and its queue goes with it
+                return
             self._wake_pending = True
 
     # --- the I/O thread ------------------------------------------------------------------------------
 
+    def _io_sockets(self) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
+        """The router, its monitor and the wake-up receiver: they exist from start() until the I/O thread ends."""
+        assert self._router is not None and self._monitor is not None and self._wake_rx is not None, \
+            "the I/O thread runs only between start() and the end of its own loop"
+        return self._router, self._monitor, self._wake_rx
+
     def _loop(self) -> None:
+        router, monitor, wake_rx = self._io_sockets()
         poller = zmq.Poller()
-        for sock in (self._router, self._monitor, self._wake_rx):
+        for sock in (router, monitor, wake_rx):
             poller.register(sock, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
                 try:
                     ready = dict(poller.poll(POLL_MS))
-                    if self._wake_rx in ready:
+                    if wake_rx in ready:
                         with self._wake_lock:
-                            self._drain(self._wake_rx)
+                            self._drain(wake_rx)
                             self._wake_pending = False
                     self._read_monitor()
-                    if self._router in ready:
+                    if router in ready:
                         self._read_requests()
                     self._flush()
                 except zmq.ContextTerminated:  # stop() gave up waiting and destroyed the context
                     return
                 except Exception:  # one bad turn must not end the server; log and keep serving
                     log.error("ZeroMQ loop error (still serving):\n%s", traceback.format_exc())
-        finally:
-            self._router.disable_monitor()
-            for sock in (self._monitor, self._wake_rx, self._router):
-                sock.close(linger=0)
+        finally:  # each close on its own: one failing must not leave the others open (ctx.term would hang)
+            try:
+                router.disable_monitor()
+            except zmq.ZMQError as exc:
+                log.debug("could not disable the ZeroMQ socket monitor: %s", exc)
+            for sock in (monitor, wake_rx, router):
+                try:
+                    sock.close(linger=0)
+                except Exception:
+                    log.exception("could not close a ZeroMQ socket of the I/O thread")
 
     @staticmethod
-    def _drain(sock: zmq.Socket) -> None:
-        while sock.get(zmq.EVENTS) & zmq.POLLIN:
+    def _readable(sock: zmq.Socket) -> bool:
+        return bool(int(sock.get(zmq.EVENTS)) & zmq.POLLIN)
+
+    @classmethod
+    def _drain(cls, sock: zmq.Socket) -> None:
+        while cls._readable(sock):
             sock.recv(zmq.NOBLOCK)
 
     def _read_monitor(self) -> None:
         """Handle every pending disconnect. Called before each request is mapped to its fd, because
         a closed fd number can be reused at once by a new connection: the monitor event for the old
         one is always queued before the new connection's first message, so draining first is exact."""
-        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+        _, monitor, _ = self._io_sockets()
+        while self._readable(monitor):
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 identity = self._fd_client.pop(int(event["value"]), None)
                 if identity is not None:
@@ -243,9 +333,10 @@ class ZmqTransport:
                     self._client_gone(identity, "disconnected")
 
     def _read_requests(self) -> None:
+        router, _, _ = self._io_sockets()
         for _ in range(BATCH):
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._read_monitor()
@@ -287,12 +378,9 @@ class ZmqTransport:
             self._reply_error(route, "the request frame is empty; send a JSON object")
             return
         try:
-            payload = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-        except UnicodeDecodeError as exc:
-            self._reply_error(route, f"the request is not UTF-8 text ({exc.reason} at byte {exc.start})")
-            return
-        except (ValueError, RecursionError) as exc:
-            self._reply_error(route, f"the request is not valid JSON ({str(exc)[:120]})")
+            payload = protocol.decode_json(data)
+        except protocol.ProtocolError as exc:
+            self._reply_error(route, exc.message)
             return
         self.service.handle(client_name(identity), payload, self._emitter(route))
 
@@ -316,7 +404,7 @@ class ZmqTransport:
             if self._overflowed.get(route[0]) == event.get("id"):
                 continue  # the rest of a stream already cut short: a gap in the middle would be worse than no tail
             try:
-                self._router.send_multipart([*route, data], zmq.NOBLOCK)
+                self._io_sockets()[0].send_multipart([*route, data], zmq.NOBLOCK)
             except zmq.Again:
                 self._overflowed[route[0]] = event.get("id")
                 if len(self._overflowed) > _REMEMBER_GONE:
@@ -339,7 +427,3 @@ class ZmqTransport:
             self._gone.popitem(last=False)
         log.info("client %s %s; its request (if any) is cancelled", client, why)
 
-
-def _reject_constant(name: str) -> float:
-    """JSON has no NaN or Infinity; Python's json accepts them, the protocol does not."""
-    raise ValueError(f"{name} is not a JSON number")

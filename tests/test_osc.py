@@ -7,7 +7,6 @@ ports, a timeout on every receive, and a fixture that fails a test leaking a soc
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import struct
@@ -113,7 +112,8 @@ def test_peek_head_reads_only_an_intact_head():
 
 REPLIES = [
     {"type": "pong", "id": "a"},
-    {"type": "note", "id": "a", "variation": 1, "pitch": 60, "velocity": 90, "start": 16.5, "duration": 0.25, "channel": 9},
+    {"type": "note", "id": "a", "variation": 1, "pitch": 60, "velocity": 90, "start": 16.5, "duration": 0.25, "channel": 9,
+     "track": 2},
     {"type": "done", "id": "a", "variation": 0, "path": "/tmp/clips/é.mid", "notes": 12, "first_note_ms": 3.5, "total_ms": 40.25},
     {"type": "done", "id": "a", "variation": 0, "path": "/tmp/x.mid", "notes": 0, "first_note_ms": None, "total_ms": 4.0},
     {"type": "finished", "id": "a", "variations": 2, "total_ms": 80.5},
@@ -217,23 +217,20 @@ def test_uploads_are_limited_per_client_and_expire():
 
 # --- a live server on loopback ---------------------------------------------------------------------
 
-def open_sockets() -> int:
-    fd_dir = "/proc/self/fd"
-    if not os.path.isdir(fd_dir):
-        return 0
-    count = 0
-    for name in os.listdir(fd_dir):
-        try:
-            count += os.readlink(os.path.join(fd_dir, name)).startswith("socket:")
-        except OSError:
-            continue
-    return count
+def stop_and_check(transport: OscTransport) -> None:
+    """stop() must join the receive thread and close both sockets the transport opened."""
+    thread, opened = transport._thread, (transport._sock, transport._send_sock)
+    transport.stop()
+    assert thread is not None and not thread.is_alive(), "the receive thread is still running after stop()"
+    assert all(sock is not None and sock.fileno() == -1 for sock in opened), "stop() left a socket open"
+    assert transport._sock is None and transport._send_sock is None
 
 
 @pytest.fixture
 def osc(service):
-    """A started transport over the real service, a client factory, and a leak check at the end."""
-    sockets_before = open_sockets()
+    """A started transport over the real service and a client factory; the fixture closes every
+    client it made and checks that the transport closed its own sockets (ownership, not a count of
+    the process's descriptors, which other threads open and close at any moment)."""
     transport = OscTransport(service).start()
     clients: list[OscClient] = []
 
@@ -243,12 +240,9 @@ def osc(service):
         return client
 
     yield SimpleNamespace(transport=transport, connect=connect)
-    thread = transport._thread
     for client in clients:
         client.close()
-    transport.stop()
-    assert thread is not None and not thread.is_alive(), "the receive thread is still running after stop()"
-    assert open_sockets() == sockets_before, "a socket leaked"
+    stop_and_check(transport)
 
 
 def ping_ms(client: OscClient, timeout: float = 1.0) -> float:
@@ -269,7 +263,7 @@ def collect(client: OscClient, request_id: str, timeout: float = 60) -> list[dic
 
 def assert_complete_stream(events: list[dict], variations: int) -> None:
     """notes then done per variation, then finished; every done matches its notes and its .mid file."""
-    from export.midi_clip import read_clip
+    from engine.midi_file import read_clip
 
     kinds = [e["type"] for e in events]
     assert kinds[-1] == "finished" and "error" not in kinds, kinds[-5:]
@@ -560,3 +554,55 @@ def test_fuzzed_datagrams_never_escape_and_never_stall(caplog):
         client.poll()
         assert ping_ms(client) < 100
         assert all(decode_datagram(d) is not None for d in sent)  # every reply it built is well-formed
+
+
+# --- JSON rules and replies that never raise -----------------------------------------------------
+
+# /segue/continue ,iss 9000 "n1" '{"clip":{"notes":[[60,80,0,1]],"tempo":NaN}}'  (JSON has no NaN)
+CONTINUE_NAN = (b"/segue/continue\x00" + b",iss\x00\x00\x00\x00" + b"\x00\x00\x23\x28" + b"n1\x00\x00"
+                + b'{"clip":{"notes":[[60,80,0,1]],"tempo":NaN}}\x00\x00\x00\x00')
+# /segue/continue ,iss 9000 "n2" '{"clip":{"notes":[[60,80,0,Infinity]]}}'  (nor Infinity)
+CONTINUE_INFINITY = (b"/segue/continue\x00" + b",iss\x00\x00\x00\x00" + b"\x00\x00\x23\x28" + b"n2\x00\x00"
+                     + b'{"clip":{"notes":[[60,80,0,Infinity]]}}\x00')
+
+
+def with_reply_port(datagram: bytes, port: int) -> bytes:
+    """A request literal above (reply port 9000 at bytes 24-27) addressed to `port` instead."""
+    return datagram[:24] + struct.pack(">i", port) + datagram[28:]
+
+
+@pytest.mark.parametrize("datagram, request_id, constant", [(CONTINUE_NAN, "n1", "NaN"), (CONTINUE_INFINITY, "n2", "Infinity")],
+                         ids=["NaN", "Infinity"])
+def test_nan_in_continue_json_is_refused_like_over_zeromq(datagram, request_id, constant):
+    check_datagram(datagram, 65000)  # well-formed OSC: the refusal is the protocol's, not the guard's
+    assert peek_head(datagram) == (msgs.CONTINUE, 9000, request_id)
+    service = RecordingService()
+    with OscTransport(service) as transport, OscClient(port=transport.port, timeout=5) as client:
+        client.send_raw(with_reply_port(datagram, client.reply_port))
+        error = client.receive(5)
+        assert error is not None and error["type"] == "error", error
+        assert error["id"] == request_id and error["code"] == "bad_request"
+        assert "not valid JSON" in error["message"] and constant in error["message"], error["message"]
+        assert service.requests == 0, "a request with NaN reached the service"
+        assert ping_ms(client) < 100
+
+
+def test_emit_never_raises_into_a_worker_even_after_stop(monkeypatch, caplog):
+    transport = OscTransport(RecordingService()).start()
+    try:
+        emit = transport._emitter(("127.0.0.1", 9))
+
+        def broken_send(data: bytes, dest: tuple) -> None:
+            raise RuntimeError("simulated")
+
+        with monkeypatch.context() as patch, caplog.at_level("ERROR", logger="segue.osc"):
+            patch.setattr(transport, "_send", broken_send)
+            for i in range(50):
+                emit(protocol.pong_event(str(i)))
+        failures = [r for r in caplog.records if "could not send the reply" in r.getMessage()]
+        assert 1 <= len(failures) <= 5, f"{len(failures)} log lines for 50 failures"
+        stop_and_check(transport)
+        emit(protocol.pong_event("late"))  # a worker finishing after stop(): dropped, not raised
+        emit({"type": "pong"})  # a malformed reply: logged, not raised
+    finally:
+        transport.stop()  # a no-op after stop_and_check: stop() is safe to call twice

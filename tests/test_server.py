@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -23,28 +24,74 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
-def serve(*args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "plugin_bridge.cli", "serve", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+class Server:
+    """`segue serve` in a subprocess. Its stderr (the log) is read as it is written, so a test waits
+    for the log line that says something happened instead of sleeping, and a full pipe never stalls
+    the server; `stop()` ends it with SIGTERM and closes both pipes."""
 
+    def __init__(self, *args):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen([sys.executable, "-m", "plugin_bridge.cli", "serve", *map(str, args)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._log: list[str] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read_log, name="segue-serve-stderr", daemon=True)
+        self._reader.start()
 
-def wait_ready(process: subprocess.Popen, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if line.startswith("segue serving"):
-            return line
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.stderr.read()}")
-    raise AssertionError("server did not come up")
+    def _read_log(self) -> None:
+        for line in self.process.stderr:
+            with self._changed:
+                self._log.append(line)
+                self._changed.notify_all()
+        with self._changed:  # the server exited: wake anyone still waiting for a line
+            self._ended = True
+            self._changed.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._changed:
+            return "".join(self._log)
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        """The banner line; the server prints it once both transports listen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if line.startswith("segue serving"):
+                return line
+            if self.process.poll() is not None:
+                self._reader.join(timeout=10)
+                raise AssertionError(f"server exited: {self.log}")
+        raise AssertionError("server did not come up")
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> bool:
+        """True once a log line contains `text`; False after `timeout` s or when the server exited without it."""
+        seen = lambda: any(text in line for line in self._log)
+        with self._changed:
+            self._changed.wait_for(lambda: seen() or self._ended, timeout)
+            return seen()
+
+    def stop(self) -> str:
+        """SIGTERM, wait for the exit, and return the whole log."""
+        try:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=20)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(timeout=20)
+            self._reader.join(timeout=20)
+            self.process.stdout.close()
+            self.process.stderr.close()
+        return self.log
 
 
 def test_serve_answers_both_transports_and_stops_cleanly(models_dir, tmp_path):
     zmq_port, osc_port = free_port(), free_port(socket.SOCK_DGRAM)
-    process = serve("--models", models_dir, "--zmq-port", zmq_port, "--osc-port", osc_port, "--clips-dir", tmp_path / "clips")
+    server = Server("--models", models_dir, "--zmq-port", zmq_port, "--osc-port", osc_port, "--clips-dir", tmp_path / "clips")
     try:
-        banner = wait_ready(process)
+        banner = server.wait_ready()
         assert f"127.0.0.1:{zmq_port}" in banner and f"127.0.0.1:{osc_port}" in banner and "default" in banner
         with SegueClient(f"tcp://127.0.0.1:{zmq_port}", timeout=30) as client:
             assert client.hello()["models"][0]["name"] == "default"
@@ -58,9 +105,8 @@ def test_serve_answers_both_transports_and_stops_cleanly(models_dir, tmp_path):
             replies = list(osc.stream(request_id))
             assert replies[-1]["type"] == "finished" and any(r["type"] == "note" for r in replies)
     finally:
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=20)
-    assert process.returncode == 0, err
+        err = server.stop()
+    assert server.process.returncode == 0, err
     # One log line per request: client, model, bars, time to first note, total.
     lines = [line for line in err.splitlines() if "first_note_ms=" in line]
     assert len(lines) == 2 and all("model=default" in line and "total_ms=" in line for line in lines)
@@ -93,22 +139,22 @@ def test_a_tampered_folder_dropped_in_is_refused_while_serving(models_dir, tiny_
     import shutil
 
     zmq_port = free_port()
-    process = serve("--models", models_dir, "--zmq-port", zmq_port, "--osc-port", free_port(socket.SOCK_DGRAM),
+    server = Server("--models", models_dir, "--zmq-port", zmq_port, "--osc-port", free_port(socket.SOCK_DGRAM),
                     "--clips-dir", tmp_path / "clips")
     try:
-        wait_ready(process)
+        server.wait_ready()
         staged = tmp_path / "bad"
         shutil.copytree(tiny_model, staged)
         data = bytearray((staged / "model.onnx").read_bytes())
         data[1000] ^= 0xFF
         (staged / "model.onnx").write_bytes(bytes(data))
         shutil.move(staged, models_dir / "evil")
-        time.sleep(2.5)  # the watcher polls every second
+        # the watcher polls every second and verifies every hash: wait for its verdict, however long a busy machine takes
+        assert server.wait_for_log("model evil refused"), f"the watcher never refused the tampered folder:\n{server.log}"
         with SegueClient(f"tcp://127.0.0.1:{zmq_port}", timeout=30) as client:
             assert [m["name"] for m in client.hello()["models"]] == ["default"]
             assert list(client.continue_stream(clip_payload(), bars=1, seed=1))[-1]["type"] == "finished"
     finally:
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=20)
+        err = server.stop()
     assert "model evil refused" in err and "model.onnx does not match the sha256" in err
     assert json.loads((models_dir / "default" / "manifest.json").read_text())["parity"]["passed"]

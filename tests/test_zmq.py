@@ -1,8 +1,11 @@
 """The ZeroMQ transport and client over real loopback TCP: streams, cancel, concurrency, dead
 clients, hostile frames, binding, and `segue client` end to end.
 
-Every socket lives on a random port with linger 0, every receive has a timeout, and the
-`no_leaks` fixture fails a test that leaves a thread or a file descriptor behind.
+Every socket lives on a random port with linger 0 and every receive has a timeout. Fixtures own
+what they open (pyzmq's `sockets` fixture): `peers` closes every raw socket it made, `clients`
+every SegueClient (made by the test or by `segue client`), `transports` every transport, and each
+fails the test whose code left one open or whose transport did not close its own sockets on stop().
+Nothing counts the process's file descriptors: other threads open and close them at any moment.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from conftest import clip_payload
 from zmq.utils.monitor import recv_monitor_message
 
 from engine.clip import Clip, Note
-from export.midi_clip import read_clip, write_clip
+from engine.midi_file import read_clip, write_clip
 from plugin_bridge import client as client_module
-from plugin_bridge import zmq_transport
+from plugin_bridge import protocol, zmq_transport
 from plugin_bridge.client import ClientError, SegueClient, ServerTimeout, ServerUnreachable, bar_beat, note_name
 from plugin_bridge.zmq_transport import ZmqTransport, client_name
 
@@ -36,11 +39,6 @@ LONG = {"bars": 64, "variations": 16, "temperature": 1.5}  # keeps a worker busy
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
-
-def _fd_count() -> int | None:
-    fd_dir = Path("/proc/self/fd")
-    return len(os.listdir(fd_dir)) if fd_dir.is_dir() else None
-
 
 def _settle(check, timeout: float = 3.0) -> bool:
     deadline = time.monotonic() + timeout
@@ -51,53 +49,94 @@ def _settle(check, timeout: float = 3.0) -> bool:
     return check()
 
 
-@pytest.fixture
-def no_leaks(service):
-    """Fail the test if it leaves a Python thread or a file descriptor open (measured after the
-    Service exists and before it closes, so only transport and client resources count)."""
-    threads = {t.ident for t in threading.enumerate()}
-    fds = _fd_count()
-    yield
-    assert _settle(lambda: {t.ident for t in threading.enumerate()} <= threads), \
-        f"threads leaked: {[t.name for t in threading.enumerate() if t.ident not in threads]}"
-    if fds is not None:
-        assert _settle(lambda: _fd_count() <= fds), f"file descriptors leaked: {fds} before, {_fd_count()} after"
+def stop_and_check(transport: ZmqTransport) -> None:
+    """stop() must join the I/O thread and close every socket and the context the transport opened."""
+    thread, ctx = transport._thread, transport._ctx
+    assert thread is not None and ctx is not None, "the transport was not running"
+    opened = {"router": transport._router, "monitor": transport._monitor,
+              "wake_rx": transport._wake_rx, "wake_tx": transport._wake_tx}
+    transport.stop()
+    assert not thread.is_alive(), "the I/O thread is still running after stop()"
+    left_open = [name for name, sock in opened.items() if not sock.closed]
+    assert not left_open and ctx.closed, f"stop() left open: {left_open or 'the context'}"
+    assert transport._thread is None and transport._ctx is None and transport._router is None
 
 
 @pytest.fixture
-def transport(service, no_leaks):
-    t = ZmqTransport(service)
-    t.start()
-    yield t
-    t.stop()
+def clients(monkeypatch):
+    """Every SegueClient made during the test (by the test or by `segue client`); fails the test if
+    one was not closed, which would leave its socket and context open."""
+    made: list[SegueClient] = []
+    init = SegueClient.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(SegueClient, "__init__", tracked_init)
+    yield made
+    left_open = [c for c in made if not c._sock.closed or (c._own_context and not c._ctx.closed)]
+    for client in left_open:
+        client.close()
+    assert not left_open, f"{len(left_open)} SegueClient(s) left open: {[c.endpoint for c in left_open]}"
+
+
+@pytest.fixture
+def transports(service, clients):
+    """A factory of started transports over `service`; each is stopped and checked at teardown."""
+    started: list[ZmqTransport] = []
+
+    def start(**kwargs) -> ZmqTransport:
+        transport = ZmqTransport(service, **kwargs)
+        transport.start()
+        started.append(transport)
+        return transport
+
+    yield start
+    problems = []
+    for transport in started:  # every one is stopped, even after another failed its check
+        if transport._thread is not None:  # a test that stopped its transport checked that itself
+            try:
+                stop_and_check(transport)
+            except AssertionError as exc:
+                problems.append(str(exc))
+    assert not problems, problems
+
+
+@pytest.fixture
+def transport(transports) -> ZmqTransport:
+    return transports()
 
 
 class Peers:
-    """Raw DEALER sockets for byte-level tests; the test must close each one (else it fails)."""
+    """Raw sockets for byte-level tests on one context, all with linger 0: a socket the test leaves
+    open is closed here and fails the test (pyzmq's `sockets` fixture)."""
 
     def __init__(self):
         self.ctx = zmq.Context()
         self.sockets: list[zmq.Socket] = []
 
-    def dealer(self, endpoint: str, routing_id: bytes | None = None) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
+    def socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
         sock.linger = 0
+        self.sockets.append(sock)
+        return sock
+
+    def dealer(self, endpoint: str, routing_id: bytes | None = None) -> zmq.Socket:
+        sock = self.socket(zmq.DEALER)
         if routing_id is not None:
             sock.routing_id = routing_id
         sock.connect(endpoint)
-        self.sockets.append(sock)
         return sock
 
     def close(self) -> list[zmq.Socket]:
         left_open = [s for s in self.sockets if not s.closed]
-        for sock in left_open:
-            sock.close(linger=0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # closes those and anything else made on this context, then terminates it
         return left_open
 
 
 @pytest.fixture
-def peers(no_leaks):
+def peers(clients):
     p = Peers()
     yield p
     left_open = p.close()
@@ -162,7 +201,7 @@ def test_ping_and_hello_raw_bytes(transport, peers):
     sock.close()
 
 
-def test_client_hello_and_ping(transport, no_leaks):
+def test_client_hello_and_ping(transport):
     with SegueClient(transport.endpoint, timeout=TIMEOUT) as client:
         hello = client.hello()
         assert hello["protocol"] == 1 and hello["models"][0]["name"] == "default"
@@ -186,24 +225,102 @@ def test_binds_loopback_only_by_default(transport):
     assert listening == {"0100007F"}, f"port {transport.port} listens on {listening}, not only 127.0.0.1"
 
 
-def test_port_in_use_is_a_clear_oserror(transport, service):
-    second = ZmqTransport(service, port=transport.port)
-    with pytest.raises(OSError, match=rf"port {transport.port} .*already in use") as caught:
-        second.start()
-    assert caught.value.errno == errno.EADDRINUSE
-    with socket.socket() as plain:  # held by something that is not Segue at all
-        plain.bind(("127.0.0.1", 0))
-        plain.listen()
-        taken = plain.getsockname()[1]
-        with pytest.raises(OSError, match=str(taken)):
-            ZmqTransport(service, port=taken).start()
+def test_port_in_use_is_a_clear_oserror(transport, service, monkeypatch):
+    contexts: list[zmq.Context] = []  # what the failed starts open: each must be closed again
+    real_context = zmq.Context
+
+    def recording_context() -> zmq.Context:
+        contexts.append(real_context())
+        return contexts[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(zmq_transport.zmq, "Context", recording_context)
+        second = ZmqTransport(service, port=transport.port)
+        with pytest.raises(OSError, match=rf"port {transport.port} .*already in use") as caught:
+            second.start()
+        assert caught.value.errno == errno.EADDRINUSE
+        assert second._ctx is None and second._thread is None
+        with socket.socket() as plain:  # held by something that is not Segue at all
+            plain.bind(("127.0.0.1", 0))
+            plain.listen()
+            taken = plain.getsockname()[1]
+            with pytest.raises(OSError, match=str(taken)):
+                ZmqTransport(service, port=taken).start()
+    assert len(contexts) == 2 and all(ctx.closed for ctx in contexts), "a failed start left its context open"
     with SegueClient(transport.endpoint, timeout=TIMEOUT) as client:
         client.ping()  # the failed binds disturbed nothing
 
 
+# --- shutdown -------------------------------------------------------------------------------------
+
+def test_stop_after_the_loop_closed_its_end_still_joins_and_closes(transports, caplog):
+    """The race that leaked descriptors: the I/O thread sees the stopping flag at a poll timeout and
+    closes its end of the wake-up pipe before stop() sends its wake-up, which then fails with
+    zmq.Again. Made certain here: the loop ends first, and stop() must still join and close all."""
+    transport = transports()
+    emit = transport._emitter([b"worker"])
+    transport._stopping.set()
+    transport._thread.join(TIMEOUT)
+    assert not transport._thread.is_alive()
+
+    def peer_closed() -> bool:  # libzmq notices the closed inproc peer asynchronously
+        try:
+            transport._wake_tx.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            return True
+        return False
+
+    assert _settle(peer_closed, timeout=TIMEOUT), "the wake-up pipe still accepts sends after the loop closed its end"
+    transport._wake()  # what a worker's emit does; must not raise
+    emit(protocol.pong_event("late"))  # a reply after the loop ended is dropped, never raised into the worker
+    stop_and_check(transport)
+    transport.stop()  # and a second stop() is a no-op
+
+
+def test_emit_from_workers_while_stopping_never_raises(service):
+    """Worker threads emitting replies while stop() runs: every emit returns, and stop() closes all."""
+    for attempt in range(20):
+        transport = ZmqTransport(service)
+        transport.start()
+        emit = transport._emitter([b"nobody"])
+        go, raised = threading.Event(), []
+
+        def worker(emit=emit, go=go, raised=raised) -> None:
+            go.wait(TIMEOUT)
+            try:
+                for i in range(300):
+                    emit(protocol.pong_event(str(i)))
+            except BaseException as exc:  # the bug this test is about: emit raising into a worker
+                raised.append(exc)
+
+        workers = [threading.Thread(target=worker) for _ in range(2)]
+        for thread in workers:
+            thread.start()
+        go.set()
+        stop_and_check(transport)
+        for thread in workers:
+            thread.join(TIMEOUT)
+        assert not raised, f"attempt {attempt}: emit raised {raised[0]!r}"
+
+
+def test_emit_logs_a_failure_instead_of_raising_and_rate_limits_it(transport, monkeypatch, caplog):
+    def broken_wake() -> None:
+        raise RuntimeError("simulated")
+
+    emit = transport._emitter([b"worker"])
+    with monkeypatch.context() as patch, caplog.at_level("ERROR", logger="segue.zmq"):
+        patch.setattr(transport, "_wake", broken_wake)
+        for i in range(50):
+            emit(protocol.pong_event(str(i)))
+    failures = [r for r in caplog.records if "could not queue a reply" in r.getMessage()]
+    assert 1 <= len(failures) <= 5, f"{len(failures)} log lines for 50 failures"
+    with SegueClient(transport.endpoint, timeout=TIMEOUT) as client:
+        assert client.ping() < TIMEOUT  # the transport still serves
+
+
 # --- streaming ------------------------------------------------------------------------------------
 
-def test_continue_streams_notes_done_finished_in_order(transport, no_leaks):
+def test_continue_streams_notes_done_finished_in_order(transport):
     with connected(SegueClient(transport.endpoint, timeout=TIMEOUT)) as client:
         events = list(client.continue_stream(clip_payload(), bars=4, variations=2, seed=3, request_id="r1"))
     assert all(e["id"] == "r1" for e in events)
@@ -213,7 +330,7 @@ def test_continue_streams_notes_done_finished_in_order(transport, no_leaks):
         assert all(16.0 <= s < 32.0 for s in starts), "a continuation starts after the 4-bar clip and lasts 4 bars"
 
 
-def test_cancel_ends_the_stream_and_frees_the_engine(transport, no_leaks):
+def test_cancel_ends_the_stream_and_frees_the_engine(transport):
     with connected(SegueClient(transport.endpoint, timeout=TIMEOUT)) as client:
         stream = client.continue_stream(clip_payload(), **LONG, request_id="slow")
         first = next(stream)
@@ -228,7 +345,7 @@ def test_cancel_ends_the_stream_and_frees_the_engine(transport, no_leaks):
         assert short[-1]["type"] == "finished"
 
 
-def test_leaving_a_stream_early_cancels_it_on_the_server(transport, service, no_leaks):
+def test_leaving_a_stream_early_cancels_it_on_the_server(transport, service):
     with connected(SegueClient(transport.endpoint, timeout=TIMEOUT)) as client:
         stream = client.continue_stream(clip_payload(), **LONG, request_id="abandoned")
         next(stream)
@@ -288,7 +405,6 @@ def test_client_killed_mid_stream_frees_the_engine_and_the_next_client_is_served
     original = service.client_gone
     monkeypatch.setattr(service, "client_gone", lambda client: (gone.setdefault(client, time.monotonic()), original(client)))
     caplog.set_level("INFO", logger="segue.zmq")
-    threads, fds = threading.active_count(), _fd_count()
 
     victim = subprocess.Popen([sys.executable, "-c", VICTIM, transport.endpoint, json.dumps(clip_payload())],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -317,9 +433,7 @@ def test_client_killed_mid_stream_frees_the_engine_and_the_next_client_is_served
     assert gone[victim_name] - killed < 1.0
     assert victim_name not in service._jobs
     assert any("disconnected" in r.getMessage() for r in caplog.records), "the socket monitor saw no disconnect"
-    assert _settle(lambda: threading.active_count() == threads, timeout=1.0)
-    if fds is not None:
-        assert _settle(lambda: _fd_count() == fds, timeout=1.0), f"{fds} fds before, {_fd_count()} after"
+    assert b"victim-1" not in transport._client_fd, "the transport still maps the dead connection"
 
 
 def test_without_the_monitor_a_failed_reply_still_frees_the_engine(transport, service, peers, monkeypatch, caplog):
@@ -337,43 +451,37 @@ def test_without_the_monitor_a_failed_reply_still_frees_the_engine(transport, se
     assert any("unreachable" in r.getMessage() for r in caplog.records)
 
 
-def test_a_client_that_stops_reading_loses_only_its_own_stream(service, peers, monkeypatch, caplog):
+def test_a_client_that_stops_reading_loses_only_its_own_stream(service, transports, peers, monkeypatch, caplog):
     """Its replies pile up to the send high-water mark (made tiny here, with tiny kernel buffers):
     its request is cancelled, the rest of that stream is dropped, and its next request is served."""
     monkeypatch.setattr(zmq_transport, "SEND_HWM", 4)
     configure = ZmqTransport._configure
     monkeypatch.setattr(ZmqTransport, "_configure", lambda self, sock: (configure(self, sock), sock.setsockopt(zmq.SNDBUF, 4096)))
     caplog.set_level("INFO", logger="segue.zmq")
-    with ZmqTransport(service) as transport:
-        sleeper = peers.ctx.socket(zmq.DEALER)
-        peers.sockets.append(sleeper)
-        sleeper.linger, sleeper.rcvhwm, sleeper.rcvbuf, sleeper.routing_id = 0, 1, 4096, b"sleeper"
-        sleeper.connect(transport.endpoint)
-        send_json(sleeper, {"type": "continue", "id": "big", "clip": clip_payload(), **LONG})
-        assert _settle(lambda: any("not reading" in r.getMessage() for r in caplog.records), timeout=TIMEOUT)
-        assert _settle(lambda: client_name(b"sleeper") not in service._jobs, timeout=1.0)
-        with SegueClient(transport.endpoint, timeout=TIMEOUT) as other:
-            assert other.ping() < 0.1  # everyone else is unaffected
-        received = []
-        while sleeper.poll(200):
-            received.append(json.loads(sleeper.recv()))
-        assert received and {e["type"] for e in received} <= {"note", "done"}, "a cut stream has no finished"
-        send_json(sleeper, {"type": "ping", "id": "after"})
-        assert recv_json(sleeper) == {"type": "pong", "id": "after"}  # its next request gets through
-        sleeper.close()
+    transport = transports()
+    sleeper = peers.socket(zmq.DEALER)
+    sleeper.rcvhwm, sleeper.rcvbuf, sleeper.routing_id = 1, 4096, b"sleeper"
+    sleeper.connect(transport.endpoint)
+    send_json(sleeper, {"type": "continue", "id": "big", "clip": clip_payload(), **LONG})
+    assert _settle(lambda: any("not reading" in r.getMessage() for r in caplog.records), timeout=TIMEOUT)
+    assert _settle(lambda: client_name(b"sleeper") not in service._jobs, timeout=1.0)
+    with SegueClient(transport.endpoint, timeout=TIMEOUT) as other:
+        assert other.ping() < 0.1  # everyone else is unaffected
+    received = []
+    while sleeper.poll(200):
+        received.append(json.loads(sleeper.recv()))
+    assert received and {e["type"] for e in received} <= {"note", "done"}, "a cut stream has no finished"
+    send_json(sleeper, {"type": "ping", "id": "after"})
+    assert recv_json(sleeper) == {"type": "pong", "id": "after"}  # its next request gets through
+    sleeper.close()
 
 
-def test_server_going_silent_times_out_the_client(no_leaks):
-    ctx = zmq.Context()
-    mute = ctx.socket(zmq.ROUTER)  # accepts connections and never answers
-    mute.linger = 0
+def test_server_going_silent_times_out_the_client(peers):
+    mute = peers.socket(zmq.ROUTER)  # accepts connections and never answers
     port = mute.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        with SegueClient(f"tcp://127.0.0.1:{port}", timeout=0.3) as client, pytest.raises(ServerTimeout, match="sent nothing"):
-            list(client.continue_stream(clip_payload(), bars=1))
-    finally:
-        mute.close(linger=0)
-        ctx.term()
+    with SegueClient(f"tcp://127.0.0.1:{port}", timeout=0.3) as client, pytest.raises(ServerTimeout, match="sent nothing"):
+        list(client.continue_stream(clip_payload(), bars=1))
+    mute.close()
 
 
 # --- hostile input ----------------------------------------------------------------------------------
@@ -402,8 +510,7 @@ def test_malformed_frames_answer_bad_request_and_the_server_keeps_serving(transp
     send_json(sock, {"type": "continue", "id": "c", "clip": {"notes": "nope"}})
     assert recv_json(sock) == {"type": "error", "id": "c", "code": "bad_request",
                                "message": "clip.notes must be a list of [pitch, velocity, start, duration] notes"}
-    req = peers.ctx.socket(zmq.REQ)  # a REQ socket cannot take a stream; it is told so, in a reply it can read
-    req.linger = 0
+    req = peers.socket(zmq.REQ)  # a REQ socket cannot take a stream; it is told so, in a reply it can read
     req.connect(transport.endpoint)
     req.send(b'{"type":"ping","id":"q"}')
     assert req.poll(int(TIMEOUT * 1000)) and "DEALER" in json.loads(req.recv())["message"]
@@ -496,7 +603,7 @@ def test_cli_errors_are_one_line_and_exit_1(transport, clip_file, tmp_path, caps
     assert code == 1 and err.startswith("error: ") and "broken.mid" in err and err.count("\n") == 1
 
 
-def test_cli_unreachable_server_says_to_start_segue_serve(clip_file, capsys, no_leaks):
+def test_cli_unreachable_server_says_to_start_segue_serve(clip_file, capsys, clients):
     with socket.socket() as probe:  # a port that nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -524,15 +631,19 @@ def test_cli_ping_and_hello(transport, capsys):
 
 
 def test_cli_options_map_to_request_fields():
+    """Only the options given are sent; the server fills the rest from the model's search defaults."""
+    from plugin_bridge.options import continuation_options
+
     args = client_module.build_parser().parse_args(
         ["continue", "x.mid", "--bars", "8", "--mode", "beam", "--beam-width", "3", "--key", "F#", "--scale", "minor",
          "--pitch-min", "48", "--pitch-max", "72", "--max-polyphony", "2", "--max-notes-per-bar", "6",
          "--velocity-min", "30", "--velocity-max", "100", "--model", "bach"])
-    assert client_module.continue_params(args) == {
-        "bars": 8, "variations": 1, "temperature": 0.9, "top_k": 0, "top_p": 0.95, "model": "bach", "mode": "beam",
-        "beam_width": 3, "constraints": {"key": "F#", "scale": "minor", "pitch_min": 48, "pitch_max": 72, "max_polyphony": 2,
-                                         "max_notes_per_bar": 6, "velocity_min": 30, "velocity_max": 100}}
-    assert "constraints" not in client_module.continue_params(client_module.build_parser().parse_args(["continue", "x.mid"]))
+    assert args.model == "bach"
+    assert continuation_options(args) == {
+        "bars": 8, "mode": "beam", "beam_width": 3,
+        "constraints": {"key": "F#", "scale": "minor", "pitch_min": 48, "pitch_max": 72, "max_polyphony": 2,
+                        "max_notes_per_bar": 6, "velocity_min": 30, "velocity_max": 100}}
+    assert continuation_options(client_module.build_parser().parse_args(["continue", "x.mid"])) == {}
 
 
 def test_display_helpers():
@@ -542,7 +653,7 @@ def test_display_helpers():
     assert bar_beat(11.999999, (3, 4)) == "5.1.00"  # float noise rounds onto the grid, never "4.4.100"
 
 
-def test_client_errors_carry_the_server_code(transport, no_leaks):
+def test_client_errors_carry_the_server_code(transport):
     with SegueClient(transport.endpoint, timeout=TIMEOUT) as client:
         with pytest.raises(ClientError) as caught:
             list(client.continue_stream({"notes": []}))
