@@ -34,7 +34,7 @@ CONTINUE_CHUNK = "/segue/continue/chunk"  # ,isiis reply_port id index count dat
 REPLIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "/segue/hello": ("sisss", ("id", "protocol", "server", "models", "default_model")),
     "/segue/pong": ("s", ("id",)),
-    "/segue/note": ("siiiffi", ("id", "variation", "pitch", "velocity", "start", "duration", "channel")),
+    "/segue/note": ("siiiffii", ("id", "variation", "pitch", "velocity", "start", "duration", "channel", "track")),
     "/segue/done": ("sisiff", ("id", "variation", "path", "notes", "first_note_ms", "total_ms")),
     "/segue/finished": ("sif", ("id", "variations", "total_ms")),
     "/segue/error": ("sss", ("id", "code", "message")),
