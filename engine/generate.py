@@ -107,8 +107,11 @@ class Generator:
 
     @property
     def max_prompt_tokens(self) -> int:
-        # Leave a quarter of the context for the continuation before the first re-prefill.
-        return self.decoder.max_context * 3 // 4
+        # Leave room for the continuation's first bar or two before the first re-prefill: a quarter
+        # of a short context, 128 tokens of a long one, so a dense 4-bar clip reaches a 1024-token
+        # model whole (a 48-notes-per-bar ostinato is about 840 tokens).
+        context = self.decoder.max_context
+        return context - min(context // 4, 128)
 
     def model_program(self, clip: Clip) -> int:
         """The program the model sees for this clip (or track).
@@ -234,7 +237,8 @@ class Generator:
     def _worth_a_lookahead(row: _Row, logits: np.ndarray) -> bool:
         """Whether Program is a real option here. The lookahead can only lower its probability, so
         below LOOKAHEAD_MIN_P (monophonic lines, mostly) it would change almost nothing and cost a
-        decode step per note."""
+        decode step per note. Vocabularies that state the Program once per bar never need it: there
+        the next note's Pitch is itself a choice after a note, masked and weighed in one step."""
         grammar = row.grammar
         if grammar.expect is not Expect.NOTE_END or not grammar.allowed()[grammar.program_id]:
             return False

@@ -6,6 +6,11 @@ Every generated sequence decodes because the sampler may only pick what the gram
                                      ^ after a Duration: another note at the same position (higher pitch),
                                        a later Position, or the next Bar
 
+That is the older vocabulary, with a Program before every note. In the current one
+(`Vocabulary.program_per_bar`) the Program is stated once, before the bar's first note: later notes of
+the bar go Position -> Pitch, and "another note at the same position" is its Pitch directly. The
+grammar's bookkeeping is the same in both: a note is counted when its Program is (or would be) read.
+
 Positions strictly increase inside a bar and pitches strictly increase inside a position (the order
 miditok writes), so a bar always ends and no note is doubled. A pitch that is still sounding cannot
 start again: two overlapping notes of one pitch are ambiguous in a MIDI file (which note-off ends
@@ -62,7 +67,7 @@ class Expect(Enum):
     PITCH = "pitch"
     VELOCITY = "velocity"
     DURATION = "duration"
-    NOTE_END = "note_end"  # after Duration: Program (same position), later Position, or Bar
+    NOTE_END = "note_end"  # after Duration: another note at this position (Program or Pitch), later Position, or Bar
     DONE = "done"
 
 
@@ -79,6 +84,7 @@ class Vocabulary:
     duration_mask: np.ndarray  # [size] bool
     duration_units: np.ndarray  # [size] length of Duration tokens in time units, -1 elsewhere
     units_per_position: int  # time unit = 1/units_per_position of a Position step (exact for every duration)
+    program_per_bar: bool = False  # Program only before a bar's first note (see ClipTokenizer.program_per_bar)
 
     @classmethod
     def of(cls, tokenizer: ClipTokenizer) -> Vocabulary:
@@ -98,7 +104,8 @@ class Vocabulary:
         per_beat = math.lcm(tokenizer.positions_per_beat, *(res for _, _, res in kinds.duration.values()))
         lengths = {t: beats * per_beat + sub * per_beat // res for t, (beats, sub, res) in kinds.duration.items()}
         return cls(size, kinds.bar, table(kinds.position), table(kinds.pitch), table(kinds.pitch_drum),
-                   table(kinds.velocity), durations, table(lengths), per_beat // tokenizer.positions_per_beat)
+                   table(kinds.velocity), durations, table(lengths), per_beat // tokenizer.positions_per_beat,
+                   tokenizer.program_per_bar)
 
 
 class ContinuationGrammar:
@@ -230,7 +237,12 @@ class ContinuationGrammar:
             later &= (room > 0) & (room_from >= self._missing)
         mask |= self._position_ok & later[np.clip(v.position_index, 0, self.positions_per_bar - 1)]
         if self.expect is Expect.NOTE_END and self._room_here(self._free_above(self.last_pitch), pending=0) > 0:
-            mask[self.program_id] = True
+            if self.vocab.program_per_bar:  # the next note's Pitch directly: what PITCH would allow after the Program
+                probe = self.copy()
+                probe._start_note()
+                mask |= probe._compute_mask()
+            else:
+                mask[self.program_id] = True
         return mask
 
     @property
@@ -323,12 +335,16 @@ class ContinuationGrammar:
         elif v.position_index[token] >= 0:
             self.position = int(v.position_index[token])
             self.last_pitch = -1
-            self.expect = Expect.PROGRAM
             self._forget_ended()
+            if v.program_per_bar and self.notes_in_bar > 0:
+                self._start_note()  # the bar has named its instrument already
+            else:
+                self.expect = Expect.PROGRAM
         elif token == self.program_id:
-            self.notes_in_bar += 1
-            self.expect = Expect.PITCH
+            self._start_note()
         elif self._pitch_table[token] >= 0:
+            if self.expect is Expect.NOTE_END:  # another note at this position, its Program implied
+                self._start_note()
             self.last_pitch = int(self._pitch_table[token])
             self.expect = Expect.VELOCITY
         elif v.velocity_value[token] >= 0:
@@ -339,6 +355,11 @@ class ContinuationGrammar:
             self.expect = Expect.NOTE_END
         else:
             raise ValueError(f"token {token} has no place in a continuation")
+
+    def _start_note(self) -> None:
+        """A note begins (its Program read, or implied): it counts towards the bar from here on."""
+        self.notes_in_bar += 1
+        self.expect = Expect.PITCH
 
     def _forget_ended(self) -> None:
         """Time only moves forward, so a note that has ended never sounds again."""

@@ -2,7 +2,14 @@
 
 The token stream is REMI with programs in one stream and a time signature after every bar:
 
-    Bar TimeSig_4/4 Position_0 Program_0 Pitch_60 Velocity_99 Duration_1.0.12 Program_0 Pitch_64 ...
+    Bar TimeSig_4/4 Position_0 Program_0 Pitch_60 Velocity_99 Duration_1.0.12 Pitch_64 ... Program_33 Pitch_36 ...
+
+A `Program` token is written when the instrument changes and again before each bar's first note
+(miditok's `program_changes`, plus the restating this module adds), so a window or a prompt that
+starts at any `Bar` says which instrument plays, while a bar of one instrument spends one token on it
+instead of one per note: a dense clip costs about a fifth fewer tokens (a 48-notes-per-bar ostinato:
+649 tokens for 4 bars instead of 840). Models trained before this (`program_changes` false in their
+`tokenizer.json`) have a `Program` before every note; the engine reads either from the tokenizer.
 
 Positions are ticks at `ticks_per_quarter` (24 with the default config) from the start of the bar;
 durations are `beats.sub.res` counted in beats of the time signature's denominator (an eighth note
@@ -64,7 +71,7 @@ def default_tokenizer_config() -> TokenizerConfig:
         use_velocities=True,
         use_programs=True,
         one_token_stream_for_programs=True,
-        program_changes=False,
+        program_changes=True,  # Program only when the instrument changes (restated per bar, see encode_score)
         use_time_signatures=True,
         time_signature_range={8: [3, 5, 6, 7, 9, 12], 4: [1, 2, 3, 4, 5, 6, 7], 2: [1, 2, 3, 4]},
         use_tempos=False,
@@ -181,6 +188,12 @@ class ClipTokenizer:
         return self._tok.vocab[f"Program_{-1 if is_drum else program}"]
 
     @property
+    def program_per_bar(self) -> bool:
+        """True when a Program token opens each bar's notes and each change of instrument (the notes
+        after it in that bar carry none); False for the older vocabularies with a Program before every note."""
+        return bool(self._tok.config.program_changes)
+
+    @property
     def positions_per_beat(self) -> int:
         return int(self._tok.config.max_num_pos_per_beat)
 
@@ -215,7 +228,30 @@ class ClipTokenizer:
         seq = self._tok.encode(score)
         if isinstance(seq, list):  # defensive: one stream is configured, but be explicit
             seq = seq[0]
-        return list(seq.ids)
+        ids = list(seq.ids)
+        return self._restate_programs(ids) if self.program_per_bar else ids
+
+    def _restate_programs(self, ids: list[int]) -> list[int]:
+        """Insert the instrument's Program before each bar's first note where miditok left it implied.
+
+        miditok writes a Program only when the instrument changes, so after a cut at a `Bar` (a
+        training window, a prompt trimmed to the context) the first notes would have no instrument.
+        Restating it once per bar keeps every bar self-contained; miditok decodes the extra token
+        as a no-op program change."""
+        kinds = self.kinds
+        out: list[int] = []
+        current: int | None = None
+        stated = False  # whether this bar has named its instrument yet
+        for token in ids:
+            if token == kinds.bar:
+                stated = False
+            elif token in kinds.program:
+                current, stated = token, True
+            elif (token in kinds.pitch or token in kinds.pitch_drum) and not stated and current is not None:
+                out.append(current)
+                stated = True
+            out.append(token)
+        return out
 
     def encode_clip(self, clip: Clip | Arrangement) -> list[int]:
         """A clip (or all tracks of an arrangement, in one stream told apart by their Program

@@ -87,11 +87,26 @@ EXTREMES = [
 ]
 
 
+def vocabulary_of(program_per_bar: bool) -> ClipTokenizer:
+    """Today's vocabulary (a Program per bar) or the older one (a Program before every note)."""
+    from miditok import REMI
+
+    from engine.tokens import default_tokenizer_config
+
+    config = default_tokenizer_config()
+    config.program_changes = program_per_bar
+    tokenizer = ClipTokenizer(REMI(config))
+    assert tokenizer.program_per_bar is program_per_bar
+    return tokenizer
+
+
+@pytest.mark.parametrize("program_per_bar", [True, False])
 @pytest.mark.parametrize("meter", [(4, 4), (6, 8), (2, 4), (7, 8)])
-def test_no_dead_ends_under_extreme_constraints(meter):
+def test_no_dead_ends_under_extreme_constraints(meter, program_per_bar):
     """Walk the grammar alone with adversarial choices (the latest position, the highest pitch, the
-    longest note, as often as allowed): something is always allowed and nothing is ever broken."""
-    tokenizer = ClipTokenizer.default()
+    longest note, as often as allowed): something is always allowed and nothing is ever broken, and
+    miditok reads the stream as the same notes the assembler streamed."""
+    tokenizer = vocabulary_of(program_per_bar)
     vocab = Vocabulary.of(tokenizer)
     rng = np.random.default_rng(sum(meter))
     beats_per_bar = meter[0] * 4 / meter[1]
@@ -100,7 +115,8 @@ def test_no_dead_ends_under_extreme_constraints(meter):
             grammar = ContinuationGrammar(vocab, tokenizer.time_sig_id(meter), tokenizer.program_id(0, False),
                                           tokenizer.positions_per_bar(meter), 3, False, constraints)
             assembler = NoteAssembler(tokenizer, meter)
-            for token in grammar.forced_opening():
+            stream = grammar.forced_opening()
+            for token in stream:
                 assembler.feed(token)
             notes = []
             while True:
@@ -109,10 +125,21 @@ def test_no_dead_ends_under_extreme_constraints(meter):
                 token = int(candidates[-1] if rng.random() < greed else rng.choice(candidates))
                 if not grammar.accept(token):
                     break
+                stream.append(token)
                 note = assembler.feed(token)
                 if note is not None:
                     notes.append(note)
             assert violations(notes, constraints, 0.0, beats_per_bar, 3) == []
+            text = tokenizer.tokens_to_text(stream)
+            programs = sum(1 for t in text if t.startswith("Program_"))
+            if program_per_bar:  # once per bar that has notes, never per note
+                assert programs == len({int(n.start // beats_per_bar) for n in notes})
+            else:
+                assert programs == len(notes)
+            score = tokenizer.decode_to_score(stream)
+            read = sorted((n.pitch, n.time) for track in score.tracks for n in track.notes)
+            tpq = tokenizer.ticks_per_quarter
+            assert read == sorted((n.pitch, round(n.start * tpq)) for n in notes)
 
 
 def test_grammar_copy_is_independent(generator):
@@ -254,12 +281,12 @@ def test_beam_streams_each_variation_at_the_end(generator, example_midi):
 def test_beam_survives_the_context_filling_up(generator):
     notes = [Note(60 + (i % 12), 80, i * 0.25, 0.25) for i in range(64 * 16)]
     clip = Clip(tuple(notes), time_signature=(4, 4))
-    request = ContinuationRequest(bars=6, mode="beam", beam_width=3, constraints=Constraints(min_notes_per_bar=4))
+    request = ContinuationRequest(bars=8, mode="beam", beam_width=3, constraints=Constraints(min_notes_per_bar=6))
     done = generator.generate(clip, request)[0]
     prompt, _ = generator.prompt_tokens(clip)
     assert len(prompt) + len(done.tokens) > generator.decoder.max_context  # the cache was cut and refilled
-    assert sum(1 for t in done.tokens if t == generator.vocab.bar) == 6
-    assert violations(done.clip.notes, request.constraints, 64 * 4, 4.0, 6) == []
+    assert sum(1 for t in done.tokens if t == generator.vocab.bar) == 8
+    assert violations(done.clip.notes, request.constraints, 64 * 4, 4.0, 8) == []
 
 
 def test_no_two_notes_of_one_pitch_overlap(generator, example_midi):

@@ -213,5 +213,5 @@ def test_a_clip_ending_a_tick_past_a_bar_line_is_continued_from_that_bar_line(ge
     assert late.bars == 4 and replace(clip, length=16.5).bars == 5
     ringing = clip.with_notes([*clip.notes[:-1], replace(clip.notes[-1], duration=16.002 - clip.notes[-1].start)])
     for prompt in (late, replace(ringing, length=None)):
-        done = generator.generate(prompt, ContinuationRequest(bars=1, seed=2))[0]
+        done = generator.generate(prompt, ContinuationRequest(bars=1, seed=2, constraints=Constraints(min_notes_per_bar=1)))[0]
         assert done.clip.notes and all(16.0 <= n.start < 20.0 for n in done.clip.notes)

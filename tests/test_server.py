@@ -101,7 +101,7 @@ def test_serve_answers_both_transports_and_stops_cleanly(models_dir, tmp_path):
             assert len(paths) == 2 and all(os.path.exists(p) and p.startswith(str(tmp_path / "clips")) for p in paths)
         with OscClient("127.0.0.1", osc_port, timeout=30) as osc:
             assert osc.request("ping")["type"] == "pong"
-            request_id = osc.continue_clip({"clip": clip_payload(), "bars": 1, "seed": 2})
+            request_id = osc.continue_clip({"clip": clip_payload(), "bars": 1, "seed": 2, "constraints": {"min_notes_per_bar": 1}})
             replies = list(osc.stream(request_id))
             assert replies[-1]["type"] == "finished" and any(r["type"] == "note" for r in replies)
     finally:

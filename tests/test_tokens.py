@@ -60,6 +60,31 @@ def test_round_trip_through_file_keeps_meter_tempo_program(tmp_path, tokenizer):
     assert "Program_40" in text
 
 
+def test_every_bar_names_its_instrument_once(tokenizer):
+    """A Program token opens each bar's notes and each change of instrument, never one per note, so
+    a prompt or a training window cut at any Bar still says which instrument plays."""
+    from engine.clip import Arrangement
+
+    chords = tuple(Note(p, 80, bar * 4 + beat, 1.0) for bar in range(3) for beat in range(4) for p in (60, 64, 67))
+    bass = tuple(Note(36, 90, bar * 4.0, 2.0) for bar in range(3))
+    band = Arrangement((Clip(chords, program=0), Clip(bass, program=33)), (0, 1))
+    ids = tokenizer.encode_clip(band)
+    text = tokenizer.tokens_to_text(ids)
+    # Per bar: chords and bass on beat 1 (Program_0 ... Program_33), then chords again (Program_0) on beat 2.
+    assert text.count("Program_0") == 6 and text.count("Program_33") == 3
+    assert len(ids) < 5 * (len(chords) + len(bass))  # fewer than the old Program-per-note stream
+    bar_starts = [i for i, t in enumerate(text) if t == "Bar_None"]
+    for start in bar_starts:  # cut at any bar: the first note is preceded by its Program
+        tail = text[start:]
+        first_note = next(i for i, t in enumerate(tail) if t.startswith("Pitch"))
+        assert tail[first_note - 1].startswith("Program_")
+        back = tokenizer.decode_to_score(ids[start:])
+        assert {track.program for track in back.tracks} == {0, 33}
+    back = tokenizer.decode_to_score(ids)  # the restated Programs change nothing miditok reads
+    assert sorted((t.program, n.pitch, n.time) for t in back.tracks for n in t.notes) == \
+        sorted((c.program, n.pitch, round(n.start * tokenizer.ticks_per_quarter)) for c in band.tracks for n in c.notes)
+
+
 def test_encode_clip_spans_the_clip_length(tokenizer):
     clip = Clip((Note(60, 90, 0.0, 1.0),), time_signature=(4, 4), length=12.0)
     ids = tokenizer.encode_clip(clip)

@@ -12,6 +12,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -143,3 +144,19 @@ def test_a_dangling_symlink_in_a_data_folder_is_reported_not_skipped_silently(tm
     assert find_midi_files(folder) == [folder / "gone.mid"]
     result = ingest_file(folder / "gone.mid", str(tiny_model / "tokenizer.json"))
     assert result.tokens is None and "symbolic link" in result.reason and "moved-away.mid" in result.reason
+
+
+def test_program_counts_are_notes_per_instrument_not_program_tokens():
+    """The manifest's `programs` (which instruments the model heard, and how much) counts notes, though
+    a Program token now covers every note of its instrument in a bar."""
+    from engine.clip import Arrangement, Clip, Note
+    from engine.tokens import ClipTokenizer
+    from training.data import Corpus
+    from training.run_data import program_counts
+
+    tokenizer = ClipTokenizer.default()
+    drums = Clip(tuple(Note(42, 80, i * 0.5, 0.25) for i in range(16)), is_drum=True)
+    bass = Clip(tuple(Note(36, 90, i * 1.0, 1.0) for i in range(8)), program=33)
+    piece = tokenizer.encode_clip(Arrangement((drums, bass), (0, 1)))
+    counts = program_counts(Corpus(train=[np.asarray(piece), np.asarray(piece)]), tokenizer, base={"0": 5})
+    assert counts == {"-1": 32, "33": 16, "0": 5}

@@ -136,11 +136,20 @@ def make_samplers(corpus: Corpus, tokenizer: ClipTokenizer, window: int, seed: i
 def program_counts(corpus: Corpus, tokenizer: ClipTokenizer, base: dict[str, int] | None = None) -> dict[str, int]:
     """Notes per program in the training part (plus `base`'s): lets the engine map unseen instruments."""
     kinds = tokenizer.kinds
-    program_ids = np.array(sorted(kinds.program))
-    counts = np.bincount(np.concatenate(corpus.train), minlength=tokenizer.vocab_size)[program_ids]
+    program_of = np.full(tokenizer.vocab_size, -2, dtype=np.int64)  # -2: not a Program token
+    for token, program in kinds.program.items():
+        program_of[token] = program
+    is_note = np.zeros(tokenizer.vocab_size, dtype=bool)
+    is_note[[*kinds.pitch, *kinds.pitch_drum]] = True
     programs = {str(p): int(n) for p, n in (base or {}).items()}
-    for token, count in zip(program_ids, counts, strict=True):
-        if count:
-            key = str(kinds.program[int(token)])
-            programs[key] = programs.get(key, 0) + int(count)
+    for piece in corpus.train:
+        # Each note belongs to the last Program before it (a Program may cover many notes of a bar).
+        ids = np.asarray(piece, dtype=np.int64)
+        stated = program_of[ids]
+        last = np.maximum.accumulate(np.where(stated >= -1, np.arange(len(ids)), 0))
+        current = stated[last]
+        notes = is_note[ids] & (current >= -1)
+        values, counts = np.unique(current[notes], return_counts=True)
+        for program, count in zip(values, counts, strict=True):
+            programs[str(int(program))] = programs.get(str(int(program)), 0) + int(count)
     return programs
