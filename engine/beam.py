@@ -9,8 +9,12 @@ the KV cache rows follow their parents (`KVCache.select` copies a row that has t
 Each hypothesis owns a copy of the grammar, so every one of them decodes and obeys the constraints.
 
 Scores are summed log-probabilities of the masked, renormalised distribution at temperature 1
-(`masked_log_probs`), with no length normalisation: all hypotheses span the same number of bars,
-and a plain sum only falls as a hypothesis grows, which makes the stopping rule exact. A
+(`masked_log_probs`), less a repetition penalty (`RepetitionPenalty`): the most likely continuation of a
+small music model is a loop (one chord struck bar after bar, one pitch again and again), because each
+repetition makes the next more likely. A pitched note costs `REPEAT_PENALTY` for every time its pitch
+was played among the continuation's last `REPEAT_WINDOW` notes; drums are exempt (a groove repeats by
+nature). There is no length normalisation: all hypotheses span the same number of bars, and the
+penalised sum only falls as a hypothesis grows, which makes the stopping rule exact. A
 hypothesis whose chosen token is the Bar that ends the continuation is finished and kept. The
 search stops once `keep` hypotheses are finished and no live one scores above the `keep`-th best
 of them (a live score can only fall), or when none is left alive. The price of the plain sum is
@@ -38,13 +42,46 @@ from engine.sampling import masked_log_probs
 from engine.session import KVCache, OnnxDecoder
 
 
+REPEAT_WINDOW = 16  # notes of the continuation the penalty looks back over
+REPEAT_PENALTY = 0.5  # log-probability units per recent use of the same pitch (a factor of about 1.6)
+
+
+@dataclass(frozen=True)
+class RepetitionPenalty:
+    """The pitches of a continuation's last notes, and what choosing each token would cost for them."""
+
+    recent: tuple[int, ...] = ()
+
+    def adjust(self, log_probs: np.ndarray, grammar: ContinuationGrammar) -> np.ndarray:
+        """`log_probs` [vocab] less the penalty on the Pitch tokens of recently played pitches."""
+        if grammar.is_drum or not self.recent:
+            return log_probs
+        uses = np.bincount(np.asarray(self.recent), minlength=128)
+        pitches = grammar.pitch_table
+        penalty = np.where(pitches >= 0, uses[np.clip(pitches, 0, 127)], 0) * REPEAT_PENALTY
+        return log_probs - penalty
+
+    def after(self, token: int, grammar: ContinuationGrammar) -> RepetitionPenalty:
+        pitch = int(grammar.pitch_table[token])
+        if pitch < 0:
+            return self
+        return RepetitionPenalty((self.recent + (pitch,))[-REPEAT_WINDOW:])
+
+
+def scored_log_probs(logits: np.ndarray, grammar: ContinuationGrammar, repetition: RepetitionPenalty) -> np.ndarray:
+    """What beam search ranks a next token by (and `Generator.log_prob` sums): the masked, renormalised
+    log-probability less the repetition penalty; -inf for tokens the grammar forbids."""
+    return repetition.adjust(masked_log_probs(logits, grammar.allowed()), grammar)
+
+
 @dataclass
 class Hypothesis:
     tokens: list[int]  # generated tokens, the forced opening included, the ending Bar not
     grammar: ContinuationGrammar
     context: list[int]  # the tokens in this hypothesis's KV-cache row (the prompt, cut when the context fills)
-    score: float = 0.0  # summed log-probabilities, the ending Bar's included once finished
-    greedy: bool = True  # took the most likely token at every step
+    score: float = 0.0  # summed scored_log_probs, the ending Bar's included once finished
+    greedy: bool = True  # took the best-scored token at every step
+    repetition: RepetitionPenalty = RepetitionPenalty()
 
 
 @dataclass(frozen=True)
@@ -90,7 +127,7 @@ def _choose(live: list[Hypothesis], logits: np.ndarray, width: int, finished: li
     (the greedy one always)."""
     candidates = []
     for index, hyp in enumerate(live):
-        log_probs = masked_log_probs(logits[index], hyp.grammar.allowed())
+        log_probs = scored_log_probs(logits[index], hyp.grammar, hyp.repetition)
         allowed = int(np.isfinite(log_probs).sum())
         top = np.argsort(-log_probs, kind="stable")[:min(width + 1, allowed)]  # ties: lower token id first
         candidates += [_Candidate(hyp.score + float(log_probs[t]), index, int(t), hyp.greedy and rank == 0)
@@ -114,7 +151,8 @@ def _choose(live: list[Hypothesis], logits: np.ndarray, width: int, finished: li
 def _child(parent: Hypothesis, c: _Candidate) -> Hypothesis:
     grammar = parent.grammar.copy()
     grammar.accept(c.token)
-    return Hypothesis(parent.tokens + [c.token], grammar, parent.context + [c.token], c.score, c.greedy)
+    return Hypothesis(parent.tokens + [c.token], grammar, parent.context + [c.token], c.score, c.greedy,
+                      parent.repetition.after(c.token, parent.grammar))
 
 
 def _finish(parent: Hypothesis, c: _Candidate) -> Hypothesis:

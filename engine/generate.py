@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.assembler import NoteAssembler
-from engine.beam import beam_search
+from engine.beam import RepetitionPenalty, beam_search, scored_log_probs
 from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
 from engine.manifest import MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
@@ -306,9 +306,10 @@ class Generator:
                 yield VariationDone(variation, clip.with_notes(notes), tuple(best.tokens), best.score, track)
 
     def log_prob(self, clip: Clip, request: ContinuationRequest, tokens: Sequence[int]) -> float:
-        """The summed log-probability of a finished continuation (`VariationDone.tokens`) under the
-        masked, renormalised distribution beam search ranks by, its ending Bar included: one scale
-        for greedy, sampled and beam results. Prompt plus tokens must fit the model's context."""
+        """The score beam search ranks a finished continuation (`VariationDone.tokens`) by: its summed
+        log-probability under the masked, renormalised distribution, its ending Bar included, less the
+        repetition penalty (`engine.beam.scored_log_probs`); one scale for greedy, sampled and beam
+        results. Prompt plus tokens must fit the model's context."""
         request.validate()
         prompt, _ = self._prompt(Arrangement.of(clip))
         grammar = self._grammar(clip, request)
@@ -321,12 +322,14 @@ class Generator:
                                f"{self.decoder.max_context}; they cannot be scored in one pass")
         logits, _ = self.decoder.forward(np.asarray([ids]), self.decoder.empty_cache(1))
         total = 0.0
+        repetition = RepetitionPenalty()
         # logits[0, i] is the distribution of ids[i + 1]; after the last token comes the ending Bar.
         for i in range(len(prompt) + len(opening) - 1, len(ids)):
             token = ids[i + 1] if i + 1 < len(ids) else self.vocab.bar
             if grammar.done:
                 raise RequestError("the tokens go on after the requested number of bars")
-            total += float(masked_log_probs(logits[0, i], grammar.allowed())[token])
+            total += float(scored_log_probs(logits[0, i], grammar, repetition)[token])
+            repetition = repetition.after(token, grammar)
             grammar.accept(token)  # raises if the token breaks the grammar or the constraints
         if not grammar.done:
             raise RequestError("the tokens end before the requested number of bars")

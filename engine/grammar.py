@@ -124,6 +124,7 @@ class ContinuationGrammar:
         self.bars = bars
         self.constraints = c
         pitch_table = vocab.drum_value if is_drum else vocab.pitch_value
+        self.is_drum = is_drum
         self._pitch_table = pitch_table
         self._pitch_ok = (pitch_table >= 0) & c.pitch_mask(is_drum)[np.clip(pitch_table, 0, 127)]
         self._velocity_ok = c.velocity_mask(vocab.velocity_value)
@@ -175,6 +176,11 @@ class ContinuationGrammar:
     @property
     def done(self) -> bool:
         return self.expect is Expect.DONE
+
+    @property
+    def pitch_table(self) -> np.ndarray:
+        """[vocab] the MIDI pitch (or drum sound) each token of this track plays, -1 for other tokens."""
+        return self._pitch_table
 
     def ends_continuation(self, token: int) -> bool:
         """Whether `token` is the `Bar` that would open one bar too many (it ends the sequence)."""

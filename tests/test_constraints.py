@@ -315,3 +315,27 @@ def test_no_two_notes_of_one_pitch_overlap(generator, example_midi):
                     assert min(counts) >= constraints.min_notes_per_bar, counts
                 checked += 1
     assert checked == 96
+
+
+def _recent_repeats(pitches: list[int], window: int) -> int:
+    """How many notes repeat a pitch played among the `window` notes before them."""
+    return sum(1 for i, p in enumerate(pitches) if p in pitches[max(0, i - window):i])
+
+
+def test_beam_search_is_kept_from_looping(generator, example_midi, monkeypatch):
+    """The repetition penalty is what keeps beam search's most likely continuation from being one chord
+    or one pitch over and over: without it the same search repeats more."""
+    import engine.beam as beam
+
+    found = {}
+    for penalty in (0.0, beam.REPEAT_PENALTY):
+        monkeypatch.setattr(beam, "REPEAT_PENALTY", penalty)
+        repeats = 0
+        for path in example_midi[:4]:
+            clip = four_bar_clip(path)
+            done = generator.generate(clip, ContinuationRequest(bars=4, mode="beam", beam_width=4,
+                                                                constraints=Constraints(min_notes_per_bar=2)))[0]
+            pitches = [n.pitch for n in sorted(done.clip.notes, key=lambda n: (n.start, n.pitch))]
+            repeats += _recent_repeats(pitches, beam.REPEAT_WINDOW)
+        found[penalty] = repeats
+    assert found[beam.REPEAT_PENALTY] < found[0.0], found

@@ -160,3 +160,12 @@ def test_program_counts_are_notes_per_instrument_not_program_tokens():
     piece = tokenizer.encode_clip(Arrangement((drums, bass), (0, 1)))
     counts = program_counts(Corpus(train=[np.asarray(piece), np.asarray(piece)]), tokenizer, base={"0": 5})
     assert counts == {"-1": 32, "33": 16, "0": 5}
+
+
+def test_the_data_source_never_carries_the_home_path(tmp_path, monkeypatch):
+    from training.run_data import source_name
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "midi" / "band").mkdir(parents=True)
+    assert source_name(tmp_path / "midi" / "band") == "~/midi/band"
+    assert source_name(Path("/opt/shared-midi")) == "/opt/shared-midi"

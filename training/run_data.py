@@ -45,7 +45,7 @@ def folder_files(folder: Path) -> list[Path]:
 def source_files(data: Path | None, collections: list[str] | None, dist: Distributed) -> tuple[list[Path], str]:
     """The MIDI files of `data`, or of the built-in corpus when there is no folder; and the source's name."""
     if data:
-        return folder_files(data), str(data)
+        return folder_files(data), source_name(data)
     from training.corpus import DEFAULT_COLLECTIONS, convert, default_cache_dir, list_sources
 
     collections = collections or list(DEFAULT_COLLECTIONS)
@@ -56,6 +56,16 @@ def source_files(data: Path | None, collections: list[str] | None, dist: Distrib
     if dist.is_main:
         dist.barrier()
     return files, "music21:" + ",".join(collections)
+
+
+def source_name(folder: Path) -> str:
+    """How the manifest names a data folder: under the trainer's home as `~/...`, so a shared model
+    does not carry its trainer's home path (and user name) to everyone who loads it."""
+    resolved = Path(folder).expanduser().resolve()
+    try:
+        return str(Path("~") / resolved.relative_to(Path.home().resolve()))
+    except ValueError:
+        return str(resolved)
 
 
 def exclude_files(files: list[Path], exclude: list[Path], dist: Distributed) -> tuple[list[Path], Excluded | None]:
