@@ -24,6 +24,8 @@ few tokens, a full one dozens, and a weak model's best guess is often silence. A
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -171,9 +173,21 @@ class Generator:
         try:
             return ContinuationGrammar(
                 self.vocab, self.tokenizer.time_sig_id(meter), self.tokenizer.program_id(self.model_program(clip), clip.is_drum),
-                self.tokenizer.positions_per_bar(meter), request.bars, clip.is_drum, request.constraints)
+                self.tokenizer.positions_per_bar(meter), request.bars, clip.is_drum, request.constraints,
+                self._longest_drum_note(clip))
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
+
+    def _longest_drum_note(self, clip: Clip) -> int | None:
+        """For a drum track, the longest note the continuation may write, in grammar time units: one
+        beat, or the clip's longest drum note if that is longer. A drum hit's length is only when its
+        note-off comes, but a 12-beat hi-hat note blocks that sound from being struck again in a DAW's
+        piano roll and in the grammar; the clip shows how long this player's notes are."""
+        if not clip.is_drum:
+            return None
+        denominator_beats = max([1.0] + [n.duration * clip.time_signature[1] / 4 for n in clip.notes])
+        units_per_beat = self.vocab.units_per_position * self.tokenizer.positions_per_beat
+        return int(math.ceil(denominator_beats * units_per_beat - 1e-9))
 
     def _assembler(self, clip: Clip, offset: float) -> NoteAssembler:
         return NoteAssembler(self.tokenizer, clip.time_signature, offset, channel=9 if clip.is_drum else 0)

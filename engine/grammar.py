@@ -22,6 +22,8 @@ Each `Constraints` field narrows the allowed sets further, so it holds for every
 
 - key/scale, pitch range: only Pitch tokens in the range (and, for pitched clips, in the scale).
 - velocity range: only Velocity tokens whose value lies in the range.
+- (not a Constraints field) `longest_note`: Duration tokens no longer than it; the engine caps drum
+  hits at one beat, or the clip's longest drum note.
 - max_polyphony M: a note may start at time t only while fewer than M notes of the continuation
   sound at t (start <= t < end; notes held over from earlier positions and bars count). Sounding
   notes only increase at note starts, so at no time do more than M sound. Notes of the prompt
@@ -112,7 +114,8 @@ class ContinuationGrammar:
     """Tracks one continuation's place in the grammar and answers which tokens may come next."""
 
     def __init__(self, vocab: Vocabulary, time_sig_id: int, program_id: int, positions_per_bar: int, bars: int,
-                 is_drum: bool = False, constraints: Constraints | None = None):
+                 is_drum: bool = False, constraints: Constraints | None = None, longest_note: int | None = None):
+        """`longest_note`: no Duration longer than this many time units (the shortest is always allowed)."""
         if bars < 1:
             raise ValueError("a continuation needs at least one bar")
         c = constraints or Constraints()
@@ -138,6 +141,9 @@ class ContinuationGrammar:
         self._position_ok = (vocab.position_index >= 0) & (vocab.position_index < positions_per_bar)
         self._duration_ids = np.flatnonzero(vocab.duration_mask)
         self._duration_len = vocab.duration_units[self._duration_ids]
+        if longest_note is not None:
+            short = (self._duration_len <= longest_note) | (self._duration_len == self._duration_len.min())
+            self._duration_ids, self._duration_len = self._duration_ids[short], self._duration_len[short]
         self._unit = vocab.units_per_position
         self._bar_units = positions_per_bar * self._unit
         self._position_times = np.arange(positions_per_bar) * self._unit  # offsets within a bar

@@ -192,3 +192,19 @@ def test_the_service_streams_each_tracks_notes_and_writes_one_file_per_variation
             pitches = sorted(m.note for m in track if m.type == "note_on" and m.velocity > 0)
             assert pitches == sorted(e["pitch"] for e in notes if e["track"] == index)
             assert all(m.channel == 9 for m in track if m.type == "note_on") == (index == 0 or not pitches)
+
+
+@pytest.mark.parametrize("longest_hit", [0.25, 2.0])
+def test_drum_notes_last_a_beat_at_most_unless_the_clip_has_longer(generator, longest_hit):
+    """A drum continuation never holds a hit longer than one beat, or than the clip's longest hit."""
+    drums = band()[0]
+    drums = drums.with_notes([*drums.notes[:-1], Note(49, 110, drums.notes[-1].start, longest_hit, 9)])
+    cap = max(1.0, longest_hit)
+    lengths = []
+    for seed in range(6):
+        done = generator.generate(drums, ContinuationRequest(bars=2, seed=seed, temperature=1.5, top_p=1.0))[0]
+        lengths += [n.duration for n in done.clip.notes]
+    assert lengths and max(lengths) <= cap + 1e-9
+    grammar = generator._grammar(drums, ContinuationRequest(bars=1))
+    longest_allowed = grammar._duration_len.max() / (generator.vocab.units_per_position * generator.tokenizer.positions_per_beat)
+    assert longest_allowed == pytest.approx(cap)  # the cap is the rule, not the sampled luck
