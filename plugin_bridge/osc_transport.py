@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import threading
 import time
@@ -133,14 +134,44 @@ class OscTransport:
         except OSError as exc:
             log.debug("could not enlarge the OSC receive buffer: %s", exc)
         sock.settimeout(_POLL_S)
-        send_sock = socket.socket(family, socket.SOCK_DGRAM)
-        send_sock.settimeout(1.0)
+        send_sock = self._reply_socket(family, sockaddr)
         self._sock, self._send_sock = sock, send_sock
         self._stop.clear()
         self._thread = threading.Thread(target=self._receive_loop, name=f"segue-osc-{self.port}", daemon=True)
         self._thread.start()
         log.info("OSC listening on %s UDP port %d (datagrams up to %d bytes)", self.host, self.port, self.max_datagram)
         return self
+
+    @staticmethod
+    def _reply_socket(family: int, listen_address: tuple) -> socket.socket:
+        """The socket replies leave from: bound at once to the listening address's host (loopback by
+        default) on a free port. Left unbound, the first `sendto` would bind it to every interface, open
+        to datagrams from anywhere that nobody reads; bound here, it takes only what the listener would,
+        with the smallest receive buffer, and the receive loop discards whatever arrives (`_drain_replies`)."""
+        send_sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            send_sock.bind((listen_address[0], 0, *listen_address[2:]))
+            send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel rounds up to its minimum
+        except OSError:
+            send_sock.close()
+            raise
+        send_sock.settimeout(1.0)
+        return send_sock
+
+    def _drain_replies(self) -> None:
+        """Discard datagrams sent to the reply socket: no client should send there, and unread they would
+        sit in kernel memory. Reads only while select() says one is waiting (Python waits out a timed
+        socket's timeout before any recv, MSG_DONTWAIT or not), so the receive loop never blocks here."""
+        send_sock = self._send_sock
+        if send_sock is None:
+            return
+        try:
+            for _ in range(1024):  # bounded: a flood cannot keep the receive loop here
+                if not select.select([send_sock], [], [], 0)[0]:
+                    return
+                send_sock.recv(1)  # this thread is the only reader, so a waiting datagram is still there
+        except (OSError, ValueError):  # closed by stop(), or a queued ICMP error: nothing to keep
+            return
 
     @property
     def port(self) -> int:
@@ -192,6 +223,7 @@ class OscTransport:
         while not self._stop.is_set():
             if time.monotonic() >= next_expiry:
                 self._expire_uploads()
+                self._drain_replies()
                 next_expiry = time.monotonic() + _POLL_S
             try:
                 data, sender = sock.recvfrom(_RECV_BUFFER)

@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -487,6 +488,32 @@ def test_a_port_in_use_is_a_clear_error():
 def test_binds_loopback_by_default():
     with OscTransport(SimpleNamespace(handle=lambda *a: None)) as transport:
         assert transport._sock.getsockname()[0] == "127.0.0.1"
+
+
+def _queued_bytes(port: int) -> int:
+    """Bytes waiting unread on the local UDP socket bound to `port` (Linux: /proc/net/udp rx_queue)."""
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no UDP socket on port {port}")
+
+
+def test_replies_leave_from_loopback_and_nothing_piles_up_there(osc):
+    """The reply socket is bound to loopback before the first reply (never to every interface), and
+    datagrams sent to it are discarded instead of sitting unread in kernel memory."""
+    client = osc.connect()
+    reply_host, reply_port = osc.transport._send_sock.getsockname()
+    assert reply_host == "127.0.0.1" and reply_port != 0  # bound at start, before any reply
+    assert client.request("ping")["type"] == "pong"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as intruder:
+        for _ in range(200):
+            intruder.sendto(b"x" * 512, ("127.0.0.1", reply_port))
+    deadline = time.monotonic() + 5
+    while _queued_bytes(reply_port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _queued_bytes(reply_port) == 0
+    assert ping_ms(client) < 1000  # still serving
 
 
 # --- fuzzing ---------------------------------------------------------------------------------------
