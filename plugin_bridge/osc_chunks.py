@@ -24,6 +24,7 @@ class UploadLimits:
     max_chunks: int = 1024
     timeout_s: float = 10.0  # since the upload's last chunk
     max_per_client: int = 4  # unfinished uploads one client may have at once
+    max_uploads: int = 64  # unfinished uploads of all clients together (one process can open thousands of reply ports)
     max_total_bytes: int = 16 * 1024 * 1024  # held for all clients together
 
 
@@ -73,6 +74,7 @@ class ChunkAssembler:
         self.limits = limits or UploadLimits()
         self._clock = clock
         self._uploads: dict[tuple[str, str], Upload] = {}
+        self._per_client: dict[str, int] = {}  # unfinished uploads per client: counted, never scanned
         self._refused: dict[tuple[str, str], float] = {}  # key -> when its marker lapses (insertion-ordered)
         self._held = 0
 
@@ -101,11 +103,15 @@ class ChunkAssembler:
             self._refuse(key, "bad_request", f"chunk index {index} is out of range for {count} chunks (0..{count - 1})")
         upload = self._uploads.get(key)
         if upload is None:
-            pending = sum(1 for c, _ in self._uploads if c == client)
+            pending = self._per_client.get(client, 0)
             if pending >= limits.max_per_client:
                 self._refuse(key, "busy", f"this client already has {pending} unfinished uploads; finish or cancel "
                              f"one first (unfinished uploads expire after {limits.timeout_s:g} s)")
+            if len(self._uploads) >= limits.max_uploads:
+                self._refuse(key, "busy", f"the server is holding {len(self._uploads)} unfinished uploads, its limit; "
+                             "try again in a moment")
             upload = self._uploads[key] = Upload(count, dest)
+            self._per_client[client] = pending + 1
         if upload.count != count:
             self._refuse(key, "bad_request", f"chunk {index} says {count} chunks but the upload started with {upload.count}")
         if index in upload.parts:
@@ -169,3 +175,8 @@ class ChunkAssembler:
         upload = self._uploads.pop(key, None)
         if upload is not None:
             self._held -= upload.size
+            left = self._per_client[key[0]] - 1
+            if left:
+                self._per_client[key[0]] = left
+            else:
+                del self._per_client[key[0]]

@@ -96,6 +96,7 @@ class OscTransport:
         self._refusals = _Throttle()
         self._send_failures = _Throttle(limit=5, what="failed sends")
         self._emit_failures = _Throttle(limit=5, what="failed replies")
+        self._expiries = _Throttle(limit=10, what="expired uploads")
         # address -> (argument names, handler); the argument count is checked before the handler runs
         self._handlers: dict[str, tuple[str, Callable[[str, Dest, str, list, Emit], None]]] = {
             msgs.PING: ("reply_port id", self._on_ping),
@@ -356,8 +357,9 @@ class OscTransport:
         with self._uploads_lock:
             expired = self._uploads.expire()
         for upload in expired:
-            log.warning("dropped the unfinished upload %r from %s: %d of %d chunks, silent for %.0f s",
-                        upload.request_id, upload.client, upload.received, upload.count, self._uploads.limits.timeout_s)
+            if self._expiries.allow():
+                log.warning("dropped the unfinished upload %r from %s: %d of %d chunks, silent for %.0f s",
+                            upload.request_id, upload.client, upload.received, upload.count, self._uploads.limits.timeout_s)
             self._emitter(upload.dest)(protocol.error_event(
                 upload.request_id, protocol.BAD_REQUEST,
                 f"the upload stopped after {upload.received} of {upload.count} chunks and was dropped "

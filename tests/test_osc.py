@@ -216,6 +216,35 @@ def test_uploads_are_limited_per_client_and_expire():
     assert chunks.cancel("c", None) == ["r2"] and chunks.pending == 0 and chunks.held_bytes == 0
 
 
+def test_unfinished_uploads_are_bounded_in_total_however_many_reply_ports():
+    """One local process can claim thousands of reply ports, each a 'client' of its own: the total
+    is bounded too, and the count per client is kept, not recounted by scanning every upload."""
+    chunks = ChunkAssembler(UploadLimits(max_uploads=8, max_per_client=4))
+    for port in range(8):
+        chunks.add(f"osc:127.0.0.1:{port}", "r", 0, 2, b"a")
+    with pytest.raises(ChunkError, match="holding 8 unfinished uploads, its limit") as info:
+        chunks.add("osc:127.0.0.1:9999", "r", 0, 2, b"a")
+    assert info.value.code == "busy" and chunks.pending == 8
+    assert chunks.cancel("osc:127.0.0.1:3", None) == ["r"]
+    chunks.add("osc:127.0.0.1:9999", "r", 0, 2, b"a")  # a freed slot is usable at once
+    assert chunks._per_client == {f"osc:127.0.0.1:{p}": 1 for p in (0, 1, 2, 4, 5, 6, 7, 9999)}
+
+
+def test_a_flood_of_unfinished_uploads_from_many_ports_neither_stalls_nor_floods_the_log(service, caplog):
+    limits = UploadLimits(timeout_s=0.3)
+    with OscTransport(service, upload_limits=limits) as transport, OscClient(port=transport.port, timeout=5) as client:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:
+            for n in range(3000):  # 3,000 first chunks, each naming another reply port
+                datagram = msgs.build_message(msgs.CONTINUE_CHUNK, "isiis", [20000 + n, f"u{n}", 0, 2, '{"clip":'])
+                flooder.sendto(datagram, ("127.0.0.1", transport.port))
+        assert ping_ms(client, timeout=2) < 1000
+        assert transport._uploads.pending <= limits.max_uploads
+        time.sleep(1.0)  # they all expire
+        assert ping_ms(client) < 200
+    expiry_lines = [r for r in caplog.records if "dropped the unfinished upload" in r.getMessage()]
+    assert 0 < len(expiry_lines) <= 10  # throttled: the rest are counted in one line, not logged one by one
+
+
 # --- a live server on loopback ---------------------------------------------------------------------
 
 def stop_and_check(transport: OscTransport) -> None:
