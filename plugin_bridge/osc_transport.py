@@ -48,6 +48,9 @@ _POLL_S = 0.2  # how often the receive loop looks at its stop flag and at stalle
 class ServiceLike(Protocol):
     def handle(self, client: str, payload: object, emit: Callable[[dict], None]) -> None: ...
 
+    def handle_bytes(self, client: str, raw: bytes, decode: Callable[[bytes], object], emit: Callable[[dict], None],
+                     request_id: str | None = None) -> None: ...
+
 
 Emit = Callable[[dict], None]
 Dest = tuple[str, int]
@@ -348,10 +351,11 @@ class OscTransport:
             self._submit(client, request_id, payload, emit)
 
     def _submit(self, client: str, request_id: str, raw: bytes, emit: Emit) -> None:
-        """A complete continue request (one message or reassembled chunks) -> the service.
-        Decoding is the protocol's (the same JSON rules as ZeroMQ: no NaN, no Infinity); a bad body
-        raises ProtocolError, which `_message` turns into an error reply."""
-        self.service.handle(client, protocol.decode_osc_continue(raw, request_id, msgs.CONTINUE), emit)
+        """A complete continue request (one message or reassembled chunks) -> the service, which decodes
+        it by the protocol's rules (the same JSON rules as ZeroMQ: no NaN, no Infinity) here if it is
+        small, else on its intake thread; a bad body is answered with an error either way."""
+        self.service.handle_bytes(client, raw, lambda data: protocol.decode_osc_continue(data, request_id, msgs.CONTINUE),
+                                  emit, request_id)
 
     def _expire_uploads(self) -> None:
         with self._uploads_lock:

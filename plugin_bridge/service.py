@@ -30,6 +30,7 @@ from engine.generate import NoteEvent, RequestError, VariationDone
 from engine.manifest import SearchDefaults
 from engine.midi_file import write_tracks
 from plugin_bridge import protocol
+from plugin_bridge.intake import Intake
 from plugin_bridge.models import ModelRegistry
 
 log = logging.getLogger("segue.service")
@@ -100,10 +101,22 @@ class Service:
         self._workers = [threading.Thread(target=self._work, name=f"segue-worker-{i}", daemon=True) for i in range(workers)]
         for worker in self._workers:
             worker.start()
+        # Large requests are decoded and checked there, not on a transport's I/O thread (intake.py).
+        self.intake = Intake(self._handle_now)
 
-    # --- entry point for transports ------------------------------------------------------------------
+    # --- entry points for transports -----------------------------------------------------------------
 
     def handle(self, client: str, payload: object, emit: Emit) -> None:
+        """One decoded request: acted on now, or after the client's requests queued in the intake. Never raises."""
+        self.intake.submit(client, payload, emit)
+
+    def handle_bytes(self, client: str, raw: bytes, decode: Callable[[bytes], object], emit: Emit,
+                     request_id: str | None = None) -> None:
+        """One request as received: decoded with `decode` (which raises protocol.ProtocolError) now if small,
+        else on the intake thread. Never raises."""
+        self.intake.submit_bytes(client, raw, decode, emit, request_id)
+
+    def _handle_now(self, client: str, payload: object, emit: Emit) -> None:
         """Act on one decoded request (protocol.decode_json's dict). Never raises: every problem becomes an error reply."""
         request_id = None
         try:
@@ -155,6 +168,7 @@ class Service:
             job.cancel(tell_client=False)
 
     def close(self) -> None:
+        self.intake.close()
         with self._lock:
             jobs = list(self._jobs.values())
             self._jobs.clear()

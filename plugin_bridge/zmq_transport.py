@@ -377,12 +377,8 @@ class ZmqTransport:
         if not data:
             self._reply_error(route, "the request frame is empty; send a JSON object")
             return
-        try:
-            payload = protocol.decode_json(data)
-        except protocol.ProtocolError as exc:
-            self._reply_error(route, exc.message)
-            return
-        self.service.handle(client_name(identity), payload, self._emitter(route))
+        # Decoded here when small, else on the service's intake thread, so this loop never waits on it.
+        self.service.handle_bytes(client_name(identity), data, protocol.decode_json, self._emitter(route))
 
     def _reply_error(self, route: list[bytes], message: str) -> None:
         log.warning("bad request from %s: %s", client_name(route[0]), message)

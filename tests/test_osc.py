@@ -464,7 +464,19 @@ def test_a_stalled_upload_expires_with_an_error(service):
         assert client.receive(2) == {"type": "cancelled", "id": "gone"}
 
 
-class UploadService:
+class DecodingService:
+    """A stand-in service's `handle_bytes`: decode at once, then `handle` (the real Service may defer it)."""
+
+    def handle_bytes(self, client, raw, decode, emit, request_id=None):
+        try:
+            payload = decode(raw)
+        except protocol.ProtocolError as exc:
+            emit(protocol.error_event(exc.request_id, exc.code, exc.message))
+            return
+        self.handle(client, payload, emit)
+
+
+class UploadService(DecodingService):
     """Answers a continue with how many notes arrived, so uploads can be checked without a model."""
 
     def handle(self, client, payload, emit):
@@ -547,7 +559,7 @@ def test_replies_leave_from_loopback_and_nothing_piles_up_there(osc):
 
 # --- fuzzing ---------------------------------------------------------------------------------------
 
-class RecordingService:
+class RecordingService(DecodingService):
     """Answers ping at once and records everything else: fuzzing must not start generations."""
 
     def __init__(self):
@@ -557,6 +569,7 @@ class RecordingService:
         self.requests += 1
         if payload.get("type") == "ping":
             emit(protocol.pong_event(payload["id"]))
+
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:

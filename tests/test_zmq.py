@@ -670,3 +670,74 @@ def test_client_errors_carry_the_server_code(transport):
         with pytest.raises(TypeError, match="temprature"):
             client.continue_stream(clip_payload(), temprature=1.0)
         assert client.ping() < 1.0
+
+
+# --- requests read off the I/O thread (plugin_bridge/intake.py) --------------------------------------
+
+def large_continue(request_id: str, notes: int = 20_000) -> dict:
+    """A valid continue of `notes` notes (about 470 KB of JSON; half a second to decode and check)."""
+    clip = {"notes": [[40 + (i % 48), 80, (i // 8) * 0.25, 0.25] for i in range(notes)], "tempo": 120,
+            "time_signature": [4, 4]}
+    return {"type": "continue", "id": request_id, "clip": clip, "bars": 1}
+
+
+def test_large_requests_never_delay_another_clients_ping(transport, peers):
+    heavy, light = (peers.dealer(transport.endpoint) for _ in range(2))
+    send_json(light, {"type": "ping", "id": "warm"})
+    assert recv_json(light)["type"] == "pong"
+    raw = [json.dumps(large_continue(f"big{n}")).encode() for n in range(6)]
+    for data in raw:
+        heavy.send(data)
+    time.sleep(0.05)  # the transport has the six in hand
+    started = time.perf_counter()
+    send_json(light, {"type": "ping", "id": "p"})
+    reply = recv_json(light)
+    waited_ms = (time.perf_counter() - started) * 1000
+    assert reply == {"type": "pong", "id": "p"}
+    # Read on the I/O thread, the six took seconds to decode and check before this ping was read.
+    assert waited_ms < 300, f"a ping waited {waited_ms:.0f} ms behind another client's large requests"
+    events = recv_until(heavy, kinds=("finished",))  # the last one, having replaced the others, still runs
+    assert events[-1]["id"] == "big5" and {e["id"] for e in events if e["type"] == "cancelled"} <= {f"big{n}" for n in range(5)}
+    heavy.close()
+    light.close()
+
+
+def test_a_cancel_right_after_a_large_continue_cancels_that_continue(transport, peers):
+    dealer = peers.dealer(transport.endpoint)
+    send_json(dealer, large_continue("big"))
+    send_json(dealer, {"type": "cancel", "id": "big"})  # small: it must not overtake the continue
+    events = recv_until(dealer)
+    dealer.close()
+    assert events[-1] == {"type": "cancelled", "id": "big"}, events[-1]
+    assert not [e for e in events if e["type"] == "error"]
+
+
+def test_the_intake_queue_is_bounded_per_client_and_in_bytes():
+    from plugin_bridge.intake import Intake
+
+    release = threading.Event()
+    handled: list[str] = []
+
+    def slow_handle(client, payload, emit):
+        if payload["type"] != "ping":  # a continue being read: holds the intake thread until released
+            release.wait(10)
+        handled.append(payload["id"])
+
+    replies: list[dict] = []
+    intake = Intake(slow_handle, max_bytes=61_000, max_per_client=2)
+    try:
+        big = json.dumps({"type": "continue", "id": "x", "pad": "a" * 20_000}).encode()
+        for n in range(3):  # the first is taken by the thread (still counted), the next two wait
+            intake.submit_bytes("a", big, json.loads, replies.append, request_id=f"a{n}")
+        assert replies == [{"type": "error", "id": "a2", "code": "busy",
+                            "message": "this client already has 2 requests waiting to be read; wait for their replies"}]
+        intake.submit_bytes("b", big, json.loads, replies.append, request_id="b0")
+        intake.submit_bytes("c", big, json.loads, replies.append, request_id="c0")  # 4 x 20 KB > 61 KB
+        assert replies[-1]["id"] == "c0" and replies[-1]["code"] == "busy" and "too many large requests" in replies[-1]["message"]
+        intake.submit("a", {"type": "ping", "id": "p"}, lambda e: replies.append({"answered": e}))  # never queued
+        release.set()
+        assert _settle(lambda: intake.queued() == 0)
+        assert handled == ["p", "x", "x", "x"]  # the ping first; a's two, then b's, in order
+    finally:
+        release.set()
+        intake.close()
