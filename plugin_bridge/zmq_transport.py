@@ -30,6 +30,7 @@ import errno
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 import traceback
@@ -54,7 +55,9 @@ POLL_MS = 500  # the loop also wakes this often to notice stop() even if a wake-
 BATCH = 256  # requests read per turn before replies are flushed, so replies never starve
 _REMEMBER_GONE = 1024  # identities logged as gone (identities are never reused, so this only bounds memory)
 
-_MONITOR_EVENTS = zmq.EVENT_DISCONNECTED
+_MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED
+DESCRIPTORS_KEPT_FREE = 128  # for model files, clips, the OSC sockets and the engine, whatever the clients hold
+MAX_CONNECTIONS = 4096
 
 
 class _LogLimit:
@@ -84,6 +87,30 @@ class _LogLimit:
             return suppressed
 
 
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit on open files towards its hard limit (64k at most), where the
+    system allows it; returns the soft limit in force. Many systems start programs at 1,024, which a
+    thousand idle local connections exhaust."""
+    try:
+        import resource
+    except ImportError:  # Windows: no descriptor limit of this kind
+        return 1 << 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.info("could not raise the open-file limit from %d: %s", soft, exc)
+    return 1 << 16 if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_cap(descriptor_limit: int) -> int:
+    """How many ZeroMQ connections to accept under `descriptor_limit` open files."""
+    return max(16, min(MAX_CONNECTIONS, descriptor_limit - DESCRIPTORS_KEPT_FREE))
+
+
 def client_name(identity: bytes) -> str:
     """The Service's name for a ZeroMQ peer: stable for one connection, safe in a file name."""
     return "zmq:" + identity.hex()
@@ -92,8 +119,15 @@ def client_name(identity: bytes) -> str:
 class ZmqTransport:
     """Serve `service` on a ROUTER socket bound to tcp://host:port (port 0 picks a free one)."""
 
-    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, max_message: int = 1 << 20):
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, max_message: int = 1 << 20,
+                 max_connections: int | None = None):
         self.service = service
+        # Connections beyond this many are shut as soon as they are accepted (the connected keep being
+        # served): at the descriptor limit libzmq would spin on a failing accept() and starve everyone.
+        # Well below the process's descriptor limit, which start-up raises where the system allows.
+        self.max_connections = max_connections or connection_cap(raise_descriptor_limit())
+        self._connections = 0
+        self._refused_connections = _LogLimit()
         self.host = host
         self.requested_port = port
         self.max_message = max_message
@@ -320,17 +354,45 @@ class ZmqTransport:
             sock.recv(zmq.NOBLOCK)
 
     def _read_monitor(self) -> None:
-        """Handle every pending disconnect. Called before each request is mapped to its fd, because
-        a closed fd number can be reused at once by a new connection: the monitor event for the old
-        one is always queued before the new connection's first message, so draining first is exact."""
+        """Handle every pending connect and disconnect. Called before each request is mapped to its fd,
+        because a closed fd number can be reused at once by a new connection: the monitor event for the
+        old one is always queued before the new connection's first message, so draining first is exact."""
         _, monitor, _ = self._io_sockets()
         while self._readable(monitor):
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._connections += 1
+                if self._connections > self.max_connections:
+                    self._refuse_connection(int(event["value"]))
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._connections = max(0, self._connections - 1)
                 identity = self._fd_client.pop(int(event["value"]), None)
                 if identity is not None:
                     self._client_fd.pop(identity, None)
                     self._client_gone(identity, "disconnected")
+
+    def _refuse_connection(self, fd: int) -> None:
+        """Shut a connection just accepted over the limit. libzmq owns the descriptor, so it is not
+        closed here (its number could be reused under libzmq): shutdown makes libzmq's next read see
+        the end of the stream, and libzmq closes it and reports the disconnect, which the count follows.
+        Only a TCP socket on our own port is touched: by the time the event is read, a descriptor
+        number may already belong to something else."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return
+        try:
+            ours = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+            if ours and sock.getsockname()[1] == self.port:
+                sock.shutdown(socket.SHUT_RDWR)
+                if self._refused_connections.allow():
+                    log.warning("refused a ZeroMQ connection: %d open, the limit is %d (connected clients are still "
+                                "served; %d refusals since the last line not logged)", self._connections - 1,
+                                self.max_connections, self._refused_connections.take_suppressed())
+        except OSError as exc:
+            log.debug("could not shut the refused connection on fd %d: %s", fd, exc)
+        finally:
+            sock.detach()
 
     def _read_requests(self) -> None:
         router, _, _ = self._io_sockets()

@@ -741,3 +741,54 @@ def test_the_intake_queue_is_bounded_per_client_and_in_bytes():
     finally:
         release.set()
         intake.close()
+
+
+def test_connections_over_the_limit_are_shut_and_the_connected_keep_being_served(transports, peers, caplog):
+    """At the connection limit new connections are shut on arrival (libzmq would otherwise spin at the
+    descriptor limit and starve everyone); the connected clients are served throughout, and a waiting
+    client gets in by itself (ZeroMQ reconnects) once others leave."""
+    transport = transports(max_connections=4)
+    first = [peers.dealer(transport.endpoint) for _ in range(4)]
+    late: list[zmq.Socket] = []
+    try:
+        for n, dealer in enumerate(first):
+            send_json(dealer, {"type": "ping", "id": f"f{n}"})
+            assert recv_json(dealer)["id"] == f"f{n}"
+        late = [peers.dealer(transport.endpoint) for _ in range(3)]
+        for n, dealer in enumerate(late):
+            send_json(dealer, {"type": "ping", "id": f"late{n}"})
+        time.sleep(1.0)
+        assert all(not dealer.poll(0) for dealer in late)  # refused: nothing read from them
+        for n, dealer in enumerate(first):  # while the connected are answered as usual
+            send_json(dealer, {"type": "ping", "id": f"again{n}"})
+            assert recv_json(dealer, timeout=1)["id"] == f"again{n}"
+        assert logged(caplog, "refused a ZeroMQ connection")
+        for dealer in first[:3]:
+            dealer.close()
+        # A ping sent on a connection that was then shut is lost; once there is room, asking again is answered.
+        for n, dealer in enumerate(late):
+            deadline, answered = time.monotonic() + 10, False
+            while not answered and time.monotonic() < deadline:
+                send_json(dealer, {"type": "ping", "id": f"retry{n}"})
+                answered = bool(dealer.poll(500)) and any(json.loads(dealer.recv())["type"] == "pong" for _ in [0])
+            assert answered, f"late client {n} was never let in"
+    finally:
+        for dealer in first + late:
+            dealer.close()
+
+
+def test_start_up_raises_the_open_file_limit_where_it_can():
+    """A thousand idle local connections exhaust the common soft limit of 1,024 descriptors."""
+    code = ("import resource\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+            "from plugin_bridge.zmq_transport import connection_cap, raise_descriptor_limit\n"
+            "limit = raise_descriptor_limit()\n"
+            "print(limit, resource.getrlimit(resource.RLIMIT_NOFILE)[0], connection_cap(limit))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    limit, soft, cap = map(int, out)
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    expected = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    assert limit == soft == expected
+    assert cap == min(4096, expected - 128)
