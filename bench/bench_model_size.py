@@ -10,6 +10,11 @@ DAW-material issue names: a piano ostinato of 48 notes per bar (three-note chord
 sixteenth) and a sixteenth-note drum groove with a bass line, 4 bars each. The table gives the
 prompt length each model actually reads (a shorter context cuts the clip to its last bars), the
 median time to first note, and its ratio to the baseline on the same clip.
+
+    python bench/bench_model_size.py --models runs/models/default-v3 --clips docs/examples/*.mid
+
+`--models` times trained model folders instead of random candidates (the same table), and `--clips`
+adds `.mid` files (every track of a multi-track file is continued) to the two dense clips.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.clip import Arrangement, Clip, Note  # noqa: E402
 from engine.generate import ContinuationRequest, Generator, NoteEvent  # noqa: E402
+from engine.midi_file import read_tracks  # noqa: E402
 from engine.tokens import ClipTokenizer  # noqa: E402
 
 CANDIDATES = {  # name: (layers, heads, d_model, d_ff)
@@ -98,17 +104,27 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--models", type=Path, nargs="*", default=[], help="trained model folders to time instead")
+    parser.add_argument("--clips", type=Path, nargs="*", default=[], help="more clips (.mid) to time")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
     clips = {"ostinato 48 notes/bar": ostinato(), "drums + bass, 16ths": groove_with_bass()}
+    for path in args.clips:
+        clips[path.name] = read_tracks(path)
     with tempfile.TemporaryDirectory(prefix="segue-size-") as work:
         models = {f"baseline ({args.baseline.name})": args.baseline}
-        for name in args.candidates:
-            models[f"{name}, ctx {args.context}"] = build_candidate(CANDIDATES[name], args.context, Path(work))
+        if args.models:
+            models.update({f"{path.name} ({path})": path for path in args.models})
+        else:
+            for name in args.candidates:
+                models[f"{name}, ctx {args.context}"] = build_candidate(CANDIDATES[name], args.context, Path(work))
         generators = {name: Generator.load(path, threads=args.threads) for name, path in models.items()}
-        print(f"time to first note of an 8-bar continuation, median of {args.runs}, {args.threads} thread(s)")
+        import platform
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+        print(f"CPU: {cpu}; time to first note of an 8-bar continuation, median of {args.runs}, {args.threads} thread(s)")
         print("| model | parameters | clip | prompt tokens (of clip) | first note (ms) | vs baseline |")
         print("|---|---|---|---|---|---|")
         baseline: dict[str, float] = {}
