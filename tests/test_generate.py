@@ -215,3 +215,33 @@ def test_a_clip_ending_a_tick_past_a_bar_line_is_continued_from_that_bar_line(ge
     for prompt in (late, replace(ringing, length=None)):
         done = generator.generate(prompt, ContinuationRequest(bars=1, seed=2, constraints=Constraints(min_notes_per_bar=1)))[0]
         assert done.clip.notes and all(16.0 <= n.start < 20.0 for n in done.clip.notes)
+
+
+def test_a_model_of_the_older_vocabulary_still_continues(model_copy, example_midi):
+    """Models trained before the Program-per-bar vocabulary (`program_changes` false in their
+    tokenizer.json: a Program before every note) keep working: the grammar writes their stream."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from engine.generate import Generator
+    from engine.manifest import load_manifest
+
+    tokenizer_file = model_copy / "tokenizer.json"
+    data = json.loads(tokenizer_file.read_text())
+    data["config"]["program_changes"] = False  # the same vocabulary; only where Program tokens go differs
+    tokenizer_file.write_text(json.dumps(data))
+    manifest = load_manifest(model_copy)
+    files = {**manifest.files, "tokenizer.json": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()}
+    (model_copy / "manifest.json").write_text(dataclasses.replace(manifest, files=files).to_json())
+    generator = Generator.load(model_copy)
+    assert not generator.tokenizer.program_per_bar
+    clip = four_bar_clip(example_midi[0])
+    done = generator.generate(clip, ContinuationRequest(bars=2, seed=3, constraints=Constraints(min_notes_per_bar=2)))[0]
+    text = generator.tokenizer.tokens_to_text(done.tokens)
+    notes = sum(1 for t in text if t.startswith("Pitch_"))
+    assert notes == len(done.clip.notes) >= 4
+    assert sum(1 for t in text if t.startswith("Program_")) == notes  # one before every note, as that model learned
+    prompt, _ = generator.prompt_tokens(clip)
+    prompt_text = generator.tokenizer.tokens_to_text(prompt)
+    assert prompt_text.count("Program_0") == sum(1 for t in prompt_text if t.startswith("Pitch_"))
