@@ -72,6 +72,42 @@ class OnnxDecoder:
         missing = {"input_ids", "position_ids", *self.past_names} - declared
         if missing:
             raise ModelError(f"{self.folder / MODEL_FILE} lacks the inputs its manifest names: {', '.join(sorted(missing))}")
+        self._check_shape_against_graph()
+
+    def _check_shape_against_graph(self) -> None:
+        """The manifest's model shape must be the graph's. The manifest is not covered by its own file
+        hashes, so an edited one (`max_context` 512 -> 4096) would otherwise be believed, and long
+        requests would fail deep inside ONNX Runtime. The graph's declared shapes give the layers, heads,
+        head size and vocabulary; two one-token runs give the context: its last position must exist and
+        the one after it must not (the position table has exactly `max_context` rows)."""
+        where = self.folder / "manifest.json"
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        cache_shape = inputs[self.past_names[0]]
+        found = {"n_layer": sum(1 for name in inputs if name.startswith("past_")) // 2,
+                 "n_head": cache_shape[1], "head_dim": cache_shape[3], "vocab_size": outputs.get("logits", [None])[-1]}
+        for field, value in found.items():
+            if isinstance(value, int) and getattr(self, field) != value:  # a symbolic dimension says nothing
+                raise ModelError(f"{where}: model.{field} is {getattr(self, field)}, but the graph's is {value}; "
+                                 "the manifest does not describe this model")
+
+        def runs_at(position: int) -> bool:
+            feeds = {"input_ids": np.zeros((1, 1), dtype=np.int64), "position_ids": np.full((1, 1), position, dtype=np.int64)}
+            feeds.update(zip(self.past_names, self.empty_cache().tensors, strict=True))
+            quiet = ort.RunOptions()
+            quiet.log_severity_level = 4  # the failure is the expected answer for the second probe: no error log
+            try:
+                self.session.run(self.output_names[:1], feeds, quiet)
+                return True
+            except Exception:  # onnxruntime's own error types: an index outside the position table
+                return False
+
+        if not runs_at(self.max_context - 1):
+            raise ModelError(f"{where}: model.max_context is {self.max_context}, but the graph has no position "
+                             f"{self.max_context - 1}; the manifest does not describe this model")
+        if runs_at(self.max_context):
+            raise ModelError(f"{where}: model.max_context is {self.max_context}, but the graph reads longer contexts; "
+                             "the manifest does not describe this model")
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None, providers: list[str] | None = None) -> OnnxDecoder:

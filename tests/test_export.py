@@ -114,3 +114,20 @@ def test_manifest_cannot_point_outside_the_folder(model_copy):
     (model_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="outside the folder"):
         verify_model_folder(model_copy)
+
+
+@pytest.mark.parametrize("field, value", [("max_context", 4096), ("max_context", 128), ("n_head", 4), ("vocab_size", 600)])
+def test_an_edited_manifest_shape_is_refused_against_the_graph(model_copy, field, value):
+    """The manifest is not among the hashed files, so its model shape is checked against the graph
+    itself: an edited context length (512 -> 4096 was accepted once, and long requests then failed
+    inside ONNX Runtime) or head count is refused at load, naming the field."""
+    import dataclasses
+
+    from engine.generate import Generator
+    from engine.manifest import load_manifest
+
+    manifest = load_manifest(model_copy)
+    edited = dataclasses.replace(manifest, model=dataclasses.replace(manifest.model, **{field: value}))
+    (model_copy / "manifest.json").write_text(edited.to_json())
+    with pytest.raises(ModelError, match=f"model.{field} is {value}, but the graph"):
+        Generator.load(model_copy)
