@@ -24,6 +24,7 @@ few tokens, a full one dozens, and a weak model's best guess is often silence. A
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,7 @@ from engine.assembler import NoteAssembler
 from engine.beam import RepetitionPenalty, beam_search, scored_log_probs
 from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
-from engine.manifest import MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
+from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
 from engine.session import KVCache, OnnxDecoder
@@ -61,6 +62,7 @@ class VariationDone:
     tokens: tuple[int, ...]  # the opening Bar and TimeSig included, the ending Bar not
     log_prob: float | None = None  # beam mode: the summed log-probability the search ranked it by
     track: int = 0  # index of the arrangement's track
+    seed: int | None = None  # sampling: the request's seed, or the one drawn for it (beam search draws nothing)
 
 
 @dataclass
@@ -88,9 +90,10 @@ class _Lane:
 
 
 class Generator:
-    def __init__(self, decoder: OnnxDecoder, tokenizer: ClipTokenizer):
+    def __init__(self, decoder: OnnxDecoder, tokenizer: ClipTokenizer, manifest_sha256: str = ""):
         self.decoder = decoder
         self.tokenizer = tokenizer
+        self.manifest_sha256 = manifest_sha256  # names this exact model in the provenance of what it writes
         self.vocab = Vocabulary.of(tokenizer)
         if tokenizer.vocab_size != decoder.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects {decoder.vocab_size}")
@@ -105,7 +108,7 @@ class Generator:
         except RequestError as exc:
             raise ModelError(f"{Path(folder) / 'manifest.json'}: its search defaults are not a valid request ({exc})") from None
         decoder = OnnxDecoder.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads=threads)
-        return cls(decoder, ClipTokenizer.from_bytes(files[TOKENIZER_FILE]))
+        return cls(decoder, ClipTokenizer.from_bytes(files[TOKENIZER_FILE]), hashlib.sha256(files[MANIFEST_FILE]).hexdigest())
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -222,7 +225,7 @@ class Generator:
                 for index, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):
                     if not row.grammar.accept(token):
                         yield VariationDone(row.variation, arrangement.tracks[row.track].with_notes(row.notes),
-                                            tuple(row.generated), track=row.track)
+                                            tuple(row.generated), track=row.track, seed=seed)
                         continue
                     row.generated.append(token)
                     row.history.append(token)

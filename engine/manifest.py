@@ -240,18 +240,27 @@ def load_manifest(folder: Path) -> Manifest:
     return Manifest.from_json(path.read_bytes(), str(path))
 
 
+def _manifest_and_bytes(folder: Path) -> tuple[Manifest, bytes]:
+    """load_manifest, and the very bytes it parsed (their sha256 names the model in provenance records)."""
+    manifest = load_manifest(folder)
+    data = (Path(folder) / MANIFEST_FILE).read_bytes()
+    if Manifest.from_json(data, str(Path(folder) / MANIFEST_FILE)) != manifest:  # replaced between the two reads
+        raise ModelError(f"{Path(folder) / MANIFEST_FILE} changed while it was read; try again")
+    return manifest, data
+
+
 def verify_model_folder(folder: Path) -> Manifest:
     """The manifest, after checking that every listed file exists and matches its sha256."""
     return read_model_folder(folder)[0]
 
 
 def read_model_folder(folder: Path) -> tuple[Manifest, dict[str, bytes]]:
-    """The manifest and the bytes of every file it lists, each read once and checked against its
+    """The manifest and the bytes of every file it lists (and of the manifest), each read once and checked against its
     sha256: whoever loads a model uses these very bytes, so nothing can change a file between the
     check and the load. The folder holds exactly the listed files and the manifest, none of them a
     symbolic link (a link could point anywhere, and an unlisted file is unaccounted for)."""
     folder = Path(folder)
-    manifest = load_manifest(folder)
+    manifest, manifest_bytes = _manifest_and_bytes(folder)
     expected_names = {MANIFEST_FILE, *manifest.files}
     extra = sorted(p.name for p in folder.iterdir() if p.name not in expected_names and not p.name.startswith("."))
     if extra:
@@ -268,6 +277,7 @@ def read_model_folder(folder: Path) -> tuple[Manifest, dict[str, bytes]]:
         if hashlib.sha256(data).hexdigest() != expected:
             raise ModelError(f"{path} does not match the sha256 in its manifest: the file was changed or corrupted")
         contents[name] = data
+    contents[MANIFEST_FILE] = manifest_bytes
     return manifest, contents
 
 

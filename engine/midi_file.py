@@ -16,6 +16,7 @@ from symusic.core import ScoreTick
 
 from engine.atomic_file import atomic_write
 from engine.clip import Arrangement, Clip, ClipError, tracks_from_score
+from engine.provenance import Provenance, stamp
 
 MAX_CLIP_FILE_BYTES = 8 * 1024 * 1024
 MAX_CLIP_NOTES = 50_000
@@ -72,10 +73,17 @@ def write_clip(path: str | Path, clip: Clip, track_name: str | None = None) -> P
     return write_tracks(path, [clip], None if track_name is None else [track_name])
 
 
-def write_tracks(path: str | Path, clips: Sequence[Clip], track_names: Sequence[str] | None = None) -> Path:
+def write_tracks(path: str | Path, clips: Sequence[Clip], track_names: Sequence[str] | None = None,
+                 provenance: Provenance | None = None) -> Path:
     """Write clips as the tracks of one MIDI file (each with its program, drum flag and name), with
-    the first clip's tempo and meter."""
+    the first clip's tempo and meter, and where it came from when `provenance` is given."""
     score = Arrangement(tuple(clips), tuple(range(len(clips)))).to_score()
     for track, name in zip(score.tracks, track_names or (), strict=False):
         track.name = name
-    return atomic_write(path, lambda tmp: score.dump_midi(str(tmp)))
+
+    def write(tmp: Path) -> None:
+        score.dump_midi(str(tmp))
+        if provenance is not None:
+            stamp(tmp, provenance)
+
+    return atomic_write(path, write)

@@ -42,6 +42,7 @@ def run_continue(args) -> int:
         from engine.generate import ContinuationRequest, Generator, NoteEvent, RequestError, VariationDone
         from engine.manifest import ModelError, load_manifest
         from engine.midi_file import write_tracks
+        from engine.provenance import Provenance
     except ImportError as exc:
         return _missing(exc)
 
@@ -86,7 +87,8 @@ def run_continue(args) -> int:
         tracks = sorted((d for d in finished if d.variation == number - 1), key=lambda d: d.track)
         name = f"Segue continuation {number} of {request.variations}" + (f" (seed {request.seed})" if request.seed is not None else "")
         names = [name] if len(clip.tracks) == 1 else [f"{d.clip.name}: {name}" for d in tracks]
-        path = write_tracks(args.out / f"{stem}-continuation-{number}.mid", [d.clip for d in tracks], names)
+        record = Provenance.of(generator.manifest_sha256, manifest, request, tracks[0].seed if tracks else None, number, clip)
+        path = write_tracks(args.out / f"{stem}-continuation-{number}.mid", [d.clip for d in tracks], names, provenance=record)
         tokens += sum(len(d.tokens) for d in tracks)
         notes = sum(len(d.clip.notes) for d in tracks)
         print(f"  {path}  ({notes} notes" + (f" in {len(tracks)} tracks)" if len(tracks) > 1 else ")"))
@@ -114,6 +116,7 @@ PASSTHROUGH = {
     "eval": ("training.evaluate", "measure how well a model continues held-out clips in their style, with a report"),
     "render": ("engine.render", "render a .mid file to audio with FluidSynth and a General MIDI soundfont"),
     "export-onnx": ("export.onnx_export", "turn a training checkpoint into a model folder Segue can serve"),
+    "provenance": ("plugin_bridge.provenance_cli", "say which model and settings made a .mid Segue wrote; reproduce it"),
 }
 
 

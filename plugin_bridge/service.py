@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.clip import Clip
-from engine.generate import NoteEvent, RequestError, VariationDone
+from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
 from engine.manifest import SearchDefaults
 from engine.midi_file import write_tracks
+from engine.provenance import Provenance
 from plugin_bridge import protocol
 from plugin_bridge.intake import Intake
-from plugin_bridge.models import ModelRegistry
+from plugin_bridge.models import LoadedModel, ModelRegistry
 
 log = logging.getLogger("segue.service")
 
@@ -272,7 +273,7 @@ class Service:
                     if len(tracks) < continued:
                         continue  # a variation is done (one .mid, one `done`) when all its tracks are
                     tracks.sort(key=lambda d: d.track)
-                    path = self._write(job, model.name, tracks, spec.variations)
+                    path = self._write(job, model, tracks, spec)
                     reply = protocol.done_event(request.id, event.variation, str(path), sum(len(d.clip.notes) for d in tracks),
                                                 first_note, now_ms)
                     variations += 1
@@ -291,13 +292,16 @@ class Service:
                  job.client, request.id, model.name, spec.bars, spec.variations,
                  "-" if first_note is None else f"{first_note:.1f}", total, (started - job.received) * 1000)
 
-    def _write(self, job: Job, model_name: str, tracks: list[VariationDone], variations: int) -> Path:
-        """One variation's continued tracks as one .mid (a track each), for drag-and-drop."""
+    def _write(self, job: Job, model: LoadedModel, tracks: list[VariationDone], spec: ContinuationRequest) -> Path:
+        """One variation's continued tracks as one .mid (a track each), for drag-and-drop, with its provenance."""
         safe_client = re.sub(r"[^A-Za-z0-9_.-]", "_", job.client)[:40] or "client"
         safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", job.request.id)[:40]
         number = tracks[0].variation + 1
         path = self.clips_dir / f"{safe_client}-{safe_id}-v{number}.mid"
-        name = f"Segue {model_name} continuation {number} of {variations}"
+        name = f"Segue {model.name} continuation {number} of {spec.variations}"
         names = [name] if len(tracks) == 1 else [f"{d.clip.name}: {name}" for d in tracks]
-        return write_tracks(path, [d.clip for d in tracks], names)
+        generator = model.generator
+        record = Provenance.of(generator.manifest_sha256, generator.decoder.manifest, spec, tracks[0].seed, number,
+                               job.request.clip)
+        return write_tracks(path, [d.clip for d in tracks], names, provenance=record)
 
