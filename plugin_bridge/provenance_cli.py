@@ -42,9 +42,10 @@ def describe(record: Provenance) -> list[str]:
     search = (f"beam search, width {request['beam_width']}" if request["mode"] == "beam" else
               f"sampling: temperature {request['temperature']:g}, top-k {request['top_k']}, top-p {request['top_p']:g}")
     constraints = ", ".join(f"{k} {v}" for k, v in sorted(request["constraints"].items())) or "none"
+    seed = record.seed if record.seed is not None else "- (beam search)"
     return [f"model: {record.model_name} (manifest sha256 {record.manifest_sha256})",
             f"training data fingerprint: {record.data_fingerprint or 'not recorded'}",
-            f"variation {record.variation} of {request['variations']}, seed {record.seed if record.seed is not None else '- (beam search)'}",
+            f"variation {record.variation} of {request['variations']}, seed {seed}",
             f"request: {request['bars']} bars, {search}; constraints: {constraints}",
             f"prompt clip sha256: {record.prompt_sha256} (tracks continued: {', '.join(str(t + 1) for t in record.continued)})"]
 
