@@ -41,7 +41,6 @@ from engine.grammar import ContinuationGrammar
 from engine.sampling import masked_log_probs
 from engine.session import KVCache, OnnxDecoder
 
-
 REPEAT_WINDOW = 16  # notes of the continuation the penalty looks back over
 REPEAT_PENALTY = 0.5  # log-probability units per recent use of the same pitch (a factor of about 1.6)
 

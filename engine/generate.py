@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
