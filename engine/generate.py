@@ -39,6 +39,7 @@ from engine.grammar import ContinuationGrammar, Expect, Vocabulary
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
+from engine.signing import check_signature
 from engine.session import KVCache, OnnxDecoder
 from engine.tokens import ClipTokenizer, trim_to_context
 
@@ -93,21 +94,26 @@ class Generator:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.manifest_sha256 = manifest_sha256  # names this exact model in the provenance of what it writes
+        self.signed_by: str | None = None  # fingerprint of the key its signature verified with, if signed
         self.vocab = Vocabulary.of(tokenizer)
         if tokenizer.vocab_size != decoder.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects {decoder.vocab_size}")
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None) -> Generator:
-        """A verified model folder's generator: the session and tokenizer are built from the very bytes
-        whose hashes were checked."""
+    def load(cls, folder: str | Path, threads: int | None = None, trusted_keys: Sequence[Path] = (),
+             require_signed: bool = False) -> Generator:
+        """A verified model folder's generator: its signature checked when it has one (engine/signing.py),
+        then the session and tokenizer built from the very bytes whose hashes were checked."""
+        signed_by = check_signature(Path(folder), trusted_keys, require_signed)
         manifest, files = read_model_folder(Path(folder))
         try:  # the defaults every request without options gets must be a request the engine accepts
             ContinuationRequest.from_options(manifest.search)
         except RequestError as exc:
             raise ModelError(f"{Path(folder) / 'manifest.json'}: its search defaults are not a valid request ({exc})") from None
         decoder = OnnxDecoder.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads=threads)
-        return cls(decoder, ClipTokenizer.from_bytes(files[TOKENIZER_FILE]), hashlib.sha256(files[MANIFEST_FILE]).hexdigest())
+        generator = cls(decoder, ClipTokenizer.from_bytes(files[TOKENIZER_FILE]), hashlib.sha256(files[MANIFEST_FILE]).hexdigest())
+        generator.signed_by = signed_by
+        return generator
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -23,6 +23,9 @@ from typing import Any, TypeVar
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "model.sig"  # engine/signing.py: a signed folder's two files besides those its manifest lists
+SIGNER_KEY_FILE = "signer.pub"
+SIGNING_FILES = (SIGNATURE_FILE, SIGNER_KEY_FILE)
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest lists hashes and a few records; anything bigger is not one
@@ -261,7 +264,7 @@ def read_model_folder(folder: Path) -> tuple[Manifest, dict[str, bytes]]:
     symbolic link (a link could point anywhere, and an unlisted file is unaccounted for)."""
     folder = Path(folder)
     manifest, manifest_bytes = _manifest_and_bytes(folder)
-    expected_names = {MANIFEST_FILE, *manifest.files}
+    expected_names = {MANIFEST_FILE, *SIGNING_FILES, *manifest.files}
     extra = sorted(p.name for p in folder.iterdir() if p.name not in expected_names and not p.name.startswith("."))
     if extra:
         raise ModelError(f"model folder {folder} holds files its manifest does not list: {', '.join(extra[:5])}")

@@ -31,6 +31,7 @@ from engine.manifest import (
     SCHEMA_VERSION,
     TOKENIZER_FILE,
     Manifest,
+    ModelError,
     Parity,
     kv_names,
     sha256_file,
@@ -131,8 +132,9 @@ def build_manifest(model: GPT, meta: dict[str, str], name: str, parity: Parity, 
     return Manifest.from_dict(data, "the exported manifest")
 
 
-def export_model(checkpoint: Path, out: Path, name: str | None = None) -> Manifest:
-    """Export, check parity, write the folder atomically. Returns the manifest it wrote."""
+def export_model(checkpoint: Path, out: Path, name: str | None = None, sign_key: Path | None = None) -> Manifest:
+    """Export, check parity, sign the staged folder when `sign_key` is given, write the folder
+    atomically (a running server never sees it unsigned). Returns the manifest it wrote."""
     model, meta, _ = load_checkpoint(checkpoint)
     if "tokenizer" not in meta:
         raise CheckpointError(f"{checkpoint} does not carry its tokenizer; it was not written by `segue train`")
@@ -150,6 +152,10 @@ def export_model(checkpoint: Path, out: Path, name: str | None = None) -> Manife
         manifest = build_manifest(model, meta, name or out.name, parity, sha256_file(checkpoint), _opset(stage / MODEL_FILE),
                                   {f: sha256_file(stage / f) for f in (MODEL_FILE, TOKENIZER_FILE)})
         (stage / MANIFEST_FILE).write_text(manifest.to_json())
+        if sign_key is not None:
+            from engine.signing import sign_folder
+
+            sign_folder(stage, sign_key)
         _swap_in(stage, out)
         return manifest
     finally:
@@ -184,14 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint written by `segue train` or `segue finetune`")
     p.add_argument("--out", type=Path, required=True, help="model folder to write, e.g. models/my-artist")
     p.add_argument("--name", help="model name shown to clients (default: the folder name)")
+    p.add_argument("--sign", type=Path, metavar="KEY", help="sign the folder with this ECDSA private key (see `segue sign`)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        manifest = export_model(args.checkpoint, args.out, args.name)
-    except (CheckpointError, RuntimeError, OSError) as exc:
+        manifest = export_model(args.checkpoint, args.out, args.name, args.sign)
+    except (CheckpointError, ModelError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     assert manifest.parity is not None, "export_model always records parity"

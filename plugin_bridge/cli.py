@@ -117,6 +117,8 @@ PASSTHROUGH = {
     "render": ("engine.render", "render a .mid file to audio with FluidSynth and a General MIDI soundfont"),
     "export-onnx": ("export.onnx_export", "turn a training checkpoint into a model folder Segue can serve"),
     "provenance": ("plugin_bridge.provenance_cli", "say which model and settings made a .mid Segue wrote; reproduce it"),
+    "sign": ("plugin_bridge.signing_cli:sign_main", "sign a model folder with your key (OpenSSF model-signing)"),
+    "verify": ("plugin_bridge.signing_cli:verify_main", "check a model folder's hashes and signature"),
 }
 
 
@@ -131,13 +133,15 @@ def _missing(exc: ImportError) -> int:
 
 
 def _run_module(module: str, argv: list[str]) -> int:
+    """Run `module`'s main(argv), or the function named after a colon (`module:function`)."""
     import importlib
 
+    module, _, function = module.partition(":")
     try:
         entry = importlib.import_module(module)
     except ImportError as exc:
         return _missing(exc)
-    return entry.main(argv)
+    return getattr(entry, function or "main")(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:

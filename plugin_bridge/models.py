@@ -52,9 +52,12 @@ def folder_signature(folder: Path) -> tuple:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: Path, threads: int = 1, default: str = "default"):
+    def __init__(self, models_dir: Path, threads: int = 1, default: str = "default",
+                 trusted_keys: tuple[Path, ...] = (), require_signed: bool = False):
         self.models_dir = Path(models_dir)
         self.threads = threads
+        self.trusted_keys = trusted_keys  # signatures checked against these (engine/signing.py)
+        self.require_signed = require_signed  # refuse folders not signed by one of them
         self.default_name = default
         self._models: dict[str, LoadedModel] = {}
         self._refused: dict[str, tuple[tuple, str]] = {}  # name -> (signature, reason): not retried until it changes
@@ -111,7 +114,8 @@ class ModelRegistry:
             try:
                 if folder.is_symlink() and not folder.resolve().is_relative_to(self.models_dir.resolve()):
                     raise ModelError(f"{folder} links to {folder.resolve()}, outside {self.models_dir}")
-                generator = Generator.load(folder, threads=self.threads)
+                generator = Generator.load(folder, threads=self.threads, trusted_keys=self.trusted_keys,
+                                           require_signed=self.require_signed)
                 generator.decoder.warm_up()
             except Exception as exc:  # one bad folder is refused; the others still load, and serving goes on
                 with self._lock:

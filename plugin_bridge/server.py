@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per model session (default 1)")
     p.add_argument("--workers", type=int, default=2, help="requests generated at the same time (default 2)")
     p.add_argument("--no-watch", action="store_true", help="do not pick up new or updated model folders while running")
+    p.add_argument("--trusted-key", type=Path, action="append", default=[], metavar="PUB",
+                   help="public key (PEM) whose signatures this server trusts; repeatable (see `segue sign`)")
+    p.add_argument("--require-signed", action="store_true",
+                   help="load only model folders signed by a --trusted-key (unsigned and foreign ones are refused)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -54,11 +58,14 @@ class Server:
 
     def __init__(self, models: Path, host: str = "127.0.0.1", osc_port: int = 0, zmq_port: int = 0,
                  clips_dir: Path | None = None, threads: int = 1, workers: int = 2, default_model: str = "default",
-                 watch: bool = True):
+                 watch: bool = True, trusted_keys: tuple[Path, ...] = (), require_signed: bool = False):
         from plugin_bridge.models import ModelRegistry
         from plugin_bridge.service import Service
 
-        self.registry = ModelRegistry(models, threads=threads, default=default_model)
+        if require_signed and not trusted_keys:
+            raise RuntimeError("--require-signed needs at least one --trusted-key PUB (the public key of whoever signs your models)")
+        self.registry = ModelRegistry(models, threads=threads, default=default_model, trusted_keys=trusted_keys,
+                                      require_signed=require_signed)
         self.registry.scan()
         if not self.registry.names():
             refused = self.registry.refused()
@@ -102,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         server = Server(args.models, args.host, args.osc_port, args.zmq_port, args.clips_dir, args.threads, args.workers,
-                        args.default_model, watch=not args.no_watch).start()
+                        args.default_model, watch=not args.no_watch, trusted_keys=tuple(args.trusted_key),
+                        require_signed=args.require_signed).start()
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
