@@ -149,6 +149,7 @@ class ZmqTransport:
         self._srcfd_ok = True
         self._emit_log = _LogLimit()  # emit() must never raise into a worker thread: it logs instead
         self._dropped_log = _LogLimit()
+        self._bad_request_log = _LogLimit(limit=20)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -443,7 +444,9 @@ class ZmqTransport:
         self.service.handle_bytes(client_name(identity), data, protocol.decode_json, self._emitter(route))
 
     def _reply_error(self, route: list[bytes], message: str) -> None:
-        log.warning("bad request from %s: %s", client_name(route[0]), message)
+        if self._bad_request_log.allow():  # a flood of malformed frames must not flood the log
+            log.warning("bad request from %s: %s (%d such lines since the last one not logged)", client_name(route[0]),
+                        message, self._bad_request_log.take_suppressed())
         self._outbox.put((route, protocol.error_event(None, protocol.BAD_REQUEST, message)))
 
     def _flush(self) -> None:
