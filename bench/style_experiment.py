@@ -337,8 +337,8 @@ def base_training_data(manifest: Manifest, tokenizer_file: Path, val_fraction: f
     info = {"source": source, "val_fraction": val_fraction, "available": False}
     if source.startswith("music21:"):
         files = midi_files(default_cache_dir(), source.split(":", 1)[1].split(","))
-    elif source and Path(source).is_dir():
-        files = find_midi_files(Path(source))
+    elif source and Path(source).expanduser().is_dir():  # manifests name folders under the home as ~/...
+        files = find_midi_files(Path(source).expanduser())
     else:
         info["why"] = "the base's data source is not a readable folder here"
         return info
