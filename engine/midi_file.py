@@ -57,6 +57,9 @@ def _read_score(path: Path) -> ScoreTick:
         raise ClipError(f"{path} declares 0 ticks per beat")
     if any(t.mspq <= 0 for t in score.tempos):
         raise ClipError(f"{path} has a tempo of 0")
+    for meter in score.time_signatures:  # a damaged meta event can say 4/0 (found by tests/test_fuzz.py)
+        if meter.numerator <= 0 or meter.denominator <= 0:
+            raise ClipError(f"{path} has an impossible time signature {meter.numerator}/{meter.denominator}")
     notes = sum(len(t.notes) for t in score.tracks)
     if notes == 0:
         raise ClipError(f"{path} has no notes to continue")

@@ -148,6 +148,16 @@ def test_damaged_midi_is_read_or_refused_with_one_sentence(midi_seed, tmp_path, 
         assert str(exc) and "\n" not in str(exc)
 
 
+def test_a_time_signature_of_four_over_zero_is_refused_in_a_sentence(midi_seed, tmp_path):
+    """Found by the long run: one byte of the meter event changed gives 4/0, and dividing by it escaped."""
+    from engine.midi_file import read_tracks
+
+    path = tmp_path / "four-over-zero.mid"
+    path.write_bytes(_mutate(midi_seed, [(27, 8, "set")]))
+    with pytest.raises(ClipError, match="impossible time signature 4/0"):
+        read_tracks(path)
+
+
 @FUZZ
 @given(st.data())
 def test_damaged_midi_in_a_training_folder_is_skipped_with_a_reason(midi_seed, tiny_model, tmp_path, data):
