@@ -62,6 +62,8 @@ def check_score(score) -> str:
         return "0 ticks per beat"
     if any(t.mspq <= 0 for t in score.tempos):
         return "a tempo of 0"
+    if any(m.numerator <= 0 or m.denominator <= 0 for m in score.time_signatures):
+        return "an impossible time signature (a numerator or denominator of 0)"
     notes = sum(len(t.notes) for t in score.tracks)
     if notes == 0:
         return "no notes"
