@@ -232,6 +232,12 @@ class Manifest:
 # --- reading and verifying a folder ---------------------------------------------------------------
 
 def load_manifest(folder: Path) -> Manifest:
+    return _manifest_and_bytes(folder)[0]
+
+
+def _manifest_and_bytes(folder: Path) -> tuple[Manifest, bytes]:
+    """The manifest and the very bytes it was parsed from, read once (their sha256 names the model
+    in provenance records)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist")
@@ -240,16 +246,8 @@ def load_manifest(folder: Path) -> Manifest:
         raise ModelError(f"model folder {folder} has no {MANIFEST_FILE}; export it with `export-onnx`")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ModelError(f"{path} is {path.stat().st_size} bytes, too large to be a manifest")
-    return Manifest.from_json(path.read_bytes(), str(path))
-
-
-def _manifest_and_bytes(folder: Path) -> tuple[Manifest, bytes]:
-    """load_manifest, and the very bytes it parsed (their sha256 names the model in provenance records)."""
-    manifest = load_manifest(folder)
-    data = (Path(folder) / MANIFEST_FILE).read_bytes()
-    if Manifest.from_json(data, str(Path(folder) / MANIFEST_FILE)) != manifest:  # replaced between the two reads
-        raise ModelError(f"{Path(folder) / MANIFEST_FILE} changed while it was read; try again")
-    return manifest, data
+    data = path.read_bytes()
+    return Manifest.from_json(data, str(path)), data
 
 
 def verify_model_folder(folder: Path) -> Manifest:
