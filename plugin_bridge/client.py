@@ -5,6 +5,7 @@ model warm, this client sends a clip and prints the notes as they are decoded.
 
     segue client continue riff.mid --bars 8 --variations 2 --seed 7
     segue client continue riff.mid --json          # one JSON event per line, for scripts
+    segue client continue riff.mid --length 16 --result out.tsv   # for scripts without a JSON parser
     segue client ping
     segue client hello
 
@@ -29,6 +30,8 @@ import time
 from collections import deque
 from collections.abc import Generator
 from contextlib import closing
+from dataclasses import replace
+from pathlib import Path
 
 import zmq
 
@@ -144,7 +147,8 @@ class SegueClient:
 
     def cancel(self, request_id: str) -> None:
         """Ask the server to stop `request_id`; returns without waiting. Its stream then ends with a
-        `cancelled` event (an unknown or finished id is answered with an error nobody awaits, and dropped)."""
+        `cancelled` event, or with the `finished` already on its way (a cancel that finds nothing
+        running is not answered)."""
         try:
             self._sock.send(_cancel_frame(request_id))
         except zmq.Again:
@@ -270,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "server writes one .mid per variation (placed right after your clip) and prints its path.")
     add_continuation_args(p)
     p.add_argument("--model", help="the server's model to use (default: the server's default model)")
+    p.add_argument("--length", type=float, metavar="BEATS",
+                   help="the clip's length in beats as your DAW shows it, so the new bars start right after it "
+                        "(default: up to the end of the bar in which the last note ends)")
+    p.add_argument("--result", type=Path, metavar="FILE",
+                   help="also write the events to FILE as tab-separated lines, for scripts without a JSON parser "
+                        "(REAPER Lua); FILE appears, complete, when the request ends, FILE.part grows meanwhile")
     p.set_defaults(run=_run_continue)
 
     p = sub.add_parser("ping", parents=[common], help="check that the server answers, and how fast")
@@ -283,9 +293,58 @@ def _print_json(event: dict) -> None:
     print(json.dumps(event, separators=(",", ":")), flush=True)
 
 
+# The `--result` file: one event a line, its type then these fields (docs/protocol.md 3.4, `id` left out),
+# separated by tabs; null is an empty field; tabs and line breaks inside a text become spaces. Other
+# event types are not written. Errors of the client itself (`unreachable`, `timeout`, `bad_clip` for a
+# file it cannot read, `interrupted`) are written as `error` lines too, so a script always gets an answer.
+RESULT_FIELDS: dict[str, tuple[str, ...]] = {
+    "note": ("variation", "pitch", "velocity", "start", "duration", "channel", "track"),
+    "done": ("variation", "path", "notes", "first_note_ms", "total_ms"),
+    "finished": ("variations", "total_ms"),
+    "cancelled": (),
+    "error": ("code", "message"),
+}
+
+
+class ResultFile:
+    """Events as tab-separated lines in PATH.part (flushed per line); `close()` renames it to PATH, so a
+    script polling for PATH only ever sees a complete answer, and PATH.part shows the client started."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.part = path.with_name(path.name + ".part")
+        path.unlink(missing_ok=True)  # an answer from an earlier run must not pass for this one
+        self._file = open(self.part, "w", encoding="utf-8", newline="\n")
+
+    def write(self, event: dict) -> None:
+        fields = RESULT_FIELDS.get(str(event.get("type")))
+        if fields is None or self._file.closed:
+            return
+        values = [_result_field(event.get(name)) for name in fields]
+        self._file.write("\t".join([str(event["type"]), *values]) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            os.replace(self.part, self.path)
+
+
+def _result_field(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(round(value, 6))
+    return " ".join(str(value).replace("\t", " ").splitlines())
+
+
 def _run_continue(args: argparse.Namespace, client: SegueClient) -> int:
 
     clip = read_arrangement(args.clip, args.track)  # ClipError names the file and the problem
+    if args.length is not None:  # the DAW's clip length: the continuation starts at the bar line after it
+        clip = replace(clip, tracks=tuple(replace(track, length=args.length) for track in clip.tracks))
+        clip.validate()
+    result: ResultFile | None = getattr(args, "result_file", None)
     params = continuation_options(args)
     params["model"] = args.model
     client.ping()  # fail with "start segue serve" before printing anything, and keep connecting out of the timings
@@ -301,6 +360,8 @@ def _run_continue(args: argparse.Namespace, client: SegueClient) -> int:
             kind = event["type"]
             if kind == "note" and first_note is None:
                 first_note = time.perf_counter() - started
+            if result is not None:
+                result.write(event)
             if args.json:
                 _print_json(event)
             elif kind == "note":
@@ -338,12 +399,16 @@ def _run_hello(args: argparse.Namespace, client: SegueClient) -> int:
     if args.json:
         _print_json(hello)
         return 0
-    print(f"Segue server {hello.get('server')} at {args.server}, protocol {hello.get('protocol')}")
+    print(f"Segue server {hello.get('server')} at {args.server}, protocol {hello.get('protocol')}, "
+          f"instance {hello.get('instance') or 'unknown'}")
     for model in hello.get("models") or []:
         params = model.get("parameters")
         size = f"{params / 1e6:.1f} M parameters" if isinstance(params, (int, float)) else "size unknown"
         mark = "  (default)" if model.get("name") == hello.get("default_model") else ""
+        meters = ", ".join(f"{n}/{d}" for n, d in model.get("meters") or [])
         print(f"  {model.get('name')}: {size}, context {model.get('max_context')} tokens{mark}")
+        if meters:
+            print(f"    meters: {meters}")
     if not hello.get("models"):
         print("  no models loaded")
     return 0
@@ -355,20 +420,34 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        result = args.result_file = ResultFile(args.result) if getattr(args, "result", None) else None
+    except OSError as exc:
+        print(f"error: cannot write the result file {args.result}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
         with SegueClient(args.server, timeout=args.timeout, connect_timeout=args.connect_timeout) as client:
             return args.run(args, client)
     except (ClientError, ClipError) as exc:
+        code = exc.code if isinstance(exc, ClientError) else "bad_clip"
         if args.json:
-            code = exc.code if isinstance(exc, ClientError) else "bad_clip"
             _print_json({"type": "error", "code": code, "message": str(exc)})
+        if result is not None:
+            result.write({"type": "error", "code": code, "message": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except zmq.ZMQError as exc:  # e.g. a malformed --server address
+        if result is not None:
+            result.write({"type": "error", "code": "unreachable", "message": f"cannot talk to {args.server}: {exc}"})
         print(f"error: cannot talk to {args.server}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the stream's cleanup has already asked the server to cancel
+        if result is not None:
+            result.write({"type": "error", "code": "interrupted", "message": "interrupted"})
         print("error: interrupted", file=sys.stderr)
         return 1
+    finally:
+        if result is not None:
+            result.close()
 
 
 if __name__ == "__main__":

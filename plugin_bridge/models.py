@@ -33,11 +33,17 @@ class LoadedModel:
     def manifest(self) -> Manifest:
         return self.generator.decoder.manifest
 
+    @property
+    def meters(self) -> list[list[int]]:
+        """The time signatures this model's tokenizer has a token for, as [numerator, denominator]
+        pairs ordered by denominator, then numerator: a clip in any other meter is refused."""
+        return [list(m) for m in sorted(set(self.generator.tokenizer.kinds.time_sig.values()), key=lambda m: (m[1], m[0]))]
+
     def describe(self) -> dict:
         m = self.manifest
         return {"name": self.name, "parameters": m.model.parameters, "max_context": m.model.max_context,
                 "val_perplexity": m.metrics.val_perplexity, "data_fingerprint": m.training.data_fingerprint,
-                "created": m.created, "search": dataclasses.asdict(m.search)}
+                "created": m.created, "search": dataclasses.asdict(m.search), "meters": self.meters}
 
 
 def folder_signature(folder: Path) -> tuple:

@@ -30,9 +30,11 @@ CANCEL = "/segue/cancel"  # ,is  reply_port id ("" cancels whatever this client 
 CONTINUE = "/segue/continue"  # ,iss reply_port id json  (or ,isb with the JSON as UTF-8 bytes)
 CONTINUE_CHUNK = "/segue/continue/chunk"  # ,isiis reply_port id index count data  (or ...b)
 
-# Replies (server -> client host : reply_port): address -> (type tags, field names).
+# Replies (server -> client host : reply_port): address -> (type tags, field names). A newer server may
+# append arguments to a reply (never insert or reorder them), so a reader takes these by position and
+# ignores any beyond them: `instance` was appended to hello this way.
 REPLIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "/segue/hello": ("sisss", ("id", "protocol", "server", "models", "default_model")),
+    "/segue/hello": ("sissss", ("id", "protocol", "server", "models", "default_model", "instance")),
     "/segue/pong": ("s", ("id",)),
     "/segue/note": ("siiiffii", ("id", "variation", "pitch", "velocity", "start", "duration", "channel", "track")),
     "/segue/done": ("sisiff", ("id", "variation", "path", "notes", "first_note_ms", "total_ms")),
@@ -64,7 +66,8 @@ def encode_reply(event: dict) -> bytes | None:
     """A Service reply dict -> one OSC datagram, or None (logged) for a type this skin does not know.
 
     Long error messages are cut and a hello whose model list would not fit in `MAX_REPLY_BYTES`
-    falls back to model names only, so every reply fits one datagram a DAW-side receiver accepts.
+    falls back to each model's name and meters, then to names only, so every reply fits one
+    datagram a DAW-side receiver accepts.
     """
     kind = event.get("type")
     address = PREFIX + str(kind)
@@ -87,9 +90,13 @@ def encode_reply(event: dict) -> bytes | None:
         values["models"] = json.dumps(values.get("models") or [], separators=(",", ":"), default=str)
     dgram = build_message(address, tags, [_coerce(tag, values.get(name)) for tag, name in zip(tags, names, strict=True)])
     if len(dgram) > MAX_REPLY_BYTES and kind == "hello":
-        names_only = [{"name": m.get("name")} for m in (event.get("models") or []) if isinstance(m, dict)]
-        values["models"] = json.dumps(names_only, separators=(",", ":"), default=str)
-        dgram = build_message(address, tags, [_coerce(tag, values.get(name)) for tag, name in zip(tags, names, strict=True)])
+        models = [m for m in (event.get("models") or []) if isinstance(m, dict)]
+        for keep in (("name", "meters"), ("name",)):
+            shorter = [{key: m[key] for key in keep if key in m} for m in models]
+            values["models"] = json.dumps(shorter, separators=(",", ":"), default=str)
+            dgram = build_message(address, tags, [_coerce(tag, values.get(name)) for tag, name in zip(tags, names, strict=True)])
+            if len(dgram) <= MAX_REPLY_BYTES:
+                break
     if len(dgram) > MAX_REPLY_BYTES:
         log.error("reply %s for id %r is %d bytes, over the %d-byte limit; sending an error instead",
                   address, values["id"], len(dgram), MAX_REPLY_BYTES)
@@ -114,14 +121,15 @@ def _coerce(tag: str, value: Any) -> Any:
 def decode_reply(address: str, args: Sequence[Any]) -> dict:
     """An OSC reply -> the same dict the Service emitted (floats are float32-precise).
 
-    Unknown addresses or argument lists that do not match the table become a dict of type
-    "unknown" carrying the raw address and arguments, so a client can log them.
+    Arguments beyond the table's (appended by a newer server) are ignored. Unknown addresses and
+    argument lists shorter than the table's become a dict of type "unknown" carrying the raw
+    address and arguments, so a client can log them.
     """
     spec = REPLIES.get(address)
-    if spec is None or len(args) != len(spec[0]):
+    if spec is None or len(args) < len(spec[0]):
         return {"type": "unknown", "address": address, "args": list(args)}
     event: dict[str, Any] = {"type": address[len(PREFIX):]}
-    for name, value in zip(spec[1], args, strict=True):
+    for name, value in zip(spec[1], args[:len(spec[1])], strict=True):
         event[name] = value
     if event["type"] == "done" and event["first_note_ms"] is not None and event["first_note_ms"] < 0:
         event["first_note_ms"] = None

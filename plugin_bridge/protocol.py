@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.clip import Arrangement, Clip, ClipError, Note
+from engine.clip import BAR_SNAP_BEATS, Arrangement, Clip, ClipError, Note
 from engine.constraints import Constraints
 from engine.manifest import SearchDefaults
 from engine.request import ContinuationRequest, RequestError
@@ -205,7 +205,7 @@ def _parse_track(data: dict, track: dict, request_id: str | None, max_notes: int
     if not clip.notes and not allow_empty:
         raise ProtocolError(BAD_CLIP, "the clip has no notes to continue", request_id)
     end = max(clip.length or 0.0, max((n.end for n in clip.notes), default=0.0))
-    if end > MAX_CLIP_BEATS:
+    if end > MAX_CLIP_BEATS + BAR_SNAP_BEATS:  # a tick past the last bar line is that bar line (Clip.bars)
         raise ProtocolError(TOO_LARGE, f"the clip is {end:g} beats long; at most {MAX_CLIP_BEATS} are accepted", request_id)
     return clip
 

@@ -9,7 +9,12 @@ whose socket is not thread-safe must hand the reply to its own I/O thread (see t
   from the same client cancels that client's running or queued one;
 - workers (a small fixed pool) stream note events as each note completes, write one `.mid` per
   variation for drag-and-drop, and finish with `finished`;
-- cancel (or a client that went away) stops the generation within one decode step.
+- cancel (or a client that went away) stops the generation within one decode step; a cancel that
+  finds nothing to stop (the request already ended, or never ran) is a silent no-op, so a cancel
+  crossing a `finished` on the wire never shows the musician an error.
+
+Every request ends with exactly one terminal reply (`finished`, `error` or `cancelled`): a job is
+forgotten before its last reply is sent, and sending and cancelling take turns on the job's lock.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import re
+import secrets
 import threading
 import time
 import traceback
@@ -86,8 +92,15 @@ class Job:
             return True
 
 
+def new_instance_id() -> str:
+    """A random id for one server start (16 hex digits): `hello` carries it, so a shell that sees it
+    change knows the server restarted and that the requests it was waiting for are gone."""
+    return secrets.token_hex(8)
+
+
 class Service:
     def __init__(self, registry: ModelRegistry, clips_dir: Path, workers: int = 2, max_queue: int = 32):
+        self.instance = new_instance_id()
         self.registry = registry
         self.clips_dir = Path(clips_dir)
         self.max_queue = max_queue
@@ -104,6 +117,7 @@ class Service:
             worker.start()
         # Large requests are decoded and checked there, not on a transport's I/O thread (intake.py).
         self.intake = Intake(self._handle_now)
+        log.info("service instance %s started with %d workers", self.instance, workers)
 
     # --- entry points for transports -----------------------------------------------------------------
 
@@ -130,7 +144,7 @@ class Service:
             elif kind == "continue":
                 self._submit(client, protocol.parse_continue(payload, self._search_for), emit)
             elif kind == "cancel":
-                self.cancel(client, request_id or None, emit)
+                self.cancel(client, request_id or None)
             else:
                 raise protocol.ProtocolError(protocol.UNKNOWN_TYPE, f"unknown message type {kind!r}", request_id)
         except protocol.ProtocolError as exc:
@@ -142,10 +156,13 @@ class Service:
 
     def hello(self, request_id: str = "") -> dict:
         return {"type": "hello", "id": request_id, "protocol": protocol.PROTOCOL_VERSION, "server": server_version(),
-                "models": self.registry.describe(), "default_model": self._default_name()}
+                "models": self.registry.describe(), "default_model": self._default_name(), "instance": self.instance}
 
-    def cancel(self, client: str, request_id: str | None, emit: Emit | None = None) -> bool:
-        """Cancel the client's job (only if it has `request_id`, when given). True if one was cancelled."""
+    def cancel(self, client: str, request_id: str | None) -> bool:
+        """Cancel the client's job (only if it has `request_id`, when given). True if one was cancelled.
+
+        Nothing to cancel is not an error: the request may have finished while the cancel was on its
+        way (its `finished`, `error` or `cancelled` is its one terminal reply), so no reply is sent."""
         with self._lock:
             job = self._jobs.get(client)
             if job is not None and (not request_id or job.request.id == request_id):
@@ -154,9 +171,8 @@ class Service:
                 job = None
         if job is not None and job.cancel():
             return True
-        if emit is not None and request_id:
-            safe_emit(emit, protocol.error_event(request_id, protocol.BAD_REQUEST,
-                                                 f"there is no running request {request_id!r} to cancel"))
+        if request_id:
+            log.debug("client=%s cancel id=%s: nothing running under that id (already ended?); no reply", client, request_id)
         return False
 
     def client_gone(self, client: str) -> None:
@@ -238,8 +254,9 @@ class Service:
                 self._run(job)
             except Exception as exc:
                 log.error("request %s from %s failed: %s\n%s", job.request.id, job.client, exc, traceback.format_exc())
-                job.send(protocol.error_event(job.request.id, protocol.INTERNAL,
-                                              f"generation failed inside the server ({type(exc).__name__}); the server keeps running"))
+                self._end(job, protocol.error_event(job.request.id, protocol.INTERNAL,
+                                                    f"generation failed inside the server ({type(exc).__name__}); "
+                                                    "the server keeps running"))
             finally:
                 self._forget(job)
 
@@ -248,12 +265,19 @@ class Service:
             if self._jobs.get(job.client) is job:
                 del self._jobs[job.client]
 
+    def _end(self, job: Job, event: dict) -> bool:
+        """Send a job's terminal reply (`finished` or `error`). The job is forgotten first, so a cancel
+        arriving from now on finds nothing and stays silent; one that came earlier already sent
+        `cancelled`, and then `job.send` drops this reply (False): either way exactly one terminal reply."""
+        self._forget(job)
+        return job.send(event)
+
     def _run(self, job: Job) -> None:
         request = job.request
         try:
             model = self.registry.get(request.model)  # resolved per request: hot-swap happens between requests
         except KeyError:
-            job.send(protocol.error_event(request.id, protocol.UNKNOWN_MODEL, f"model {request.model!r} was removed"))
+            self._end(job, protocol.error_event(request.id, protocol.UNKNOWN_MODEL, f"model {request.model!r} was removed"))
             return
         spec = request.request
         started = time.perf_counter()
@@ -280,14 +304,12 @@ class Service:
                 if not job.send(reply):
                     break
         except RequestError as exc:  # found only against the model: a meter it lacks, constraints it cannot meet
-            job.send(protocol.error_event(request.id, exc.code, str(exc)))
+            self._end(job, protocol.error_event(request.id, exc.code, str(exc)))
             return
         total = (time.perf_counter() - job.received) * 1000
-        if job.cancelled.is_set():
+        if job.cancelled.is_set() or not self._end(job, protocol.finished_event(request.id, variations, total)):
             log.info("client=%s id=%s model=%s bars=%d cancelled after %.0f ms", job.client, request.id, model.name, spec.bars, total)
             return
-        self._forget(job)  # before `finished`, so a next request from this client cannot cancel a finished one
-        job.send(protocol.finished_event(request.id, variations, total))
         log.info("client=%s id=%s model=%s bars=%d variations=%d first_note_ms=%s total_ms=%.0f queue_ms=%.0f",
                  job.client, request.id, model.name, spec.bars, spec.variations,
                  "-" if first_note is None else f"{first_note:.1f}", total, (started - job.received) * 1000)

@@ -53,7 +53,7 @@ HEARTBEAT_TIMEOUT_MS = 15_000
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 30, 10, 3
 POLL_MS = 500  # the loop also wakes this often to notice stop() even if a wake-up were lost
 BATCH = 256  # requests read per turn before replies are flushed, so replies never starve
-_REMEMBER_GONE = 1024  # identities logged as gone (identities are never reused, so this only bounds memory)
+_REMEMBER_GONE = 1024  # identities logged as gone (never reused within one run, so this only bounds memory)
 
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED
 DESCRIPTORS_KEPT_FREE = 128  # for model files, clips, the OSC sockets and the engine, whatever the clients hold
@@ -112,7 +112,13 @@ def connection_cap(descriptor_limit: int) -> int:
 
 
 def client_name(identity: bytes) -> str:
-    """The Service's name for a ZeroMQ peer: stable for one connection, safe in a file name."""
+    """The Service's name for a ZeroMQ peer: stable for one connection, safe in a file name.
+
+    The identity is the peer's routing id: the one it set itself (ZMQ_ROUTING_ID), else the 5 bytes
+    libzmq's ROUTER makes up, a zero byte and a 32-bit big-endian counter that goes up by one per new
+    connection and starts from libzmq's unseeded `rand()`. The counter never repeats within one run,
+    but every run starts it at the same value (0x6b8b4567 with glibc), so the names of one server
+    run come back in the next one: `zmq:006b8b4567`, `zmq:006b8b4568`, ... (docs/protocol.md 3.7)."""
     return "zmq:" + identity.hex()
 
 

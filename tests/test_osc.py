@@ -120,8 +120,9 @@ REPLIES = [
     {"type": "finished", "id": "a", "variations": 2, "total_ms": 80.5},
     {"type": "error", "id": "a", "code": "bad_clip", "message": "the clip has no notes to continue"},
     {"type": "cancelled", "id": "a"},
-    {"type": "hello", "id": "h", "protocol": 1, "server": "0.1.0", "models": [{"name": "default", "parameters": 5}],
-     "default_model": "default"},
+    {"type": "hello", "id": "h", "protocol": 1, "server": "0.1.0",
+     "models": [{"name": "default", "parameters": 5, "meters": [[3, 4], [4, 4], [6, 8]]}], "default_model": "default",
+     "instance": "519bbff272909eeb"},
 ]
 
 
@@ -137,9 +138,23 @@ def test_replies_stay_small():
     hello = decode_datagram(msgs.encode_reply({"type": "hello", "id": "h", "protocol": 1, "server": "0.1.0",
                                                "models": many, "default_model": None}))
     assert hello["models"][3] == {"name": "model-3"} and hello["default_model"] is None
+    meters = [[n, d] for d in (2, 4, 8) for n in range(1, 13)]
+    several = [{**m, "meters": meters, "search": {"bars": 4, "mode": "sample"}} for m in many[:24]]
+    dgram = msgs.encode_reply({"type": "hello", "id": "h", "protocol": 1, "server": "0.1.0", "models": several,
+                               "default_model": "model-0", "instance": "0123456789abcdef"})
+    hello = decode_datagram(dgram)  # the full list would not fit: each model keeps its name and its meters
+    assert len(dgram) <= msgs.MAX_REPLY_BYTES and hello["models"][23] == {"name": "model-23", "meters": meters}
+    assert hello["instance"] == "0123456789abcdef"
     error = msgs.encode_reply({"type": "error", "id": "e", "code": "internal", "message": "x" * 100_000})
     assert len(error) <= msgs.MAX_REPLY_BYTES
     assert msgs.encode_reply({"type": "mystery", "id": "m"}) is None
+
+
+def test_arguments_a_newer_server_appends_are_ignored_and_missing_ones_are_not_guessed():
+    pong = msgs.build_message("/segue/pong", "ss", ["a", "something new"])
+    assert decode_datagram(pong) == {"type": "pong", "id": "a"}
+    old_hello = msgs.build_message("/segue/hello", "sisss", ["h", 1, "0.1.0", "[]", ""])  # before `instance`
+    assert decode_datagram(old_hello)["type"] == "unknown"
 
 
 # --- chunk reassembly (no sockets, a fake clock) ----------------------------------------------------
@@ -313,12 +328,13 @@ def assert_complete_stream(events: list[dict], variations: int) -> None:
     assert kinds.count("note") > 0, "the model generated no notes at all"
 
 
-def test_ping_and_hello(osc):
+def test_ping_and_hello(osc, service):
     client = osc.connect()
     assert client.request("ping")["type"] == "pong"
     hello = client.request("hello")
     assert hello["protocol"] == protocol.PROTOCOL_VERSION and hello["server"]
     assert [m["name"] for m in hello["models"]] == ["default"] and hello["default_model"] == "default"
+    assert hello["instance"] == service.instance and hello["models"][0]["meters"] == service.registry.get(None).meters
     assert ping_ms(client) < 100
 
 
@@ -351,6 +367,42 @@ def test_cancel_stops_a_running_request(osc):
     events = collect(client, request_id, timeout=10)
     assert events[-1]["type"] == "cancelled"
     assert ping_ms(client) < 100
+
+
+def test_a_cancel_crossing_finished_is_never_an_error(osc):
+    """OSC as ZeroMQ: a cancel after `finished` is not answered (the next reply is the ping's pong), and
+    cancels sent while short requests end give each exactly one terminal reply, never an `error`."""
+    client = osc.connect()
+    request_id = client.continue_clip({"clip": clip_payload(1), "bars": 1, "seed": 10}, request_id="c5")
+    assert collect(client, request_id)[-1]["type"] == "finished"
+    client.cancel("c5")
+    ping = client.ping()
+    assert client.receive(10) == {"type": "pong", "id": ping}
+    events: list[dict] = []
+
+    def read_until(rid: str, kinds: tuple[str, ...]) -> None:
+        while True:
+            event = client.receive(10)
+            assert event is not None, f"nothing more for {rid}"
+            events.append(event)
+            if event["type"] in kinds and event["id"] == rid:
+                return
+
+    for n in range(16):
+        client.continue_clip({"clip": clip_payload(1), "bars": 1, "seed": n}, request_id=f"r{n}")
+        if n % 2:
+            read_until(f"r{n}", ("done",))
+        time.sleep(0.0005 * (n % 5))
+        client.cancel(f"r{n}")
+        read_until(f"r{n}", ("finished", "cancelled", "error"))
+    ping = client.ping()
+    read_until(ping, ("pong",))
+    assert client.receive(0.2) is None, "a reply arrived after the last request's terminal event"
+    terminals: dict[str, list[str]] = {}
+    for event in events:
+        if event["type"] in ("finished", "cancelled", "error"):
+            terminals.setdefault(event["id"], []).append(event["type"])
+    assert len(terminals) == 16 and all(kinds in (["finished"], ["cancelled"]) for kinds in terminals.values()), terminals
 
 
 def test_two_interleaved_clients_each_get_their_own_complete_stream(osc):

@@ -83,6 +83,23 @@ def test_non_finite_and_huge_clip_numbers_are_bad_requests():
         assert caught.value.code in (protocol.BAD_REQUEST, protocol.BAD_CLIP), caught.value
 
 
+@pytest.mark.parametrize("length, bars", [(16.0, 4), (16.002, 4), (16 + 2 / 96, 4), (16.03, 5), (15.998, 4), (16.5, 5)])
+def test_an_explicit_length_is_rounded_to_bars_with_the_documented_allowance(length, bars):
+    """A `length` up to 1/48 beat past a bar line ends there (docs/protocol.md section 3.6), exactly as
+    a length left to default does: the request path and the file path share engine/clip.py's rule."""
+    clip = parse_clip({**CLIP, "time_signature": [4, 4], "length": length}, "r1")
+    assert isinstance(clip, Clip) and clip.length == length and clip.bars == bars
+    ringing = parse_clip({**CLIP, "time_signature": [4, 4], "length": None, "notes": [[60, 90, 15, length - 15]]}, "r1")
+    assert ringing.bars == bars
+
+
+def test_the_clip_length_limit_allows_the_same_overhang():
+    assert parse_clip({**CLIP, "time_signature": [4, 4], "length": 4096.02}, "r1").bars == 1024
+    with pytest.raises(ProtocolError) as caught:
+        parse_clip({**CLIP, "length": 4096.03}, "r1")
+    assert caught.value.code == protocol.TOO_LARGE and "4096.03 beats long" in caught.value.message
+
+
 def test_an_unknown_model_is_named_and_its_name_is_not_echoed_unbounded():
     with pytest.raises(ProtocolError, match="no model named") as caught:
         parse(model="nope")

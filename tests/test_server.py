@@ -112,6 +112,31 @@ def test_serve_answers_both_transports_and_stops_cleanly(models_dir, tmp_path):
     assert len(lines) == 2 and all("model=default" in line and "total_ms=" in line for line in lines)
 
 
+def test_a_restarted_server_has_a_new_instance_but_the_same_zeromq_client_names(models_dir, tmp_path):
+    """`hello` carries one instance id per server start, the same over both transports; after a restart
+    on the same ports it differs, while the name the server gives the first ZeroMQ connection (and so
+    its `.mid` file names) comes back (docs/protocol.md sections 1 and 3.7)."""
+    zmq_port, osc_port = free_port(), free_port(socket.SOCK_DGRAM)
+    runs = []
+    for _ in range(2):
+        server = Server("--models", models_dir, "--zmq-port", zmq_port, "--osc-port", osc_port, "--clips-dir", tmp_path / "clips",
+                        "--no-watch")
+        try:
+            server.wait_ready()
+            with SegueClient(f"tcp://127.0.0.1:{zmq_port}", timeout=30) as client:
+                over_zmq = client.hello()["instance"]
+                events = list(client.continue_stream(clip_payload(1), bars=1, seed=1, request_id="r1"))
+            with OscClient("127.0.0.1", osc_port, timeout=30) as osc:
+                over_osc = osc.request("hello")["instance"]
+        finally:
+            server.stop()
+        assert over_zmq == over_osc and len(over_zmq) == 16 and int(over_zmq, 16) >= 0
+        runs.append((over_zmq, os.path.basename(next(e["path"] for e in events if e["type"] == "done"))))
+    (first, first_file), (second, second_file) = runs
+    assert first != second, "a restarted server must say so with a new instance id"
+    assert first_file == second_file and first_file.startswith("zmq_") and first_file.endswith("-r1-v1.mid")
+
+
 def test_port_in_use_is_a_clear_refusal(models_dir, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import shutil
 import time
 
@@ -92,6 +93,123 @@ def test_hello_lists_models_and_versions(service):
     assert hello["protocol"] == 1 and hello["server"] and hello["default_model"] == "default"
     assert [m["name"] for m in hello["models"]] == ["default"]
     assert len(hello["models"][0]["data_fingerprint"]) == 64
+    assert re.fullmatch(r"[0-9a-f]{16}", hello["instance"]) and hello["instance"] == service.instance
+
+
+def test_hello_lists_the_meters_of_each_models_tokenizer_and_they_are_the_ones_it_accepts(service, tiny_model):
+    """`meters` is read from the model's own tokenizer (its TimeSig tokens), ordered by denominator:
+    a listed meter is continued, one that is not listed is refused with the same list."""
+    from engine.tokens import ClipTokenizer
+
+    inbox = Inbox()
+    service.handle("a", {"type": "hello", "id": "h"}, inbox)
+    meters = inbox.until("hello", "h")[-1]["models"][0]["meters"]
+    time_sigs = ClipTokenizer.from_file(tiny_model).kinds.time_sig.values()
+    assert sorted(map(tuple, meters)) == sorted(set(time_sigs)) and len(meters) == len(set(time_sigs)) > 3
+    assert meters == sorted(meters, key=lambda m: (m[1], m[0]))
+    assert [7, 8] in meters and [5, 16] not in meters
+    service.handle("a", {"type": "continue", "id": "in", "clip": clip_payload(2, meter=(7, 8)), "bars": 1, "seed": 1}, inbox)
+    assert inbox.until("finished", "in")[-1]["type"] == "finished"
+    service.handle("a", {"type": "continue", "id": "out", "clip": clip_payload(2, meter=(5, 16)), "bars": 1}, inbox)
+    error = inbox.until("error", "out")[-1]
+    assert error["code"] == "bad_clip" and ", ".join(f"{n}/{d}" for n, d in meters) in error["message"]
+
+
+def test_every_service_start_has_its_own_instance_id(models_dir, tmp_path):
+    """A restarted server is a new Service: its hello carries a new instance id."""
+    from plugin_bridge.service import Service
+
+    registry = ModelRegistry(models_dir)
+    registry.scan()
+    ids = []
+    for _ in range(3):
+        service = Service(registry, tmp_path / "clips", workers=1)
+        try:
+            inbox = Inbox()
+            service.handle("a", {"type": "hello", "id": "h"}, inbox)
+            ids.append(inbox.until("hello", "h")[-1]["instance"])
+        finally:
+            service.close()
+    registry.stop()
+    assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids)
+
+
+def quiet(inbox: Inbox, client: str, service, timeout: float = 5.0) -> list[dict]:
+    """Everything the service sends this client before the answer to a ping sent now (replies to one
+    client keep their order, so what a cancel would have answered arrives before the pong)."""
+    service.handle(client, {"type": "ping", "id": "barrier"}, inbox)
+    return inbox.until("pong", "barrier", timeout)[:-1]
+
+
+def test_a_cancel_that_finds_nothing_running_is_answered_with_nothing(service):
+    """After `finished`, after an `error` found by the worker, for an id that never ran, and a second
+    cancel of a cancelled request: no reply at all, never an error for the musician to see."""
+    inbox = Inbox()
+    service.handle("a", {"type": "continue", "id": "done", "clip": clip_payload(1), "bars": 1, "seed": 1}, inbox)
+    assert inbox.until("finished", "done")[-1]["type"] == "finished"
+    service.handle("a", {"type": "cancel", "id": "done"}, inbox)
+    assert quiet(inbox, "a", service) == []
+    service.handle("a", {"type": "continue", "id": "bad", "clip": clip_payload(1, meter=(5, 16)), "bars": 1}, inbox)
+    assert inbox.until("error", "bad")[-1]["code"] == "bad_clip"
+    service.handle("a", {"type": "cancel", "id": "bad"}, inbox)
+    service.handle("a", {"type": "cancel", "id": "never-sent"}, inbox)
+    service.handle("a", {"type": "cancel", "id": ""}, inbox)
+    assert quiet(inbox, "a", service) == []
+    long = {"type": "continue", "id": "long", "clip": clip_payload(), "bars": 64, "variations": 16}
+    service.handle("a", long, inbox)
+    service.handle("a", {"type": "cancel", "id": "long"}, inbox)
+    service.handle("a", {"type": "cancel", "id": "long"}, inbox)
+    assert [e["type"] for e in inbox.until("cancelled", "long") if e.get("id") == "long"][-1] == "cancelled"
+    assert [e for e in quiet(inbox, "a", service) if e["type"] != "note"] == []
+
+
+def test_a_cancel_racing_the_end_of_its_request_gives_exactly_one_terminal_reply_and_no_error(service):
+    """Cancels sent at the moment short requests finish, across the window where the worker has sent
+    the last `done` but not yet `finished`: each request ends with one `finished` or one `cancelled`."""
+    inbox = Inbox()
+    events: list[dict] = []
+
+    def until_terminal(request_id: str) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                events.append(inbox.q.get(timeout=0.05))
+            except queue.Empty:
+                continue
+            if events[-1]["type"] in ("finished", "cancelled", "error") and events[-1]["id"] == request_id:
+                return
+        raise AssertionError(f"{request_id} never ended")
+
+    for n in range(40):
+        request_id = f"r{n}"
+        service.handle("a", {"type": "continue", "id": request_id, "clip": clip_payload(1), "bars": 1, "seed": n}, inbox)
+        if n % 2:  # half the time the cancel chases the `done`, half the time it races the whole request
+            events.extend(inbox.until("done", request_id))
+        time.sleep(0.0005 * (n % 5))
+        service.handle("a", {"type": "cancel", "id": request_id}, inbox)
+        until_terminal(request_id)
+    events.extend(quiet(inbox, "a", service))
+    time.sleep(0.2)  # a second terminal reply, if there were one, would be sent by now
+    while not inbox.q.empty():
+        events.append(inbox.q.get())
+    terminals: dict[str, list[str]] = {}
+    for event in events:
+        if event["type"] in ("finished", "cancelled", "error"):
+            terminals.setdefault(event["id"], []).append(event["type"])
+    assert len(terminals) == 40 and all(kinds in (["finished"], ["cancelled"]) for kinds in terminals.values()), terminals
+
+
+def test_a_length_a_tick_past_a_bar_line_does_not_move_the_continuation(service):
+    """The 16.002-beat end-of-track of a 4-bar clip (a DAW a tick late): the continuation starts at
+    beat 16, not a bar later; 16.03 (more than 1/48 beat over) is a fifth bar, so it starts at 20."""
+    inbox = Inbox()
+    for request_id, length, first_beat in (("late", 16.002, 16.0), ("over", 16.03, 20.0)):
+        service.handle("a", {"type": "continue", "id": request_id, "clip": {**clip_payload(4), "length": length}, "bars": 1,
+                             "seed": 2, "constraints": {"min_notes_per_bar": 1}}, inbox)
+        events = inbox.until("finished", request_id)
+        starts = [e["start"] for e in events if e["type"] == "note"]
+        assert events[-1]["type"] == "finished" and starts, events[-1]
+        assert all(first_beat <= start < first_beat + 4 for start in starts), (length, starts)
 
 
 def test_hot_swap_and_tampered_folder_refused(models_dir, tiny_model, tmp_path):

@@ -198,6 +198,8 @@ def test_ping_and_hello_raw_bytes(transport, peers):
     hello = recv_json(sock)
     assert hello["type"] == "hello" and hello["id"] == "7" and hello["protocol"] == 1
     assert hello["default_model"] == "default" and [m["name"] for m in hello["models"]] == ["default"]
+    assert hello["instance"] == transport.service.instance and re.fullmatch(r"[0-9a-f]{16}", hello["instance"])
+    assert [4, 4] in hello["models"][0]["meters"] and [6, 8] in hello["models"][0]["meters"]
     sock.close()
 
 
@@ -343,6 +345,42 @@ def test_cancel_ends_the_stream_and_frees_the_engine(transport):
         assert not any(e["type"] in ("finished", "done") for e in rest)
         short = list(client.continue_stream(clip_payload(), bars=1, seed=1))
         assert short[-1]["type"] == "finished"
+
+
+def test_a_cancel_crossing_finished_is_never_an_error(transport, peers):
+    """A cancel sent after `finished` gets no reply (the next frame is the ping's pong); cancels sent
+    while short requests end give each request exactly one terminal event, and never an `error`."""
+    sock = peers.dealer(transport.endpoint)
+    send_json(sock, {"type": "continue", "id": "c5", "clip": clip_payload(1), "bars": 1, "seed": 10})
+    assert recv_until(sock)[-1]["type"] == "finished"
+    send_json(sock, {"type": "cancel", "id": "c5"})
+    send_json(sock, {"type": "ping", "id": "p2"})
+    assert recv_json(sock) == {"type": "pong", "id": "p2"}
+    events: list[dict] = []
+
+    def read_until(request_id: str, kinds: tuple[str, ...]) -> None:
+        while True:
+            events.append(recv_json(sock))
+            if events[-1]["type"] in kinds and events[-1]["id"] == request_id:
+                return
+
+    for n in range(16):
+        send_json(sock, {"type": "continue", "id": f"r{n}", "clip": clip_payload(1), "bars": 1, "seed": n})
+        if n % 2:  # half the time the cancel chases the `done`, half the time it races the whole request
+            read_until(f"r{n}", ("done",))
+        time.sleep(0.0005 * (n % 5))
+        send_json(sock, {"type": "cancel", "id": f"r{n}"})
+        read_until(f"r{n}", ("finished", "cancelled", "error"))
+    send_json(sock, {"type": "ping", "id": "barrier"})
+    while (event := recv_json(sock))["type"] != "pong":
+        events.append(event)
+    assert not sock.poll(200), "a reply arrived after the last request's terminal event"
+    terminals: dict[str, list[str]] = {}
+    for event in events:
+        if event["type"] in ("finished", "cancelled", "error"):
+            terminals.setdefault(event["id"], []).append(event["type"])
+    assert len(terminals) == 16 and all(kinds in (["finished"], ["cancelled"]) for kinds in terminals.values()), terminals
+    sock.close()
 
 
 def test_leaving_a_stream_early_cancels_it_on_the_server(transport, service):
