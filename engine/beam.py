@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.grammar import ContinuationGrammar
+from engine.interleaved import InterleavedGrammar
 from engine.sampling import masked_log_probs
 from engine.session import KVCache, OnnxDecoder
 
@@ -47,27 +48,38 @@ REPEAT_PENALTY = 0.5  # log-probability units per recent use of the same pitch (
 
 @dataclass(frozen=True)
 class RepetitionPenalty:
-    """The pitches of a continuation's last notes, and what choosing each token would cost for them."""
+    """The pitches of a continuation's last notes, and what choosing each token would cost for them.
 
-    recent: tuple[int, ...] = ()
+    Kept per track (a bass note does not make the same pitch in the chords a repeat), so a grammar
+    that writes several tracks in one stream (engine/interleaved.py) is penalised track by track."""
 
-    def adjust(self, log_probs: np.ndarray, grammar: ContinuationGrammar) -> np.ndarray:
-        """`log_probs` [vocab] less the penalty on the Pitch tokens of recently played pitches."""
+    recent: tuple[tuple[int, int], ...] = ()  # (track, pitch) of the last notes, oldest first
+
+    def adjust(self, log_probs: np.ndarray, grammar: ContinuationGrammar | InterleavedGrammar) -> np.ndarray:
+        """`log_probs` [vocab] less the penalty on the Pitch tokens of the writing track's recent pitches."""
         if grammar.is_drum or not self.recent:
             return log_probs
-        uses = np.bincount(np.asarray(self.recent), minlength=128)
+        track = grammar.active_track
+        pitches_played = [pitch for owner, pitch in self.recent if owner == track]
+        if not pitches_played:
+            return log_probs
+        uses = np.bincount(np.asarray(pitches_played), minlength=128)
         pitches = grammar.pitch_table
         penalty = np.where(pitches >= 0, uses[np.clip(pitches, 0, 127)], 0) * REPEAT_PENALTY
         return log_probs - penalty
 
-    def after(self, token: int, grammar: ContinuationGrammar) -> RepetitionPenalty:
+    def after(self, token: int, grammar: ContinuationGrammar | InterleavedGrammar) -> RepetitionPenalty:
+        """The state once `token` is chosen (`grammar`: the state before it)."""
         pitch = int(grammar.pitch_table[token])
         if pitch < 0:
             return self
-        return RepetitionPenalty((self.recent + (pitch,))[-REPEAT_WINDOW:])
+        track = grammar.active_track
+        mine = [entry for entry in self.recent if entry[0] == track][-(REPEAT_WINDOW - 1):]
+        others = [entry for entry in self.recent if entry[0] != track]
+        return RepetitionPenalty(tuple(others + mine + [(track, pitch)]))
 
 
-def scored_log_probs(logits: np.ndarray, grammar: ContinuationGrammar, repetition: RepetitionPenalty) -> np.ndarray:
+def scored_log_probs(logits: np.ndarray, grammar: ContinuationGrammar | InterleavedGrammar, repetition: RepetitionPenalty) -> np.ndarray:
     """What beam search ranks a next token by (and `Generator.log_prob` sums): the masked, renormalised
     log-probability less the repetition penalty; -inf for tokens the grammar forbids."""
     return repetition.adjust(masked_log_probs(logits, grammar.allowed()), grammar)
@@ -76,7 +88,7 @@ def scored_log_probs(logits: np.ndarray, grammar: ContinuationGrammar, repetitio
 @dataclass
 class Hypothesis:
     tokens: list[int]  # generated tokens, the forced opening included, the ending Bar not
-    grammar: ContinuationGrammar
+    grammar: ContinuationGrammar | InterleavedGrammar
     context: list[int]  # the tokens in this hypothesis's KV-cache row (the prompt, cut when the context fills)
     score: float = 0.0  # summed scored_log_probs, the ending Bar's included once finished
     greedy: bool = True  # took the best-scored token at every step
@@ -91,7 +103,7 @@ class _Candidate:
     greedy: bool
 
 
-def beam_search(decoder: OnnxDecoder, prompt: list[int], grammar: ContinuationGrammar, bar_id: int, width: int,
+def beam_search(decoder: OnnxDecoder, prompt: list[int], grammar: ContinuationGrammar | InterleavedGrammar, bar_id: int, width: int,
                 keep: int = 1, should_stop: Callable[[], bool] | None = None) -> list[Hypothesis] | None:
     """The `keep` best finished hypotheses, best first; fewer only when the grammar admits fewer
     distinct continuations. None when `should_stop` returned True (polled before every step)."""

@@ -9,6 +9,12 @@ variation per step. Each variation has its own grammar state and its own random 
 (seeded by (seed, variation)), so variation 2 of seed 7 is the same however many were asked for.
 When the context fills up, each variation's history is cut at a bar boundary and re-prefilled.
 
+A multi-track clip (an `Arrangement`) is prompted as one stream of all its tracks, and its continued
+tracks are written the same way, as one interleaved stream per variation (engine/interleaved.py):
+the model learned a band with drums, bass and chords taking turns at each position, and writes it
+that way. Tracks the model would hear as one Program (two kits) go to separate streams
+(`track_groups`).
+
 `mode="beam"` searches for the most likely continuations instead (engine/beam.py): variation k
 is the k-th best distinct finished hypothesis of one search of `beam_width` hypotheses, so
 variations <= beam_width. Temperature, top-k, top-p and seed do not apply; the result is
@@ -36,6 +42,7 @@ from engine.assembler import NoteAssembler
 from engine.beam import RepetitionPenalty, beam_search, scored_log_probs
 from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
+from engine.interleaved import BandAssembler, InterleavedGrammar
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
@@ -67,16 +74,26 @@ class VariationDone:
 
 @dataclass
 class _Row:
-    """One track of one variation in flight."""
+    """One variation of one group of tracks (written as one stream) in flight."""
 
     variation: int
-    track: int
-    grammar: ContinuationGrammar
-    assembler: NoteAssembler
+    tracks: tuple[int, ...]  # the arrangement's tracks this row writes, in the grammar's track order
+    grammar: ContinuationGrammar | InterleavedGrammar
+    assembler: BandAssembler
     rng: np.random.Generator
     history: list[int]  # prompt + generated tokens, for re-prefill when the context fills
     generated: list[int] = field(default_factory=list)
-    notes: list[Note] = field(default_factory=list)
+    notes: dict[int, list[Note]] = field(default_factory=dict)  # per track
+
+    def feed(self, token: int) -> tuple[int, Note | None]:
+        """Record an accepted token: the track it belongs to and the note it completes, if any."""
+        self.generated.append(token)
+        self.history.append(token)
+        track = self.tracks[self.grammar.active_track]
+        note = self.assembler.feed(token, self.grammar.active_track)
+        if note is not None:
+            self.notes.setdefault(track, []).append(note)
+        return track, note
 
 
 @dataclass
@@ -153,8 +170,8 @@ class Generator:
         """Notes as they complete, then one VariationDone per variation and continued track (beam
         mode: at the end).
 
-        An arrangement's continued tracks are continued side by side after one prefill of all its
-        tracks: each hears the whole clip and writes only its own instrument. `should_stop` is
+        An arrangement's continued tracks are written as one interleaved stream after one prefill of
+        all its tracks (`track_groups`), each note told to its track. `should_stop` is
         polled before every decode step; when it returns True the stream ends at once (a cancelled
         request frees the engine within one step)."""
         request.validate()
@@ -176,13 +193,48 @@ class Generator:
             raise RequestError(str(exc), code="bad_clip") from exc
         return prompt, prompt_bars * arrangement.beats_per_bar
 
+    def track_groups(self, arrangement: Arrangement) -> list[tuple[int, ...]]:
+        """The continued tracks, grouped into streams the model writes as one (engine/interleaved.py).
+
+        The model learned a band as one interleaved stream, so all continued tracks are one group,
+        except that tracks the model would hear as the same Program (two drum kits, two pianos)
+        cannot share a stream and go to the next group. Vocabularies with a Program before every
+        note (models before the interleaved decoder) continue each track in its own stream."""
+        if not self.vocab.program_per_bar:
+            return [(track,) for track in arrangement.continued]
+        groups: list[list[int]] = []
+        programs: list[set[int]] = []
+        for track in arrangement.continued:
+            clip = arrangement.tracks[track]
+            program = self.tokenizer.program_id(self.model_program(clip), clip.is_drum)
+            place = next((i for i, used in enumerate(programs) if program not in used), None)
+            if place is None:
+                groups.append([])
+                programs.append(set())
+                place = len(groups) - 1
+            groups[place].append(track)
+            programs[place].add(program)
+        return [tuple(group) for group in groups]
+
+    def _group_grammar(self, arrangement: Arrangement, tracks: tuple[int, ...],
+                       request: ContinuationRequest) -> ContinuationGrammar | InterleavedGrammar:
+        if len(tracks) == 1:
+            return self._grammar(arrangement.tracks[tracks[0]], request)
+        return InterleavedGrammar([self._grammar(arrangement.tracks[track], request) for track in tracks])
+
+    def _band_assembler(self, arrangement: Arrangement, tracks: tuple[int, ...], offset: float) -> BandAssembler:
+        return BandAssembler([self._assembler(arrangement.tracks[track], offset) for track in tracks])
+
     def _grammar(self, clip: Clip, request: ContinuationRequest) -> ContinuationGrammar:
         meter = clip.time_signature
         try:
             return ContinuationGrammar(
                 self.vocab, self.tokenizer.time_sig_id(meter), self.tokenizer.program_id(self.model_program(clip), clip.is_drum),
                 self.tokenizer.positions_per_bar(meter), request.bars, clip.is_drum, request.constraints,
-                self._longest_drum_note(clip))
+                self._longest_drum_note(clip),
+                # Models of the per-bar vocabulary learned from humanised DAW material, whose chords
+                # reach the tokenizer in time order, not pitch order (engine/grammar.py).
+                ascending_chords=not self.vocab.program_per_bar)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
 
@@ -205,17 +257,17 @@ class Generator:
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
         rows = []
         opening: list[int] = []
+        groups = self.track_groups(arrangement)
         for variation in range(request.variations):
-            for track in arrangement.continued:
-                clip = arrangement.tracks[track]
-                grammar = self._grammar(clip, request)
+            for group in groups:
+                grammar = self._group_grammar(arrangement, group, request)
                 opening = grammar.forced_opening()
-                assembler = self._assembler(clip, offset)
+                assembler = self._band_assembler(arrangement, group, offset)
                 for token in opening:
-                    assembler.feed(token)
+                    assembler.feed(token, 0)
                 # Variation k of a one-track clip draws from (seed, k) however many variations were asked for.
-                rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, track])
-                rows.append(_Row(variation, track, grammar, assembler, rng, prompt + opening, list(opening)))
+                rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, group[0]])
+                rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening)))
         # One prefill for the shared prompt, then the cache is copied for every variation.
         logits, cache = self.decoder.step(np.asarray([prompt + opening]), self.decoder.empty_cache(1))
         lanes = [_Lane(rows, cache.repeat(len(rows)), np.repeat(logits, len(rows), axis=0))]
@@ -229,15 +281,13 @@ class Generator:
                 alive = []
                 for index, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):
                     if not row.grammar.accept(token):
-                        yield VariationDone(row.variation, arrangement.tracks[row.track].with_notes(row.notes),
-                                            tuple(row.generated), track=row.track, seed=seed)
+                        for track in row.tracks:
+                            yield VariationDone(row.variation, arrangement.tracks[track].with_notes(row.notes.get(track, [])),
+                                                tuple(row.generated), track=track, seed=seed)
                         continue
-                    row.generated.append(token)
-                    row.history.append(token)
-                    note = row.assembler.feed(token)
+                    track, note = row.feed(token)
                     if note is not None:
-                        row.notes.append(note)
-                        yield NoteEvent(row.variation, note, row.track)
+                        yield NoteEvent(row.variation, note, track)
                     alive.append(index)
                 if not alive:
                     continue
@@ -262,6 +312,8 @@ class Generator:
         decode step per note. Vocabularies that state the Program once per bar never need it: there
         the next note's Pitch is itself a choice after a note, masked and weighed in one step."""
         grammar = row.grammar
+        if not isinstance(grammar, ContinuationGrammar) or grammar.vocab.program_per_bar:
+            return False
         if grammar.expect is not Expect.NOTE_END or not grammar.allowed()[grammar.program_id]:
             return False
         return masked_log_probs(logits, grammar.allowed())[grammar.program_id] >= np.log(LOOKAHEAD_MIN_P)
@@ -282,7 +334,8 @@ class Generator:
         speculating = [i for i, row in enumerate(rows) if self._worth_a_lookahead(row, lane.logits[i])]
         if not speculating or lane.cache.length + 1 > self.decoder.max_context:
             return [sample(lane.logits[i], row.grammar.allowed(), params, row.rng) for i, row in enumerate(rows)]
-        tokens = [rows[i].grammar.program_id if i in speculating else -1 for i in range(len(rows))]
+        # Only single-track grammars of the per-note vocabulary speculate (_worth_a_lookahead).
+        tokens = [_single(rows[i].grammar).program_id if i in speculating else -1 for i in range(len(rows))]
         for i, row in enumerate(rows):  # rows with nothing to weigh are sampled as usual, in row order
             if tokens[i] < 0:
                 tokens[i] = sample(lane.logits[i], row.grammar.allowed(), params, row.rng)
@@ -290,14 +343,15 @@ class Generator:
         redo = []
         for i in speculating:
             row = rows[i]
-            after = row.grammar.copy()
-            after.accept(row.grammar.program_id)
+            grammar = _single(row.grammar)
+            after = grammar.copy()
+            after.accept(grammar.program_id)
             pitch_mass = float(np.exp(np.logaddexp.reduce(logits[i][after.allowed()].astype(np.float64))
                                       - np.logaddexp.reduce(logits[i].astype(np.float64))))
             weighted = lane.logits[i].astype(np.float64)  # p(Program) * p(an allowed pitch | Program), at temperature T
-            weighted[row.grammar.program_id] += np.log(max(pitch_mass, 1e-12)) * (params.temperature or 1.0)
-            tokens[i] = sample(weighted, row.grammar.allowed(), params, row.rng)
-            if tokens[i] != row.grammar.program_id:
+            weighted[grammar.program_id] += np.log(max(pitch_mass, 1e-12)) * (params.temperature or 1.0)
+            tokens[i] = sample(weighted, grammar.allowed(), params, row.rng)
+            if tokens[i] != grammar.program_id:
                 redo.append(i)
         if redo:
             redo_logits, redo_cache = self.decoder.step(np.asarray([tokens[i] for i in redo])[:, None], lane.cache.select(redo))
@@ -312,20 +366,26 @@ class Generator:
 
     def _stream_beam(self, arrangement: Arrangement, request: ContinuationRequest, prompt: list[int], offset: float,
                      should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:
-        for track in arrangement.continued:  # one search per continued track, each hearing the whole clip
-            clip = arrangement.tracks[track]
-            found = beam_search(self.decoder, prompt, self._grammar(clip, request), self.vocab.bar, request.beam_width,
-                                request.variations, should_stop)
+        for group in self.track_groups(arrangement):  # one search per stream, each hearing the whole clip
+            found = beam_search(self.decoder, prompt, self._group_grammar(arrangement, group, request), self.vocab.bar,
+                                request.beam_width, request.variations, should_stop)
             if found is None:  # cancelled
                 return
             for variation in range(request.variations):
                 # Fewer distinct continuations than variations only under very tight constraints: repeat the last.
                 best = found[min(variation, len(found) - 1)]
-                assembler = self._assembler(clip, offset)
-                notes = [note for note in map(assembler.feed, best.tokens) if note is not None]
-                for note in notes:
-                    yield NoteEvent(variation, note, track)
-                yield VariationDone(variation, clip.with_notes(notes), tuple(best.tokens), best.score, track)
+                row = _Row(variation, group, self._group_grammar(arrangement, group, request),
+                           self._band_assembler(arrangement, group, offset), np.random.default_rng(0), [])
+                for token in row.grammar.forced_opening():
+                    row.assembler.feed(token, 0)
+                for token in best.tokens[2:]:  # replayed through a fresh grammar to tell each note its track
+                    row.grammar.accept(token)
+                    track, note = row.feed(token)
+                    if note is not None:
+                        yield NoteEvent(variation, note, track)
+                for track in group:
+                    yield VariationDone(variation, arrangement.tracks[track].with_notes(row.notes.get(track, [])),
+                                        tuple(best.tokens), best.score, track)
 
     def log_prob(self, clip: Clip, request: ContinuationRequest, tokens: Sequence[int]) -> float:
         """The score beam search ranks a finished continuation (`VariationDone.tokens`) by: its summed
@@ -381,6 +441,12 @@ class Generator:
         """All variations (and continued tracks), complete, in variation then track order (a convenience over `stream`)."""
         done = [event for event in self.stream(clip, request) if isinstance(event, VariationDone)]
         return sorted(done, key=lambda d: (d.variation, d.track))
+
+
+def _single(grammar: ContinuationGrammar | InterleavedGrammar) -> ContinuationGrammar:
+    if not isinstance(grammar, ContinuationGrammar):
+        raise TypeError("only a single-track grammar has one Program to speculate with")
+    return grammar
 
 
 def _arranged(clip: Clip | Arrangement) -> Arrangement:

@@ -12,7 +12,12 @@ the bar go Position -> Pitch, and "another note at the same position" is its Pit
 grammar's bookkeeping is the same in both: a note is counted when its Program is (or would be) read.
 
 Positions strictly increase inside a bar and pitches strictly increase inside a position (the order
-miditok writes), so a bar always ends and no note is doubled. A pitch that is still sounding cannot
+miditok writes quantised, sorted notes in), so a bar always ends and no note is doubled. Data with
+humanised timing (MMA's grooves, a DAW player's chords) reaches the tokenizer in time order, so the
+notes of one position come in any pitch order, and a model trained on it expects that; with
+`ascending_chords=False` (the engine's choice for the vocabularies such models use) a position's
+notes may come in any order, each pitch at most once (a note started there is sounding), which
+still ends every position. A pitch that is still sounding cannot
 start again: two overlapping notes of one pitch are ambiguous in a MIDI file (which note-off ends
 which note-on?) and DAWs cut or merge them, so the grammar never writes them. Since every generated
 pitch is an allowed one, this acts like a voice limit of (allowed pitches) for the room counts below. The bar counter stops generation at
@@ -113,9 +118,15 @@ class Vocabulary:
 class ContinuationGrammar:
     """Tracks one continuation's place in the grammar and answers which tokens may come next."""
 
+    active_track = 0  # the one track this grammar writes (engine/interleaved.py writes several)
+
     def __init__(self, vocab: Vocabulary, time_sig_id: int, program_id: int, positions_per_bar: int, bars: int,
-                 is_drum: bool = False, constraints: Constraints | None = None, longest_note: int | None = None):
-        """`longest_note`: no Duration longer than this many time units (the shortest is always allowed)."""
+                 is_drum: bool = False, constraints: Constraints | None = None, longest_note: int | None = None,
+                 ascending_chords: bool = True):
+        """`longest_note`: no Duration longer than this many time units (the shortest is always allowed).
+        `ascending_chords`: the notes of one position in rising pitch order (as quantised, sorted data
+        writes them); False lets them come in any order, each pitch once (see the module docstring)."""
+        self.ascending_chords = ascending_chords
         if bars < 1:
             raise ValueError("a continuation needs at least one bar")
         c = constraints or Constraints()
@@ -210,6 +221,50 @@ class ContinuationGrammar:
         self._advance(token)
         return True
 
+    # --- for the interleaved grammar (engine/interleaved.py), which moves several tracks along one clock ---
+
+    @property
+    def missing(self) -> int:
+        """Notes this bar still needs to reach its minimum (<= 0 when it has enough)."""
+        return self._missing
+
+    def enter(self, position: int) -> None:
+        """Move to `position` of the current bar without starting a note: the state after a note
+        there with nothing above it yet, so a note may start here or the track may move on."""
+        self.position = position
+        self.last_pitch = -1
+        self._forget_ended()
+        self.expect = Expect.NOTE_END
+        self._mask = None
+
+    def begin_note(self) -> None:
+        """A note of this track starts at the current position (its Program read or implied)."""
+        self._start_note()
+        self._mask = None
+
+    def follow(self, token: int) -> None:
+        """Advance by a token already checked against a mask that covers this grammar's rules."""
+        self._advance(token)
+
+    def position_options(self) -> tuple[np.ndarray, np.ndarray]:
+        """[positions_per_bar] bool twice: where in this bar the track could start a note, and where
+        moving the shared clock keeps its minimum of notes reachable (positions not yet passed by
+        this track; the caller keeps only those after the shared clock)."""
+        everywhere = np.ones(self.positions_per_bar, dtype=bool)
+        if not self._ends and self._missing <= 0:
+            keeps, playable = everywhere, everywhere.copy()
+        else:
+            room = self._room()
+            keeps = np.cumsum(room[::-1])[::-1] >= self._missing
+            playable = (room > 0) & keeps
+        if self._max_notes is not None and self.notes_in_bar >= self._max_notes:
+            playable = np.zeros(self.positions_per_bar, dtype=bool)
+        return playable, keeps
+
+    def room_after_here(self) -> int:
+        """Notes this track could still start at positions after the current one, in this bar."""
+        return int(self._room()[self.position + 1:].sum())
+
     # --- masks ------------------------------------------------------------------------------
 
     def _compute_mask(self) -> np.ndarray:
@@ -221,7 +276,7 @@ class ContinuationGrammar:
         elif e is Expect.PROGRAM:
             mask[self.program_id] = True
         elif e is Expect.PITCH:
-            mask |= self._pitch_ok & (self._pitch_table > self.last_pitch)
+            mask |= self._pitch_ok if not self.ascending_chords else self._pitch_ok & (self._pitch_table > self.last_pitch)
             sounding = self._sounding_pitches()
             if len(sounding):
                 mask &= ~np.isin(self._pitch_table, sounding)
@@ -289,8 +344,13 @@ class ContinuationGrammar:
         return np.asarray([p for p, end in zip(self._end_pitches, self._ends, strict=True) if end > now], dtype=np.int64)
 
     def _free_above(self, pitch):
-        """For `pitch` (int or array): allowed pitches above it that are not sounding now."""
+        """For `pitch` (int or array): the allowed pitches not sounding now that a note after one at
+        `pitch` could still take at this position: those above it, or, when chords come in any
+        order, all the others (a note started here sounds, so it is not taken twice)."""
         sounding = np.sort(self._sounding_pitches())
+        if not self.ascending_chords:
+            free = len(self._ok_pitches) - len(sounding)  # sounding notes were allowed pitches when they started
+            return free - (np.isin(pitch, self._ok_pitches) & ~np.isin(pitch, sounding)).astype(np.int64)
         above = len(self._ok_pitches) - np.searchsorted(self._ok_pitches, pitch, side="right")
         return above - (len(sounding) - np.searchsorted(sounding, pitch, side="right"))
 

@@ -139,8 +139,8 @@ def test_sampling_respects_mask_top_k_and_greedy():
 def test_unseen_instrument_is_played_to_the_model_as_a_trained_one(generator, example_midi):
     from dataclasses import replace
 
-    clip = replace(four_bar_clip(example_midi[0]), program=40)  # violin; the tiny model only saw piano
-    assert list(generator.decoder.manifest.seen_programs) == [0]
+    clip = replace(four_bar_clip(example_midi[0]), program=40)  # violin; the tiny model saw piano, bass and drums
+    assert sorted(generator.decoder.manifest.seen_programs) == [-1, 0, 33]
     prompt, _ = generator.prompt_tokens(clip)
     text = generator.tokenizer.tokens_to_text(prompt)
     assert "Program_0" in text and "Program_40" not in text
