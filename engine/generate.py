@@ -44,6 +44,7 @@ from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
 from engine.interleaved import BandAssembler, InterleavedGrammar
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
+from engine.prefill_cache import PrefillCache, Prefilled
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
 from engine.signing import check_signature
@@ -166,21 +167,59 @@ class Generator:
         return trim_to_context(ids, self.max_prompt_tokens, self.vocab.bar), bars
 
     def stream(self, clip: Clip | Arrangement, request: ContinuationRequest,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[NoteEvent | VariationDone]:
+               should_stop: Callable[[], bool] | None = None,
+               prefills: PrefillCache | None = None) -> Iterator[NoteEvent | VariationDone]:
         """Notes as they complete, then one VariationDone per variation and continued track (beam
         mode: at the end).
 
         An arrangement's continued tracks are written as one interleaved stream after one prefill of
         all its tracks (`track_groups`), each note told to its track. `should_stop` is
         polled before every decode step; when it returns True the stream ends at once (a cancelled
-        request frees the engine within one step)."""
+        request frees the engine within one step). With `prefills`, a prompt prefilled before (by
+        `prefill`, or by an earlier request for the same clip) is not prefilled again, and a new one is
+        kept there: the notes are the same either way."""
         request.validate()
         arrangement = _arranged(clip)
-        prompt, offset = self._prompt(arrangement)
+        prompt, offset = self._prompt_via(arrangement, prefills)
         if request.mode == "beam":
-            yield from self._stream_beam(arrangement, request, prompt, offset, should_stop)
+            yield from self._stream_beam(arrangement, request, prompt, offset, should_stop, prefills)
         else:
-            yield from self._stream_samples(arrangement, request, prompt, offset, should_stop)
+            yield from self._stream_samples(arrangement, request, prompt, offset, should_stop, prefills)
+
+    # --- prepared prompts (engine/prefill_cache.py) ---------------------------------------------------
+
+    @property
+    def cache_identity(self) -> str:
+        """Names the exact computation a prefill of this generator is: the model folder (its manifest's
+        sha256 covers every file), the variant served and the device. What a PrefillCache keys on."""
+        decoder = self.decoder
+        model = self.manifest_sha256 or f"unnamed-{id(decoder):x}"
+        return f"{model}/{getattr(decoder, 'variant', 'fp32')}/{getattr(decoder, 'device', 'cpu')}"
+
+    def prefill(self, clip: Clip | Arrangement, prefills: PrefillCache | None = None) -> Prefilled:
+        """The clip's prompt run through the model, exactly as `stream` would before its first step,
+        and kept in `prefills` (or found there: `reused`). Raises RequestError for a clip `stream`
+        would refuse (code "bad_clip": a meter the model lacks, a bar longer than the context)."""
+        arrangement = _arranged(clip)
+        prompt, _ = self._prompt_via(arrangement, prefills)
+        opening = [self.vocab.bar, self.tokenizer.time_sig_id(arrangement.time_signature)]  # grammar.forced_opening()
+        return self._prefill(prompt + opening, prefills)
+
+    def _prompt_via(self, arrangement: Arrangement, prefills: PrefillCache | None) -> tuple[list[int], float]:
+        if prefills is None:
+            return self._prompt(arrangement)
+        ids, offset = prefills.prompt(self.cache_identity, arrangement, self._prompt)
+        return list(ids), offset
+
+    def _prefill(self, ids: list[int], prefills: PrefillCache | None) -> Prefilled:
+        """One prefill of `ids` from an empty cache (batch 1), or the same from `prefills`."""
+        def run() -> tuple[np.ndarray, KVCache]:
+            return self.decoder.step(np.asarray([ids]), self.decoder.empty_cache(1))
+
+        if prefills is not None:
+            return prefills.fetch(self.cache_identity, ids, run)
+        logits, cache = run()
+        return Prefilled(tuple(ids), logits, cache, 0.0)
 
     def _prompt(self, arrangement: Arrangement) -> tuple[list[int], float]:
         """The prompt tokens and the beat where the continuation starts."""
@@ -220,21 +259,22 @@ class Generator:
                        request: ContinuationRequest) -> ContinuationGrammar | InterleavedGrammar:
         if len(tracks) == 1:
             return self._grammar(arrangement.tracks[tracks[0]], request)
-        return InterleavedGrammar([self._grammar(arrangement.tracks[track], request) for track in tracks])
+        clips = [arrangement.tracks[track] for track in tracks]
+        # A band's chords come in any pitch order: what the model learned from humanised multi-track
+        # material (engine/grammar.py). A track alone keeps the rising order single-track clips always had.
+        return InterleavedGrammar([self._grammar(clip, request, ascending_chords=False) for clip in clips],
+                                  notes_per_bar=[len(clip.notes) / clip.bars for clip in clips])
 
     def _band_assembler(self, arrangement: Arrangement, tracks: tuple[int, ...], offset: float) -> BandAssembler:
         return BandAssembler([self._assembler(arrangement.tracks[track], offset) for track in tracks])
 
-    def _grammar(self, clip: Clip, request: ContinuationRequest) -> ContinuationGrammar:
+    def _grammar(self, clip: Clip, request: ContinuationRequest, ascending_chords: bool = True) -> ContinuationGrammar:
         meter = clip.time_signature
         try:
             return ContinuationGrammar(
                 self.vocab, self.tokenizer.time_sig_id(meter), self.tokenizer.program_id(self.model_program(clip), clip.is_drum),
                 self.tokenizer.positions_per_bar(meter), request.bars, clip.is_drum, request.constraints,
-                self._longest_drum_note(clip),
-                # Models of the per-bar vocabulary learned from humanised DAW material, whose chords
-                # reach the tokenizer in time order, not pitch order (engine/grammar.py).
-                ascending_chords=not self.vocab.program_per_bar)
+                self._longest_drum_note(clip), ascending_chords)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
 
@@ -253,7 +293,8 @@ class Generator:
         return NoteAssembler(self.tokenizer, clip.time_signature, offset, channel=9 if clip.is_drum else 0)
 
     def _stream_samples(self, arrangement: Arrangement, request: ContinuationRequest, prompt: list[int], offset: float,
-                        should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:
+                        should_stop: Callable[[], bool] | None,
+                        prefills: PrefillCache | None = None) -> Iterator[NoteEvent | VariationDone]:
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
         rows = []
         opening: list[int] = []
@@ -268,9 +309,9 @@ class Generator:
                 # Variation k of a one-track clip draws from (seed, k) however many variations were asked for.
                 rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, group[0]])
                 rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening)))
-        # One prefill for the shared prompt, then the cache is copied for every variation.
-        logits, cache = self.decoder.step(np.asarray([prompt + opening]), self.decoder.empty_cache(1))
-        lanes = [_Lane(rows, cache.repeat(len(rows)), np.repeat(logits, len(rows), axis=0))]
+        # One prefill for the shared prompt (or the one kept in `prefills`), then the cache is copied for every variation.
+        prefilled = self._prefill(prompt + opening, prefills)
+        lanes = [_Lane(rows, prefilled.cache.repeat(len(rows)), np.repeat(prefilled.logits, len(rows), axis=0))]
         params = request.sampling
         while lanes:
             if should_stop is not None and should_stop():
@@ -333,7 +374,8 @@ class Generator:
         lane.stepped = None
         speculating = [i for i, row in enumerate(rows) if self._worth_a_lookahead(row, lane.logits[i])]
         if not speculating or lane.cache.length + 1 > self.decoder.max_context:
-            return [sample(lane.logits[i], row.grammar.allowed(), params, row.rng) for i, row in enumerate(rows)]
+            return [sample(_guided(lane.logits[i], row.grammar, params), row.grammar.allowed(), params, row.rng)
+                    for i, row in enumerate(rows)]
         # Only single-track grammars of the per-note vocabulary speculate (_worth_a_lookahead).
         tokens = [_single(rows[i].grammar).program_id if i in speculating else -1 for i in range(len(rows))]
         for i, row in enumerate(rows):  # rows with nothing to weigh are sampled as usual, in row order
@@ -365,10 +407,15 @@ class Generator:
         return tokens
 
     def _stream_beam(self, arrangement: Arrangement, request: ContinuationRequest, prompt: list[int], offset: float,
-                     should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:
+                     should_stop: Callable[[], bool] | None,
+                     prefills: PrefillCache | None = None) -> Iterator[NoteEvent | VariationDone]:
+        def prefill(ids: list[int]) -> tuple[np.ndarray, KVCache]:
+            prefilled = self._prefill(ids, prefills)
+            return prefilled.logits, prefilled.cache
+
         for group in self.track_groups(arrangement):  # one search per stream, each hearing the whole clip
             found = beam_search(self.decoder, prompt, self._group_grammar(arrangement, group, request), self.vocab.bar,
-                                request.beam_width, request.variations, should_stop)
+                                request.beam_width, request.variations, should_stop, prefill)
             if found is None:  # cancelled
                 return
             for variation in range(request.variations):
@@ -441,6 +488,15 @@ class Generator:
         """All variations (and continued tracks), complete, in variation then track order (a convenience over `stream`)."""
         done = [event for event in self.stream(clip, request) if isinstance(event, VariationDone)]
         return sorted(done, key=lambda d: (d.variation, d.track))
+
+
+def _guided(logits: np.ndarray, grammar: ContinuationGrammar | InterleavedGrammar, params: SamplingParams) -> np.ndarray:
+    """The scores to sample from: a band stream's presence guidance added (InterleavedGrammar.presence_bias),
+    scaled by the temperature so that it adds exactly its log-odds after sampling divides by it."""
+    bias = grammar.presence_bias() if isinstance(grammar, InterleavedGrammar) else None
+    if bias is None:
+        return logits
+    return logits + bias * (params.temperature or 1.0)
 
 
 def _single(grammar: ContinuationGrammar | InterleavedGrammar) -> ContinuationGrammar:

@@ -15,9 +15,11 @@ Positions strictly increase inside a bar and pitches strictly increase inside a 
 miditok writes quantised, sorted notes in), so a bar always ends and no note is doubled. Data with
 humanised timing (MMA's grooves, a DAW player's chords) reaches the tokenizer in time order, so the
 notes of one position come in any pitch order, and a model trained on it expects that; with
-`ascending_chords=False` (the engine's choice for the vocabularies such models use) a position's
-notes may come in any order, each pitch at most once (a note started there is sounding), which
-still ends every position. A pitch that is still sounding cannot
+`ascending_chords=False` (the engine's choice for the tracks of a band, engine/interleaved.py) a
+position's notes may come in any order, each pitch at most once (a note started there is sounding),
+which still ends every position. A track continued alone keeps the rising order: parts of one
+program (a chorale's four voices) are one run in the prompt, top voice first, and a part free to
+add lower notes would take the other voices' notes into its own. A pitch that is still sounding cannot
 start again: two overlapping notes of one pitch are ambiguous in a MIDI file (which note-off ends
 which note-on?) and DAWs cut or merge them, so the grammar never writes them. Since every generated
 pitch is an allowed one, this acts like a voice limit of (allowed pitches) for the room counts below. The bar counter stops generation at

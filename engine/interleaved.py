@@ -47,12 +47,17 @@ _NOTE_START = "note_start"
 # (two source tracks of one program do that in training data). More would let a search alternate
 # instruments at one position without end, which no file does.
 RUNS_PER_POSITION = 2
+# Presence guidance (see `presence_bias`): log-odds added to a track's Program per note it is behind
+# the density it had in the clip, counting at most PRESENCE_CAP notes.
+PRESENCE_WEIGHT = 1.0
+PRESENCE_CAP = 3.0
 
 
 class InterleavedGrammar:
     """The allowed next tokens of several tracks' continuations written as one stream."""
 
-    def __init__(self, tracks: Sequence[ContinuationGrammar]):
+    def __init__(self, tracks: Sequence[ContinuationGrammar], notes_per_bar: Sequence[float] | None = None):
+        """`notes_per_bar`: each track's density in the clip, for `presence_bias` (None: no guidance)."""
         if len(tracks) < 2:
             raise ValueError("an interleaved grammar needs at least two tracks")
         first = tracks[0]
@@ -78,6 +83,8 @@ class InterleavedGrammar:
         self.position = -1
         self.active: int | None = None  # the track named by the last Program of this bar
         self.runs_here: tuple[int, ...] = (0,) * len(tracks)  # runs of notes each track has at this position
+        self.notes_per_bar = None if notes_per_bar is None else np.asarray(notes_per_bar, dtype=np.float64)
+        self.notes_played = np.zeros(len(tracks))  # notes each track has started in the continuation
         self.expect: Expect | str = Expect.BAR_START
         self._mask: np.ndarray | None = None
 
@@ -111,7 +118,28 @@ class InterleavedGrammar:
     def copy(self) -> InterleavedGrammar:
         clone = copy.copy(self)
         clone.tracks = [g.copy() for g in self.tracks]
+        clone.notes_played = self.notes_played.copy()
         return clone
+
+    def presence_bias(self) -> np.ndarray | None:
+        """[vocab] log-odds to add to the model's scores before sampling, or None.
+
+        In a band stream the model picks whose turn it is, and a small model favours the parts it
+        heard most in training (drums, bass, piano): a guitar or a pad it rarely saw falls silent
+        after a bar or two, though the musician asked for it to go on. This nudges, without forcing,
+        each part towards the density it had in the clip: a track that is N notes behind that pace
+        (at most PRESENCE_CAP) gets N * PRESENCE_WEIGHT added to its Program token's log-odds. What
+        it plays, and whether it plays at all, stays the model's choice (a hard minimum of notes per
+        bar, tried first, made the model stack notes to get past it)."""
+        if self.notes_per_bar is None or self.expect not in (_NOTE_START, Expect.NOTE_END):
+            return None
+        bars_elapsed = self.bars_started - 1 + (self.position + 1) / self.positions_per_bar
+        behind = np.clip(self.notes_per_bar * bars_elapsed - self.notes_played, 0.0, PRESENCE_CAP)
+        if not behind.any():
+            return None
+        bias = np.zeros(self.vocab.size)
+        bias[self._program_ids] = behind * PRESENCE_WEIGHT
+        return bias
 
     def ends_continuation(self, token: int) -> bool:
         return token == self.vocab.bar and self.bars_started == self.bars
@@ -217,6 +245,8 @@ class InterleavedGrammar:
         else:  # Pitch after a note of the same instrument, Velocity, Duration: the active track's own
             assert self.active is not None
             grammar = self.tracks[self.active]
+            if self.expect is Expect.NOTE_END:  # another note of the same run
+                self.notes_played[self.active] += 1
             grammar.follow(token)
             self.expect = grammar.expect
 
@@ -225,6 +255,7 @@ class InterleavedGrammar:
         grammar.enter(self.position)  # catch up with the shared clock (or return to this position)
         grammar.begin_note()
         assert self.active is not None
+        self.notes_played[self.active] += 1
         self.runs_here = tuple(n + (i == self.active) for i, n in enumerate(self.runs_here))
 
 

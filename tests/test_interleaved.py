@@ -10,7 +10,7 @@ import pytest
 from engine.clip import Arrangement, Clip, Note
 from engine.constraints import Constraints
 from engine.grammar import ContinuationGrammar, Vocabulary
-from engine.interleaved import RUNS_PER_POSITION, BandAssembler, InterleavedGrammar
+from engine.interleaved import PRESENCE_CAP, PRESENCE_WEIGHT, RUNS_PER_POSITION, BandAssembler, InterleavedGrammar
 from engine.assembler import NoteAssembler
 from engine.tokens import ClipTokenizer
 
@@ -171,3 +171,24 @@ def test_beam_search_writes_a_band_without_alternating_instruments_at_one_positi
         elif token in kinds.program:
             runs[token] += 1
             assert runs[token] <= RUNS_PER_POSITION
+
+
+def test_presence_guidance_nudges_a_part_that_falls_behind_its_density_in_the_clip():
+    grammars = [ContinuationGrammar(VOCAB, TOKENIZER.time_sig_id(METER), TOKENIZER.program_id(program, drum),
+                                    TOKENIZER.positions_per_bar(METER), 2, drum, ascending_chords=False)
+                for program, drum in BAND[:2]]
+    grammar = InterleavedGrammar(grammars, notes_per_bar=[8.0, 2.0])  # drums 8 a bar, bass 2 a bar
+    grammar.forced_opening()
+    drums, bass = (TOKENIZER.program_id(p, d) for p, d in BAND[:2])
+    assert grammar.presence_bias() is None  # nothing owed before the first position
+    half_bar = TOKENIZER.token_id(f"Position_{TOKENIZER.positions_per_bar(METER) // 2}")
+    grammar.accept(half_bar)
+    bias = grammar.presence_bias()
+    assert bias is not None and bias[drums] > bias[bass] > 0  # half a bar in: ~4 drum notes and ~1 bass note owed
+    assert np.count_nonzero(bias) == 2  # only the Program tokens are nudged; pitches stay the model's
+    grammar.accept(bass)
+    for token in (TOKENIZER.token_id("Pitch_40"), TOKENIZER.token_id("Velocity_91"), TOKENIZER.token_id("Duration_1.0.12")):
+        grammar.accept(token)
+    after = grammar.presence_bias()
+    assert after is not None and after[bass] < bias[bass]  # playing pays the debt back
+    assert after[drums] <= PRESENCE_CAP * PRESENCE_WEIGHT  # a long silence is nudged, never forced
