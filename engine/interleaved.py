@@ -49,8 +49,8 @@ _NOTE_START = "note_start"
 RUNS_PER_POSITION = 2
 # Presence guidance (see `presence_bias`): log-odds added to a track's Program per note it is behind
 # the density it had in the clip, counting at most PRESENCE_CAP notes.
-PRESENCE_WEIGHT = 1.0
-PRESENCE_CAP = 3.0
+PRESENCE_WEIGHT = 2.0
+PRESENCE_CAP = 4.0
 
 
 class InterleavedGrammar:
