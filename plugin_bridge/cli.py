@@ -114,6 +114,7 @@ PASSTHROUGH = {
     "train": ("training.train", "train a model from scratch on the built-in corpus or a MIDI folder"),
     "finetune": ("training.finetune", "fine-tune a model on a folder of MIDI files (your catalogue, an artist's)"),
     "eval": ("training.evaluate", "measure how well a model continues held-out clips in their style, with a report"),
+    "eval-tracks": ("training.daw_eval", "per-track DAW measures of a band's continuation on held-out multi-track MIDI"),
     "render": ("engine.render", "render a .mid file to audio with FluidSynth and a General MIDI soundfont"),
     "export-onnx": ("export.onnx_export", "turn a training checkpoint into a model folder Segue can serve"),
     "provenance": ("plugin_bridge.provenance_cli", "say which model and settings made a .mid Segue wrote; reproduce it"),

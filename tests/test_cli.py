@@ -111,6 +111,16 @@ def test_help_reads_like_a_manual():
     assert "continue" in top.stdout and "train" in top.stdout and "export-onnx" in top.stdout
 
 
+def test_eval_tracks_is_a_segue_subcommand():
+    """`segue eval-tracks` runs training/daw_eval.py: listed in `segue --help`, with its own options' help."""
+    assert "eval-tracks" in segue("--help").stdout
+    result = segue("eval-tracks", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: segue eval-tracks")
+    for option in ("--model", "--data", "--out", "--prompt-bars", "--bars", "--compare-model"):
+        assert option in result.stdout
+
+
 def test_continue_without_onnx_runtime_names_the_install_command(example_midi, tmp_path):
     """`pip install -e .` without the [cpu] extra: one line with the command that fixes it, no traceback."""
     code = ("import sys; sys.modules['onnxruntime'] = None\n"  # as if it were not installed

@@ -1,7 +1,9 @@
 """Per-track DAW measures on held-out multi-track MIDI: does each instrument of a band continue like its real next bars?
 
-    python3 -m training.daw_eval --model models/default --data DIR [DIR ...] --out runs/daw-eval \
+    segue eval-tracks --model models/default --data DIR [DIR ...] --out runs/daw-eval \
         [--prompt-bars 4] [--bars 8] [--max-files 40] [--seed 0] [--compare-model models/old]
+
+(or `python3 -m training.daw_eval ...`).
 
 `segue eval` merges every file into one clip; a DAW user continues a band, track by track. Here each file's
 tracks stay apart (`read_tracks`), all are continued together in one request (each hearing the whole band), and
@@ -9,7 +11,8 @@ each track's continuation is scored against that track's real next bars with tra
 "repeat the last bar" and "loop the clip". Every file of the --data folders is held out (no split: use folders the
 model never trained on); files are taken in content-hash order, each cut at a bar offset drawn from a generator
 seeded by (seed, file hash), as training/held_out.py does, so a file's cut does not depend on the other files.
-Writes OUT/report.md and OUT/daw_metrics.json and prints the tables.
+Writes OUT/report.md, OUT/daw_metrics.json and OUT/plots/*.png (one chart per measure, training/daw_plots.py) and
+prints the tables.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from training.daw_measures import (
     score_example,
     summarize,
 )
+from training.daw_plots import CHARTS, write_measure_plots
 from training.held_out import bar_window
 
 
@@ -216,16 +220,39 @@ def model_section(heading: str, run: ModelRun, summary: list[SummaryRow]) -> str
         "back as the same tracks with the same programs and drum flags.\n"])
 
 
+def plot_label(heading: str, run: ModelRun, runs: Sequence[tuple[str, ModelRun, list[SummaryRow]]]) -> str:
+    """The model's name in the plots' legends, with its role when two runs share a name (a model against itself)."""
+    return run.name if sum(other.name == run.name for _, other, _ in runs) == 1 else f"{run.name} ({heading.lower()})"
+
+
+def plots_section(out: Path, runs: Sequence[tuple[str, ModelRun, list[SummaryRow]]]) -> tuple[str, list[Path]]:
+    """OUT/plots/*.png and the report's section linking them; without matplotlib, a section that says so."""
+    try:
+        paths = write_measure_plots([(plot_label(h, run, runs), summary) for h, run, summary in runs], out / "plots")
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "matplotlib":
+            raise
+        install = "matplotlib, which is not installed: pip install -e '.[cpu,train]'"
+        print(f"warning: no plots: they need {install}", file=sys.stderr)
+        return f"## Plots\n\nNo plots: they need {install}.\n", []
+    titles = {chart.filename: chart.title for chart in CHARTS}
+    links = "".join(f"![{titles[path.name]}](plots/{path.name})\n\n" for path in paths)
+    return ("## Plots\n\nEach measure per instrument family: every model next to \"repeat last bar\" and \"loop the clip\" "
+            "(the numbers of the tables above); a dashed line marks the DAW criterion where the measure has one.\n\n"
+            + links), paths
+
+
 def write_outputs(out: Path, argv: Sequence[str], examples: Sequence[Example], skipped: Sequence[Skip],
                   runs: Sequence[tuple[str, ModelRun, list[SummaryRow]]]) -> str:
-    """OUT/report.md and OUT/daw_metrics.json; returns the report's text."""
+    """OUT/report.md, OUT/daw_metrics.json and OUT/plots/*.png; returns the report's text."""
     out.mkdir(parents=True, exist_ok=True)
-    command = "python3 -m training.daw_eval " + shlex.join(argv)
+    command = "segue eval-tracks " + shlex.join(argv)
+    plots, plot_paths = plots_section(out, runs)
     report = "\n".join([
         "# Segue per-track DAW evaluation\n", f"Command: `{command}`\n",
         f"Models: {', '.join(f'{run.name} (`{run.folder}`)' for _, run, _ in runs)}.\n",
         f"Files used: {len(examples)}; skipped: {skip_summary(skipped)}.\n",
-        *(model_section(heading, run, summary) for heading, run, summary in runs)]) + "\n"
+        *(model_section(heading, run, summary) for heading, run, summary in runs), plots]).rstrip("\n") + "\n"
     (out / "report.md").write_text(report)
     metrics = {
         "command": command, "files_used": [{"file": str(e.path), "offset_bar": e.offset_bar, "tracks": len(e.prompt.tracks),
@@ -235,7 +262,8 @@ def write_outputs(out: Path, argv: Sequence[str], examples: Sequence[Example], s
                     "summary": [asdict(row) for row in summary],
                     "verdicts": [v._asdict() for v in criteria_verdicts(summary, systems=(MODEL,))],
                     "multitrack": {"checked": run.multitrack_checked, "passed": run.multitrack_passed},
-                    "skipped": [asdict(s) for s in run.skipped]} for heading, run, summary in runs]}
+                    "skipped": [asdict(s) for s in run.skipped]} for heading, run, summary in runs],
+        "plots": [f"plots/{path.name}" for path in plot_paths]}
     (out / "daw_metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
     return report
 
@@ -243,7 +271,7 @@ def write_outputs(out: Path, argv: Sequence[str], examples: Sequence[Example], s
 # --- the command -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m training.daw_eval", description="Continue held-out multi-track MIDI "
+    p = argparse.ArgumentParser(prog="segue eval-tracks", description="Continue held-out multi-track MIDI "
                                 "files track by track and score each track against its real next bars.")
     p.add_argument("--model", type=Path, required=True, help="model folder (models/NAME)")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="folders of MIDI files, all held out")
