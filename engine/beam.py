@@ -104,14 +104,20 @@ class _Candidate:
 
 
 def beam_search(decoder: OnnxDecoder, prompt: list[int], grammar: ContinuationGrammar | InterleavedGrammar, bar_id: int, width: int,
-                keep: int = 1, should_stop: Callable[[], bool] | None = None) -> list[Hypothesis] | None:
+                keep: int = 1, should_stop: Callable[[], bool] | None = None,
+                prefill: Callable[[list[int]], tuple[np.ndarray, KVCache]] | None = None) -> list[Hypothesis] | None:
     """The `keep` best finished hypotheses, best first; fewer only when the grammar admits fewer
-    distinct continuations. None when `should_stop` returned True (polled before every step)."""
+    distinct continuations. None when `should_stop` returned True (polled before every step).
+    `prefill(ids)` gives the logits and batch-1 cache after the prompt and opening (a kept prefill,
+    engine/prefill_cache.py); by default the decoder runs it."""
     if not 1 <= keep <= width:
         raise ValueError(f"beam search of width {width} cannot return {keep} hypotheses")
     opening = grammar.forced_opening()
     context = list(prompt) + opening
-    logits, cache = decoder.step(np.asarray([context]), decoder.empty_cache(1))
+    if prefill is not None:
+        logits, cache = prefill(context)
+    else:
+        logits, cache = decoder.step(np.asarray([context]), decoder.empty_cache(1))
     live = [Hypothesis(list(opening), grammar, context)]
     finished: list[Hypothesis] = []
     while live:

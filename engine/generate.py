@@ -309,9 +309,11 @@ class Generator:
                 # Variation k of a one-track clip draws from (seed, k) however many variations were asked for.
                 rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, group[0]])
                 rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening)))
-        # One prefill for the shared prompt (or the one kept in `prefills`), then the cache is copied for every variation.
+        # One prefill for the shared prompt (or the one kept in `prefills`), then the cache is copied for every
+        # variation. One row decodes from it as it is: a step never changes the cache it is given.
         prefilled = self._prefill(prompt + opening, prefills)
-        lanes = [_Lane(rows, prefilled.cache.repeat(len(rows)), np.repeat(prefilled.logits, len(rows), axis=0))]
+        cache = prefilled.cache if len(rows) == 1 else prefilled.cache.repeat(len(rows))
+        lanes = [_Lane(rows, cache, np.repeat(prefilled.logits, len(rows), axis=0))]
         params = request.sampling
         while lanes:
             if should_stop is not None and should_stop():

@@ -123,6 +123,26 @@ class SegueClient:
         request = {"type": "continue", "clip": clip, **{k: v for k, v in params.items() if v is not None}}
         return self._stream(request, request_id)
 
+    def prepare(self, clip: dict, *, model: str | None = None, request_id: str | None = None) -> dict:
+        """Have the server tokenize and prefill `clip` (protocol form) now, so that a continue of the same
+        clip starts decoding at once. Returns the `prepared` reply (`tokens`, `cached`, `prefill_ms`, ...).
+        Raises ClientError on an error reply, with code "cancelled" when a newer prepare of this client
+        replaced it before it started."""
+        request = {"type": "prepare", "clip": clip, **({"model": model} if model is not None else {})}
+        rid = self._send(request, request_id)
+        try:
+            while True:
+                event = self._next(rid)
+                kind = event.get("type")
+                if kind == "prepared":
+                    return event
+                if kind == "error":
+                    raise ClientError(event.get("code", "error"), event.get("message", "the server reported an error"), rid)
+                if kind == "cancelled":
+                    raise ClientError("cancelled", "a newer prepare request replaced this one", rid)
+        finally:
+            self._waiting.pop(rid, None)
+
     def _stream(self, request: dict, request_id: str | None) -> Generator[dict, None, None]:
         rid = self._send(request, request_id)
         complete = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,16 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._swap_listeners: list[Callable[[LoadedModel, LoadedModel], None]] = []
+
+    def on_swap(self, listener: Callable[[LoadedModel, LoadedModel], None]) -> None:
+        """Call `listener(old, new)` (on the scanning thread) after a model is replaced by a newer load of its folder."""
+        self._swap_listeners.append(listener)
+
+    def off_swap(self, listener: Callable[[LoadedModel, LoadedModel], None]) -> None:
+        """Stop calling a listener given to `on_swap` (a service that closed)."""
+        if listener in self._swap_listeners:
+            self._swap_listeners.remove(listener)
 
     # --- lookup ----------------------------------------------------------------------------------
 
@@ -129,12 +140,22 @@ class ModelRegistry:
                 verb = "keeping the model already serving" if current else "not serving it"
                 log.warning("model %s refused: %s (%s)", name, exc, verb)
                 continue
+            new = LoadedModel(name, folder, generator, signature)
             with self._lock:
-                self._models[name] = LoadedModel(name, folder, generator, signature)
+                self._models[name] = new
                 self._refused.pop(name, None)
             log.info("model %s %s from %s", name, "reloaded" if current else "loaded", folder)
+            if current is not None:
+                self._tell_swapped(current, new)
             loaded.append(name)
         return loaded
+
+    def _tell_swapped(self, old: LoadedModel, new: LoadedModel) -> None:
+        for listener in self._swap_listeners:
+            try:
+                listener(old, new)
+            except Exception:  # a listener's bug must not stop hot-swap
+                log.exception("a listener failed after model %s was replaced", new.name)
 
     def start_watching(self, interval: float = 1.0) -> None:
         def watch():

@@ -5,6 +5,8 @@
         for event in client.stream(request_id):
             print(event)          # {"type": "note", ...}, ..., {"type": "done", ...}, {"type": "finished", ...}
 
+        client.prepare_clip({"clip": clip})   # when the musician selects the clip: its continue starts at once
+
 Live's embedded Python cannot load compiled extensions, so this module uses only the standard
 library, python-osc's pure message builder/parser and the two pure modules beside it
 (`osc_guard`, `osc_messages`); copy those four into a Remote Script folder and it works there.
@@ -33,7 +35,7 @@ from plugin_bridge.osc_guard import OscGuardError, check_datagram
 
 log = logging.getLogger("segue.osc.client")
 
-TERMINAL = frozenset({"finished", "error", "cancelled"})
+TERMINAL = frozenset({"finished", "error", "cancelled", "prepared"})  # "prepared" ends a prepare request
 
 
 class OscClient:
@@ -96,24 +98,33 @@ class OscClient:
 
     def continue_clip(self, request: dict, request_id: str | None = None) -> str:
         """Send a continue request (the same JSON object as over ZeroMQ); split it when it is large. Returns its id."""
+        return self._request("continue", request, request_id)
+
+    def prepare_clip(self, request: dict, request_id: str | None = None) -> str:
+        """Send a prepare request ({"clip": ..., "model": ...}; the continue object itself will do): the server
+        prefills the clip in the background and answers `prepared`. Split when large. Returns its id."""
+        return self._request("prepare", request, request_id)
+
+    def _request(self, kind: str, request: dict, request_id: str | None) -> str:
         request_id = str(request_id or request.get("id") or _new_id())
-        body = {**request, "type": "continue", "id": request_id}
+        body = {**request, "type": kind, "id": request_id}
         raw = json.dumps(body, separators=(",", ":")).encode("ascii")  # ASCII JSON can be split anywhere
-        single = msgs.build_message(msgs.CONTINUE, "iss", [self.reply_port, request_id, raw.decode("ascii")])
+        address, chunk_address = (msgs.PREPARE, msgs.PREPARE_CHUNK) if kind == "prepare" else (msgs.CONTINUE, msgs.CONTINUE_CHUNK)
+        single = msgs.build_message(address, "iss", [self.reply_port, request_id, raw.decode("ascii")])
         if len(single) <= self.max_datagram:
             self.send_raw(single)
         else:
-            self._upload(request_id, raw)
+            self._upload(request_id, raw, chunk_address)
         return request_id
 
-    def _upload(self, request_id: str, raw: bytes) -> None:
+    def _upload(self, request_id: str, raw: bytes, address: str = msgs.CONTINUE_CHUNK) -> None:
         """Send `raw` as numbered chunks with at most `window` unacknowledged at a time (a sliding window).
 
         UDP drops what a full receive buffer cannot hold, so a 1 MiB burst loses chunks on a system
         with small default buffers (Linux: 208 KiB); the window keeps about window x max_datagram
         bytes in flight, and chunks not acknowledged within `ack_timeout` are sent again (`retries` times).
         """
-        overhead = len(msgs.build_message(msgs.CONTINUE_CHUNK, "isiis", [self.reply_port, request_id, 0, 0, ""]))
+        overhead = len(msgs.build_message(address, "isiis", [self.reply_port, request_id, 0, 0, ""]))
         piece = self.max_datagram - overhead - 4
         if piece < 64:
             raise ValueError(f"max_datagram {self.max_datagram} is too small for chunks of request {request_id!r}")
@@ -124,7 +135,7 @@ class OscClient:
         last_progress = time.monotonic()
         while done < count:
             while next_index < count and len(unacked) < self.window:
-                self.send(msgs.CONTINUE_CHUNK, "siis", [request_id, next_index, count, chunks[next_index]])
+                self.send(address, "siis", [request_id, next_index, count, chunks[next_index]])
                 unacked.add(next_index)
                 next_index += 1
             event = self._read(max(0.0, last_progress + self.ack_timeout - time.monotonic()))
@@ -142,7 +153,7 @@ class OscClient:
                 if stalls > self.retries:
                     raise TimeoutError(f"the server did not acknowledge chunks {sorted(unacked)} of request {request_id!r}")
                 for index in sorted(unacked):
-                    self.send(msgs.CONTINUE_CHUNK, "siis", [request_id, index, count, chunks[index]])
+                    self.send(address, "siis", [request_id, index, count, chunks[index]])
                 last_progress = time.monotonic()
 
     # --- replies -----------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ PING = "/segue/ping"  # ,is  reply_port id
 CANCEL = "/segue/cancel"  # ,is  reply_port id ("" cancels whatever this client has running)
 CONTINUE = "/segue/continue"  # ,iss reply_port id json  (or ,isb with the JSON as UTF-8 bytes)
 CONTINUE_CHUNK = "/segue/continue/chunk"  # ,isiis reply_port id index count data  (or ...b)
+PREPARE = "/segue/prepare"  # ,iss reply_port id json  (or ,isb): a clip to prefill before it is continued
+PREPARE_CHUNK = "/segue/prepare/chunk"  # ,isiis reply_port id index count data  (or ...b)
 
 # Replies (server -> client host : reply_port): address -> (type tags, field names). A newer server may
 # append arguments to a reply (never insert or reorder them), so a reader takes these by position and
@@ -42,6 +44,7 @@ REPLIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "/segue/error": ("sss", ("id", "code", "message")),
     "/segue/cancelled": ("s", ("id",)),
     "/segue/chunk_ack": ("siii", ("id", "index", "received", "count")),
+    "/segue/prepared": ("ssiiff", ("id", "model", "tokens", "cached", "prefill_ms", "total_ms")),
 }
 
 # Every reply stays under this size: macOS refuses to send UDP datagrams over 9216 bytes by default
@@ -78,6 +81,8 @@ def encode_reply(event: dict) -> bytes | None:
     tags, names = spec
     values = dict(event)
     values["id"] = str(values.get("id") or "")
+    if kind == "prepared":
+        values["cached"] = 1 if values.get("cached") else 0
     if kind == "done" and values.get("first_note_ms") is None:
         values["first_note_ms"] = -1.0  # no note was generated: OSC has no nil that JUCE/Max understand
     if kind == "error":
@@ -131,12 +136,17 @@ def decode_reply(address: str, args: Sequence[Any]) -> dict:
     event: dict[str, Any] = {"type": address[len(PREFIX):]}
     for name, value in zip(spec[1], args[:len(spec[1])], strict=True):
         event[name] = value
-    if event["type"] == "done" and event["first_note_ms"] is not None and event["first_note_ms"] < 0:
+    # Whatever reaches a client's port is decoded here, so argument types are checked before use: a string
+    # where first_note_ms belongs, or models as an int32 or nested 100,000 deep, raised out of decode_datagram
+    # (found by bench/fuzz_long.py).
+    if event["type"] == "done" and isinstance(event["first_note_ms"], (int, float)) and event["first_note_ms"] < 0:
         event["first_note_ms"] = None
+    if event["type"] == "prepared":
+        event["cached"] = bool(event["cached"])  # int32 1/0 on the wire: OSC 1.0 has no boolean argument
     if event["type"] == "hello":
         try:
             event["models"] = json.loads(event["models"])
-        except ValueError:
+        except (ValueError, TypeError, RecursionError):
             event["models"] = []
         event["default_model"] = event["default_model"] or None
     return event

@@ -107,6 +107,8 @@ class OscTransport:
             msgs.CANCEL: ("reply_port id", self._on_cancel),
             msgs.CONTINUE: ("reply_port id json", self._on_continue),
             msgs.CONTINUE_CHUNK: ("reply_port id index count data", self._on_chunk),
+            msgs.PREPARE: ("reply_port id json", self._on_prepare),
+            msgs.PREPARE_CHUNK: ("reply_port id index count data", self._on_prepare_chunk),
         }
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -333,7 +335,13 @@ class OscTransport:
     def _on_continue(self, client: str, dest: Dest, request_id: str, args: list, emit: Emit) -> None:
         self._submit(client, request_id, _payload_bytes(args[2], "json"), emit)
 
-    def _on_chunk(self, client: str, dest: Dest, request_id: str, args: list, emit: Emit) -> None:
+    def _on_prepare(self, client: str, dest: Dest, request_id: str, args: list, emit: Emit) -> None:
+        self._submit(client, request_id, _payload_bytes(args[2], "json"), emit, "prepare")
+
+    def _on_prepare_chunk(self, client: str, dest: Dest, request_id: str, args: list, emit: Emit) -> None:
+        self._on_chunk(client, dest, request_id, args, emit, "prepare")
+
+    def _on_chunk(self, client: str, dest: Dest, request_id: str, args: list, emit: Emit, kind: str = "continue") -> None:
         index, count = _as_int(args[2]), _as_int(args[3])
         if index is None or count is None:
             raise protocol.ProtocolError(protocol.BAD_REQUEST, "chunk index and count must be integers", request_id)
@@ -347,14 +355,15 @@ class OscTransport:
             log.debug("ignored %s from %s", exc, client)
             return
         self._send(msgs.chunk_ack(request_id, index, received, count), dest)
-        if payload is not None:
-            self._submit(client, request_id, payload, emit)
+        if payload is not None:  # the address of the last chunk decides what the upload was
+            self._submit(client, request_id, payload, emit, kind)
 
-    def _submit(self, client: str, request_id: str, raw: bytes, emit: Emit) -> None:
-        """A complete continue request (one message or reassembled chunks) -> the service, which decodes
-        it by the protocol's rules (the same JSON rules as ZeroMQ: no NaN, no Infinity) here if it is
+    def _submit(self, client: str, request_id: str, raw: bytes, emit: Emit, kind: str = "continue") -> None:
+        """A complete continue (or prepare) request, one message or reassembled chunks -> the service, which
+        decodes it by the protocol's rules (the same JSON rules as ZeroMQ: no NaN, no Infinity) here if it is
         small, else on its intake thread; a bad body is answered with an error either way."""
-        self.service.handle_bytes(client, raw, lambda data: protocol.decode_osc_continue(data, request_id, msgs.CONTINUE),
+        address = msgs.PREPARE if kind == "prepare" else msgs.CONTINUE
+        self.service.handle_bytes(client, raw, lambda data: protocol.decode_osc_continue(data, request_id, address, kind),
                                   emit, request_id)
 
     def _expire_uploads(self) -> None:

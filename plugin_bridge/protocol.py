@@ -64,18 +64,19 @@ def decode_json(data: bytes, request_id: str | None = None, what: str = "the req
     return payload
 
 
-def decode_osc_continue(data: bytes, request_id: str, address: str = "/segue/continue") -> dict:
-    """The JSON body of an OSC continue (one message or reassembled chunks) -> the same dict ZeroMQ carries.
+def decode_osc_continue(data: bytes, request_id: str, address: str = "/segue/continue", kind: str = "continue") -> dict:
+    """The JSON body of an OSC continue or prepare (one message or reassembled chunks) -> the same dict
+    ZeroMQ carries, of type `kind`.
 
     The OSC message already names the request id; the JSON may repeat it but must not contradict it."""
-    payload = decode_json(data, request_id, "the continue request")
-    if payload.get("type", "continue") != "continue":
+    payload = decode_json(data, request_id, f"the {kind} request")
+    if payload.get("type", kind) != kind:
         raise ProtocolError(BAD_REQUEST, f"the JSON says type {str(payload.get('type'))[:40]!r} but was sent to {address}",
                             request_id)
     if "id" in payload and str(payload["id"]) != request_id:
         raise ProtocolError(BAD_REQUEST, f"the JSON id {str(payload['id'])[:MAX_ID_LENGTH]!r} differs from the OSC id "
                             f"{request_id!r}; leave it out or make them equal", request_id)
-    payload["type"], payload["id"] = "continue", request_id
+    payload["type"], payload["id"] = kind, request_id
     return payload
 
 
@@ -91,6 +92,15 @@ class ContinueRequest:
     clip: Clip | Arrangement  # an Arrangement when the message carried `tracks`
     model: str | None  # None: the server's default model
     request: ContinuationRequest  # the client's options over the model's `search` defaults
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """A prepare message, decoded and validated: a clip to tokenize and prefill before it is continued."""
+
+    id: str
+    clip: Clip | Arrangement
+    model: str | None  # None: the server's default model
 
 
 SearchFor = Callable[[str | None], SearchDefaults]  # model name -> its generation defaults (KeyError: no such model)
@@ -116,7 +126,10 @@ def _number(payload: dict, key: str, kind: type, default: float | None, request_
                 raise ProtocolError(BAD_REQUEST, f"{key} must be a whole number, not {value:g}", request_id)
             value = int(value)
         return value
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float (JSON allows 400 digits; found by bench/fuzz_long.py)
+        raise ProtocolError(BAD_REQUEST, f"{key} must be a finite number", request_id) from None
 
 
 def request_id_of(payload: Any) -> str:
@@ -163,7 +176,7 @@ def _parse_tracks(data: dict, request_id: str | None) -> Arrangement:
     try:
         arrangement.validate()
     except ClipError as exc:
-        raise ProtocolError(BAD_CLIP, str(exc), request_id) from exc
+        raise ProtocolError(BAD_CLIP, str(exc)[:MAX_MESSAGE_CHARS], request_id) from exc  # it may quote a 300-digit number
     if not arrangement.notes:
         raise ProtocolError(BAD_CLIP, "the clip has no notes to continue", request_id)
     return arrangement
@@ -181,9 +194,10 @@ def _parse_track(data: dict, track: dict, request_id: str | None, max_notes: int
     for index, raw in enumerate(notes_in):
         if isinstance(raw, dict):
             raw = [raw.get("pitch"), raw.get("velocity"), raw.get("start"), raw.get("duration"), raw.get("channel", 0)]
+        # abs(v) < 1e9 refuses NaN and infinity too; math.isfinite raised OverflowError on an integer of 400 digits
+        # (found by bench/fuzz_long.py)
         if not isinstance(raw, (list, tuple)) or len(raw) not in (4, 5) or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw) or \
-                not all(abs(v) < 1e9 for v in raw):
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in raw):
             raise ProtocolError(BAD_REQUEST, f"clip note {index} must be [pitch, velocity, start, duration(, channel)] numbers",
                                 request_id)
         pitch, velocity, start, duration, *rest = raw
@@ -201,7 +215,7 @@ def _parse_track(data: dict, track: dict, request_id: str | None, max_notes: int
     try:
         clip.validate()
     except ClipError as exc:
-        raise ProtocolError(BAD_CLIP, str(exc), request_id) from exc
+        raise ProtocolError(BAD_CLIP, str(exc)[:MAX_MESSAGE_CHARS], request_id) from exc  # it may quote a 300-digit number
     if not clip.notes and not allow_empty:
         raise ProtocolError(BAD_CLIP, "the clip has no notes to continue", request_id)
     end = max(clip.length or 0.0, max((n.end for n in clip.notes), default=0.0))
@@ -227,6 +241,30 @@ def _notes(clip: Clip) -> list[list]:
     return [[n.pitch, n.velocity, n.start, n.duration, n.channel] for n in clip.notes]
 
 
+def _model_of(payload: dict, request_id: str, search_for: SearchFor) -> tuple[str | None, SearchDefaults]:
+    """The model a request names (None: the default) and its generation defaults; UNKNOWN_MODEL when there is none."""
+    model = payload.get("model")
+    if model is not None and (not isinstance(model, str) or len(model) > MAX_ID_LENGTH):
+        raise ProtocolError(BAD_REQUEST, f"model must be a model name of at most {MAX_ID_LENGTH} characters", request_id)
+    try:
+        return model, search_for(model)
+    except KeyError as exc:
+        raise ProtocolError(UNKNOWN_MODEL, str(exc.args[0]) if exc.args else f"there is no model named {model!r}",
+                            request_id) from None
+
+
+def parse_prepare(payload: Any, search_for: SearchFor) -> PrepareRequest:
+    """A decoded prepare message -> a validated PrepareRequest (the clip checked exactly as a continue's).
+
+    Only `clip` and `model` matter: a shell may send the very object it will send as its continue
+    (any other field is ignored, not validated)."""
+    request_id = request_id_of(payload)
+    if not request_id:
+        raise ProtocolError(BAD_REQUEST, "a prepare request needs an id")
+    model, _ = _model_of(payload, request_id, search_for)
+    return PrepareRequest(request_id, parse_clip(payload.get("clip"), request_id), model)
+
+
 def parse_continue(payload: Any, search_for: SearchFor) -> ContinueRequest:
     """A decoded continue message -> a validated ContinueRequest, or ProtocolError saying what is wrong.
 
@@ -235,14 +273,7 @@ def parse_continue(payload: Any, search_for: SearchFor) -> ContinueRequest:
     request_id = request_id_of(payload)
     if not request_id:
         raise ProtocolError(BAD_REQUEST, "a continue request needs an id")
-    model = payload.get("model")
-    if model is not None and (not isinstance(model, str) or len(model) > MAX_ID_LENGTH):
-        raise ProtocolError(BAD_REQUEST, f"model must be a model name of at most {MAX_ID_LENGTH} characters", request_id)
-    try:
-        search = search_for(model)
-    except KeyError as exc:
-        raise ProtocolError(UNKNOWN_MODEL, str(exc.args[0]) if exc.args else f"there is no model named {model!r}",
-                            request_id) from None
+    model, search = _model_of(payload, request_id, search_for)
     clip = parse_clip(payload.get("clip"), request_id)
     options: dict[str, Any] = {name: _number(payload, name, kind, None, request_id) for name, kind in OPTION_TYPES.items()}
     mode = payload.get("mode")
@@ -276,6 +307,11 @@ def finished_event(request_id: str, variations: int, total_ms: float) -> dict:
 
 def error_event(request_id: str | None, code: str, message: str) -> dict:
     return {"type": "error", "id": request_id or "", "code": code, "message": message}
+
+
+def prepared_event(request_id: str, model: str, tokens: int, cached: bool, prefill_ms: float, total_ms: float) -> dict:
+    return {"type": "prepared", "id": request_id, "model": model, "tokens": tokens, "cached": cached,
+            "prefill_ms": round(prefill_ms, 2), "total_ms": round(total_ms, 2)}
 
 
 def cancelled_event(request_id: str) -> dict:

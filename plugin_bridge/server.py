@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the transports load pyzmq and python-osc only when a server
     from plugin_bridge.osc_transport import OscTransport
     from plugin_bridge.zmq_transport import ZmqTransport
 
+DEFAULT_PREFILL_CACHE_MB = 256  # engine/prefill_cache.py DEFAULT_MAX_BYTES
 LOOPBACK = {"127.0.0.1", "localhost"}  # IPv6 loopback would need ZeroMQ's IPv6 mode; not offered yet
 
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per model session (default 1)")
     p.add_argument("--workers", type=int, default=2, help="requests generated at the same time (default 2)")
     p.add_argument("--no-watch", action="store_true", help="do not pick up new or updated model folders while running")
+    p.add_argument("--prefill-cache-mb", type=float, default=DEFAULT_PREFILL_CACHE_MB, metavar="MB",
+                   help="memory for prepared clips, so that Continue on a clip prepared (or continued) before starts at once "
+                        f"(default {DEFAULT_PREFILL_CACHE_MB:g}; 0 keeps none)")
     p.add_argument("--trusted-key", type=Path, action="append", default=[], metavar="PUB",
                    help="public key (PEM) whose signatures this server trusts; repeatable (see `segue sign`)")
     p.add_argument("--require-signed", action="store_true",
@@ -58,7 +62,8 @@ class Server:
 
     def __init__(self, models: Path, host: str = "127.0.0.1", osc_port: int = 0, zmq_port: int = 0,
                  clips_dir: Path | None = None, threads: int = 1, workers: int = 2, default_model: str = "default",
-                 watch: bool = True, trusted_keys: tuple[Path, ...] = (), require_signed: bool = False):
+                 watch: bool = True, trusted_keys: tuple[Path, ...] = (), require_signed: bool = False,
+                 prefill_cache_mb: float = DEFAULT_PREFILL_CACHE_MB):
         from plugin_bridge.models import ModelRegistry
         from plugin_bridge.service import Service
 
@@ -71,7 +76,10 @@ class Server:
             refused = self.registry.refused()
             detail = "; ".join(f"{n}: {r}" for n, r in refused.items()) or "no folder with a manifest.json"
             raise RuntimeError(f"no usable model in {models} ({detail})")
-        self.service = Service(self.registry, clips_dir or default_clips_dir(), workers=workers)
+        if prefill_cache_mb < 0:
+            raise RuntimeError(f"--prefill-cache-mb must be 0 or more, not {prefill_cache_mb:g}")
+        self.service = Service(self.registry, clips_dir or default_clips_dir(), workers=workers,
+                               prefill_cache_bytes=int(prefill_cache_mb * 2**20))
         self.host, self.osc_port, self.zmq_port, self.watch = host, osc_port, zmq_port, watch
         self.osc: OscTransport | None = None
         self.zmq: ZmqTransport | None = None
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = Server(args.models, args.host, args.osc_port, args.zmq_port, args.clips_dir, args.threads, args.workers,
                         args.default_model, watch=not args.no_watch, trusted_keys=tuple(args.trusted_key),
-                        require_signed=args.require_signed).start()
+                        require_signed=args.require_signed, prefill_cache_mb=args.prefill_cache_mb).start()
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

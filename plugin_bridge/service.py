@@ -11,7 +11,13 @@ whose socket is not thread-safe must hand the reply to its own I/O thread (see t
   variation for drag-and-drop, and finish with `finished`;
 - cancel (or a client that went away) stops the generation within one decode step; a cancel that
   finds nothing to stop (the request already ended, or never ran) is a silent no-op, so a cancel
-  crossing a `finished` on the wire never shows the musician an error.
+  crossing a `finished` on the wire never shows the musician an error;
+- a prepare request (a clip the musician selected or is playing) is validated at once, then
+  tokenized and prefilled by one background thread that yields to generation: it starts a prefill
+  only while no continue request runs or waits. The result is kept in `prefills`
+  (engine/prefill_cache.py, bounded in bytes, least recently used evicted), where a continue of the
+  same clip finds it and starts decoding at once; every continue keeps its own prefill there too,
+  so "generate again" skips it. A client has at most one prepare waiting: a newer one replaces it.
 
 Every request ends with exactly one terminal reply (`finished`, `error` or `cancelled`): a job is
 forgotten before its last reply is sent, and sending and cancelling take turns on the job's lock.
@@ -35,6 +41,7 @@ from engine.clip import Clip
 from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
 from engine.manifest import SearchDefaults
 from engine.midi_file import write_tracks
+from engine.prefill_cache import DEFAULT_MAX_BYTES, PrefillCache
 from engine.provenance import Provenance
 from plugin_bridge import protocol
 from plugin_bridge.intake import Intake
@@ -92,6 +99,14 @@ class Job:
             return True
 
 
+@dataclass(eq=False)  # identity: the prepare queue removes this very job
+class PrepareJob:
+    client: str
+    request: protocol.PrepareRequest
+    emit: Emit
+    received: float = field(default_factory=time.perf_counter)
+
+
 def new_instance_id() -> str:
     """A random id for one server start (16 hex digits): `hello` carries it, so a shell that sees it
     change knows the server restarted and that the requests it was waiting for are gone."""
@@ -99,8 +114,10 @@ def new_instance_id() -> str:
 
 
 class Service:
-    def __init__(self, registry: ModelRegistry, clips_dir: Path, workers: int = 2, max_queue: int = 32):
+    def __init__(self, registry: ModelRegistry, clips_dir: Path, workers: int = 2, max_queue: int = 32,
+                 prefill_cache_bytes: int = DEFAULT_MAX_BYTES):
         self.instance = new_instance_id()
+        self.prefills = PrefillCache(prefill_cache_bytes)  # prepared (and already continued) prompts, by their tokens
         self.registry = registry
         self.clips_dir = Path(clips_dir)
         self.max_queue = max_queue
@@ -109,12 +126,18 @@ class Service:
         # second takes one slot, never 40, and nobody else is told `busy` because of it.
         self._waiting: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}  # client -> its latest job (waiting or running)
+        self._running = 0  # continue jobs a worker is generating right now
+        self._prepares: deque[PrepareJob] = deque()  # waiting prepare jobs, oldest first (one per client)
+        self._prepare_of: dict[str, PrepareJob] = {}  # client -> its waiting prepare job
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)
+        self._prepare_ready = threading.Condition(self._lock)  # a prepare may start: one waits and no continue runs
         self._closing = False
         self._workers = [threading.Thread(target=self._work, name=f"segue-worker-{i}", daemon=True) for i in range(workers)]
+        self._workers.append(threading.Thread(target=self._prepare_work, name="segue-prepare", daemon=True))
         for worker in self._workers:
             worker.start()
+        registry.on_swap(self._model_swapped)
         # Large requests are decoded and checked there, not on a transport's I/O thread (intake.py).
         self.intake = Intake(self._handle_now)
         log.info("service instance %s started with %d workers", self.instance, workers)
@@ -143,6 +166,8 @@ class Service:
                 safe_emit(emit, self.hello(request_id))
             elif kind == "continue":
                 self._submit(client, protocol.parse_continue(payload, self._search_for), emit)
+            elif kind == "prepare":
+                self._submit_prepare(client, protocol.parse_prepare(payload, self._search_for), emit)
             elif kind == "cancel":
                 self.cancel(client, request_id or None)
             else:
@@ -159,17 +184,30 @@ class Service:
                 "models": self.registry.describe(), "default_model": self._default_name(), "instance": self.instance}
 
     def cancel(self, client: str, request_id: str | None) -> bool:
-        """Cancel the client's job (only if it has `request_id`, when given). True if one was cancelled.
+        """Cancel the client's job and its waiting prepare (only those with `request_id`, when given).
+        True if one was cancelled.
 
         Nothing to cancel is not an error: the request may have finished while the cancel was on its
-        way (its `finished`, `error` or `cancelled` is its one terminal reply), so no reply is sent."""
+        way (its `finished`, `error` or `cancelled` is its one terminal reply), so no reply is sent.
+        A prepare that has started is not stopped (its prefill is one model call): its `prepared` follows."""
         with self._lock:
             job = self._jobs.get(client)
             if job is not None and (not request_id or job.request.id == request_id):
                 self._drop(job)
             else:
                 job = None
+            prepare = self._prepare_of.get(client)
+            if prepare is not None and (not request_id or prepare.request.id == request_id):
+                self._drop_prepare(prepare)
+            else:
+                prepare = None
+        stopped = False
+        if prepare is not None:
+            safe_emit(prepare.emit, protocol.cancelled_event(prepare.request.id))
+            stopped = True
         if job is not None and job.cancel():
+            return True
+        if stopped:
             return True
         if request_id:
             log.debug("client=%s cancel id=%s: nothing running under that id (already ended?); no reply", client, request_id)
@@ -181,17 +219,24 @@ class Service:
             job = self._jobs.get(client)
             if job is not None:
                 self._drop(job)
+            prepare = self._prepare_of.get(client)
+            if prepare is not None:
+                self._drop_prepare(prepare)
         if job is not None:
             job.cancel(tell_client=False)
 
     def close(self) -> None:
+        self.registry.off_swap(self._model_swapped)
         self.intake.close()
         with self._lock:
             jobs = list(self._jobs.values())
             self._jobs.clear()
             self._waiting.clear()
+            self._prepares.clear()
+            self._prepare_of.clear()
             self._closing = True
             self._work_ready.notify_all()
+            self._prepare_ready.notify_all()
         for job in jobs:
             job.cancel(tell_client=False)
         for worker in self._workers:
@@ -237,13 +282,18 @@ class Service:
             self._waiting.remove(job)  # by identity: Job compares by identity (eq=False)
         except ValueError:
             pass  # already running
+        if not self._waiting and not self._running:
+            self._prepare_ready.notify()  # the engine is idle: a waiting prepare may start
 
     def _next_job(self) -> Job | None:
-        """The oldest waiting job, once there is one; None when the service is closing."""
+        """The oldest waiting job, once there is one (counted as running); None when the service is closing."""
         with self._lock:
             while not self._waiting and not self._closing:
                 self._work_ready.wait()
-            return None if self._closing else self._waiting.popleft()
+            if self._closing:
+                return None
+            self._running += 1
+            return self._waiting.popleft()
 
     def _work(self) -> None:
         while True:
@@ -259,6 +309,10 @@ class Service:
                                                     "the server keeps running"))
             finally:
                 self._forget(job)
+                with self._lock:
+                    self._running -= 1
+                    if not self._running and not self._waiting:
+                        self._prepare_ready.notify()
 
     def _forget(self, job: Job) -> None:
         with self._lock:
@@ -286,7 +340,7 @@ class Service:
         continued = 1 if isinstance(request.clip, Clip) else len(request.clip.continued)
         finished_tracks: dict[int, list[VariationDone]] = {}  # variation -> its continued tracks done so far
         try:
-            for event in model.generator.stream(request.clip, spec, should_stop=job.cancelled.is_set):
+            for event in model.generator.stream(request.clip, spec, should_stop=job.cancelled.is_set, prefills=self.prefills):
                 now_ms = (time.perf_counter() - job.received) * 1000
                 if isinstance(event, NoteEvent):
                     first_note = now_ms if first_note is None else first_note
@@ -313,6 +367,88 @@ class Service:
         log.info("client=%s id=%s model=%s bars=%d variations=%d first_note_ms=%s total_ms=%.0f queue_ms=%.0f",
                  job.client, request.id, model.name, spec.bars, spec.variations,
                  "-" if first_note is None else f"{first_note:.1f}", total, (started - job.received) * 1000)
+
+    # --- prepare ------------------------------------------------------------------------------------
+
+    def _submit_prepare(self, client: str, request: protocol.PrepareRequest, emit: Emit) -> None:
+        job = PrepareJob(client, request, emit)
+        with self._lock:
+            previous = self._prepare_of.get(client)
+            if previous is None and len(self._prepares) >= self.max_queue:
+                raise protocol.ProtocolError(protocol.BUSY, "the server is busy preparing other clips; try again in a moment",
+                                             request.id)
+            if previous is not None:
+                self._drop_prepare(previous)
+            self._prepare_of[client] = job
+            self._prepares.append(job)
+            self._prepare_ready.notify()
+        if previous is not None:  # the musician moved on to another clip before this one was prepared
+            safe_emit(previous.emit, protocol.cancelled_event(previous.request.id))
+
+    def _drop_prepare(self, job: PrepareJob) -> None:
+        """Forget a waiting prepare job. Holds the lock."""
+        if self._prepare_of.get(job.client) is job:
+            del self._prepare_of[job.client]
+        try:
+            self._prepares.remove(job)
+        except ValueError:
+            pass  # already taken by the prepare thread
+
+    def _next_prepare(self) -> PrepareJob | None:
+        """The oldest waiting prepare once no continue job runs or waits (generation goes first); None when closing."""
+        with self._lock:
+            while not self._closing and (not self._prepares or self._waiting or self._running):
+                self._prepare_ready.wait()
+            if self._closing:
+                return None
+            job = self._prepares.popleft()
+            del self._prepare_of[job.client]
+            return job
+
+    def _prepare_work(self) -> None:
+        while True:
+            job = self._next_prepare()
+            if job is None:
+                return
+            try:
+                self._prepare(job)
+            except Exception as exc:
+                log.error("prepare %s from %s failed: %s\n%s", job.request.id, job.client, exc, traceback.format_exc())
+                safe_emit(job.emit, protocol.error_event(job.request.id, protocol.INTERNAL,
+                                                         f"preparing the clip failed inside the server ({type(exc).__name__}); "
+                                                         "the server keeps running"))
+
+    def _prepare(self, job: PrepareJob) -> None:
+        """Tokenize and prefill one clip into `prefills`, then answer `prepared` (or `error`: what a continue would get)."""
+        request = job.request
+        try:
+            model = self.registry.get(request.model)
+        except KeyError:
+            safe_emit(job.emit, protocol.error_event(request.id, protocol.UNKNOWN_MODEL, f"model {request.model!r} was removed"))
+            return
+        started = time.perf_counter()
+        try:
+            prefilled = model.generator.prefill(request.clip, self.prefills)
+        except RequestError as exc:  # a meter the model lacks, a bar longer than its context: as a continue is told
+            safe_emit(job.emit, protocol.error_event(request.id, exc.code, str(exc)))
+            return
+        now = time.perf_counter()
+        prefill_ms = 0.0 if prefilled.reused else prefilled.prefill_ms
+        safe_emit(job.emit, protocol.prepared_event(request.id, model.name, len(prefilled.ids), prefilled.reused, prefill_ms,
+                                                    (now - job.received) * 1000))
+        stats = self.prefills.stats()
+        log.info("client=%s id=%s model=%s prepared tokens=%d cached=%s prefill_ms=%.1f total_ms=%.0f wait_ms=%.0f "
+                 "(cache: %d prompts, %.1f of %.0f MB)", job.client, request.id, model.name, len(prefilled.ids),
+                 "yes" if prefilled.reused else "no", prefill_ms, (now - job.received) * 1000, (started - job.received) * 1000,
+                 stats.entries, stats.bytes / 2**20, stats.max_bytes / 2**20)
+
+    def _model_swapped(self, old: LoadedModel, new: LoadedModel) -> None:
+        """A model folder was replaced: the old model's prefills can never be used again."""
+        before, after = old.generator.cache_identity, new.generator.cache_identity
+        if before != after:
+            dropped = self.prefills.forget(before)
+            if dropped:
+                log.info("model %s replaced: %d prepared prompts of the old one dropped", new.name, dropped)
 
     def _write(self, job: Job, model: LoadedModel, tracks: list[VariationDone], spec: ContinuationRequest) -> Path:
         """One variation's continued tracks as one .mid (a track each), for drag-and-drop, with its provenance."""

@@ -120,6 +120,8 @@ REPLIES = [
     {"type": "finished", "id": "a", "variations": 2, "total_ms": 80.5},
     {"type": "error", "id": "a", "code": "bad_clip", "message": "the clip has no notes to continue"},
     {"type": "cancelled", "id": "a"},
+    {"type": "prepared", "id": "a", "model": "default", "tokens": 260, "cached": True, "prefill_ms": 0.0, "total_ms": 0.5},
+    {"type": "prepared", "id": "a", "model": "default", "tokens": 21, "cached": False, "prefill_ms": 12.5, "total_ms": 30.25},
     {"type": "hello", "id": "h", "protocol": 1, "server": "0.1.0",
      "models": [{"name": "default", "parameters": 5, "meters": [[3, 4], [4, 4], [6, 8]]}], "default_model": "default",
      "instance": "519bbff272909eeb"},

@@ -712,9 +712,10 @@ def test_client_errors_carry_the_server_code(transport):
 
 # --- requests read off the I/O thread (plugin_bridge/intake.py) --------------------------------------
 
-def large_continue(request_id: str, notes: int = 20_000) -> dict:
-    """A valid continue of `notes` notes (about 470 KB of JSON; half a second to decode and check)."""
-    clip = {"notes": [[40 + (i % 48), 80, (i // 8) * 0.25, 0.25] for i in range(notes)], "tempo": 120,
+def large_continue(request_id: str, notes: int = 20_000, shift: int = 0) -> dict:
+    """A valid continue of `notes` notes (about 470 KB of JSON; half a second to decode and check); another
+    `shift` is another clip (the server prefills each anew: a clip it has seen would be continued at once)."""
+    clip = {"notes": [[40 + ((i + shift) % 48), 80, (i // 8) * 0.25, 0.25] for i in range(notes)], "tempo": 120,
             "time_signature": [4, 4]}
     return {"type": "continue", "id": request_id, "clip": clip, "bars": 1}
 
@@ -723,7 +724,7 @@ def test_large_requests_never_delay_another_clients_ping(transport, peers):
     heavy, light = (peers.dealer(transport.endpoint) for _ in range(2))
     send_json(light, {"type": "ping", "id": "warm"})
     assert recv_json(light)["type"] == "pong"
-    raw = [json.dumps(large_continue(f"big{n}")).encode() for n in range(6)]
+    raw = [json.dumps(large_continue(f"big{n}", shift=n)).encode() for n in range(6)]
     for data in raw:
         heavy.send(data)
     time.sleep(0.05)  # the transport has the six in hand
