@@ -120,6 +120,7 @@ PASSTHROUGH = {
     "provenance": ("plugin_bridge.provenance_cli", "say which model and settings made a .mid Segue wrote; reproduce it"),
     "sign": ("plugin_bridge.signing_cli:sign_main", "sign a model folder with your key (OpenSSF model-signing)"),
     "verify": ("plugin_bridge.signing_cli:verify_main", "check a model folder's hashes and signature"),
+    "keys": ("plugin_bridge.zmq_curve", "make a CURVE key pair so only your clients can use the ZeroMQ transport"),
 }
 
 

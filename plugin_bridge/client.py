@@ -37,6 +37,7 @@ import zmq
 
 from plugin_bridge.options import DEFAULT_ENDPOINT, add_continuation_args, continuation_options, read_arrangement
 from plugin_bridge.protocol import clip_payload
+from plugin_bridge.zmq_curve import CurveClient, CurveError
 
 log = logging.getLogger("segue.client")
 
@@ -81,7 +82,9 @@ class SegueClient:
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 30.0, connect_timeout: float = 3.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: CurveClient | None = None):
+        """`curve`: talk to a server started with CURVE (plugin_bridge/zmq_curve.py); without the right
+        keys the handshake never completes and requests fail as `ServerUnreachable`."""
         self.endpoint = endpoint
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -92,6 +95,8 @@ class SegueClient:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing until connected: a missing server fails the send
         self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(connect_timeout * 1000)))
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._prefix = os.urandom(3).hex()
@@ -282,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--connect-timeout", type=float, default=3.0,
                         help="give up when no server accepts the connection within this many seconds (default 3)")
     common.add_argument("--json", action="store_true", help="print one JSON event per line (for DAW scripts)")
+    common.add_argument("--curve-server-key", type=Path, metavar="KEY",
+                        help="a server started with CURVE: its public key file (server.key)")
+    common.add_argument("--curve-key", type=Path, metavar="KEY_SECRET",
+                        help="with --curve-server-key: this client's secret key file (its public key is on the server)")
 
     parser = argparse.ArgumentParser(
         prog="segue client",
@@ -444,9 +453,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot write the result file {args.result}: {exc.strerror}", file=sys.stderr)
         return 1
+    if (args.curve_server_key is None) != (args.curve_key is None):
+        print("error: CURVE needs both --curve-server-key (the server's public key) and --curve-key (yours)", file=sys.stderr)
+        return 1
     try:
-        with SegueClient(args.server, timeout=args.timeout, connect_timeout=args.connect_timeout) as client:
+        curve = CurveClient(args.curve_server_key, args.curve_key) if args.curve_key is not None else None
+        with SegueClient(args.server, timeout=args.timeout, connect_timeout=args.connect_timeout, curve=curve) as client:
             return args.run(args, client)
+    except CurveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (ClientError, ClipError) as exc:
         code = exc.code if isinstance(exc, ClientError) else "bad_clip"
         if args.json:

@@ -22,6 +22,7 @@ from plugin_bridge.options import DEFAULT_OSC_PORT, DEFAULT_ZMQ_PORT
 
 if TYPE_CHECKING:  # the transports load pyzmq and python-osc only when a server starts
     from plugin_bridge.osc_transport import OscTransport
+    from plugin_bridge.zmq_curve import CurveServer
     from plugin_bridge.zmq_transport import ZmqTransport
 
 DEFAULT_PREFILL_CACHE_MB = 256  # engine/prefill_cache.py DEFAULT_MAX_BYTES
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="public key (PEM) whose signatures this server trusts; repeatable (see `segue sign`)")
     p.add_argument("--require-signed", action="store_true",
                    help="load only model folders signed by a --trusted-key (unsigned and foreign ones are refused)")
+    p.add_argument("--curve-secret", type=Path, metavar="KEY_SECRET",
+                   help="ZeroMQ with CURVE: this server's secret key file (make one with `segue keys server`); "
+                        "then only clients whose public key is in --curve-clients can connect")
+    p.add_argument("--curve-clients", type=Path, metavar="DIR", help="folder of allowed client public keys (*.key)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -63,7 +68,7 @@ class Server:
     def __init__(self, models: Path, host: str = "127.0.0.1", osc_port: int = 0, zmq_port: int = 0,
                  clips_dir: Path | None = None, threads: int = 1, workers: int = 2, default_model: str = "default",
                  watch: bool = True, trusted_keys: tuple[Path, ...] = (), require_signed: bool = False,
-                 prefill_cache_mb: float = DEFAULT_PREFILL_CACHE_MB):
+                 prefill_cache_mb: float = DEFAULT_PREFILL_CACHE_MB, curve: CurveServer | None = None):
         from plugin_bridge.models import ModelRegistry
         from plugin_bridge.service import Service
 
@@ -81,6 +86,7 @@ class Server:
         self.service = Service(self.registry, clips_dir or default_clips_dir(), workers=workers,
                                prefill_cache_bytes=int(prefill_cache_mb * 2**20))
         self.host, self.osc_port, self.zmq_port, self.watch = host, osc_port, zmq_port, watch
+        self.curve = curve
         self.osc: OscTransport | None = None
         self.zmq: ZmqTransport | None = None
 
@@ -89,7 +95,7 @@ class Server:
         from plugin_bridge.zmq_transport import ZmqTransport
 
         try:
-            self.zmq = ZmqTransport(self.service, host=self.host, port=self.zmq_port)
+            self.zmq = ZmqTransport(self.service, host=self.host, port=self.zmq_port, curve=self.curve)
             self.zmq.start()
             self.osc = OscTransport(self.service, host=self.host, port=self.osc_port)
             self.osc.start()
@@ -115,11 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --host {args.host} would let other computers use this server; add --allow-remote if you mean it",
               file=sys.stderr)
         return 1
+    from plugin_bridge.zmq_curve import CurveError, CurveServer
+
+    if (args.curve_secret is None) != (args.curve_clients is None):
+        print("error: CURVE needs both --curve-secret (this server's key) and --curve-clients (the allowed clients' keys)",
+              file=sys.stderr)
+        return 1
     try:
+        curve = CurveServer(args.curve_secret, args.curve_clients) if args.curve_secret is not None else None
         server = Server(args.models, args.host, args.osc_port, args.zmq_port, args.clips_dir, args.threads, args.workers,
                         args.default_model, watch=not args.no_watch, trusted_keys=tuple(args.trusted_key),
-                        require_signed=args.require_signed, prefill_cache_mb=args.prefill_cache_mb).start()
-    except (RuntimeError, OSError) as exc:
+                        require_signed=args.require_signed, prefill_cache_mb=args.prefill_cache_mb, curve=curve).start()
+    except (RuntimeError, OSError, CurveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     models = ", ".join(server.registry.names())

@@ -38,10 +38,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from plugin_bridge import protocol
 from plugin_bridge.service import Service
+from plugin_bridge.zmq_curve import CurveServer
 
 log = logging.getLogger("segue.zmq")
 
@@ -126,8 +128,11 @@ class ZmqTransport:
     """Serve `service` on a ROUTER socket bound to tcp://host:port (port 0 picks a free one)."""
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, max_message: int = 1 << 20,
-                 max_connections: int | None = None):
+                 max_connections: int | None = None, curve: CurveServer | None = None):
+        """`curve`: admit only clients whose CURVE public key is allowed (plugin_bridge/zmq_curve.py)."""
         self.service = service
+        self.curve = curve
+        self._authenticator: ThreadAuthenticator | None = None
         # Connections beyond this many are shut as soon as they are accepted (the connected keep being
         # served): at the descriptor limit libzmq would spin on a failing accept() and starve everyone.
         # Well below the process's descriptor limit, which start-up raises where the system allows.
@@ -177,6 +182,8 @@ class ZmqTransport:
         try:  # a failed start leaves nothing open: destroy closes every socket this context made
             router = ctx.socket(zmq.ROUTER)
             self._configure(router)
+            if self.curve is not None:  # before bind: the mechanism is fixed when the socket listens
+                self._authenticator = self.curve.apply(ctx, router)
             self._port = self._bind(router)
             monitor = router.get_monitor_socket(_MONITOR_EVENTS)
             address = f"inproc://segue-wake-{id(self):x}"
@@ -187,6 +194,7 @@ class ZmqTransport:
             wake_tx.linger = 0
             wake_tx.connect(address)
         except BaseException:
+            self._stop_authenticator()
             ctx.destroy(linger=0)
             raise
         self._ctx, self._router, self._monitor, self._wake_rx, self._wake_tx = ctx, router, monitor, wake_rx, wake_tx
@@ -215,6 +223,7 @@ class ZmqTransport:
         finally:
             with self._wake_lock:  # emitters look at _wake_tx under this lock: after this none sends on it
                 self._wake_tx = None
+            self._stop_authenticator()
             try:
                 # destroy, not term: it closes what is still open (our end of the wake-up pipe, and any
                 # socket the loop could not close), so it never waits forever on a forgotten socket
@@ -227,6 +236,11 @@ class ZmqTransport:
                 for identity in clients:
                     self.service.client_gone(client_name(identity))
                 log.info("ZeroMQ transport on port %s stopped", self._port)
+
+    def _stop_authenticator(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()  # its thread and ZAP socket, before the context is destroyed
+            self._authenticator = None
 
     def _nudge(self) -> None:
         """Wake the loop so it sees the stopping flag now rather than at its next poll (within POLL_MS).
