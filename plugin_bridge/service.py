@@ -79,19 +79,23 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Sending and cancelling take turns, so no event of a request ever follows its `cancelled`.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    ended: bool = False  # its terminal reply (`finished` or `error`) was sent: a later cancel says nothing
 
-    def send(self, event: dict) -> bool:
+    def send(self, event: dict, terminal: bool = False) -> bool:
         """Emit `event` unless the job was cancelled. False when it was."""
         with self.lock:
-            if self.cancelled.is_set():
+            if self.cancelled.is_set() or self.ended:
                 return False
             safe_emit(self.emit, event)
+            self.ended = terminal
             return True
 
     def cancel(self, tell_client: bool = True) -> bool:
-        """Stop the job (and say so to its client). False when it had already stopped."""
+        """Stop the job (and say so to its client). False when it had already stopped or ended: a
+        cancel that found the job just before its `finished` went out must not add a `cancelled`."""
         with self.lock:
-            if self.cancelled.is_set():
+            if self.cancelled.is_set() or self.ended:
+                self.cancelled.set()  # the generation loop may still poll it
                 return False
             self.cancelled.set()
             if tell_client:
@@ -324,7 +328,7 @@ class Service:
         arriving from now on finds nothing and stays silent; one that came earlier already sent
         `cancelled`, and then `job.send` drops this reply (False): either way exactly one terminal reply."""
         self._forget(job)
-        return job.send(event)
+        return job.send(event, terminal=True)
 
     def _run(self, job: Job) -> None:
         request = job.request

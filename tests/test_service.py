@@ -360,3 +360,20 @@ def test_the_session_is_built_from_the_bytes_that_were_verified(tiny_model, monk
     Generator.load(tiny_model)
     assert len(seen) == 1 and isinstance(seen[0], bytes)
     assert seen[0] == (tiny_model / "model.onnx").read_bytes()
+
+
+def test_a_cancel_that_found_the_job_just_before_its_finished_went_out_adds_nothing():
+    """The interleaving the suite once caught under load: the cancel takes the job from the table,
+    the worker sends `finished`, then the cancel reaches the job. The job itself must refuse."""
+    from plugin_bridge import protocol
+    from plugin_bridge.service import Job
+
+    sent: list[dict] = []
+    from engine.manifest import SearchDefaults
+
+    request = protocol.parse_continue({"type": "continue", "id": "r1", "clip": clip_payload(1)}, lambda model: SearchDefaults())
+    job = Job("c", request, sent.append)
+    assert job.send(protocol.finished_event("r1", 1, 5.0), terminal=True)
+    assert job.cancel() is False
+    assert [e["type"] for e in sent] == ["finished"]
+    assert job.send({"type": "note", "id": "r1"}) is False  # nothing after the terminal reply either
