@@ -117,7 +117,52 @@ class Vocabulary:
                    tokenizer.program_per_bar)
 
 
-class ContinuationGrammar:
+class MaskedStream:
+    """What every continuation grammar shares: the mask of allowed tokens, computed once per state
+    and read-only, accepting a token, and the `Bar` that ends the continuation. A subclass keeps
+    `vocab`, `bars`, `bars_started`, `expect` and `_mask`, and says what is allowed
+    (`_compute_mask`) and what a token does (`_advance`)."""
+
+    vocab: Vocabulary
+    bars: int
+    bars_started: int
+    expect: Expect | str
+    _mask: np.ndarray | None
+
+    def ends_continuation(self, token: int) -> bool:
+        """Whether `token` is the `Bar` that would open one bar too many (it ends the sequence)."""
+        return token == self.vocab.bar and self.bars_started == self.bars
+
+    def allowed(self) -> np.ndarray:
+        """[vocab] bool, read-only: the tokens that may come next (never all False before `done`)."""
+        if self._mask is None:
+            self._mask = self._compute_mask()
+            self._mask.flags.writeable = False
+        return self._mask
+
+    def accept(self, token: int) -> bool:
+        """Record a sampled token. Returns False when it ends the continuation (it is not emitted)."""
+        if not self.allowed()[token]:
+            raise ValueError(f"token {token} is not allowed here (expecting {getattr(self.expect, 'value', self.expect)})")
+        if self.ends_continuation(token):
+            self.expect = Expect.DONE
+            self._mask = None
+            return False
+        self._advance(token)
+        return True
+
+    @property
+    def done(self) -> bool:
+        return self.expect is Expect.DONE
+
+    def _compute_mask(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _advance(self, token: int) -> None:
+        raise NotImplementedError
+
+
+class ContinuationGrammar(MaskedStream):
     """Tracks one continuation's place in the grammar and answers which tokens may come next."""
 
     active_track = 0  # the one track this grammar writes (engine/interleaved.py writes several)
@@ -193,35 +238,10 @@ class ContinuationGrammar:
         return clone
 
     @property
-    def done(self) -> bool:
-        return self.expect is Expect.DONE
-
-    @property
     def pitch_table(self) -> np.ndarray:
         """[vocab] the MIDI pitch (or drum sound) each token of this track plays, -1 for other tokens."""
         return self._pitch_table
 
-    def ends_continuation(self, token: int) -> bool:
-        """Whether `token` is the `Bar` that would open one bar too many (it ends the sequence)."""
-        return token == self.vocab.bar and self.bars_started == self.bars
-
-    def allowed(self) -> np.ndarray:
-        """[vocab] bool, read-only: the tokens that may come next (never all False before `done`)."""
-        if self._mask is None:
-            self._mask = self._compute_mask()
-            self._mask.flags.writeable = False
-        return self._mask
-
-    def accept(self, token: int) -> bool:
-        """Record a sampled token. Returns False when it ends the continuation (it is not emitted)."""
-        if not self.allowed()[token]:
-            raise ValueError(f"token {token} is not allowed here (expecting {self.expect.value})")
-        if self.ends_continuation(token):
-            self.expect = Expect.DONE
-            self._mask = None
-            return False
-        self._advance(token)
-        return True
 
     # --- for the interleaved grammar (engine/interleaved.py), which moves several tracks along one clock ---
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from engine.assembler import NoteAssembler
 from engine.clip import Note
-from engine.grammar import ContinuationGrammar, Expect
+from engine.grammar import ContinuationGrammar, Expect, MaskedStream
 
 # The composite waits for a note after a Position (never Bar or another Position there).
 _NOTE_START = "note_start"
@@ -53,7 +53,7 @@ PRESENCE_WEIGHT = 2.0
 PRESENCE_CAP = 4.0
 
 
-class InterleavedGrammar:
+class InterleavedGrammar(MaskedStream):
     """The allowed next tokens of several tracks' continuations written as one stream."""
 
     def __init__(self, tracks: Sequence[ContinuationGrammar], notes_per_bar: Sequence[float] | None = None):
@@ -103,10 +103,6 @@ class InterleavedGrammar:
     def pitch_table(self) -> np.ndarray:
         return self.tracks[self.active_track].pitch_table
 
-    @property
-    def done(self) -> bool:
-        return self.expect is Expect.DONE
-
     def forced_opening(self) -> list[int]:
         for grammar in self.tracks:
             grammar.forced_opening()
@@ -140,25 +136,6 @@ class InterleavedGrammar:
         bias = np.zeros(self.vocab.size)
         bias[self._program_ids] = behind * PRESENCE_WEIGHT
         return bias
-
-    def ends_continuation(self, token: int) -> bool:
-        return token == self.vocab.bar and self.bars_started == self.bars
-
-    def allowed(self) -> np.ndarray:
-        if self._mask is None:
-            self._mask = self._compute_mask()
-            self._mask.flags.writeable = False
-        return self._mask
-
-    def accept(self, token: int) -> bool:
-        if not self.allowed()[token]:
-            raise ValueError(f"token {token} is not allowed here (expecting {getattr(self.expect, 'value', self.expect)})")
-        if self.ends_continuation(token):
-            self.expect = Expect.DONE
-            self._mask = None
-            return False
-        self._advance(token)
-        return True
 
     # --- masks ---
 
