@@ -119,16 +119,17 @@ class Generator:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None, trusted_keys: Sequence[Path] = (),
-             require_signed: bool = False) -> Generator:
+             require_signed: bool = False, variant: str | None = None) -> Generator:
         """A verified model folder's generator: its signature checked when it has one (engine/signing.py),
-        then the session and tokenizer built from the very bytes whose hashes were checked."""
+        then the session and tokenizer built from the very bytes whose hashes were checked. `variant`:
+        the model file to serve (fp32, int8...; default as engine/session.py chooses)."""
         signed_by = check_signature(Path(folder), trusted_keys, require_signed)
         manifest, files = read_model_folder(Path(folder))
         try:  # the defaults every request without options gets must be a request the engine accepts
             ContinuationRequest.from_options(manifest.search)
         except RequestError as exc:
             raise ModelError(f"{Path(folder) / 'manifest.json'}: its search defaults are not a valid request ({exc})") from None
-        decoder = OnnxDecoder.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads=threads)
+        decoder = OnnxDecoder.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads=threads, variant=variant)
         generator = cls(decoder, ClipTokenizer.from_bytes(files[TOKENIZER_FILE]), hashlib.sha256(files[MANIFEST_FILE]).hexdigest())
         generator.signed_by = signed_by
         return generator

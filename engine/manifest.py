@@ -27,6 +27,7 @@ SIGNATURE_FILE = "model.sig"  # engine/signing.py: a signed folder's two files b
 SIGNER_KEY_FILE = "signer.pub"
 SIGNING_FILES = (SIGNATURE_FILE, SIGNER_KEY_FILE)
 MODEL_FILE = "model.onnx"
+INT8_MODEL_FILE = "model.int8.onnx"  # export-onnx --quantize int8: the same graph with int8 MatMul weights
 TOKENIZER_FILE = "tokenizer.json"
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest lists hashes and a few records; anything bigger is not one
 
@@ -73,6 +74,14 @@ class OnnxSignature:
     present_outputs: list[str]
     kv_layout: str = "[batch, heads, sequence, head_dim] per layer; presents = pasts + new positions"
     opset: int | None = None
+    # How the graph treats its cache (engine/session.py confirms it against the graph at load):
+    # "concat": presents = pasts + new positions, copied by the graph on every step (folders before issue 11);
+    # "shared-buffer": attention is ONNX Runtime's GroupQueryAttention, so a past buffer longer than the
+    # history (its length given by position_ids) can be bound as its own present and only new positions are written.
+    kv_cache: str = "concat"
+
+
+KV_CACHE_KINDS = ("concat", "shared-buffer")
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,44 @@ class Parity:
     decode_steps: int
     tolerance: float
     passed: bool
+    # The engine's own path (the shared-buffer cache bound through IO binding) against torch, when checked.
+    max_abs_diff_engine: float | None = None
 
     @property
     def max_abs_diff(self) -> float:
-        return max(self.max_abs_diff_prefill, self.max_abs_diff_decode)
+        return max(self.max_abs_diff_prefill, self.max_abs_diff_decode, self.max_abs_diff_engine or 0.0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Another precision of `model.onnx` (same inputs, outputs and cache), and what it costs in quality.
+
+    Both perplexities are measured by the exported ONNX models on the same validation tokens, so they
+    stand side by side (`metrics.val_perplexity` is training's own figure, on its own windows)."""
+
+    file: str
+    weights: str  # e.g. "int8 (dynamic quantization of the MatMul weights, per-tensor, QInt8)"
+    val_perplexity: float | None = None
+    reference_val_perplexity: float | None = None  # model.onnx (fp32) on the same tokens
+    val_tokens: int | None = None
+    val_source: str | None = None
+
+    @property
+    def perplexity_loss(self) -> float | None:
+        """Relative perplexity increase over fp32 (0.01 = 1 % worse), when both were measured."""
+        if self.val_perplexity is None or not self.reference_val_perplexity:
+            return None
+        return self.val_perplexity / self.reference_val_perplexity - 1.0
+
+
+@dataclass(frozen=True)
+class ServeChoice:
+    """Which precision the engine serves by default, and the measurement that chose it (SEGUE_VARIANT overrides)."""
+
+    variant: str = "fp32"  # "fp32" (model.onnx) or a key of `Manifest.variants`
+    reason: str = ""
+    measured_on: str | None = None  # the CPU the timings below were taken on
+    timings_ms: dict[str, float] = field(default_factory=dict)  # medians, process CPU time, one thread
 
 
 @dataclass(frozen=True)
@@ -171,6 +214,8 @@ class Manifest:
     training: TrainingRecord = field(default_factory=TrainingRecord)
     metrics: Metrics = field(default_factory=Metrics)
     parity: Parity | None = None
+    variants: dict[str, Variant] = field(default_factory=dict)  # absent in older manifests: fp32 only
+    serve: ServeChoice | None = None  # absent: serve model.onnx
     search: SearchDefaults = field(default_factory=SearchDefaults)  # absent in older manifests: the defaults above
     files: dict[str, str]  # file name in the folder -> sha256
     base_model: BaseModelRecord | None = None
@@ -219,6 +264,13 @@ class Manifest:
         for required in (MODEL_FILE, TOKENIZER_FILE):
             if required not in self.files:
                 raise ModelError(f"{where} lists no hash for {required}")
+        if self.onnx.kv_cache not in KV_CACHE_KINDS:
+            raise ModelError(f"{where}: onnx.kv_cache is {self.onnx.kv_cache!r}; this Segue knows {', '.join(KV_CACHE_KINDS)}")
+        for key, variant in self.variants.items():
+            if variant.file not in self.files:
+                raise ModelError(f"{where}: variant {key!r} names {variant.file}, which it lists no hash for")
+        if self.serve is not None and self.serve.variant != "fp32" and self.serve.variant not in self.variants:
+            raise ModelError(f"{where}: serve.variant is {self.serve.variant!r}, which is not one of its variants")
         for name in self.files:
             if Path(name).is_absolute() or ".." in Path(name).parts:
                 raise ModelError(f"{where} lists a file outside the folder: {name}")

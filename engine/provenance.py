@@ -42,16 +42,17 @@ class Provenance:
     request: dict  # ContinuationRequest fields: bars, variations, temperature, top_k, top_p, mode, beam_width, constraints
     prompt_sha256: str  # of the prompt clip's notes, meter, tempo and tracks (`prompt_digest`)
     continued: list[int] = field(default_factory=list)  # 0-based tracks of the prompt that were continued
+    variant: str = "fp32"  # the model file served (fp32, int8: the same weights, logits a hair apart)
     schema: int = SCHEMA
 
     @classmethod
     def of(cls, manifest_sha256: str, manifest: Manifest, request: ContinuationRequest, seed: int | None,
-           variation: int, prompt: Clip | Arrangement) -> Provenance:
+           variation: int, prompt: Clip | Arrangement, variant: str = "fp32") -> Provenance:
         arrangement = Arrangement.of(prompt) if isinstance(prompt, Clip) else prompt
         return cls(model_name=manifest.name, manifest_sha256=manifest_sha256,
                    data_fingerprint=manifest.training.data_fingerprint if manifest.training else None,
                    seed=seed, variation=variation, request=request_record(request),
-                   prompt_sha256=prompt_digest(arrangement), continued=list(arrangement.continued))
+                   prompt_sha256=prompt_digest(arrangement), continued=list(arrangement.continued), variant=variant)
 
     def to_text(self) -> str:
         return PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -5,42 +5,170 @@
     logits, cache = decoder.step(ids, cache)      # prefill: ids [batch, T]
     logits, cache = decoder.step(next_ids, cache) # decode: ids [batch, 1]
 
-The cache is a tuple of per-layer key/value arrays [batch, heads, past, head_dim]; its length
-is the position of the next token, so position ids are derived, never guessed.
+The cache's length is the position of the next token, so position ids are derived, never guessed.
+Two graph kinds (the manifest's `onnx.kv_cache`, confirmed against the graph at load):
+
+* "shared-buffer" (export-onnx since issue 11): attention is ONNX Runtime's GroupQueryAttention.
+  A cache is one buffer per layer and key/value of `max_context` positions, allocated once and
+  bound through IO binding as both the past input and the present output, so a decode step writes
+  its one new position and copies nothing. Stepping an older cache of the same buffer (a branch:
+  the chord lookahead, "generate again" on a prepared prompt) copies it first, so every `KVCache`
+  keeps meaning what it meant when it was returned.
+* "concat" (older folders): presents = pasts + new positions, copied by the graph on every step.
+
+`KVCache.tensors` is the history as per-layer arrays [batch, heads, length, head_dim] in both
+cases (past_key_0, past_value_0, past_key_1, ...); `KVCache(tensors)` builds a cache from such
+arrays for any decoder.
+
+Configuration for a machine whose cores belong to a DAW first (arguments win over the environment):
+SEGUE_THREADS (intra-op threads of the decode session, default 1), SEGUE_PREFILL_THREADS (threads
+for prompts of PREFILL_MIN_TOKENS or more, default the same: a second session only when larger),
+SEGUE_VARIANT (fp32, int8, ...; default the manifest's `serve` choice; a folder without the variant
+serves its own choice, with a warning), SEGUE_PROVIDER (cpu or
+cuda; cuda falls back to the CPU with a warning when this onnxruntime has no usable CUDA).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
-from dataclasses import dataclass
+import threading
+import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
 
+log = logging.getLogger("segue.engine")
 
-@dataclass(frozen=True)
+PREFILL_MIN_TOKENS = 32  # prompts at least this long may run on the prefill session (SEGUE_PREFILL_THREADS)
+PREFILL_CHUNK = 64  # prompt positions per run on the shared-buffer graph (see OnnxDecoder._forward_shared)
+POOL_BYTES = 256 << 20  # free cache buffers kept per decoder for reuse (already paged in: no page faults)
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class _Store:
+    """One preallocated buffer per layer and key/value [batch, heads, capacity, head_dim], an IO binding
+    of the decode session with every buffer bound once as its past and its present (OrtValues over the
+    same memory), and `written`: how many positions the newest cache over this store holds (the next
+    writer must start there)."""
+
+    def __init__(self, buffers: list[np.ndarray], binding: Any, pool: _Pool | None):
+        self.buffers = buffers
+        self.binding = binding
+        self.written = 0
+        self.lock = threading.Lock()
+        self.batch = int(buffers[0].shape[0])
+        self.pool = pool
+        if pool is not None:  # the buffers go back to the pool when the last cache over them is gone
+            weakref.finalize(self, pool.give_back, buffers, binding)
+
+    def claim(self, length: int, steps: int) -> bool:
+        """Reserve positions length..length+steps-1 for one writer; False when a newer cache owns them."""
+        with self.lock:
+            if self.written != length:
+                return False
+            self.written = length + steps
+            return True
+
+
+class _Pool:
+    """Free cache buffers of one decoder, by batch size, up to POOL_BYTES."""
+
+    def __init__(self, make):
+        self.make = make  # batch -> (buffers, binding)
+        self.free: dict[int, list[tuple]] = {}
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def take(self, batch: int) -> _Store:
+        with self.lock:
+            entries = self.free.get(batch)
+            entry = entries.pop() if entries else None
+            if entry is not None:
+                self.bytes -= sum(b.nbytes for b in entry[0])
+        buffers, binding = entry if entry is not None else self.make(batch)
+        return _Store(buffers, binding, pool=self)
+
+    def give_back(self, buffers: list[np.ndarray], binding: Any) -> None:
+        size = sum(b.nbytes for b in buffers)
+        with self.lock:
+            if self.bytes + size <= POOL_BYTES:
+                self.free.setdefault(int(buffers[0].shape[0]), []).append((buffers, binding))
+                self.bytes += size
+
+
 class KVCache:
-    tensors: tuple[np.ndarray, ...]  # past_key_0, past_value_0, past_key_1, ...
+    """The attention history of a batch of sequences: per-layer keys and values for `length` positions.
+
+    Immutable in meaning: `select`, `repeat` and `OnnxDecoder.step` return new caches and never change
+    what an existing one holds."""
+
+    __slots__ = ("_tensors", "_store", "_length")
+
+    def __init__(self, tensors: tuple[Any, ...] = (), *, store: _Store | None = None, length: int = 0):
+        if store is None and not tensors:
+            raise ValueError("a KVCache needs its tensors or a store")
+        self._tensors = tuple(tensors)  # numpy arrays, or OrtValues kept on a device
+        self._store = store
+        self._length = length
+
+    @property
+    def tensors(self) -> tuple[np.ndarray, ...]:
+        """past_key_0, past_value_0, past_key_1, ...: [batch, heads, length, head_dim] host arrays
+        (copies for a shared-buffer cache, so they stay valid whatever happens to the buffer)."""
+        if self._store is not None:
+            return tuple(b[:, :, :self._length].copy() for b in self._store.buffers)
+        return tuple(t if isinstance(t, np.ndarray) else t.numpy() for t in self._tensors)
 
     @property
     def length(self) -> int:
-        return int(self.tensors[0].shape[2])
+        if self._store is not None:
+            return self._length
+        return int(_shape(self._tensors[0])[2])
 
     @property
     def batch(self) -> int:
-        return int(self.tensors[0].shape[0])
+        if self._store is not None:
+            return self._store.batch
+        return int(_shape(self._tensors[0])[0])
 
     def select(self, rows) -> KVCache:
         """The cache of some batch rows, in the order given; a repeated row is copied (a variation
         finishing early drops its row, beam search reorders and duplicates rows)."""
-        return KVCache(tuple(t[rows] for t in self.tensors))
+        index = np.arange(self.batch)[rows]
+        if self._store is None:
+            return KVCache(tuple(t[index] for t in self.tensors))
+        if index.tolist() == list(range(self.batch)):
+            return self  # every row in order: the same history (a later step copies if it must)
+        return self._copy_rows(index)
 
     def repeat(self, times: int) -> KVCache:
-        """A batch-1 cache copied `times` times (one prompt prefill shared by all variations)."""
-        return KVCache(tuple(np.repeat(t, times, axis=0) for t in self.tensors))
+        """Every row copied `times` times in place (a batch-1 prompt prefill shared by all variations)."""
+        if self._store is None:
+            return KVCache(tuple(np.repeat(t, times, axis=0) for t in self.tensors))
+        if times == 1:
+            return self
+        return self._copy_rows(np.repeat(np.arange(self.batch), times))
+
+    def _copy_rows(self, index: np.ndarray) -> KVCache:
+        assert self._store is not None and self._store.pool is not None, "a shared-buffer cache has its pool"
+        store = self._store.pool.take(len(index))
+        n = self._length
+        for source, target in zip(self._store.buffers, store.buffers, strict=True):
+            for row, origin in enumerate(index):
+                target[row, :, :n] = source[origin, :, :n]
+        store.written = n
+        return KVCache(store=store, length=n)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -55,11 +183,32 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
+def choose_providers(providers: list[str] | None = None) -> list[str]:
+    """The execution providers to ask for: `providers`, else SEGUE_PROVIDER (cpu or cuda), else the CPU.
+    A provider this onnxruntime build lacks is dropped with a warning that says so, and the CPU is
+    always last, so a request for CUDA on a machine without it still serves."""
+    if providers is None:
+        wanted = os.environ.get("SEGUE_PROVIDER", "cpu").strip().lower()
+        if wanted not in ("cpu", "cuda"):
+            raise ModelError(f"SEGUE_PROVIDER is {wanted!r}; use cpu or cuda")
+        providers = [CUDA, CPU] if wanted == "cuda" else [CPU]
+    available = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in available and p != CPU]
+    for missing in (p for p in providers if p not in available):
+        log.warning("%s was requested but this onnxruntime build does not have it (it has %s); running on the CPU. "
+                    "Install the `gpu` extra (onnxruntime-gpu) on a machine with CUDA to use the GPU.",
+                    missing, ", ".join(sorted(available)))
+    return [*chosen, CPU]
+
+
 class OnnxDecoder:
-    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession):
+    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession,
+                 prefill_session: ort.InferenceSession | None = None, variant: str = "fp32"):
         self.folder = Path(folder)
         self.manifest = manifest
         self.session = session
+        self.prefill_session = prefill_session  # more threads for long prompts, when configured
+        self.variant = variant
         shape = manifest.model
         self.n_layer = shape.n_layer
         self.n_head = shape.n_head
@@ -67,12 +216,25 @@ class OnnxDecoder:
         self.vocab_size = shape.vocab_size
         self.max_context = shape.max_context
         self.past_names = list(manifest.onnx.past_inputs)
+        self.present_names = list(manifest.onnx.present_outputs)
         self.output_names = list(manifest.onnx.outputs)
+        providers = session.get_providers()
+        self.device = "cuda" if CUDA in providers else "cpu"
         declared = {i.name for i in session.get_inputs()}
         missing = {"input_ids", "position_ids", *self.past_names} - declared
         if missing:
             raise ModelError(f"{self.folder / MODEL_FILE} lacks the inputs its manifest names: {', '.join(sorted(missing))}")
         self._check_shape_against_graph()
+        self.kv_cache = self._graph_kv_cache()
+        if self.kv_cache != manifest.onnx.kv_cache:
+            raise ModelError(f"{self.folder / 'manifest.json'}: onnx.kv_cache is {manifest.onnx.kv_cache!r}, but the graph's "
+                             f"cache is {self.kv_cache!r}; the manifest does not describe this model")
+        # The shared buffer lives in host memory; on a GPU the cache stays on the device instead (OrtValues
+        # returned by one step and bound as the next step's pasts), through the graph's plain semantics.
+        self.shared = self.kv_cache == "shared-buffer" and self.device == "cpu"
+        self._pool = _Pool(self._new_buffers)
+
+    # --- loading -----------------------------------------------------------------------------------
 
     def _check_shape_against_graph(self) -> None:
         """The manifest's model shape must be the graph's. The manifest is not covered by its own file
@@ -91,44 +253,119 @@ class OnnxDecoder:
                 raise ModelError(f"{where}: model.{field} is {getattr(self, field)}, but the graph's is {value}; "
                                  "the manifest does not describe this model")
 
+        failures: list[str] = []
+
         def runs_at(position: int) -> bool:
-            feeds = {"input_ids": np.zeros((1, 1), dtype=np.int64), "position_ids": np.full((1, 1), position, dtype=np.int64)}
-            feeds.update(zip(self.past_names, self.empty_cache().tensors, strict=True))
+            # The history is as long as the position says (both graph kinds read it so).
+            past = np.zeros((1, self.n_head, position, self.head_dim), dtype=np.float32)
+            feeds: dict[str, np.ndarray] = {"input_ids": np.zeros((1, 1), dtype=np.int64),
+                                            "position_ids": np.full((1, 1), position, dtype=np.int64)}
+            feeds.update((name, past) for name in self.past_names)
             quiet = ort.RunOptions()
             quiet.log_severity_level = 4  # the failure is the expected answer for the second probe: no error log
             try:
                 self.session.run(self.output_names[:1], feeds, quiet)
                 return True
-            except Exception:  # onnxruntime's own error types: an index outside the position table
+            except Exception as exc:  # onnxruntime's own error types: an index outside the position table
+                failures.append(str(exc).splitlines()[0][:300])
                 return False
 
         if not runs_at(self.max_context - 1):
             raise ModelError(f"{where}: model.max_context is {self.max_context}, but the graph has no position "
-                             f"{self.max_context - 1}; the manifest does not describe this model")
+                             f"{self.max_context - 1}; the manifest does not describe this model "
+                             f"(ONNX Runtime {ort.__version__}: {failures[-1]})")
         if runs_at(self.max_context):
             raise ModelError(f"{where}: model.max_context is {self.max_context}, but the graph reads longer contexts; "
                              "the manifest does not describe this model")
 
+    def _graph_kv_cache(self) -> str:
+        """"shared-buffer" when a past longer than the history comes back as a present of the same length
+        (GroupQueryAttention reads the history's length from position_ids), "concat" when the graph appends."""
+        past = np.zeros((1, self.n_head, 2, self.head_dim), dtype=np.float32)
+        feeds: dict[str, np.ndarray] = {"input_ids": np.zeros((1, 1), dtype=np.int64),
+                                        "position_ids": np.zeros((1, 1), dtype=np.int64)}
+        feeds.update((name, past) for name in self.past_names)
+        try:
+            present = self.session.run(self.present_names[:1], feeds)[0]
+        except Exception as exc:  # onnxruntime's own error types
+            raise ModelError(f"{self.folder / MODEL_FILE} does not run a decode step in ONNX Runtime {ort.__version__}: "
+                             f"{str(exc).splitlines()[0][:300]}") from exc
+        return "shared-buffer" if present.shape[2] == 2 else "concat"
+
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None, providers: list[str] | None = None) -> OnnxDecoder:
+    def load(cls, folder: str | Path, threads: int | None = None, providers: list[str] | None = None,
+             variant: str | None = None, prefill_threads: int | None = None) -> OnnxDecoder:
         """Verify every file hash, then create the session from the verified bytes (never the other way round)."""
         manifest, files = read_model_folder(Path(folder))
-        return cls.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads, providers)
+        return cls.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads, providers, variant=variant,
+                              prefill_threads=prefill_threads, files=files)
 
     @classmethod
     def from_bytes(cls, folder: Path, manifest: Manifest, model: bytes, threads: int | None = None,
-                   providers: list[str] | None = None) -> OnnxDecoder:
-        """A session over ONNX bytes already checked against `manifest` (read_model_folder)."""
+                   providers: list[str] | None = None, *, variant: str | None = None, prefill_threads: int | None = None,
+                   files: dict[str, bytes] | None = None) -> OnnxDecoder:
+        """A session over ONNX bytes already checked against `manifest` (read_model_folder), warmed up.
+
+        `model` is model.onnx; another variant (`variant`, else SEGUE_VARIANT, else the manifest's `serve`
+        choice) is taken from `files` or read once from the folder and checked against its sha256 before
+        a session is made of it."""
         threads = threads or int(os.environ.get("SEGUE_THREADS", "1"))
+        prefill_threads = prefill_threads or int(os.environ.get("SEGUE_PREFILL_THREADS", "0")) or threads
+        served = manifest.serve.variant if manifest.serve else "fp32"
+        preferred = os.environ.get("SEGUE_VARIANT", "").strip()
+        if variant is None and preferred and preferred != "fp32" and preferred not in manifest.variants:
+            log.warning("SEGUE_VARIANT is %s, but %s has no such variant; serving its %s", preferred, folder, served)
+        elif variant is None and preferred:
+            variant = preferred
+        variant = variant or served
+        graph = model if variant == "fp32" else _variant_bytes(Path(folder), manifest, variant, files)
+        chosen = choose_providers(providers)
         try:
-            session = ort.InferenceSession(model, session_options(threads), providers=providers or ["CPUExecutionProvider"])
+            session = ort.InferenceSession(graph, session_options(threads), providers=chosen)
+            prefill = (ort.InferenceSession(graph, session_options(prefill_threads), providers=chosen)
+                       if prefill_threads > threads else None)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelError(f"ONNX Runtime could not load {folder / MODEL_FILE}: {exc}") from exc
-        return cls(folder, manifest, session)
+            raise ModelError(f"ONNX Runtime could not load {folder / MODEL_FILE} ({variant}): {exc}") from exc
+        if CUDA in chosen and CUDA not in session.get_providers():
+            log.warning("CUDAExecutionProvider could not start here (no usable GPU or CUDA libraries); "
+                        "running %s on the CPU", folder)
+        decoder = cls(folder, manifest, session, prefill, variant)
+        log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s)", folder, variant, decoder.kv_cache, decoder.device,
+                 threads, f", prefill {prefill_threads}" if prefill is not None else "")
+        decoder.warm_up()
+        return decoder
+
+    # --- the cache -----------------------------------------------------------------------------------
+
+    def _new_buffers(self, batch: int) -> tuple[list[np.ndarray], Any]:
+        shape = (batch, self.n_head, self.max_context, self.head_dim)
+        buffers = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
+        return buffers, self._binding(buffers, self.session)
 
     def empty_cache(self, batch: int = 1) -> KVCache:
         empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=np.float32)
         return KVCache(tuple(empty for _ in self.past_names))
+
+    def _writable(self, cache: KVCache, steps: int) -> _Store:
+        """A store whose positions cache.length.. this step may write: the cache's own, unless a newer
+        cache already wrote past it (then a copy), or a new one filled from host tensors."""
+        store = cache._store
+        if store is not None and store.pool is self._pool:
+            if store.claim(cache.length, steps):
+                return store
+            copied = cache._copy_rows(np.arange(cache.batch))._store
+            assert copied is not None
+            copied.written = cache.length + steps
+            return copied
+        fresh = self._pool.take(cache.batch)
+        n = cache.length
+        if n:
+            for target, source in zip(fresh.buffers, cache.tensors, strict=True):
+                target[:, :, :n] = source
+        fresh.written = n + steps
+        return fresh
+
+    # --- running the graph -------------------------------------------------------------------------
 
     def step(self, ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed `ids` [batch, T] after the cached positions. Returns the last position's logits
@@ -141,15 +378,119 @@ class OnnxDecoder:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         batch, steps = ids.shape
         start = cache.length
+        if batch != cache.batch:
+            raise ValueError(f"{batch} rows of ids for a cache of {cache.batch} rows")
         if start + steps > self.max_context:
             raise ValueError(f"{start + steps} positions exceed the model context of {self.max_context}")
-        positions = np.broadcast_to(np.arange(start, start + steps, dtype=np.int64), (batch, steps))
-        feeds = {"input_ids": ids, "position_ids": np.ascontiguousarray(positions)}
+        positions = np.ascontiguousarray(np.broadcast_to(np.arange(start, start + steps, dtype=np.int64), (batch, steps)))
+        if self.shared:
+            return self._forward_shared(ids, positions, cache)
+        if self.kv_cache == "shared-buffer" and steps > 1 and start > 0 and batch > 1:
+            # GroupQueryAttention takes several new positions after a history one row at a time.
+            parts = [self.forward(ids[r:r + 1], cache.select([r])) for r in range(batch)]
+            tensors = zip(*(part.tensors for _, part in parts), strict=True)
+            return np.concatenate([logits for logits, _ in parts]), KVCache(tuple(np.concatenate(t) for t in tensors))
+        if self.device != "cpu":
+            return self._forward_device(ids, positions, cache)
+        feeds = {"input_ids": ids, "position_ids": positions}
         feeds.update(zip(self.past_names, cache.tensors, strict=True))
-        outputs = self.session.run(self.output_names, feeds)
+        outputs = self._session_for(steps).run(self.output_names, feeds)
         return outputs[0], KVCache(tuple(outputs[1:]))
 
+    def _session_for(self, steps: int) -> ort.InferenceSession:
+        return self.prefill_session if self.prefill_session is not None and steps >= PREFILL_MIN_TOKENS else self.session
+
+    def _forward_shared(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        batch, steps = ids.shape
+        start = cache.length
+        store = self._writable(cache, steps)
+        try:
+            if steps > PREFILL_CHUNK or (steps > 1 and start > 0 and batch > 1):
+                # A long prompt goes in chunks (ONNX Runtime's GroupQueryAttention is 1.5-2x faster on a
+                # prompt fed 64 positions at a time than whole, measured in bench/bench_engine.py's way),
+                # and several new positions after a history go one row at a time (the node takes them so
+                # only for a batch of one): each row's slice of the buffers is bound on its own (no copy).
+                session = self._session_for(steps)
+                rows = []
+                for r in range(batch):
+                    binding = store.binding if batch == 1 and session is self.session else \
+                        self._binding([b[r:r + 1] for b in store.buffers], session)
+                    rows.append(np.concatenate([
+                        self._run(binding, ids[r:r + 1, s:s + PREFILL_CHUNK], positions[r:r + 1, s:s + PREFILL_CHUNK], session)
+                        for s in range(0, steps, PREFILL_CHUNK)], axis=1))
+                logits = np.concatenate(rows)
+            elif self.prefill_session is not None and steps >= PREFILL_MIN_TOKENS:
+                logits = self._run(self._binding(store.buffers, self.prefill_session), ids, positions, self.prefill_session)
+            else:
+                logits = self._run(store.binding, ids, positions, self.session)
+        except BaseException:
+            with store.lock:  # nothing valid was written: let the cache step again without a copy
+                if store.written == start + steps:
+                    store.written = start
+            raise
+        return logits, KVCache(store=store, length=start + steps)
+
+    def _binding(self, buffers: list[np.ndarray], session: ort.InferenceSession) -> Any:
+        """An IO binding of `buffers` (contiguous host arrays) as both pasts and presents, logits first."""
+        binding = session.io_binding()
+        binding.bind_output("logits")  # first, so get_outputs()[0] is the logits
+        for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # the same memory, not a copy
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        return binding
+
+    @staticmethod
+    def _run(binding: Any, ids: np.ndarray, positions: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+        binding.bind_output("logits")  # unallocated again: its shape changes with T
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()  # a copy: the next run reuses ONNX Runtime's memory
+
+    def _forward_device(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """On a GPU: the presents stay on the device and are bound as the next step's pasts (no host copy)."""
+        session = self._session_for(ids.shape[1])
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("position_ids", positions)
+        for name, value in zip(self.past_names, cache._tensors, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), KVCache(tuple(outputs[1:]))
+
     def warm_up(self) -> None:
-        """One prefill and one decode step, so the first request does not pay for lazy init."""
+        """One prefill and a few decode steps (and a batch of two), so the first request pays for no lazy
+        initialisation: ONNX Runtime's kernels and arenas, the cache buffers it will reuse."""
         _, cache = self.step(np.zeros((1, 16), dtype=np.int64), self.empty_cache())
-        self.step(np.zeros((1, 1), dtype=np.int64), cache)
+        for _ in range(2):
+            _, cache = self.step(np.zeros((1, 1), dtype=np.int64), cache)
+        pair = cache.repeat(2)
+        self.step(np.zeros((2, 1), dtype=np.int64), pair)
+        if self.prefill_session is not None:
+            self.step(np.zeros((1, PREFILL_MIN_TOKENS), dtype=np.int64), self.empty_cache())
+
+
+def _variant_bytes(folder: Path, manifest: Manifest, variant: str, files: dict[str, bytes] | None) -> bytes:
+    """The verified bytes of a variant's ONNX file: from `files` (already checked) or read once and checked."""
+    if variant not in manifest.variants:
+        known = ", ".join(["fp32", *manifest.variants])
+        raise ModelError(f"{folder} has no {variant!r} variant (it has {known})")
+    name = manifest.variants[variant].file
+    if files is not None and name in files:
+        return files[name]
+    path = folder / name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"model folder {folder} is missing {name} ({exc.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != manifest.files[name]:
+        raise ModelError(f"{path} does not match the sha256 in its manifest: the file was changed or corrupted")
+    return data

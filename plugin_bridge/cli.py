@@ -87,7 +87,8 @@ def run_continue(args) -> int:
         tracks = sorted((d for d in finished if d.variation == number - 1), key=lambda d: d.track)
         name = f"Segue continuation {number} of {request.variations}" + (f" (seed {request.seed})" if request.seed is not None else "")
         names = [name] if len(clip.tracks) == 1 else [f"{d.clip.name}: {name}" for d in tracks]
-        record = Provenance.of(generator.manifest_sha256, manifest, request, tracks[0].seed if tracks else None, number, clip)
+        record = Provenance.of(generator.manifest_sha256, manifest, request, tracks[0].seed if tracks else None, number, clip,
+                               generator.decoder.variant)
         path = write_tracks(args.out / f"{stem}-continuation-{number}.mid", [d.clip for d in tracks], names, provenance=record)
         tokens += sum(len(d.tokens) for d in tracks)
         notes = sum(len(d.clip.notes) for d in tracks)

@@ -43,7 +43,7 @@ def describe(record: Provenance) -> list[str]:
               f"sampling: temperature {request['temperature']:g}, top-k {request['top_k']}, top-p {request['top_p']:g}")
     constraints = ", ".join(f"{k} {v}" for k, v in sorted(request["constraints"].items())) or "none"
     seed = record.seed if record.seed is not None else "- (beam search)"
-    return [f"model: {record.model_name} (manifest sha256 {record.manifest_sha256})",
+    return [f"model: {record.model_name} (manifest sha256 {record.manifest_sha256}, {record.variant} weights)",
             f"training data fingerprint: {record.data_fingerprint or 'not recorded'}",
             f"variation {record.variation} of {request['variations']}, seed {seed}",
             f"request: {request['bars']} bars, {search}; constraints: {constraints}",
@@ -55,7 +55,7 @@ def find_model(record: Provenance, model: Path | None, models_dir: Path) -> Gene
     candidates = [model] if model is not None else sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
     for folder in candidates:
         try:
-            generator = Generator.load(folder)
+            generator = Generator.load(folder, variant=record.variant)  # the file that wrote it, not this machine's choice
         except ModelError:
             continue
         if generator.manifest_sha256 == record.manifest_sha256:

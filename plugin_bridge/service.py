@@ -464,6 +464,6 @@ class Service:
         names = [name] if len(tracks) == 1 else [f"{d.clip.name}: {name}" for d in tracks]
         generator = model.generator
         record = Provenance.of(generator.manifest_sha256, generator.decoder.manifest, spec, tracks[0].seed, number,
-                               job.request.clip)
+                               job.request.clip, generator.decoder.variant)
         return write_tracks(path, [d.clip for d in tracks], names, provenance=record)
 

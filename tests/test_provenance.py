@@ -79,3 +79,16 @@ def _clip_of(payload: dict):
     from plugin_bridge.protocol import parse_clip
 
     return parse_clip(payload, "r1")
+
+
+def test_the_variant_served_is_recorded_and_old_records_read_as_fp32():
+    import json
+
+    from engine.provenance import PREFIX, Provenance
+
+    record = Provenance("m", "a" * 64, None, 7, 1, {"bars": 2}, "b" * 64, [0], variant="int8")
+    assert Provenance.from_text(record.to_text()) == record
+    old = json.loads(record.to_text()[len(PREFIX):])
+    del old["variant"]  # written before variants existed
+    back = Provenance.from_text(PREFIX + json.dumps(old))
+    assert back is not None and back.variant == "fp32"

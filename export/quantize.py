@@ -1,0 +1,125 @@
+"""`export-onnx --quantize int8`: the int8 variant, its quality cost and which precision to serve.
+
+    quantize_int8(folder / "model.onnx", folder / "model.int8.onnx")
+    pieces, source = validation_pieces(data_folder, folder / "tokenizer.json", val_fraction=0.05)
+    fp32, int8 = perplexity(fp32_decoder, pieces, kinds), perplexity(int8_decoder, pieces, kinds)
+    choice = choose_variant({"fp32": speed(fp32_decoder), "int8": speed(int8_decoder)}, int8_loss)
+
+Dynamic quantization (onnxruntime.quantization.quantize_dynamic) of the MatMul weights: int8
+weights, activations quantized per call, so the variant needs no calibration data and has the
+same inputs, outputs and KV cache as model.onnx. Its validation perplexity is measured by the same
+function and on the same tokens as the fp32 model's (`segue eval`'s: the training split rule's
+validation files in hash order, sliding windows), so the two stand side by side in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.manifest import ServeChoice
+from engine.session import OnnxDecoder
+
+MAX_INT8_PERPLEXITY_LOSS = 0.02  # serve int8 only when it costs at most 2 % validation perplexity ...
+MIN_INT8_SPEEDUP = 1.10  # ... and is at least 10 % faster per decoded token here
+WEIGHTS = "int8 (onnxruntime quantize_dynamic of the MatMul weights: QInt8 weights, activations quantized per call)"
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantizer suggests its pre-processing step on the root logger on every call; the exporter
+    # already optimised the graph, so that advice is silenced for the call.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    finally:
+        root.setLevel(level)
+
+
+def validation_pieces(data: Path, tokenizer_file: Path, val_fraction: float, max_tokens: int,
+                      exclude: frozenset[str] = frozenset()) -> list[np.ndarray]:
+    """The validation pieces of `data` by the training split rule, in hash order, up to `max_tokens`
+    (training.held_out.split_folder's choice and order, tokenizing only the validation files), less
+    the files training's --exclude left out (by content hash)."""
+    from training.data import content_hash, find_midi_files, ingest_file, is_validation
+    from training.held_out import capped
+
+    chosen: dict[str, Path] = {}
+    for path in find_midi_files(data):
+        try:
+            digest = content_hash(path.read_bytes())
+        except OSError:
+            continue
+        if is_validation(digest, val_fraction) and digest not in exclude:
+            chosen.setdefault(digest, path)
+    pieces, total = [], 0
+    for digest in sorted(chosen):
+        if total >= max_tokens:
+            break
+        result = ingest_file(chosen[digest], str(tokenizer_file))
+        if result.tokens is not None and not result.reason:
+            pieces.append(result.tokens)
+            total += len(result.tokens)
+    return capped(pieces, max_tokens)
+
+
+def perplexity(decoder: OnnxDecoder, pieces: list[np.ndarray], bos: int, eos: int) -> tuple[float, int]:
+    from training.eval_measures import model_perplexity
+
+    return model_perplexity(decoder, pieces, bos, eos)
+
+
+def speed(decoder: OnnxDecoder, context: int = 256, repeats: int = 30) -> dict[str, float]:
+    """Median milliseconds of a decode step at `context` tokens and of a prefill of `context` tokens (batch 1),
+    in process CPU time: the session runs on one thread, and CPU time leaves out the waits for a core
+    that other work on the machine causes."""
+    context = min(context, decoder.max_context - 1)
+    ids = np.random.default_rng(0).integers(0, decoder.vocab_size, (1, context + 1))
+
+    def median_ms(fn, n: int) -> float:
+        fn()
+        samples = []
+        for _ in range(n):
+            started = time.process_time()
+            fn()
+            samples.append((time.process_time() - started) * 1000)
+        return statistics.median(samples)
+
+    prefill = median_ms(lambda: decoder.step(ids[:, :context], decoder.empty_cache(1)), max(3, repeats // 5))
+    _, cache = decoder.step(ids[:, :context], decoder.empty_cache(1))
+    decode = median_ms(lambda: decoder.step(ids[:, context:], cache), repeats)
+    return {f"decode@{context}": round(decode, 4), f"prefill {context}": round(prefill, 3)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def choose_variant(timings: dict[str, dict[str, float]], int8_loss: float | None) -> ServeChoice:
+    """int8 when its perplexity loss is measured and small and it decodes measurably faster; else fp32."""
+    flat = {f"{variant} {what}": value for variant, measured in timings.items() for what, value in measured.items()}
+    decode = {variant: next(v for k, v in measured.items() if k.startswith("decode")) for variant, measured in timings.items()}
+    speedup = decode["fp32"] / decode["int8"]
+    if int8_loss is None:
+        return ServeChoice("fp32", f"int8 decodes {speedup:.2f}x faster here, but its perplexity was not measured "
+                                   "(no validation data): fp32 until it is", cpu_name(), flat)
+    quality = f"int8 perplexity {int8_loss * 100:+.2f} % vs fp32"
+    if int8_loss <= MAX_INT8_PERPLEXITY_LOSS and speedup >= MIN_INT8_SPEEDUP:
+        return ServeChoice("int8", f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %), "
+                                   f"decode step {speedup:.2f}x faster here", cpu_name(), flat)
+    return ServeChoice("fp32", f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %), decode step {speedup:.2f}x "
+                               f"(needs {MIN_INT8_SPEEDUP:.2f}x): fp32 is served", cpu_name(), flat)
