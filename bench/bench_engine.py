@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.clip import Clip  # noqa: E402
 from engine.generate import ContinuationRequest, Generator, NoteEvent  # noqa: E402
+from engine.machine import cpu_name, vector_extensions  # noqa: E402
 from engine.manifest import INT8_MODEL_FILE, MODEL_FILE, TOKENIZER_FILE, Parity, Variant, sha256_file  # noqa: E402
 from engine.midi_file import read_clip  # noqa: E402
 from engine.session import OnnxDecoder, session_options  # noqa: E402
@@ -85,18 +86,7 @@ def _version(package: str) -> str:
 
 
 def cpu_info() -> tuple[str, list[str]]:
-    name, flags = "unknown CPU", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c")
-    vector = [f for f in flags if f in wanted or f.startswith(("avx512", "amx", "avx_vnni"))]
-    return name, vector
+    return cpu_name(), vector_extensions()
 
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}

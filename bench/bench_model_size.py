@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.clip import Arrangement, Clip, Note  # noqa: E402
 from engine.generate import ContinuationRequest, Generator, NoteEvent  # noqa: E402
+from engine.machine import cpu_name  # noqa: E402
 from engine.midi_file import read_tracks  # noqa: E402
 from engine.tokens import ClipTokenizer  # noqa: E402
 
@@ -121,10 +122,7 @@ def main() -> None:
             for name in args.candidates:
                 models[f"{name}, ctx {args.context}"] = build_candidate(CANDIDATES[name], args.context, Path(work))
         generators = {name: Generator.load(path, threads=args.threads) for name, path in models.items()}
-        import platform
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-        print(f"CPU: {cpu}; time to first note of an 8-bar continuation, median of {args.runs}, {args.threads} thread(s)")
+        print(f"CPU: {cpu_name()}; time to first note of an 8-bar continuation, median of {args.runs}, {args.threads} thread(s)")
         print("| model | parameters | clip | prompt tokens (of clip) | first note (ms) | vs baseline |")
         print("|---|---|---|---|---|---|")
         baseline: dict[str, float] = {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.machine import cpu_name, vector_extensions  # noqa: E402
 from engine.midi_file import read_clip  # noqa: E402
 from plugin_bridge.osc_client import OscClient  # noqa: E402
 from plugin_bridge.protocol import clip_payload  # noqa: E402
@@ -40,25 +40,8 @@ from plugin_bridge.protocol import clip_payload  # noqa: E402
 TARGET_MS = 5.0
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
-    except OSError:
-        pass
-    return "?"
+    return " ".join(f for f in vector_extensions() if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")) or "?"
 
 
 def example_clip(path: Path, bars: int = 4) -> dict:

@@ -15,13 +15,13 @@ validation files in hash order, sliding windows), so the two stand side by side 
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from engine.machine import cpu_name
 from engine.manifest import ServeChoice
 from engine.session import OnnxDecoder
 
@@ -97,16 +97,6 @@ def speed(decoder: OnnxDecoder, context: int = 256, repeats: int = 30) -> dict[s
     _, cache = decoder.step(ids[:, :context], decoder.empty_cache(1))
     decode = median_ms(lambda: decoder.step(ids[:, context:], cache), repeats)
     return {f"decode@{context}": round(decode, 4), f"prefill {context}": round(prefill, 3)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def choose_variant(timings: dict[str, dict[str, float]], int8_loss: float | None) -> ServeChoice:
