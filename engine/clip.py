@@ -89,7 +89,9 @@ class Clip:
 
     def validate(self) -> None:
         numerator, denominator = self.time_signature
-        if numerator < 1 or denominator not in (1, 2, 4, 8, 16, 32):
+        if not 1 <= numerator <= 255:  # one byte in a MIDI file; never quote a huge number back
+            raise ClipError("a time signature's numerator must be 1-255 beats per bar")
+        if denominator not in (1, 2, 4, 8, 16, 32):
             raise ClipError(f"time signature {numerator}/{denominator} is not a valid meter")
         if not 10.0 <= self.tempo <= 400.0:
             raise ClipError(f"tempo {self.tempo:g} BPM is outside 10-400")

@@ -184,3 +184,55 @@ def test_any_manifest_is_loaded_or_refused_with_model_error(tiny_model, tmp_path
             verify_model_folder(folder)
         except ModelError:
             pass
+
+
+@pytest.mark.parametrize("where", ["note", "tempo", "length", "temperature"])
+def test_an_integer_too_large_for_a_float_is_a_bad_request(where):
+    """Found by bench/fuzz_long.py: JSON allows an integer of 400 digits; converting it to a float (or
+    math.isfinite on it) raised OverflowError out of parse_continue on both transports."""
+    huge = "1" + "0" * 400
+    note = f"[60,90,0,{huge}]" if where == "note" else "[60,90,0,1]"
+    clip = f'{{"notes":[{note}],"tempo":{huge if where == "tempo" else 120},"length":{huge if where == "length" else 4}}}'
+    body = f'{{"clip":{clip},"temperature":{huge if where == "temperature" else 1}}}'.encode()
+    payload = protocol.decode_osc_continue(body, "o", msgs.CONTINUE)
+    with pytest.raises(protocol.ProtocolError) as refused:
+        protocol.parse_continue(payload, search_for)
+    assert refused.value.code == protocol.BAD_REQUEST and (where in refused.value.message or "clip note 0" in refused.value.message)
+
+
+def test_a_reply_with_arguments_of_the_wrong_type_never_raises_out_of_the_client_decoder():
+    """Found by bench/fuzz_long.py: a done reply whose first_note_ms is a string, or a hello whose model list
+    is an int32 or JSON nested deeper than the parser's recursion limit, raised TypeError/RecursionError
+    out of osc_client.decode_datagram (a client must survive anything that reaches its port)."""
+    from plugin_bridge.osc_client import decode_datagram
+
+    done = decode_datagram(msgs.build_message("/segue/done", "sisiss", ["c", 0, "/tmp/x.mid", 3, "x", "y"]))
+    assert done is not None and done["type"] == "done"
+    for models in (2, "[" * 30000):
+        tags = "sis" + ("i" if isinstance(models, int) else "s") + "ss"
+        hello = decode_datagram(msgs.build_message("/segue/hello", tags, ["h", 1, "0.1", models, "default", "i"]))
+        assert hello is not None and hello["models"] == []
+
+
+def test_a_clip_refusal_quoting_a_huge_number_stays_within_the_message_limit():
+    """Found by bench/fuzz_long.py: program -1e307 is a whole number, so it became a 308-digit integer that
+    the clip's refusal quoted in full, past MAX_MESSAGE_CHARS (an error reply must never echo unbounded input)."""
+    for clip in ({"notes": [[60, 90, 0, 1]], "program": -1e307}, {"tracks": [{"notes": [[60, 90, 0, 1]], "program": -1e307}]}):
+        with pytest.raises(protocol.ProtocolError) as refused:
+            protocol.parse_continue({"id": "c", "clip": clip}, search_for)
+        assert refused.value.code == protocol.BAD_CLIP
+        assert len(refused.value.message) <= protocol.MAX_MESSAGE_CHARS
+
+
+def test_a_huge_time_signature_numerator_is_refused_in_a_short_sentence():
+    """Found by bench/fuzz_long.py: a numerator of 10**299 passed the protocol and the engine quoted it back
+    in a 446-character refusal; a meter's numerator is one byte in a MIDI file."""
+    for clip in ({"notes": [[60, 90, 0, 1]], "time_signature": [10**299, 4]}, {"notes": [[60, 90, 0, 1]], "time_signature": [256, 4]}):
+        try:
+            request = protocol.parse_continue({"id": "c", "clip": clip}, search_for)
+        except protocol.ProtocolError as refused:
+            assert len(refused.message) <= protocol.MAX_MESSAGE_CHARS
+            continue
+        with pytest.raises(ClipError) as refused_later:
+            request.clip.validate()
+        assert len(str(refused_later.value)) <= protocol.MAX_MESSAGE_CHARS

@@ -346,6 +346,10 @@ def test_malformed_datagrams_are_dropped_not_raised(segue):
     for data in (b"", b"garbage!", b"#bundle\x00" + b"\x00" * 8, b"/segue/note\x00,s\x00\x00ab", b"/a\x00\x00,q\x00\x00"):
         assert segue.osc.decode_reply(data) is None
     assert segue.osc.decode_reply(osc_messages.build_message("/segue/dance", "s", ["x"]))["type"] == "unknown"
+    # a hello whose model list is nested past the JSON parser's limit, or not a list: no models, no exception
+    for models in ("[" * 30000, "7"):
+        hello = segue.osc.decode_reply(osc_messages.build_message("/segue/hello", "sisss", ["h", 1, "0.1", models, "d"]))
+        assert hello is not None and hello["models"] == []
 
 
 # --- continuing against a real server ----------------------------------------------------------------------

@@ -151,9 +151,10 @@ def decode_reply(data: bytes) -> Event | None:
         event["first_note_ms"] = None
     if event["type"] == "hello":
         try:
-            event["models"] = json.loads(str(event["models"]))
-        except ValueError:
-            event["models"] = []
+            models = json.loads(str(event["models"]))
+        except (ValueError, RecursionError):  # damaged, or nested past the parser's limit: no models
+            models = []
+        event["models"] = models if isinstance(models, list) else []
         event["default_model"] = event["default_model"] or None
     return event
 
