@@ -32,25 +32,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_server import prompt_payload  # noqa: E402  (the first bars of an example, as bench_server sends them)
+
 from engine.machine import cpu_name, vector_extensions  # noqa: E402
-from engine.midi_file import read_clip  # noqa: E402
 from plugin_bridge.osc_client import OscClient  # noqa: E402
-from plugin_bridge.protocol import clip_payload  # noqa: E402
 
 TARGET_MS = 5.0
 
 
 def cpu_flags() -> str:
     return " ".join(f for f in vector_extensions() if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")) or "?"
-
-
-def example_clip(path: Path, bars: int = 4) -> dict:
-    clip = read_clip(path)
-    length = bars * clip.beats_per_bar
-    payload = clip_payload(clip)
-    payload["notes"] = [n for n in payload["notes"] if n[2] < length]
-    payload["length"] = length
-    return payload
 
 
 def ostinato(bars: int = 4) -> dict:
@@ -161,7 +152,7 @@ def main() -> None:
     parser.add_argument("--bars", type=int, default=8, help="bars each continue asks for (only its first note is waited for)")
     args = parser.parse_args()
 
-    clips = {path.stem: example_clip(path) for path in sorted((ROOT / "docs" / "examples").glob("*.mid"))}
+    clips = {path.stem: prompt_payload(path, 4) for path in sorted((ROOT / "docs" / "examples").glob("*.mid"))}
     clips["ostinato (48 notes/bar)"] = ostinato()
     with tempfile.TemporaryDirectory(prefix="segue-bench-prepare-") as tmp:
         workdir = Path(tmp)
