@@ -2,11 +2,14 @@
 
     with SegueServe(models_dir, clips_dir) as server:
         server.zmq_endpoint, server.osc_port, server.log
+    with serve_model(tiny_model, tmp_path_factory.mktemp("x")) as server:  # one model, as `default`
+        ...
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,3 +95,10 @@ class SegueServe:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serve_model(model: Path, root: Path) -> SegueServe:
+    """A server with `model` copied in as its `default` and its clips under `root`."""
+    (root / "models").mkdir()
+    shutil.copytree(model, root / "models" / "default")
+    return SegueServe(root / "models", root / "clips")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from segue_serve import REPO, SegueServe
+from segue_serve import REPO, SegueServe, serve_model
 
 from engine.midi_file import read_clip
 from plugin_bridge import osc_messages
@@ -196,10 +196,7 @@ def segue(monkeypatch):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("live-serve")
-    (root / "models").mkdir()
-    shutil.copytree(tiny_model, root / "models" / "default")
-    with SegueServe(root / "models", root / "clips") as serve:
+    with serve_model(tiny_model, tmp_path_factory.mktemp("live-serve")) as serve:
         yield serve
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clip_payload
-from segue_serve import REPO, SegueServe
+from segue_serve import REPO, SegueServe, serve_model
 
 from engine.clip import Clip, Note
 from engine.midi_file import read_clip, read_tracks, write_clip
@@ -44,10 +44,7 @@ def lua() -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reaper-serve")
-    (root / "models").mkdir()
-    shutil.copytree(tiny_model, root / "models" / "default")
-    with SegueServe(root / "models", root / "clips") as serve:
+    with serve_model(tiny_model, tmp_path_factory.mktemp("reaper-serve")) as serve:
         yield serve
 
 
