@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import symusic
 from conftest import clip_payload
 from segue_serve import REPO, SegueServe, serve_model
 
 from engine.clip import Clip, Note
-from engine.midi_file import read_clip, read_tracks, write_clip
+from engine.midi_file import read_tracks, write_clip
 from plugin_bridge import client as client_module
 
 SCRIPTS = REPO / "plugin_bridge" / "daw_scripts" / "reaper"
@@ -130,10 +131,12 @@ def done_paths(answer: Path) -> list[Path]:
 def expected_notes(mid: Path, offset: float, span: float) -> list[tuple]:
     """The notes of a variation's .mid as the script must insert them: ppq from the new item's start
     (the clip's beat `offset`), cut at the item's end."""
+    score = symusic.Score(str(mid))  # not read_clip: a variation the model left silent is a valid, empty file
+    tpq = score.ticks_per_quarter
     notes = []
-    for n in read_clip(mid).notes:
-        start = n.start - offset
-        notes.append((n.pitch, n.velocity, round(start * PPQ), round(min(start + n.duration, span) * PPQ)))
+    for n in (note for track in score.tracks for note in track.notes):
+        start = n.time / tpq - offset
+        notes.append((n.pitch, n.velocity, round(start * PPQ), round(min(start + n.duration / tpq, span) * PPQ)))
     return sorted(notes)
 
 
