@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.clip_guidance import guide
 from engine.grammar import ContinuationGrammar
 from engine.interleaved import InterleavedGrammar
 from engine.sampling import masked_log_probs
@@ -81,8 +82,12 @@ class RepetitionPenalty:
 
 def scored_log_probs(logits: np.ndarray, grammar: ContinuationGrammar | InterleavedGrammar, repetition: RepetitionPenalty) -> np.ndarray:
     """What beam search ranks a next token by (and `Generator.log_prob` sums): the masked, renormalised
-    log-probability less the repetition penalty; -inf for tokens the grammar forbids."""
-    return repetition.adjust(masked_log_probs(logits, grammar.allowed()), grammar)
+    log-probability, with the clip guidance of the writing track (engine/clip_guidance.py), less the
+    repetition penalty; -inf for tokens the grammar forbids."""
+    allowed = grammar.allowed()
+    if grammar.preference is not None:
+        logits = guide(logits, allowed, grammar.preference, grammar.pitch_table)
+    return repetition.adjust(masked_log_probs(logits, allowed), grammar)
 
 
 @dataclass

@@ -41,6 +41,7 @@ import numpy as np
 from engine.assembler import NoteAssembler
 from engine.beam import RepetitionPenalty, beam_search, scored_log_probs
 from engine.clip import Arrangement, Clip, ClipError, Note
+from engine.clip_guidance import TrackGuidance, guide
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
 from engine.interleaved import BandAssembler, InterleavedGrammar
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
@@ -272,12 +273,15 @@ class Generator:
     def _grammar(self, clip: Clip, request: ContinuationRequest, ascending_chords: bool = True) -> ContinuationGrammar:
         meter = clip.time_signature
         try:
-            return ContinuationGrammar(
+            grammar = ContinuationGrammar(
                 self.vocab, self.tokenizer.time_sig_id(meter), self.tokenizer.program_id(self.model_program(clip), clip.is_drum),
                 self.tokenizer.positions_per_bar(meter), request.bars, clip.is_drum, request.constraints,
                 self._longest_drum_note(clip), ascending_chords)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
+        grammar.guidance = TrackGuidance.of([note.pitch for note in clip.notes], clip.is_drum, request.stay_with_clip,
+                                            grammar.pitch_table)
+        return grammar
 
     def _longest_drum_note(self, clip: Clip) -> int | None:
         """For a drum track, the longest note the continuation may write, in grammar time units: one
@@ -495,11 +499,14 @@ class Generator:
 
 def _guided(logits: np.ndarray, grammar: ContinuationGrammar | InterleavedGrammar, params: SamplingParams) -> np.ndarray:
     """The scores to sample from: a band stream's presence guidance added (InterleavedGrammar.presence_bias),
-    scaled by the temperature so that it adds exactly its log-odds after sampling divides by it."""
+    scaled by the temperature so that it adds exactly its log-odds after sampling divides by it, then
+    the clip guidance of the track whose pitch comes next (engine/clip_guidance.py)."""
     bias = grammar.presence_bias() if isinstance(grammar, InterleavedGrammar) else None
-    if bias is None:
-        return logits
-    return logits + bias * (params.temperature or 1.0)
+    if bias is not None:
+        logits = logits + bias * (params.temperature or 1.0)
+    if grammar.preference is not None:
+        logits = guide(logits, grammar.allowed(), grammar.preference, grammar.pitch_table, params.temperature)
+    return logits
 
 
 def _single(grammar: ContinuationGrammar | InterleavedGrammar) -> ContinuationGrammar:

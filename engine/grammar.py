@@ -65,6 +65,7 @@ from enum import Enum
 
 import numpy as np
 
+from engine.clip_guidance import TrackGuidance
 from engine.constraints import Constraints
 from engine.tokens import ClipTokenizer
 
@@ -223,6 +224,11 @@ class ContinuationGrammar(MaskedStream):
         self._ends: list[int] = []  # end times (units from the continuation's start) of notes that may still sound
         self._end_pitches: list[int] = []  # their pitches, in the same order
         self._mask: np.ndarray | None = None  # allowed() of the current state, computed once
+        # Clip guidance (engine/clip_guidance.py), set by the engine, and the notes played per pitch
+        # that it follows. `played` is replaced, never changed in place, so copies may share it.
+        self.guidance: TrackGuidance | None = None
+        self.played = np.zeros(128)
+        self._preference: np.ndarray | None = None
 
     def forced_opening(self) -> list[int]:
         """The tokens that open the first bar (fed with the prompt): Bar, TimeSig."""
@@ -241,6 +247,15 @@ class ContinuationGrammar(MaskedStream):
     def pitch_table(self) -> np.ndarray:
         """[vocab] the MIDI pitch (or drum sound) each token of this track plays, -1 for other tokens."""
         return self._pitch_table
+
+    @property
+    def preference(self) -> np.ndarray | None:
+        """[vocab] clip guidance's log-odds on this track's pitch tokens now, or None (no guidance)."""
+        if self.guidance is None:
+            return None
+        if self._preference is None:
+            self._preference = self.guidance.token_bias(self.played)
+        return self._preference
 
 
     # --- for the interleaved grammar (engine/interleaved.py), which moves several tracks along one clock ---
@@ -441,6 +456,10 @@ class ContinuationGrammar(MaskedStream):
                 self._start_note()
             self.last_pitch = int(self._pitch_table[token])
             self.expect = Expect.VELOCITY
+            if self.guidance is not None:
+                self.played = self.played.copy()
+                self.played[self.last_pitch] += 1
+                self._preference = None
         elif v.velocity_value[token] >= 0:
             self.expect = Expect.DURATION
         elif v.duration_mask[token]:

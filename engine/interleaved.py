@@ -103,6 +103,11 @@ class InterleavedGrammar(MaskedStream):
     def pitch_table(self) -> np.ndarray:
         return self.tracks[self.active_track].pitch_table
 
+    @property
+    def preference(self) -> np.ndarray | None:
+        """Clip guidance for the pitch tokens allowed now: they are always the active track's."""
+        return self.tracks[self.active_track].preference
+
     def forced_opening(self) -> list[int]:
         for grammar in self.tracks:
             grammar.forced_opening()

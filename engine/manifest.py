@@ -95,6 +95,7 @@ class SearchDefaults:
     top_p: float = 0.95
     mode: str = "sample"
     beam_width: int = 5
+    stay_with_clip: float = 1.0  # clip guidance strength (engine/clip_guidance.py): 0 = the model alone
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class Provenance:
     data_fingerprint: str | None
     seed: int | None  # what the variation was drawn with (None: beam search, which draws nothing)
     variation: int  # 1-based
-    request: dict  # ContinuationRequest fields: bars, variations, temperature, top_k, top_p, mode, beam_width, constraints
+    request: dict  # ContinuationRequest fields: bars, variations, temperature, top_k, top_p, mode, beam_width, stay_with_clip, constraints
     prompt_sha256: str  # of the prompt clip's notes, meter, tempo and tracks (`prompt_digest`)
     continued: list[int] = field(default_factory=list)  # 0-based tracks of the prompt that were continued
     variant: str = "fp32"  # the model file served (fp32, int8: the same weights, logits a hair apart)
@@ -72,6 +72,7 @@ class Provenance:
         from engine.constraints import Constraints
 
         options = {name: value for name, value in self.request.items() if name != "constraints"}
+        options.setdefault("stay_with_clip", 0.0)  # files made before clip guidance existed had none
         return ContinuationRequest(**options, seed=self.seed, constraints=Constraints.from_dict(self.request["constraints"]))
 
 
@@ -79,7 +80,7 @@ def request_record(request: ContinuationRequest) -> dict:
     constraints = {name: value for name, value in asdict(request.constraints).items() if value is not None}
     return {"bars": request.bars, "variations": request.variations, "temperature": request.temperature,
             "top_k": request.top_k, "top_p": request.top_p, "mode": request.mode, "beam_width": request.beam_width,
-            "constraints": constraints}
+            "stay_with_clip": request.stay_with_clip, "constraints": constraints}
 
 
 def prompt_digest(arrangement: Arrangement) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from engine.clip_guidance import MAX_STRENGTH
 from engine.constraints import Constraints
 from engine.manifest import SearchDefaults
 from engine.sampling import SamplingParams
@@ -15,6 +16,7 @@ MAX_BARS = 64
 MAX_VARIATIONS = 16
 MAX_BEAM_WIDTH = 16
 MODES = ("sample", "beam")
+MAX_STAY_WITH_CLIP = MAX_STRENGTH
 
 
 class RequestError(ValueError):
@@ -42,6 +44,7 @@ class ContinuationRequest:
     constraints: Constraints = field(default_factory=Constraints)  # hard musical constraints (engine/constraints.py)
     mode: str = _SEARCH.mode  # "sample" | "beam" (the most likely continuations, see engine/generate.py)
     beam_width: int = _SEARCH.beam_width  # hypotheses kept per step in beam mode
+    stay_with_clip: float = _SEARCH.stay_with_clip  # pull towards the clip's pitches, register, kit (engine/clip_guidance.py)
 
     @classmethod
     def from_options(cls, search: SearchDefaults, **options: object) -> ContinuationRequest:
@@ -66,6 +69,9 @@ class ContinuationRequest:
             raise RequestError(f"seed must be a whole number from 0 up, not {self.seed}")
         if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
             raise RequestError(f"beam width must be between 1 and {MAX_BEAM_WIDTH}, not {self.beam_width}")
+        if not isinstance(self.stay_with_clip, (int, float)) or not 0 <= self.stay_with_clip <= MAX_STAY_WITH_CLIP:
+            raise RequestError(f"stay_with_clip must be between 0 (the model alone) and {MAX_STAY_WITH_CLIP:g}, "
+                               f"not {str(self.stay_with_clip)[:40]}")
         if self.mode == "beam" and self.variations > self.beam_width:
             raise RequestError(f"a beam of width {self.beam_width} finds at most {self.beam_width} variations; "
                                f"ask for fewer variations or a wider beam")

@@ -42,7 +42,7 @@ from plugin_bridge.zmq_curve import CurveClient, CurveError
 log = logging.getLogger("segue.client")
 
 CONTINUE_PARAMS = frozenset({"bars", "variations", "temperature", "top_k", "top_p", "seed", "model", "mode",
-                             "beam_width", "constraints"})
+                             "beam_width", "stay_with_clip", "constraints"})
 MAX_REPLY_BYTES = 64 << 20  # a hello listing many models is the largest reply; anything bigger is not Segue
 
 

@@ -41,6 +41,9 @@ def add_continuation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("sample", "beam"),
                    help="sample = varied ideas; beam = the most likely continuations (default sample)")
     p.add_argument("--beam-width", type=int, help="how many candidates beam mode keeps (default 5)")
+    p.add_argument("--stay-with-clip", type=float, metavar="S",
+                   help="how strongly notes keep to the clip's key, register and drum kit: 0 = the model alone, "
+                        "1 = the usual default, up to 2 (tight)")
     limits = p.add_argument_group("constraints", "limits every generated note obeys")
     limits.add_argument("--key", help="tonic of the key, e.g. C, F#, Bb")
     limits.add_argument("--scale", help="scale in that key, e.g. major, minor")
@@ -68,7 +71,7 @@ def read_arrangement(path: Path, tracks: list[int] | None) -> Arrangement:
 def continuation_options(args: argparse.Namespace) -> dict[str, Any]:
     """Parsed options -> the continue request's fields, in protocol form; options left out are not
     included, so the model's defaults apply (constraints as a name -> value object)."""
-    options = {name: getattr(args, name) for name in (*SAMPLING_OPTIONS, "mode", "beam_width")}
+    options = {name: getattr(args, name) for name in (*SAMPLING_OPTIONS, "mode", "beam_width", "stay_with_clip")}
     constraints = {name: getattr(args, name) for name in CONSTRAINT_OPTIONS if getattr(args, name) is not None}
     if constraints:
         options["constraints"] = constraints

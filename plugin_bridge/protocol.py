@@ -107,7 +107,7 @@ SearchFor = Callable[[str | None], SearchDefaults]  # model name -> its generati
 
 # Continue options a message may carry, with their wire types (defaults live in the model's `search`).
 OPTION_TYPES: dict[str, type] = {"bars": int, "variations": int, "temperature": float, "top_k": int, "top_p": float,
-                                 "seed": int, "beam_width": int}
+                                 "seed": int, "beam_width": int, "stay_with_clip": float}
 
 
 def _number(payload: dict, key: str, kind: type, default: float | None, request_id: str | None) -> Any:

@@ -46,7 +46,8 @@ def describe(record: Provenance) -> list[str]:
     return [f"model: {record.model_name} (manifest sha256 {record.manifest_sha256}, {record.variant} weights)",
             f"training data fingerprint: {record.data_fingerprint or 'not recorded'}",
             f"variation {record.variation} of {request['variations']}, seed {seed}",
-            f"request: {request['bars']} bars, {search}; constraints: {constraints}",
+            f"request: {request['bars']} bars, {search}, stay with clip {request.get('stay_with_clip', 0):g}; "
+            f"constraints: {constraints}",
             f"prompt clip sha256: {record.prompt_sha256} (tracks continued: {', '.join(str(t + 1) for t in record.continued)})"]
 
 

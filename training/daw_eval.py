@@ -187,7 +187,7 @@ def run_model(folder: Path, generator: Generator, examples: Sequence[Example], a
     run = ModelRun(folder, generator.decoder.manifest.name or folder.name)
     for index, example in enumerate(examples):
         request = ContinuationRequest(bars=args.bars, variations=1, temperature=args.temperature, top_p=args.top_p,
-                                      seed=args.seed + index)
+                                      seed=args.seed + index, stay_with_clip=args.stay_with_clip)
         try:
             done = generator.generate(example.prompt, request)
         except RequestError as exc:  # e.g. a meter this model's vocabulary lacks
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1)")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (default 0.9)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    p.add_argument("--stay-with-clip", type=float, default=ContinuationRequest.stay_with_clip,
+                   help="clip guidance strength, 0 = the model alone (default %(default)s; engine/clip_guidance.py)")
     p.add_argument("--compare-model", type=Path, help="a second model run on the same files, offsets and seeds")
     return p
 
@@ -297,7 +299,8 @@ def usage_problem(args: argparse.Namespace) -> str:
         if not find_midi_files(folder):
             return f"data folder {folder} has no MIDI files"
     try:  # the request every file gets, but for the seed's offset
-        ContinuationRequest(bars=args.bars, temperature=args.temperature, top_p=args.top_p, seed=args.seed).validate()
+        ContinuationRequest(bars=args.bars, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            stay_with_clip=args.stay_with_clip).validate()
     except RequestError as exc:
         return str(exc)
     return ""
