@@ -69,12 +69,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", choices=["sample", "beam"], default="sample", help="sampling or beam search")
     parser.add_argument("--beam-width", type=int, default=5)
+    parser.add_argument("--stay-with-clip", type=float, nargs="+", default=[ContinuationRequest.stay_with_clip],
+                        help="clip guidance strengths; several print one table each, measured in this one run")
     args = parser.parse_args()
 
     generator = Generator.load(args.model, threads=args.threads)
     generator.decoder.warm_up()
-    print(f"model {args.model} | {args.bars} bars x {args.variations} variations | temperature {args.temperature} "
-          f"top-p {args.top_p} | mode {args.mode} | {args.runs} runs | {args.threads} thread(s)\n")
+    for strength in args.stay_with_clip:
+        print(f"model {args.model} | {args.bars} bars x {args.variations} variations | temperature {args.temperature} "
+              f"top-p {args.top_p} | mode {args.mode} | stay with clip {strength:g} | {args.runs} runs | "
+              f"{args.threads} thread(s)\n")
+        table(generator, args, strength)
+        print()
+
+
+def table(generator: Generator, args: argparse.Namespace, strength: float) -> None:
     print("| clip | prompt tokens | first note p50 (ms) | total p50 (s) | tokens/s | notes | range | notes/bar "
           "| polyphony | pitch classes | bars repeating the one before |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -84,7 +93,8 @@ def main() -> None:
         firsts, totals, rates, looks = [], [], [], []
         for run in range(args.runs):
             request = ContinuationRequest(bars=args.bars, variations=args.variations, temperature=args.temperature,
-                                          top_p=args.top_p, seed=run, mode=args.mode, beam_width=args.beam_width)
+                                          top_p=args.top_p, seed=run, mode=args.mode, beam_width=args.beam_width,
+                                          stay_with_clip=strength)
             first, total, done = run_once(generator, clip, request)
             firsts.append(first if first is not None else float("nan"))
             totals.append(total)
