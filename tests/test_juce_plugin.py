@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,8 @@ import mido
 import pytest
 from pythonosc.osc_message import OscMessage
 from test_server import Server, free_port
+
+from plugin_bridge.osc_client import OscClient
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB = ROOT / "juce_stub"
@@ -294,6 +297,76 @@ def test_a_played_clip_is_continued_in_time_after_a_midi_trigger(plugin_build, s
     assert (last.address, last.params) == ("/segue/cancel", [reply_port, ""])
 
 
+def test_the_clip_is_prepared_at_each_bar_line_and_continue_starts_from_that_prefill(plugin_build, server, tmp_path):
+    """Zero-wait Continue (docs/protocol.md 3.9): at each bar line the playing transport crosses, the
+    plugin sends `prepare` with the request a Continue pressed right there would send, when its clip
+    changed. Pressed just after the clip's last bar line, the Continue sends that very request, and
+    the server starts it from the kept prefill. The server counts prefills by prompt: the plugin's
+    prepare computed this prompt (its log says cached=no), and the cache holds exactly one prompt per
+    prefill the plugin's prepares computed, so the continue added none: it found the prepared one."""
+    vst3, host = plugin_build
+    serve, relay, clips = server
+    events, played = clip_events(bars=2)  # notes in beats 0-6; bar lines at 4 and 8
+    events.append({"beat": 8.9, "midi": TRIGGER_CC})  # in the first beat after the clip, nothing played: the clip ends at 8
+    params = [{"beat": 0, "name": "Bars", "text": "2"}, {"beat": 0, "name": "Clip bars", "text": "2"},
+              {"beat": 0, "name": "Variations", "text": "2"}, {"beat": 0, "name": "Seed", "text": "5"}]
+    output = play(host, vst3, relay, tmp_path, events=events, params=params, beats=17, realtime_from=6)
+
+    reply_port, continue_id, request = relay.continue_request()
+    sent = [(at, m.address, m.params) for at, m in relay.received if m.address.startswith(("/segue/prepare", "/segue/continue"))]
+    assert not relay.messages("/segue/prepare/chunk"), "a 2-bar clip fits one datagram"
+    prepares = [(at, params) for at, address, params in sent if address == "/segue/prepare"]
+    assert prepares, f"the plugin sent no prepare; it sent {[m.address for _, m in relay.received]}"
+    for _, (port, prepare_id, _) in prepares:
+        assert port == reply_port and prepare_id != continue_id
+    bodies = [json.loads(text) for _, (_, _, text) in prepares]
+    clips_prepared = [json.dumps(body["clip"], sort_keys=True) for body in bodies]
+    assert len(set(clips_prepared)) == len(clips_prepared), "the plugin prepared the same clip twice"
+
+    # Bar line 4: a press there would send the clip's first bar (the 2 bars before it: beats -4..4).
+    first = bodies[0]["clip"]
+    assert first["length"] == 8 and [n[:2] for n in first["notes"]] == [n[:2] for n in played if n[2] < 4]
+    assert [n[2] for n in first["notes"]] == [pytest.approx(n[2] + 4, abs=1e-5) for n in played if n[2] < 4]
+
+    # Bar line 8: the very request the Continue sent, sent before it; nothing after it repeats that clip.
+    continue_at = next(at for at, address, _ in sent if address == "/segue/continue")
+    matching = [k for k, body in enumerate(bodies) if body == request]
+    assert len(matching) == 1, f"no prepare carried the continue's request; prepared clips: {clips_prepared}"
+    prepared_at, (_, prepare_id, _) = prepares[matching[0]]
+    assert prepared_at < continue_at
+    assert len(request["clip"]["notes"]) == len(played) and request["clip"]["length"] == 8
+
+    # The server: the plugin's prepare of this clip ran the prefill, and every prepare of the plugin ended.
+    prepared_line = re.compile(r"id=(\S+) model=\S+ prepared tokens=(\d+) cached=(yes|no) .*\(cache: (\d+) prompts")
+    for _, (_, some_id, _) in prepares:
+        assert serve.wait_for_log(f"id={some_id} model="), f"the server never prepared {some_id}:\n{serve.log}"
+    assert serve.wait_for_log(f"id={continue_id} model="), f"the continue did not finish:\n{serve.log}"
+    lines = {m[1]: m for m in prepared_line.finditer(serve.log)}
+    assert lines[prepare_id][3] == "no", "the Continue overtook its prepare: the prepare found the prefill done"
+    computed = sum(lines[some_id][3] == "no" for _, (_, some_id, _) in prepares)
+
+    # Ask the server about the continue's clip: it is kept (cached), and no prompt beyond the plugin's
+    # prepares is: the continue was served from the prepared prefill instead of adding its own.
+    with OscClient(port=relay.server[1], timeout=10.0) as probe:
+        probe_id = probe.prepare_clip(request, "probe")
+        reply = next(e for e in probe.stream(probe_id) if e["type"] in ("prepared", "error"))
+    assert reply["type"] == "prepared" and reply["cached"] is True, reply
+    assert reply["tokens"] == int(lines[prepare_id][2])
+    assert serve.wait_for_log("id=probe model=")
+    probe_line = {m[1]: m for m in prepared_line.finditer(serve.log)}["probe"]
+    assert int(probe_line[4]) == computed, \
+        f"the server holds {probe_line[4]} prompts, the plugin's prepares computed {computed}: the continue prefilled its own"
+
+    # And the continuation plays: the server's notes, each on its sample once the press was a beat past.
+    notes = written_notes(clips, reply_port, continue_id)
+    out = note_ons(output, 8.0)
+    assert out and {(p, v) for _, p, v in out} <= {(n.pitch, n.velocity) for n in notes}
+    for n in notes:
+        if 10.0 <= n.start < 16.99:
+            assert any(abs(s - round(n.start * SPB)) <= 1 and p == n.pitch for s, p, _ in out), \
+                f"pitch {n.pitch} due at beat {n.start} did not play on its sample"
+
+
 def test_the_continue_parameter_triggers_with_key_lock(plugin_build, server, tmp_path):
     vst3, host = plugin_build
     _, relay, clips = server
@@ -359,13 +432,15 @@ def test_notes_that_arrive_late_follow_the_late_note_rule(plugin_build, server, 
     events, _ = clip_events(bars=2, rest=1.0)
     events.append({"beat": 7.75, "midi": TRIGGER_CC})
     params = [{"beat": 0, "name": "Bars", "text": "2"}, {"beat": 0, "name": "Clip bars", "text": "2"},
-              {"beat": 0, "name": "Variations", "text": "1"}, {"beat": 0, "name": "Seed", "text": "3"}]
+              {"beat": 0, "name": "Variations", "text": "1"}, {"beat": 0, "name": "Seed", "text": "12"}]
     output = play(host, vst3, relay, tmp_path, events=events, params=params, beats=17, realtime_from=7)
     reply_port, request_id, _ = relay.continue_request()
     notes = sorted((n for n in written_notes(clips, reply_port, request_id) if n.start < 16.99),
                    key=lambda n: (n.start, n.pitch))  # the order the server sent them in
     held_until = (7.75 + 0.5 * BPM / 60) * SPB  # no note can have reached the plugin before this sample
     assert any(n.start * SPB < held_until for n in notes), "precondition: the continuation starts with a note in its first beats"
+    assert any(n.start * SPB > held_until + SPB for n in notes), \
+        "precondition: the continuation has notes after the held time too (a skipped note is judged against them); try another seed"
 
     ons, offs = note_ons(output, 8.0), note_offs(output, 8.0)
     played: list[int | None] = []  # each note's note-on sample, None when skipped

@@ -260,11 +260,11 @@ void appendAsciiString (std::string& out, const juce::String& value)
 }
 } // namespace
 
-std::string continueJson (const Clip& clip, const RequestSettings& settings)
+std::string clipJson (const Clip& clip)
 {
     std::string json;
-    json.reserve (64 + clip.notes.size() * 24);
-    json += "{\"clip\":{\"notes\":[";
+    json.reserve (160 + clip.notes.size() * 24);
+    json += "{\"notes\":[";
     for (size_t i = 0; i < clip.notes.size(); ++i)
     {
         const auto& n = clip.notes[i];
@@ -282,6 +282,12 @@ std::string continueJson (const Clip& clip, const RequestSettings& settings)
     appendNumber (json, clip.lengthBeats);
     json += ",\"program\":" + std::to_string (clip.program);
     json += std::string (",\"is_drum\":") + (clip.isDrum ? "true" : "false") + "}";
+    return json;
+}
+
+std::string continueJson (const Clip& clip, const RequestSettings& settings)
+{
+    std::string json = "{\"clip\":" + clipJson (clip);
     json += ",\"bars\":" + std::to_string (settings.bars);
     json += ",\"variations\":" + std::to_string (settings.variations);
     json += ",\"temperature\":";

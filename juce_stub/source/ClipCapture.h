@@ -80,7 +80,7 @@ private:
     length rounded up to whole bars. Empty optional and a sentence in `error` when it cannot. */
 std::optional<Clip> readMidiFileClip (const juce::File& file, juce::String& error);
 
-/** The continue request's JSON (ASCII only: any piece of it is valid UTF-8 on its own). */
+/** The request settings a continue carries besides its clip. */
 struct RequestSettings
 {
     int clipBars = 4;      // how many bars before the press are the clip
@@ -91,6 +91,11 @@ struct RequestSettings
     juce::String scale;    // with key: a name from SEGUE_SCALES
     int seed = -1;         // -1 = a fresh random seed
 };
+/** The clip object of a request (docs/protocol.md section 3.3), ASCII only. Two clips with the same
+    text are the same prompt to the server, so this is also what "the notes changed" compares. */
+std::string clipJson (const Clip& clip);
+/** The continue request's JSON (ASCII only: any piece of it is valid UTF-8 on its own). The plugin
+    sends this very text as its `prepare` too: the server reads only `clip` (and `model`) of a prepare. */
 std::string continueJson (const Clip& clip, const RequestSettings& settings);
 
 } // namespace segue

@@ -334,6 +334,8 @@ void SegueEditor::refresh()
         dropError.clear();
 
     juce::String statusText = s.status;
+    if (! s.running && s.prepared.isNotEmpty())
+        statusText += "  |  " + s.prepared;
     if (s.firstNoteMs >= 0.0)
         statusText += "\nFirst note after " + juce::String (juce::roundToInt (s.firstNoteMs)) + " ms"
                       + (s.serverFirstNoteMs >= 0.0 ? " (server: " + juce::String (juce::roundToInt (s.serverFirstNoteMs)) + " ms)" : juce::String());

@@ -1,6 +1,7 @@
 #include "PluginProcessor.h"
 #include "PluginEditor.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace segue
@@ -173,10 +174,34 @@ void SegueProcessor::processBlock (juce::AudioBuffer<float>& audio, juce::MidiBu
     if (uiTrigger.exchange (false))
         pushCapture (CaptureEvent::trigger, now);
 
+    // A bar line inside this block (the playing transport crossed it): the bridge prepares the clip
+    // a Continue pressed right there would send. Told in order with the notes, before those on it.
+    if (jumped || ! wasPlaying)
+        lastBarLinePpq = -1.0e9;
+    double barLineSample = -1.0;
+    TransportInfo barLine = now;
+    if (now.playing)
+    {
+        const double barStart = barStartAtOrBefore (now, now.ppq);
+        barLine.ppq = now.ppq - barStart < 1.0e-9 ? barStart : barStart + now.beatsPerBar();
+        barLine.barStartPpq = barLine.ppq;
+        if (barLine.ppq < now.ppq + blockBeats - 1.0e-9 && std::abs (barLine.ppq - lastBarLinePpq) > 1.0e-6)
+            barLineSample = std::max (0.0, (barLine.ppq - now.ppq) * samplesPerBeat);
+    }
+    const auto pushBarLineBefore = [&] (double sample) noexcept {
+        if (barLineSample >= 0.0 && sample >= barLineSample - 1.0e-6)
+        {
+            pushCapture (CaptureEvent::barLine, barLine);
+            lastBarLinePpq = barLine.ppq;
+            barLineSample = -1.0;
+        }
+    };
+
     // MIDI in: pass it on, remember notes with their song positions, act on the trigger CC/note.
     scratch.clear();
     for (const auto meta : midi)
     {
+        pushBarLineBefore (meta.samplePosition);
         // Raw bytes, not juce::MidiMessage: a long SysEx would allocate.
         const auto* bytes = meta.data;
         const int status = meta.numBytes > 0 ? (bytes[0] & 0xf0) : 0;
@@ -219,6 +244,7 @@ void SegueProcessor::processBlock (juce::AudioBuffer<float>& audio, juce::MidiBu
         }
         scratch.addEvent (meta.data, meta.numBytes, meta.samplePosition);
     }
+    pushBarLineBefore ((double) numSamples);
 
     // Generated notes from the bridge, then this block's share of them.
     PlayerCommand command;

@@ -105,6 +105,7 @@ private:
     double expectedPpq = 0.0;
     double ownClockPpq = 0.0;        // the plugin's clock when the host has no play head (Standalone)
     int samplesSincePosition = 0;
+    double lastBarLinePpq = -1.0e9;  // the last bar line told to the bridge (it prepares the clip there)
     bool triggerNoteHeld[16] {};
 
     // Shared between the audio and message threads.

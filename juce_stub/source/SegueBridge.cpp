@@ -132,14 +132,18 @@ void SegueBridge::startServerNow()
 
 void SegueBridge::setFileClip (std::optional<Clip> clip, const juce::String& error)
 {
-    std::lock_guard<std::mutex> guard (lock);
-    fileClip = std::move (clip);
-    if (! fileClip.has_value())
-        fileClipPath.clear();
-    state.error = error;
-    if (fileClip.has_value())
-        state.status = "Clip from " + fileClip->source + ": " + juce::String ((int) fileClip->notes.size())
-                       + " notes. Press Continue.";
+    {
+        std::lock_guard<std::mutex> guard (lock);
+        fileClip = std::move (clip);
+        fileClipChanged = fileClip.has_value();
+        if (! fileClip.has_value())
+            fileClipPath.clear();
+        state.error = error;
+        if (fileClip.has_value())
+            state.status = "Clip from " + fileClip->source + ": " + juce::String ((int) fileClip->notes.size())
+                           + " notes. Press Continue.";
+    }
+    wake(); // the bridge thread prepares it
 }
 
 bool SegueBridge::hasFileClip() const
@@ -218,15 +222,18 @@ void SegueBridge::run()
         const double now = nowMs();
 
         std::optional<TransportInfo> uiTrigger;
-        bool cancel = false, startServer = false;
+        bool cancel = false, startServer = false, newFileClip = false;
         int port = 0;
         {
             std::lock_guard<std::mutex> guard (lock);
             std::swap (uiTrigger, pendingUiTrigger);
             std::swap (cancel, cancelRequested);
             std::swap (startServer, startServerRequested);
+            std::swap (newFileClip, fileClipChanged);
             port = serverPort;
         }
+        if (newFileClip)
+            prepareFilePending = true;
 
         if (port != connectedPort && replySocket != nullptr)
         {
@@ -237,6 +244,10 @@ void SegueBridge::run()
             lastHeardMs = -1.0;
             firstHelloMs = now;
             triedStart = false;
+            // Another server: it has prepared nothing of ours.
+            prepareUpload.reset();
+            lastPreparedClip.clear();
+            prepareUnsupported = false;
             {
                 std::lock_guard<std::mutex> guard (lock);
                 state.link = BridgeSnapshot::Link::connecting;
@@ -269,6 +280,7 @@ void SegueBridge::run()
         }
         for (const auto& m : batch)
             handleReply (m);
+        prepareFileClipIfPending();
 
         flushToAudio();
         if (startServer)
@@ -364,40 +376,66 @@ void SegueBridge::handleCapture (const CaptureEvent& e)
         case CaptureEvent::jump:          capture.jumpedTo (e.at.ppq); break;
         case CaptureEvent::stop:          capture.stoppedAt (e.at.ppq); break;
         case CaptureEvent::trigger:       handleTrigger (e.at); break;
+        case CaptureEvent::barLine:       prepareAtBarLine (e.at); break;
         case CaptureEvent::position:      break;
     }
     capture.forgetBefore (e.at.ppq - keepBars * e.at.beatsPerBar());
 }
 
-void SegueBridge::handleTrigger (const TransportInfo& at)
+Clip SegueBridge::clipForTrigger (const TransportInfo& at, const RequestSettings& settings) const
 {
-    const auto settings = getSettings();
     std::optional<Clip> file;
     {
         std::lock_guard<std::mutex> guard (lock);
         file = fileClip;
     }
-
-    Clip clip;
     if (file.has_value())
     {
-        clip = *file;
+        Clip clip = *file;
         clip.startPpq = clipEndForTrigger (at, false) - clip.lengthBeats;
+        return clip;
     }
-    else
+    const double barStart = barStartAtOrBefore (at, at.ppq);
+    const double end = clipEndForTrigger (at, capture.anyNoteOnIn (barStart, at.ppq + 1.0e-9));
+    return capture.clipBetween (end - settings.clipBars * at.beatsPerBar(), end, at.ppq, at);
+}
+
+void SegueBridge::handleTrigger (const TransportInfo& at)
+{
+    const auto settings = getSettings();
+    auto clip = clipForTrigger (at, settings);
+    if (clip.notes.empty())
     {
-        const double barStart = barStartAtOrBefore (at, at.ppq);
-        const double end = clipEndForTrigger (at, capture.anyNoteOnIn (barStart, at.ppq + 1.0e-9));
-        clip = capture.clipBetween (end - settings.clipBars * at.beatsPerBar(), end, at.ppq, at);
-        if (clip.notes.empty())
-        {
-            std::lock_guard<std::mutex> guard (lock);
-            setErrorLocked ("Nothing was played through Segue in the " + juce::String (settings.clipBars)
-                            + " bars before Continue. Play a clip through the plugin (or drop a .mid on it), then press Continue.");
-            return;
-        }
+        std::lock_guard<std::mutex> guard (lock);
+        setErrorLocked ("Nothing was played through Segue in the " + juce::String (settings.clipBars)
+                        + " bars before Continue. Play a clip through the plugin (or drop a .mid on it), then press Continue.");
+        return;
     }
     sendContinue (std::move (clip));
+}
+
+void SegueBridge::prepareAtBarLine (const TransportInfo& at)
+{
+    if (! current.over)
+        return; // a continue is running: the server is busy with it, and prepares would only wait
+    const auto settings = getSettings();
+    sendPrepare (clipForTrigger (at, settings), settings);
+}
+
+void SegueBridge::prepareFileClipIfPending()
+{
+    if (! prepareFilePending || ! current.over)
+        return;
+    std::optional<Clip> file;
+    {
+        std::lock_guard<std::mutex> guard (lock);
+        if (state.link != BridgeSnapshot::Link::connected)
+            return; // sent once a server answers
+        file = fileClip;
+    }
+    prepareFilePending = false;
+    if (file.has_value())
+        sendPrepare (*file, getSettings());
 }
 
 // --- requests ------------------------------------------------------------------------------------------
@@ -434,11 +472,18 @@ void SegueBridge::sendContinue (Clip clip)
     overflow.push_back (PlayerCommand { PlayerCommand::clearAll, {} }); // the previous continuation stops
     flushToAudio();
 
+    // An unfinished prepare upload would only compete with this one; a waiting prepare runs after
+    // this continue (the server puts generation first). The server keeps this clip's prefill too.
+    dropPrepareUpload();
+    lastPrepareId.clear();
+    lastPreparedClip = clipJson (clip);
+
     {
         std::lock_guard<std::mutex> guard (lock);
         state.tiles.clear();
         generatedPreview.clear();
         state.error.clear();
+        state.prepared.clear();
         state.running = true;
         state.firstNoteMs = -1.0;
         state.serverFirstNoteMs = -1.0;
@@ -447,51 +492,106 @@ void SegueBridge::sendContinue (Clip clip)
                        + (settings.bars == 1 ? " bar..." : " bars...");
     }
 
-    const juce::String idText (id);
-    const size_t single = oscStringSize (std::strlen (SEGUE_OSC_CONTINUE)) + oscStringSize (std::strlen (SEGUE_TAGS_CONTINUE))
-                          + 4 + oscStringSize ((size_t) idText.getNumBytesAsUTF8()) + oscStringSize (json.size());
-    if (single <= (size_t) SEGUE_CLIENT_MAX_DATAGRAM)
+    switch (sendJson (SEGUE_OSC_CONTINUE, SEGUE_TAGS_CONTINUE, SEGUE_OSC_CONTINUE_CHUNK, SEGUE_TAGS_CONTINUE_CHUNK, id, json,
+                      upload, now))
     {
-        auto m = request (SEGUE_OSC_CONTINUE, id);
-        m.addString (juce::String::fromUTF8 (json.data(), (int) json.size()));
-        if (! send (m))
+        case SendResult::sent:
+        case SendResult::uploading:
+            return;
+        case SendResult::tooLarge:
         {
+            current.over = true;
+            std::lock_guard<std::mutex> guard (lock);
+            setErrorLocked ("The clip is too large to send (" + juce::String ((juce::int64) json.size())
+                            + " bytes of request, at most " + juce::String (SEGUE_UPLOAD_MAX_BYTES) + "). Use fewer bars.");
+            return;
+        }
+        case SendResult::failed:
+        {
+            current.over = true;
             std::lock_guard<std::mutex> guard (lock);
             setErrorLocked ("Could not send the request to 127.0.0.1:" + juce::String (connectedPort) + ".");
-            current.over = true;
+            return;
         }
+    }
+}
+
+void SegueBridge::sendPrepare (const Clip& clip, const RequestSettings& settings)
+{
+    if (clip.notes.empty() || prepareUnsupported || ! current.over)
         return;
+    {
+        std::lock_guard<std::mutex> guard (lock);
+        if (state.link != BridgeSnapshot::Link::connected)
+            return;
+    }
+    const std::pair<int, int> meter { clip.numerator, clip.denominator };
+    if (! modelMeters.empty() && std::find (modelMeters.begin(), modelMeters.end(), meter) == modelMeters.end())
+        return; // nothing to prefill: a Continue of it says why
+    auto text = clipJson (clip);
+    if (text == lastPreparedClip)
+        return; // the server has this very prompt already (prepared, or continued)
+
+    // The very JSON the Continue will send: the server reads its `clip` (and `model`) only.
+    dropPrepareUpload();
+    const auto id = sessionPrefix + "-p" + juce::String (++prepareCounter);
+    const auto json = continueJson (clip, settings);
+    const auto result = sendJson (SEGUE_OSC_PREPARE, SEGUE_TAGS_PREPARE, SEGUE_OSC_PREPARE_CHUNK, SEGUE_TAGS_PREPARE_CHUNK,
+                                  id, json, prepareUpload, nowMs());
+    if (result != SendResult::sent && result != SendResult::uploading)
+        return; // a prepare is only a head start: its Continue prefills the clip itself
+    lastPreparedClip = std::move (text);
+    lastPrepareId = id;
+    std::lock_guard<std::mutex> guard (lock);
+    state.prepared = "preparing " + juce::String ((int) clip.notes.size()) + " notes...";
+}
+
+void SegueBridge::dropPrepareUpload()
+{
+    if (! prepareUpload.has_value())
+        return;
+    send (request (SEGUE_OSC_CANCEL, prepareUpload->id)); // the server drops the unfinished upload
+    prepareUpload.reset();
+}
+
+SegueBridge::SendResult SegueBridge::sendJson (const char* address, const char* tags, const char* chunkAddress,
+                                                const char* chunkTags, const juce::String& id, const std::string& json,
+                                                std::optional<Upload>& slot, double now)
+{
+    slot.reset();
+    const size_t idSize = oscStringSize ((size_t) id.getNumBytesAsUTF8());
+    const size_t single = oscStringSize (std::strlen (address)) + oscStringSize (std::strlen (tags)) + 4 + idSize
+                          + oscStringSize (json.size());
+    if (single <= (size_t) SEGUE_CLIENT_MAX_DATAGRAM)
+    {
+        auto m = request (address, id);
+        m.addString (juce::String::fromUTF8 (json.data(), (int) json.size()));
+        return send (m) ? SendResult::sent : SendResult::failed;
     }
 
     // Too large for one datagram a Mac could send: the chunked upload of protocol.md section 6.4.
     if (json.size() > (size_t) SEGUE_UPLOAD_MAX_BYTES)
-    {
-        std::lock_guard<std::mutex> guard (lock);
-        setErrorLocked ("The clip is too large to send (" + juce::String ((juce::int64) json.size())
-                        + " bytes of request, at most " + juce::String (SEGUE_UPLOAD_MAX_BYTES) + "). Use fewer bars.");
-        current.over = true;
-        return;
-    }
-    const size_t overhead = oscStringSize (std::strlen (SEGUE_OSC_CONTINUE_CHUNK))
-                            + oscStringSize (std::strlen (SEGUE_TAGS_CONTINUE_CHUNK)) + 12
-                            + oscStringSize ((size_t) idText.getNumBytesAsUTF8()) + 4;
+        return SendResult::tooLarge;
+    const size_t overhead = oscStringSize (std::strlen (chunkAddress)) + oscStringSize (std::strlen (chunkTags)) + 12
+                            + idSize + 4;
     const size_t pieceSize = (size_t) SEGUE_CLIENT_MAX_DATAGRAM - overhead;
     Upload u;
+    u.address = chunkAddress;
     u.id = id;
     for (size_t at = 0; at < json.size(); at += pieceSize)
         u.pieces.push_back (json.substr (at, pieceSize)); // ASCII JSON: any cut is valid UTF-8
     u.acked.assign (u.pieces.size(), false);
     u.lastProgressMs = now;
-    upload = std::move (u);
-    sendChunks (now, false);
+    slot = std::move (u);
+    sendChunks (*slot, false);
+    return SendResult::uploading;
 }
 
-void SegueBridge::sendChunks (double now, bool resend)
+void SegueBridge::sendChunks (Upload& u, bool resend)
 {
-    auto& u = *upload;
     const int count = (int) u.pieces.size();
     const auto sendPiece = [&] (int index) {
-        auto m = request (SEGUE_OSC_CONTINUE_CHUNK, u.id);
+        auto m = request (u.address, u.id);
         m.addInt32 (index);
         m.addInt32 (count);
         m.addString (juce::String::fromUTF8 (u.pieces[(size_t) index].data(), (int) u.pieces[(size_t) index].size()));
@@ -503,12 +603,30 @@ void SegueBridge::sendChunks (double now, bool resend)
                 sendPiece (i);
     while (u.nextToSend < count && u.nextToSend - u.ackedCount < SEGUE_CLIENT_WINDOW)
         sendPiece (u.nextToSend++);
-    juce::ignoreUnused (now);
 }
 
 void SegueBridge::serviceUpload (double now)
 {
-    if (! upload.has_value() || now - upload->lastProgressMs < SEGUE_CLIENT_ACK_TIMEOUT_S * 1000.0)
+    const auto stalled = [now] (const std::optional<Upload>& u) {
+        return u.has_value() && now - u->lastProgressMs >= SEGUE_CLIENT_ACK_TIMEOUT_S * 1000.0;
+    };
+    if (stalled (prepareUpload))
+    {
+        if (++prepareUpload->stalls > SEGUE_CLIENT_RETRIES)
+        {
+            // A prepare is only a head start: give up quietly, and try again at the next bar line.
+            prepareUpload.reset();
+            lastPreparedClip.clear();
+            std::lock_guard<std::mutex> guard (lock);
+            state.prepared.clear();
+        }
+        else
+        {
+            prepareUpload->lastProgressMs = now;
+            sendChunks (*prepareUpload, true);
+        }
+    }
+    if (! stalled (upload))
         return;
     if (++upload->stalls > SEGUE_CLIENT_RETRIES)
     {
@@ -522,7 +640,7 @@ void SegueBridge::serviceUpload (double now)
         return;
     }
     upload->lastProgressMs = now;
-    sendChunks (now, true);
+    sendChunks (*upload, true);
 }
 
 // --- replies ---------------------------------------------------------------------------------------------
@@ -559,6 +677,16 @@ void SegueBridge::handleReply (const juce::OSCMessage& m)
         const auto instance = argString (m, SEGUE_HELLO_ARG_INSTANCE);
         const bool restarted = serverInstance.isNotEmpty() && instance.isNotEmpty() && instance != serverInstance;
         serverInstance = instance;
+        if (restarted) // a restart forgets every prefill: prepare again
+        {
+            prepareUpload.reset();
+            lastPrepareId.clear();
+            lastPreparedClip.clear();
+            prepareUnsupported = false;
+            std::lock_guard<std::mutex> guard (lock);
+            prepareFilePending = fileClip.has_value();
+            state.prepared.clear();
+        }
         if (restarted && ! current.over && protocolVersion == SEGUE_PROTOCOL_VERSION)
         {
             {
@@ -600,20 +728,58 @@ void SegueBridge::handleReply (const juce::OSCMessage& m)
     }
     if (isReply (m, SEGUE_OSC_REPLY_CHUNK_ACK, argCount (SEGUE_TAGS_REPLY_CHUNK_ACK)))
     {
-        if (upload.has_value() && upload->id == id)
+        for (auto* slot : { &upload, &prepareUpload })
         {
+            if (! slot->has_value() || (*slot)->id != id)
+                continue;
+            auto& u = **slot;
             const int index = argInt (m, SEGUE_CHUNK_ACK_ARG_INDEX);
-            if (index >= 0 && index < (int) upload->acked.size() && ! upload->acked[(size_t) index])
+            if (index >= 0 && index < (int) u.acked.size() && ! u.acked[(size_t) index])
             {
-                upload->acked[(size_t) index] = true;
-                ++upload->ackedCount;
-                upload->lastProgressMs = now;
-                upload->stalls = 0;
+                u.acked[(size_t) index] = true;
+                ++u.ackedCount;
+                u.lastProgressMs = now;
+                u.stalls = 0;
             }
-            if (upload->ackedCount == (int) upload->pieces.size())
-                upload.reset(); // the stream follows
+            if (u.ackedCount == (int) u.pieces.size())
+                slot->reset(); // the stream (or `prepared`) follows
             else
-                sendChunks (now, false);
+                sendChunks (u, false);
+        }
+        return;
+    }
+
+    // A prepare's replies only say how far ahead the server is; they never touch a continue's state.
+    if (isPrepareId (id))
+    {
+        if (id != lastPrepareId)
+            return; // an older prepare (replaced, or overtaken by a Continue)
+        if (isReply (m, SEGUE_OSC_REPLY_PREPARED, argCount (SEGUE_TAGS_REPLY_PREPARED)))
+        {
+            lastPrepareId.clear();
+            std::lock_guard<std::mutex> guard (lock);
+            state.prepared = "clip prepared: Continue starts at once";
+        }
+        else if (isReply (m, SEGUE_OSC_REPLY_ERROR, argCount (SEGUE_TAGS_REPLY_ERROR)))
+        {
+            const auto code = argString (m, SEGUE_ERROR_ARG_CODE);
+            lastPrepareId.clear();
+            if (prepareUpload.has_value() && prepareUpload->id == id)
+                prepareUpload.reset();
+            if (code == SEGUE_ERROR_UNKNOWN_TYPE)
+                prepareUnsupported = true; // a server older than prepare: each Continue prefills its clip
+            else if (code == SEGUE_ERROR_BUSY)
+                lastPreparedClip.clear(); // try again at the next bar line
+            std::lock_guard<std::mutex> guard (lock);
+            state.prepared = code == SEGUE_ERROR_UNKNOWN_TYPE || state.running
+                                 ? juce::String()
+                                 : "not prepared: " + argString (m, SEGUE_ERROR_ARG_MESSAGE);
+        }
+        else if (isReply (m, SEGUE_OSC_REPLY_CANCELLED, argCount (SEGUE_TAGS_REPLY_CANCELLED)))
+        {
+            lastPrepareId.clear();
+            std::lock_guard<std::mutex> guard (lock);
+            state.prepared.clear();
         }
         return;
     }

@@ -50,6 +50,7 @@ struct BridgeSnapshot
     double previewTotalBeats = 8.0;
     double beatsPerBar = 4.0;
     juce::String clipSource;     // "played", a file name, or empty when nothing was captured
+    juce::String prepared;       // the server's prefill of the next clip: "preparing 24 notes...", "clip prepared: ...", or empty
     int lateNotesPlayed = 0, lateNotesSkipped = 0;
     bool hostTransport = false;
 };
@@ -81,7 +82,8 @@ public:
     juce::String getServerCommand() const;
     void startServerNow();
 
-    /** A clip read from a dropped .mid replaces the played one until cleared. */
+    /** A clip read from a dropped .mid replaces the played one until cleared; the bridge thread
+        sends it as a `prepare` right away (once connected), so its Continue starts decoding at once. */
     void setFileClip (std::optional<Clip> clip, const juce::String& error = {});
     bool hasFileClip() const;
     juce::String getFileClipPath() const;
@@ -97,6 +99,7 @@ public:
 private:
     struct Upload
     {
+        const char* address = SEGUE_OSC_CONTINUE_CHUNK; // or SEGUE_OSC_PREPARE_CHUNK
         juce::String id;
         std::vector<std::string> pieces;
         std::vector<bool> acked;
@@ -127,12 +130,25 @@ private:
     void sendHello();
 
     void handleCapture (const CaptureEvent& e);
+    /** The clip a Continue pressed at `at` sends (the dropped file's, else the captured one; its
+        notes may be empty). */
+    Clip clipForTrigger (const TransportInfo& at, const RequestSettings& settings) const;
     void handleTrigger (const TransportInfo& at);
     void sendContinue (Clip clip);
+    /** Prepares what a Continue pressed on this bar line would send, when it changed (protocol.md 3.9). */
+    void prepareAtBarLine (const TransportInfo& at);
+    void prepareFileClipIfPending();
+    void sendPrepare (const Clip& clip, const RequestSettings& settings);
+    void dropPrepareUpload();
+    enum class SendResult { sent, uploading, tooLarge, failed };
+    /** One request as JSON: one datagram when it fits, else a chunked upload into `slot`. */
+    SendResult sendJson (const char* address, const char* tags, const char* chunkAddress, const char* chunkTags,
+                         const juce::String& id, const std::string& json, std::optional<Upload>& slot, double nowMs);
+    bool isPrepareId (const juce::String& id) const { return id.startsWith (sessionPrefix + "-p"); }
     void handleReply (const juce::OSCMessage& m);
     void serviceConnection (double nowMs);
     void serviceUpload (double nowMs);
-    void sendChunks (double nowMs, bool resend);
+    void sendChunks (Upload& u, bool resend);
     void flushToAudio();
     void updatePreview (double nowMs);
     void setErrorLocked (const juce::String& message);
@@ -159,7 +175,13 @@ private:
     juce::String sessionPrefix;
     int requestCounter = 0;
     Request current;
-    std::optional<Upload> upload;
+    std::optional<Upload> upload;        // the continue's chunked upload
+    std::optional<Upload> prepareUpload; // the latest prepare's chunked upload
+    int prepareCounter = 0;
+    juce::String lastPrepareId;          // the latest prepare sent; replies to older ones are ignored
+    std::string lastPreparedClip;        // clipJson of the clip the server was last given (prepare or continue)
+    bool prepareFilePending = false;     // a dropped file waits to be prepared (until connected and idle)
+    bool prepareUnsupported = false;     // this server answered prepare with unknown_type (older than prepare)
     std::deque<PlayerCommand> overflow; // waits here when the audio FIFO is full
     double lastHeardMs = -1.0, lastHelloMs = -1.0e9, firstHelloMs = -1.0, lastPreviewMs = 0.0;
     bool sawNoteSinceTrigger = false;
@@ -175,6 +197,7 @@ private:
     int serverPort = SEGUE_DEFAULT_OSC_PORT;
     juce::String serverCommand;
     std::optional<Clip> fileClip;
+    bool fileClipChanged = false;   // setFileClip set a clip: the bridge thread prepares it
     juce::String fileClipPath;
     bool cancelRequested = false;
     std::optional<TransportInfo> pendingUiTrigger;

@@ -21,10 +21,11 @@ struct TransportInfo
 };
 
 /** The audio thread -> bridge thread record of what came in: notes played through the plugin,
-    a Continue press (parameter, MIDI trigger or button), a transport jump or stop. */
+    a Continue press (parameter, MIDI trigger or button), a transport jump or stop, and each bar line
+    the playing transport crosses (at.ppq: the bar line; in order with the notes around it). */
 struct CaptureEvent
 {
-    enum Kind : std::uint8_t { noteOn, noteOff, programChange, trigger, jump, stop, position };
+    enum Kind : std::uint8_t { noteOn, noteOff, programChange, trigger, jump, stop, position, barLine };
 
     Kind kind = noteOn;
     std::uint8_t channel = 0; // 0-15
