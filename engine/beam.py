@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.clip_guidance import guide
+from engine.clip_guidance import guide, steer_chord
 from engine.grammar import ContinuationGrammar
 from engine.interleaved import InterleavedGrammar
 from engine.sampling import masked_log_probs
@@ -85,6 +85,8 @@ def scored_log_probs(logits: np.ndarray, grammar: ContinuationGrammar | Interlea
     log-probability, with the clip guidance of the writing track (engine/clip_guidance.py), less the
     repetition penalty; -inf for tokens the grammar forbids."""
     allowed = grammar.allowed()
+    for notes, target, weight in grammar.chord_steers:
+        logits = steer_chord(logits, allowed, notes, target, weight)
     if grammar.preference is not None:
         logits = guide(logits, allowed, grammar.preference, grammar.pitch_table)
     return repetition.adjust(masked_log_probs(logits, allowed), grammar)

@@ -41,7 +41,7 @@ import numpy as np
 from engine.assembler import NoteAssembler
 from engine.beam import RepetitionPenalty, beam_search, scored_log_probs
 from engine.clip import Arrangement, Clip, ClipError, Note
-from engine.clip_guidance import TrackGuidance, guide
+from engine.clip_guidance import TrackGuidance, guide, steer_chord
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
 from engine.interleaved import BandAssembler, InterleavedGrammar
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
@@ -279,8 +279,9 @@ class Generator:
                 self._longest_drum_note(clip), ascending_chords)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
+        position_step = 4 / meter[1] / self.tokenizer.positions_per_beat  # quarter notes, as note starts are
         grammar.guidance = TrackGuidance.of([note.pitch for note in clip.notes], clip.is_drum, request.stay_with_clip,
-                                            grammar.pitch_table)
+                                            grammar.pitch_table, [note.start for note in clip.notes], position_step)
         return grammar
 
     def _longest_drum_note(self, clip: Clip) -> int | None:
@@ -500,10 +501,13 @@ class Generator:
 def _guided(logits: np.ndarray, grammar: ContinuationGrammar | InterleavedGrammar, params: SamplingParams) -> np.ndarray:
     """The scores to sample from: a band stream's presence guidance added (InterleavedGrammar.presence_bias),
     scaled by the temperature so that it adds exactly its log-odds after sampling divides by it, then
-    the clip guidance of the track whose pitch comes next (engine/clip_guidance.py)."""
+    the clip guidance of the track whose pitch comes next (engine/clip_guidance.py): whether its chord
+    grows, then which pitch."""
     bias = grammar.presence_bias() if isinstance(grammar, InterleavedGrammar) else None
     if bias is not None:
         logits = logits + bias * (params.temperature or 1.0)
+    for notes, target, weight in grammar.chord_steers:
+        logits = steer_chord(logits, grammar.allowed(), notes, target, weight, params.temperature)
     if grammar.preference is not None:
         logits = guide(logits, grammar.allowed(), grammar.preference, grammar.pitch_table, params.temperature)
     return logits

@@ -228,6 +228,7 @@ class ContinuationGrammar(MaskedStream):
         # that it follows. `played` is replaced, never changed in place, so copies may share it.
         self.guidance: TrackGuidance | None = None
         self.played = np.zeros(128)
+        self.notes_here = 0  # notes this track has started at the current position (its chord so far)
         self._preference: np.ndarray | None = None
 
     def forced_opening(self) -> list[int]:
@@ -247,6 +248,25 @@ class ContinuationGrammar(MaskedStream):
     def pitch_table(self) -> np.ndarray:
         """[vocab] the MIDI pitch (or drum sound) each token of this track plays, -1 for other tokens."""
         return self._pitch_table
+
+    def chord_growth(self) -> tuple[float, float] | None:
+        """If this track has started a note at its current position: how often the clip's chords of
+        that many notes grew by one more, and how far to move the model's odds towards it (clip
+        guidance, `engine.clip_guidance.steer_chord`); else None."""
+        if self.guidance is None or self.notes_here < 1:
+            return None
+        target = self.guidance.chord_growth(self.notes_here)
+        return None if target is None else (target, self.guidance.chord_weight)
+
+    @property
+    def chord_steers(self) -> list[tuple[np.ndarray, float, float]]:
+        """(tokens, target, weight) for each way the next token could add a note to a chord of this
+        track at the current position (`engine.clip_guidance.steer_chord`): its pitches after a note
+        of its own."""
+        growth = self.chord_growth() if self.expect is Expect.NOTE_END else None
+        if growth is None:
+            return []
+        return [(self.allowed() & (self._pitch_table >= 0), *growth)]
 
     @property
     def preference(self) -> np.ndarray | None:
@@ -268,6 +288,8 @@ class ContinuationGrammar(MaskedStream):
     def enter(self, position: int) -> None:
         """Move to `position` of the current bar without starting a note: the state after a note
         there with nothing above it yet, so a note may start here or the track may move on."""
+        if position != self.position:
+            self.notes_here = 0
         self.position = position
         self.last_pitch = -1
         self._forget_ended()
@@ -437,6 +459,7 @@ class ContinuationGrammar(MaskedStream):
             self.position = -1
             self.last_pitch = -1
             self.notes_in_bar = 0
+            self.notes_here = 0
             self.expect = Expect.TIME_SIG
             self._forget_ended()
         elif token == self.time_sig_id and self.expect is Expect.TIME_SIG:
@@ -444,6 +467,7 @@ class ContinuationGrammar(MaskedStream):
         elif v.position_index[token] >= 0:
             self.position = int(v.position_index[token])
             self.last_pitch = -1
+            self.notes_here = 0
             self._forget_ended()
             if v.program_per_bar and self.notes_in_bar > 0:
                 self._start_note()  # the bar has named its instrument already
@@ -455,6 +479,7 @@ class ContinuationGrammar(MaskedStream):
             if self.expect is Expect.NOTE_END:  # another note at this position, its Program implied
                 self._start_note()
             self.last_pitch = int(self._pitch_table[token])
+            self.notes_here += 1
             self.expect = Expect.VELOCITY
             if self.guidance is not None:
                 self.played = self.played.copy()

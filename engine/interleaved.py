@@ -108,6 +108,27 @@ class InterleavedGrammar(MaskedStream):
         """Clip guidance for the pitch tokens allowed now: they are always the active track's."""
         return self.tracks[self.active_track].preference
 
+    @property
+    def chord_steers(self) -> list[tuple[np.ndarray, float, float]]:
+        """As `ContinuationGrammar.chord_steers`, for every track that has a note at the shared
+        position: the active one's pitches after a note of its own, and another's Program (a return
+        to this position, which adds to its chord there)."""
+        if self.expect not in (_NOTE_START, Expect.NOTE_END):
+            return []
+        steers = []
+        allowed = self.allowed()
+        for index, grammar in enumerate(self.tracks):
+            growth = grammar.chord_growth() if grammar.position == self.position else None
+            if growth is None:
+                continue
+            if index == self.active and self.expect is Expect.NOTE_END:
+                steers.append((allowed & (grammar.pitch_table >= 0), *growth))
+            elif index != self.active and allowed[grammar.program_id]:
+                only = np.zeros(self.vocab.size, dtype=bool)
+                only[grammar.program_id] = True
+                steers.append((only, *growth))
+        return steers
+
     def forced_opening(self) -> list[int]:
         for grammar in self.tracks:
             grammar.forced_opening()

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from engine.clip import Arrangement, Clip, Note
-from engine.clip_guidance import REGISTER_MARGIN, TrackGuidance, guide, pitch_preference, token_preference
+from engine.clip_guidance import REGISTER_MARGIN, TrackGuidance, guide, pitch_preference, steer_chord, token_preference
 from engine.generate import ContinuationRequest, RequestError
 from engine.grammar import ContinuationGrammar, Vocabulary
+from engine.interleaved import InterleavedGrammar
 from engine.provenance import Provenance
 from engine.tokens import ClipTokenizer
 
@@ -175,3 +176,63 @@ def test_a_record_from_before_guidance_rebuilds_the_request_that_made_it():
     new = Provenance.from_text(Provenance("default", "ab" * 32, None, 7, 1, {**OLD_REQUEST, "stay_with_clip": 1.5},
                                           "cd" * 32).to_text())
     assert new is not None and new.rebuilt_request().stay_with_clip == 1.5
+
+
+def test_chords_larger_than_the_clips_largest_are_discouraged_and_others_left_alone():
+    line = TrackGuidance.of(E_MINOR_BASS, False, 1.0, VOCAB.pitch_value, onsets=[float(b) for b in range(8)])
+    triads = TrackGuidance.of([60, 64, 67] * 4, False, 1.0, VOCAB.pitch_value, onsets=[float(b // 3) for b in range(12)])
+    assert line is not None and triads is not None
+    assert line.chord_growth(1) < 0.1  # a bass line played one note at a time: no second note
+    assert triads.chord_growth(1) is None and triads.chord_growth(2) is None  # chords the clip plays: the model's
+    assert triads.chord_growth(3) < 0.2 and triads.chord_growth(4) < 0.2  # larger than any of the clip's
+    kit = TrackGuidance.of([36, 42] * 8, True, 1.0, VOCAB.drum_value, onsets=[float(b // 2) for b in range(16)])
+    assert kit is not None and kit.chord_growth(2) is None  # hits of a kit are not a chord
+
+
+@pytest.mark.parametrize("target", [0.05, 0.5, 0.95])
+def test_steering_a_chord_only_ever_lowers_the_odds_of_another_note(target):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=VOCAB.size) * 2
+    allowed = rng.random(VOCAB.size) < 0.5
+    notes = VOCAB.pitch_value >= 0
+    inside = allowed & notes
+    logits[notes] += np.logaddexp.reduce(logits[allowed & ~notes]) - np.logaddexp.reduce(logits[inside])  # p = 1/2
+
+    def probabilities(scores):
+        p = np.exp(np.where(allowed, scores, -np.inf) - scores[allowed].max())
+        return p / p.sum()
+
+    before = probabilities(logits)
+    p = before[inside].sum()
+    assert 0.1 < p < 0.9  # the three targets fall below, near and above the model's odds
+    after = probabilities(steer_chord(logits, allowed, notes, target, weight=1.0))
+    assert after[inside].sum() == pytest.approx(min(p, target))  # weight 1: the clip's rate, if lower
+    assert np.allclose(after[inside] / after[inside].sum(), before[inside] / before[inside].sum())
+    others = allowed & ~notes
+    assert np.allclose(after[others] / after[others].sum(), before[others] / before[others].sum())
+    halfway = probabilities(steer_chord(logits, allowed, notes, target, weight=0.5))[inside].sum()
+    assert min(p, target) - 1e-9 <= halfway <= p + 1e-9
+
+
+def test_a_band_track_returning_to_a_position_counts_as_growing_its_chord():
+    grammars = [ContinuationGrammar(VOCAB, TOKENIZER.time_sig_id((4, 4)), TOKENIZER.program_id(program, drum),
+                                    TOKENIZER.positions_per_bar((4, 4)), 2, drum, ascending_chords=False,
+                                    longest_note=VOCAB.units_per_position * TOKENIZER.positions_per_beat if drum else None)
+                for program, drum in ((33, False), (-1, True))]
+    grammars[0].guidance = TrackGuidance.of(E_MINOR_BASS, False, 1.0, grammars[0].pitch_table, [float(b) for b in range(8)])
+    band = InterleavedGrammar(grammars)
+    band.forced_opening()
+    band.accept(int(np.flatnonzero(VOCAB.position_index == 0)[0]))
+    assert band.chord_steers == []  # nobody has played here yet
+    band.accept(grammars[0].program_id)
+    band.accept(int(np.flatnonzero(VOCAB.pitch_value == 40)[0]))
+    band.accept(int(np.flatnonzero(band.allowed())[0]))  # velocity
+    band.accept(int(np.flatnonzero(band.allowed())[0]))  # duration
+    (notes, target, weight), = band.chord_steers  # another bass pitch here
+    assert notes[int(np.flatnonzero(VOCAB.pitch_value == 43)[0])] and not notes[grammars[1].program_id] and target < 0.1
+    band.accept(grammars[1].program_id)  # the drums play at the same position
+    band.accept(int(np.flatnonzero(VOCAB.drum_value == 36)[0]))
+    band.accept(int(np.flatnonzero(band.allowed())[0]))
+    band.accept(int(np.flatnonzero(band.allowed())[0]))
+    (notes, target, _), = band.chord_steers  # the bass coming back here would add to its chord
+    assert np.flatnonzero(notes).tolist() == [grammars[0].program_id] and target < 0.1
