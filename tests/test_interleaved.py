@@ -192,3 +192,22 @@ def test_presence_guidance_nudges_a_part_that_falls_behind_its_density_in_the_cl
     after = grammar.presence_bias()
     assert after is not None and after[bass] < bias[bass]  # playing pays the debt back
     assert after[drums] <= PRESENCE_CAP * PRESENCE_WEIGHT  # a long silence is nudged, never forced
+
+
+def test_a_lagging_drum_part_that_played_last_carries_its_presence_to_its_own_next_hit():
+    grammars = [ContinuationGrammar(VOCAB, TOKENIZER.time_sig_id(METER), TOKENIZER.program_id(program, drum),
+                                    TOKENIZER.positions_per_bar(METER), 2, drum, ascending_chords=False)
+                for program, drum in BAND[:2]]
+    grammar = InterleavedGrammar(grammars, notes_per_bar=[16.0, 2.0])  # sixteenth hi-hats, a bass of two notes
+    grammar.forced_opening()
+    drums, bass = (TOKENIZER.program_id(p, d) for p, d in BAND[:2])
+    kick, hat = (int(np.flatnonzero(VOCAB.drum_value == sound)[0]) for sound in (36, 42))
+    grammar.accept(TOKENIZER.token_id("Position_0"))
+    grammar.accept(drums)
+    for token in (kick, TOKENIZER.token_id("Velocity_91"), TOKENIZER.token_id("Duration_0.1.12")):
+        grammar.accept(token)
+    grammar.accept(TOKENIZER.token_id(f"Position_{TOKENIZER.positions_per_bar(METER) // 2}"))
+    bias = grammar.presence_bias()  # half a bar in, one hit played of about eight owed
+    assert bias is not None and bias[drums] > 0
+    assert bias[hat] == bias[drums] and bias[kick] == bias[drums]  # its implied next hits are its bid too
+    assert bias[TOKENIZER.token_id("Pitch_40")] == 0  # a pitched part's notes are not nudged
