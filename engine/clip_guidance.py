@@ -19,10 +19,11 @@ wanders out of key, and a drum part reaches for cowbells the groove never had (d
   (`TrackGuidance.token_bias`). The fixed preference alone left the continuation's pitch classes
   at 0.75 agreement with the real next bars; following what was played brought it to 0.83.
 
-The guidance only moves probability *between the pitches the grammar allows at that step*
+Preference and balance only move probability *between the pitches the grammar allows at that step*
 (`guide`): the model's total probability of playing a note there rather than moving on, or of
 another part taking its turn, is left as it was, so density, rhythm and the turns of a band stay the
-model's. Its strength is a request option (`stay_with_clip`, 0 = the model alone, 1 = the engine's
+model's. Chord size is the one part that changes whether a note is played, and only downwards, only
+past the clip's largest chord. Its strength is a request option (`stay_with_clip`, 0 = the model alone, 1 = the engine's
 default, up to 2); hard limits are the job of `engine.constraints`.
 """
 
@@ -85,8 +86,6 @@ class TrackGuidance:
         self.is_drum = is_drum
         self.strength = strength
         self.pitch_table = pitch_table
-        self._is_pitch = pitch_table >= 0
-        self._token_pitch = pitch_table[self._is_pitch]
         self._preference = pitch_preference(pitches, is_drum, strength)
         self._bin_of_pitch = np.arange(128) if is_drum else np.arange(128) % 12
         self._target = np.bincount(self._bin_of_pitch[played], minlength=128 if is_drum else 12) / len(played)
@@ -105,8 +104,8 @@ class TrackGuidance:
         clip's chords grew past that (0 plus half a chord of smoothing, over the clip's chords of that
         size or more); None below that size, for drums, or when the clip gave no onsets to count.
         Chords the clip does play are left to the model: steering them too made guitars and pianos
-        thinner than their clips (voices -0.45). Drums are left alone: steering the hits of one
-        position cost the drums a tenth of their density (0.86 to 0.78 of the real bars)."""
+        thinner than their clips (voices -0.45). Drums are left alone: a kit's hits at one position
+        are a groove's layers (kick and hat), not a chord that grows."""
         largest = len(self._chord_sizes) - 1
         if self.is_drum or largest < 1 or notes < largest:  # kit hits together are not a chord: left to the model
             return None
@@ -119,9 +118,8 @@ class TrackGuidance:
         counts = np.bincount(self._bin_of_pitch, weights=played, minlength=len(self._target))
         short = self._target * (counts.sum() + 1) - counts  # notes each bin lacks if the next note were its
         balance = self.strength * BALANCE_WEIGHT * np.clip(short, -BALANCE_CAP, BALANCE_CAP)
-        per_pitch = self._preference + balance[self._bin_of_pitch]
-        out = np.zeros(len(self.pitch_table))
-        out[self._is_pitch] = per_pitch[self._token_pitch]
+        out = token_preference(self._preference + balance[self._bin_of_pitch], self.pitch_table)
+        assert out is not None
         return out
 
 
