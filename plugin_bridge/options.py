@@ -42,7 +42,7 @@ def add_continuation_args(p: argparse.ArgumentParser) -> None:
                    help="sample = varied ideas; beam = the most likely continuations (default sample)")
     p.add_argument("--beam-width", type=int, help="how many candidates beam mode keeps (default 5)")
     p.add_argument("--stay-with-clip", type=float, metavar="S",
-                   help="how strongly notes keep to the clip's key, register and drum kit: 0 = the model alone, "
+                   help="how strongly notes keep to the clip's key, register, drum kit and chord sizes: 0 = the model alone, "
                         "1 = the usual default, up to 2 (tight)")
     limits = p.add_argument_group("constraints", "limits every generated note obeys")
     limits.add_argument("--key", help="tonic of the key, e.g. C, F#, Bb")
