@@ -388,7 +388,7 @@ class Generator:
         tokens = [_single(rows[i].grammar).program_id if i in speculating else -1 for i in range(len(rows))]
         for i, row in enumerate(rows):  # rows with nothing to weigh are sampled as usual, in row order
             if tokens[i] < 0:
-                tokens[i] = sample(lane.logits[i], row.grammar.allowed(), params, row.rng)
+                tokens[i] = sample(_guided(lane.logits[i], row.grammar, params), row.grammar.allowed(), params, row.rng)
         logits, cache = self.decoder.step(np.asarray(tokens)[:, None], lane.cache)
         redo = []
         for i in speculating:
