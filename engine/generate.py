@@ -48,8 +48,8 @@ from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelErro
 from engine.prefill_cache import PrefillCache, Prefilled
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
-from engine.signing import check_signature
 from engine.session import KVCache, OnnxDecoder
+from engine.signing import check_signature
 from engine.tokens import ClipTokenizer, trim_to_context
 
 LOOKAHEAD_MIN_P = 0.02  # below this chance of another note at a position, no chord lookahead (see _choose)
@@ -404,13 +404,11 @@ class Generator:
             if tokens[i] != grammar.program_id:
                 redo.append(i)
         if redo:
-            redo_logits, redo_cache = self.decoder.step(np.asarray([tokens[i] for i in redo])[:, None], lane.cache.select(redo))
-            tensors = tuple(np.array(t) for t in cache.tensors)  # writable copies to patch the redone rows into
-            for full, part in zip(tensors, redo_cache.tensors, strict=True):
-                full[redo] = part
-            cache = KVCache(tensors)
-            logits = np.array(logits)
-            logits[redo] = redo_logits
+            # The whole lane steps again with its real tokens in place of the speculative one (one decode
+            # step as before; the rows that kept Program get it again): on the shared buffer that writes
+            # over the discarded position instead of copying the history for the redone rows and patching
+            # them back (three copies of the cache).
+            logits, cache = self.decoder.step_instead(np.asarray(tokens)[:, None], lane.cache, cache)
         lane.stepped = (cache, logits)
         return tokens
 

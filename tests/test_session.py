@@ -128,6 +128,33 @@ def test_an_older_cache_still_means_what_it_meant(shared, plain):
     assert first.length == second.length == 11 and base.length == 10
 
 
+def test_stepping_instead_of_a_discarded_step_writes_over_it_without_a_copy(shared, plain):
+    """The chord lookahead's redo: a speculative step is thrown away and the real tokens are fed from the
+    history before it. On the shared buffer they overwrite the discarded position in the same buffers
+    (no copy of the history), and the result is what a plain step from that history gives."""
+    ids = random_ids(shared, (2, 16), seed=6)
+    _, base = shared.step(ids[:, :10], shared.empty_cache(2))
+    _, discarded = shared.step(ids[:, 10:11], base)
+    logits, redone = shared.step_instead(ids[:, 11:12], base, discarded)
+    assert redone._store is base._store  # written in place: the buffers were not copied
+    _, p_base = plain.step(ids[:, :10], plain.empty_cache(2))
+    p_logits, p_redone = plain.step(ids[:, 11:12], p_base)
+    assert np.array_equal(logits, p_logits)
+    for got, want in zip(redone.tensors, p_redone.tensors, strict=True):
+        assert np.array_equal(got, want)
+    with pytest.raises(IndexError):  # the discarded cache's positions were overwritten: it cannot be used again
+        shared.step(ids[:, 12:13], discarded)
+    # When something else was written after the discarded step, the history is copied as a plain step
+    # would, and the newer branch is left as it was.
+    _, other = shared.step(ids[:, 10:11], base)
+    _, later = shared.step(ids[:, 11:12], other)
+    logits, copied = shared.step_instead(ids[:, 11:12], base, other)
+    assert copied._store is not base._store and np.array_equal(logits, p_logits)
+    _, p_later = plain.step(ids[:, 11:12], plain.step(ids[:, 10:11], p_base)[1])
+    assert np.array_equal(shared.step(ids[:, 12:13], later)[0], plain.step(ids[:, 12:13], p_later)[0])
+
+
+
 def test_host_tensors_and_several_new_positions_after_a_history(shared, plain):
     """KVCache(tensors) built by a caller steps on any decoder; several tokens after a history in a batch
     (GroupQueryAttention takes those one row at a time) equal the plain path."""
