@@ -350,9 +350,30 @@ class Generator:
                 if cache.length + 1 > self.decoder.max_context:
                     next_lanes.extend(self._reprefill(rows_alive))
                     continue
-                logits, cache = self.decoder.step(np.asarray([tokens[i] for i in alive])[:, None], cache)
+                fed = [[tokens[i]] for i in alive]
+                if len(alive) == 1:  # tokens the grammar forces next go into the same step (one row: no padding)
+                    yield from self._forced(rows_alive[0], fed[0], cache.length)
+                logits, cache = self.decoder.step(np.asarray(fed), cache)
                 next_lanes.append(_Lane(rows_alive, cache, logits))
             lanes = next_lanes
+
+    def _forced(self, row: _Row, fed: list[int], length: int) -> Iterator[NoteEvent]:
+        """Accept the tokens the grammar forces after `fed` (the Program after a bar's first Position, the
+        TimeSig after a Bar), appending them to `fed`, so that they go into the model with it in one
+        step instead of one step each: the same tokens (a forced token is never drawn, so the seed's
+        numbers are not used), one decode step fewer per bar, and one fewer before the first note. A
+        forced Bar that ends the continuation is left to the sampling loop, which ends it there."""
+        while length + len(fed) < self.decoder.max_context:
+            allowed = row.grammar.allowed()
+            candidates = np.flatnonzero(allowed)
+            if len(candidates) != 1 or row.grammar.ends_continuation(int(candidates[0])):
+                return
+            token = int(candidates[0])
+            row.grammar.accept(token)
+            track, note = row.feed(token)
+            if note is not None:
+                yield NoteEvent(row.variation, note, track)
+            fed.append(token)
 
     @staticmethod
     def _worth_a_lookahead(row: _Row, logits: np.ndarray) -> bool:

@@ -462,10 +462,10 @@ class OnnxDecoder:
     def _run(self, binding: Any, ids: np.ndarray, positions: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
-        if ids.shape[1] == 1 and self._float_logits:
-            # A decode step writes its logits straight into a fresh array of ours: reading them back
-            # through get_outputs() wraps every output, the cache's too, and copies (0.1 ms a step).
-            logits = np.empty((ids.shape[0], 1, self.vocab_size), dtype=np.float32)
+        if self._float_logits:
+            # The logits go straight into a fresh array of ours: reading them back through get_outputs()
+            # wraps every output, the cache's too, and copies (0.1 ms a step).
+            logits = np.empty((*ids.shape, self.vocab_size), dtype=np.float32)
             binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
             session.run_with_iobinding(binding)
             return logits

@@ -245,3 +245,37 @@ def test_a_model_of_the_older_vocabulary_still_continues(model_copy, example_mid
     prompt, _ = generator.prompt_tokens(clip)
     prompt_text = generator.tokenizer.tokens_to_text(prompt)
     assert prompt_text.count("Program_0") == sum(1 for t in prompt_text if t.startswith("Pitch_"))
+
+
+def test_forced_tokens_go_into_the_model_with_the_token_before_them(generator, example_midi, monkeypatch):
+    """A token the grammar forces (the Program after a bar's first Position, the TimeSig after a Bar) is
+    fed in the same decode step as the sampled token before it: fewer steps (one fewer before the first
+    note), and the same continuation as feeding every token on its own, since a forced token is never
+    drawn."""
+    decoder = generator.decoder
+    widths: list[int] = []
+    real_step = decoder.step
+
+    def counting_step(ids, cache):
+        widths.append(ids.shape[1])
+        return real_step(ids, cache)
+
+    monkeypatch.setattr(decoder, "step", counting_step)
+    clip = four_bar_clip(example_midi[0])
+    request = ContinuationRequest(bars=4, variations=1, seed=7)
+    merged = generator.generate(clip, request)[0]
+    merged_widths = widths[1:]  # after the prompt's prefill
+    forced_in_steps = sum(w - 1 for w in merged_widths)
+    assert forced_in_steps >= 4, "every bar's TimeSig after its Bar is forced"
+    assert set(merged_widths) <= {1, 2, 3}
+
+    widths.clear()
+
+    def one_at_a_time(self, row, fed, length):
+        return iter(())
+
+    monkeypatch.setattr(type(generator), "_forced", one_at_a_time)
+    single = generator.generate(clip, request)[0]
+    assert set(widths[1:]) == {1}
+    assert single.tokens == merged.tokens and single.clip.notes == merged.clip.notes
+    assert len(widths) - 1 == len(merged_widths) + forced_in_steps
