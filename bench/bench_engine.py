@@ -65,6 +65,7 @@ from engine.generate import ContinuationRequest, Generator, NoteEvent  # noqa: E
 from engine.machine import cpu_name, vector_extensions  # noqa: E402
 from engine.manifest import INT8_MODEL_FILE, MODEL_FILE, TOKENIZER_FILE, Parity, Variant, sha256_file  # noqa: E402
 from engine.midi_file import read_clip  # noqa: E402
+from engine.request import MAX_BARS  # noqa: E402
 from engine.session import OnnxDecoder, session_options  # noqa: E402
 from engine.tokens import ClipTokenizer  # noqa: E402
 from training.model import GPT, preset  # noqa: E402
@@ -463,10 +464,13 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
         floors[row_name]["prepared"] = first_steps * decode_floor(shape, ceilings, prompt_tokens, row_name in int8_rows)
     for row_name, value in rounds(prepared, args.repeats).items():
         result[row_name]["prepared"] = value
+    # The engine rows ask for as many bars as a request may, so that the grammar never ends a row before
+    # `continuation` tokens (random weights can finish 8 bars in fewer): every row decodes exactly that many.
+    endless = ContinuationRequest(bars=MAX_BARS, variations=1, seed=0)
     tasks = {}
     for row_name, row in rows.items():
         if row_name in engines:
-            tasks[row_name] = lambda g=row.generator: ms(lambda: continue_for(g, clip, request, continuation))  # type: ignore[attr-defined]
+            tasks[row_name] = lambda g=row.generator: ms(lambda: continue_for(g, clip, endless, continuation))  # type: ignore[attr-defined]
         else:
             tasks[row_name] = lambda r=row: ms(lambda: r.run(prompt, continuation))
     for row_name, value in rounds(tasks, max(1, args.repeats // 2 + 1)).items():
@@ -483,16 +487,25 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
 
 
 def continue_for(generator: Generator, clip: Clip, request: ContinuationRequest, tokens: int) -> None:
-    """`generator.stream` as `segue continue` runs it, stopped after `tokens` decode steps."""
-    steps = 0
+    """`generator.stream` as `segue continue` runs it, stopped once `tokens` tokens are decoded (the sampled
+    ones and the forced ones fed with them). Raises if the continuation ends before that."""
+    start = len(generator.prompt_tokens(clip)[0]) + 2  # the prompt and the opening Bar and TimeSig
+    decoder = generator.decoder
+    real_step = decoder.step
+    fed = [0]
 
-    def enough() -> bool:
-        nonlocal steps
-        steps += 1
-        return steps > tokens
+    def counting_step(ids, cache):
+        fed[0] = cache.length + ids.shape[1] - start
+        return real_step(ids, cache)
 
-    for _ in generator.stream(clip, request, should_stop=enough):
-        pass
+    decoder.step = counting_step  # type: ignore[method-assign]
+    try:
+        for _ in generator.stream(clip, request, should_stop=lambda: fed[0] >= tokens):
+            pass
+    finally:
+        del decoder.step  # the class's method again
+    if fed[0] < tokens:
+        raise RuntimeError(f"the continuation ended after {fed[0]} of {tokens} tokens")
 
 
 def reference_continuation(model: Path, clip: Clip, bars: int) -> dict:
