@@ -175,9 +175,13 @@ def clip_events(bars: int = 2, step: float = 0.5, chord: int = 1, rest: float = 
 
 
 def play(host: Path, vst3: Path, relay: Relay, tmp_path: Path, *, events: list[dict], params: list[dict], beats: float,
-         realtime_from: float) -> dict:
+         realtime_from: float, stop_at: float | None = None) -> dict:
+    """Run the test host over the script. `stop_at`: the host beat where the transport stops (it stays
+    there, not playing, while the host's blocks, events and parameters go on)."""
     script = {"plugin": str(vst3), "sample_rate": RATE, "block_size": BLOCK, "bpm": BPM, "time_signature": [4, 4],
               "beats": beats, "realtime_from_beat": realtime_from, "events": events, "params": params}
+    if stop_at is not None:
+        script["stop_at_beat"] = stop_at
     (tmp_path / "play.json").write_text(json.dumps(script))
     env = {**os.environ, "SEGUE_OSC_PORT": str(relay.port), "SEGUE_SERVE_COMMAND": ""}
     result = subprocess.run([str(host), "--script", "play.json", "--out", "out.json"], cwd=tmp_path, env=env,
@@ -336,7 +340,22 @@ def test_the_clip_is_prepared_at_each_bar_line_and_continue_starts_from_that_pre
     assert prepared_at < continue_at
     assert len(request["clip"]["notes"]) == len(played) and request["clip"]["length"] == 8
 
-    # The server: the plugin's prepare of this clip ran the prefill, and every prepare of the plugin ended.
+    assert_the_continue_started_from_its_prepare(serve, relay, prepares, prepare_id, continue_id, request)
+
+    # And the continuation plays: the server's notes, each on its sample once the press was a beat past.
+    notes = written_notes(clips, reply_port, continue_id)
+    out = note_ons(output, 8.0)
+    assert out and {(p, v) for _, p, v in out} <= {(n.pitch, n.velocity) for n in notes}
+    for n in notes:
+        if 10.0 <= n.start < 16.99:
+            assert any(abs(s - round(n.start * SPB)) <= 1 and p == n.pitch for s, p, _ in out), \
+                f"pitch {n.pitch} due at beat {n.start} did not play on its sample"
+
+
+def assert_the_continue_started_from_its_prepare(serve, relay: Relay, prepares: list, prepare_id: str, continue_id: str,
+                                                 request: dict) -> None:
+    """The server: the plugin's prepare `prepare_id` ran the prefill of the continue's clip, every prepare of
+    the plugin ended, and the continue added no prefill of its own."""
     prepared_line = re.compile(r"id=(\S+) model=\S+ prepared tokens=(\d+) cached=(yes|no) .*\(cache: (\d+) prompts")
     for _, (_, some_id, _) in prepares:
         assert serve.wait_for_log(f"id={some_id} model="), f"the server never prepared {some_id}:\n{serve.log}"
@@ -357,14 +376,31 @@ def test_the_clip_is_prepared_at_each_bar_line_and_continue_starts_from_that_pre
     assert int(probe_line[4]) == computed, \
         f"the server holds {probe_line[4]} prompts, the plugin's prepares computed {computed}: the continue prefilled its own"
 
-    # And the continuation plays: the server's notes, each on its sample once the press was a beat past.
-    notes = written_notes(clips, reply_port, continue_id)
-    out = note_ons(output, 8.0)
-    assert out and {(p, v) for _, p, v in out} <= {(n.pitch, n.velocity) for n in notes}
-    for n in notes:
-        if 10.0 <= n.start < 16.99:
-            assert any(abs(s - round(n.start * SPB)) <= 1 and p == n.pitch for s, p, _ in out), \
-                f"pitch {n.pitch} due at beat {n.start} did not play on its sample"
+
+def test_a_transport_stopped_mid_bar_prepares_the_clip_a_continue_then_sends(plugin_build, server, tmp_path):
+    """Played into the plugin, stopped in the middle of a bar that has notes, then Continue: the bar-line
+    prepare (at beat 4) missed the notes after it, so the plugin prepares again where the transport
+    stops, with the request a Continue pressed there sends (the clip ends at the next bar line, 8),
+    and the Continue pressed later, still stopped, starts from that prefill."""
+    vst3, host = plugin_build
+    serve, relay, _ = server
+    events, played = clip_events(bars=2)  # notes in beats 0-6
+    params = [{"beat": 0, "name": "Bars", "text": "2"}, {"beat": 0, "name": "Clip bars", "text": "2"},
+              {"beat": 0, "name": "Seed", "text": "5"}, {"beat": 9.0, "name": "Continue", "value": 1.0}]
+    play(host, vst3, relay, tmp_path, events=events, params=params, beats=12, realtime_from=5, stop_at=6.5)
+
+    reply_port, continue_id, request = relay.continue_request()
+    sent = [(at, m.address, m.params) for at, m in relay.received if m.address.startswith(("/segue/prepare", "/segue/continue"))]
+    prepares = [(at, params) for at, address, params in sent if address == "/segue/prepare"]
+    bodies = [json.loads(text) for _, (_, _, text) in prepares]
+    assert len(request["clip"]["notes"]) == len(played) and request["clip"]["length"] == 8
+    assert any(len(body["clip"]["notes"]) < len(played) for body in bodies), "the bar line at 4 prepared the first bar"
+    matching = [k for k, body in enumerate(bodies) if body == request]
+    assert len(matching) == 1, f"no prepare carried the continue's request; prepared: {[b['clip'] for b in bodies]}"
+    continue_at = next(at for at, address, _ in sent if address == "/segue/continue")
+    prepared_at, (port, prepare_id, _) = prepares[matching[0]]
+    assert prepared_at < continue_at and port == reply_port and prepare_id != continue_id
+    assert_the_continue_started_from_its_prepare(serve, relay, prepares, prepare_id, continue_id, request)
 
 
 def test_the_continue_parameter_triggers_with_key_lock(plugin_build, server, tmp_path):

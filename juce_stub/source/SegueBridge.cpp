@@ -374,9 +374,12 @@ void SegueBridge::handleCapture (const CaptureEvent& e)
         case CaptureEvent::noteOff:       capture.noteOff (e.at.ppq, e.channel, e.data1); break;
         case CaptureEvent::programChange: capture.programChange (e.channel, e.data1); break;
         case CaptureEvent::jump:          capture.jumpedTo (e.at.ppq); break;
-        case CaptureEvent::stop:          capture.stoppedAt (e.at.ppq); break;
+        case CaptureEvent::stop:
+            capture.stoppedAt (e.at.ppq);
+            prepareAsIfPressedAt (e.at); // stopped mid-bar: the bar-line prepare missed this bar's notes
+            break;
         case CaptureEvent::trigger:       handleTrigger (e.at); break;
-        case CaptureEvent::barLine:       prepareAtBarLine (e.at); break;
+        case CaptureEvent::barLine:       prepareAsIfPressedAt (e.at); break;
         case CaptureEvent::position:      break;
     }
     capture.forgetBefore (e.at.ppq - keepBars * e.at.beatsPerBar());
@@ -414,7 +417,7 @@ void SegueBridge::handleTrigger (const TransportInfo& at)
     sendContinue (std::move (clip));
 }
 
-void SegueBridge::prepareAtBarLine (const TransportInfo& at)
+void SegueBridge::prepareAsIfPressedAt (const TransportInfo& at)
 {
     if (! current.over)
         return; // a continue is running: the server is busy with it, and prepares would only wait

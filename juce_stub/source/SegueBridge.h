@@ -135,8 +135,10 @@ private:
     Clip clipForTrigger (const TransportInfo& at, const RequestSettings& settings) const;
     void handleTrigger (const TransportInfo& at);
     void sendContinue (Clip clip);
-    /** Prepares what a Continue pressed on this bar line would send, when it changed (protocol.md 3.9). */
-    void prepareAtBarLine (const TransportInfo& at);
+    /** Prepares what a Continue pressed at `at` would send, when it changed (protocol.md 3.9): at each bar
+        line the playing transport crosses, and where it stops (a Continue pressed while stopped sends
+        the clip that ends there, however far into its bar). */
+    void prepareAsIfPressedAt (const TransportInfo& at);
     void prepareFileClipIfPending();
     void sendPrepare (const Clip& clip, const RequestSettings& settings);
     void dropPrepareUpload();

@@ -10,7 +10,12 @@
 //     {"plugin": ".../Segue.vst3", "sample_rate": 48000, "block_size": 256, "bpm": 240,
 //      "time_signature": [4, 4], "beats": 24, "realtime_from_beat": 4,
 //      "events": [{"beat": 0.0, "midi": [144, 60, 100]}, ...],
-//      "params": [{"beat": 7.0, "name": "Continue", "value": 1.0}, {"beat": 0, "name": "Bars", "text": "2"}]}
+//      "params": [{"beat": 7.0, "name": "Continue", "value": 1.0}, {"beat": 0, "name": "Bars", "text": "2"}],
+//      "stop_at_beat": 6.5}
+//
+// Beats count the host's time (blocks processed). With `stop_at_beat` the transport stops there: from
+// then on the play head says it is not playing and stays at that position, as a DAW's does, while
+// blocks, MIDI events and parameters go on by the host's time.
 
 #include <juce_audio_processors/juce_audio_processors.h>
 
@@ -26,23 +31,26 @@ public:
     double sampleRate = 48000.0, bpm = 120.0;
     int numerator = 4, denominator = 4;
     juce::int64 sample = 0;
+    juce::int64 stopSample = -1; // the transport stops here (host time); -1: it plays throughout
 
     double samplesPerBeat() const { return sampleRate * 60.0 / bpm; }
+    bool playing() const { return stopSample < 0 || sample < stopSample; }
 
     juce::Optional<PositionInfo> getPosition() const override
     {
         PositionInfo p;
-        const double ppq = (double) sample / samplesPerBeat();
+        const juce::int64 position = playing() ? sample : stopSample;
+        const double ppq = (double) position / samplesPerBeat();
         const double barLength = numerator * 4.0 / denominator;
         const double bar = std::floor (ppq / barLength + 1.0e-9);
-        p.setTimeInSamples (sample);
-        p.setTimeInSeconds ((double) sample / sampleRate);
+        p.setTimeInSamples (position);
+        p.setTimeInSeconds ((double) position / sampleRate);
         p.setBpm (bpm);
         p.setTimeSignature (TimeSignature { numerator, denominator });
         p.setPpqPosition (ppq);
         p.setPpqPositionOfLastBarStart (bar * barLength);
         p.setBarCount ((juce::int64) bar);
-        p.setIsPlaying (true);
+        p.setIsPlaying (playing());
         return p;
     }
 };
@@ -110,6 +118,8 @@ int main (int argc, char* argv[])
     const double realtimeFrom = script.getProperty ("realtime_from_beat", 1.0e9);
     const double spb = head.samplesPerBeat();
     const auto toSample = [spb] (double beat) { return (juce::int64) std::llround (beat * spb); };
+    if (script.hasProperty ("stop_at_beat"))
+        head.stopSample = toSample (script.getProperty ("stop_at_beat", 0.0));
 
     std::vector<ScriptEvent> events;
     if (const auto* list = script.getProperty ("events", juce::var()).getArray())
