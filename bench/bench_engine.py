@@ -2,8 +2,10 @@
 
     python bench/bench_engine.py                       # small and seed presets, about 10 minutes
     python bench/bench_engine.py --presets small --repeats 3
+    python bench/bench_engine.py --presets shipped     # the trained models/default (its weights read back)
 
-For each preset (random-initialised weights, built here; the same weights in every row) it prints a
+For each preset (random-initialised weights, built here; or `shipped`: the trained model whose
+tokenizer is used, its weights read out of its graph; the same weights in every row) it prints a
 table with: ms per decoded token at 256/512/896 tokens of context, prefill of 256 and 512 tokens,
 time to first note (cold, and prepared: the clip prefilled beforehand by `Generator.prefill` into a
 `PrefillCache`, as the server's `prepare` message does; only the engine rows have it), the time of
@@ -73,6 +75,7 @@ from training.model import GPT, preset  # noqa: E402
 CONTEXTS = (256, 512, 896)
 PREFILLS = (256, 512)
 ROWS = ("HF generate", "torch eager", "ORT plain", "engine fp32", "engine int8")
+SHIPPED = "shipped"  # --presets name for the trained model folder of --tokenizer (models/default), not random weights
 
 
 # --- this machine --------------------------------------------------------------------------------
@@ -378,7 +381,12 @@ def first_note_ms(generator: Generator, clip: Clip, request: ContinuationRequest
 def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer, tokenizer_json: str, clip: Clip,
                    work: Path, reference: dict) -> dict:
     torch.manual_seed(0)
-    model = GPT(preset(name, tokenizer.vocab_size)).eval()
+    if name == SHIPPED:  # the trained weights of the model folder the tokenizer comes from, read out of its graph
+        from training.from_onnx import load_model_folder
+
+        model = load_model_folder(args.tokenizer.parent)[0].eval()
+    else:
+        model = GPT(preset(name, tokenizer.vocab_size)).eval()
     cfg = model.cfg
     shape = Shape(cfg.n_layer, cfg.d_model, cfg.d_ff, cfg.vocab_size)
     print(f"\n{name}: {cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads, ff {cfg.d_ff}, context {cfg.max_context}, "
@@ -584,7 +592,9 @@ def threads_table(work: Path, presets: list[str], repeats: int, tokenizer: ClipT
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["small", "seed"])
+    parser.add_argument("--presets", nargs="+", default=["small", "seed"],
+                        help=f"training presets with random weights, and/or {SHIPPED!r}: the trained model of --tokenizer's "
+                             "folder (its weights read back from its graph), whose continuation takes a trained model's path")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per figure (medians); continuations get half")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per per-token sample")
     parser.add_argument("--bars", type=int, default=8)
