@@ -23,8 +23,9 @@ arrays for any decoder.
 Configuration for a machine whose cores belong to a DAW first (arguments win over the environment):
 SEGUE_THREADS (intra-op threads of the decode session, default 1), SEGUE_PREFILL_THREADS (threads
 for prompts of PREFILL_MIN_TOKENS or more, default the same: a second session only when larger),
-SEGUE_VARIANT (fp32, int8, ...; default the manifest's `serve` choice; a folder without the variant
-serves its own choice, with a warning), SEGUE_PROVIDER (cpu or
+SEGUE_VARIANT (fp32, int8, ...; default the manifest's `serve` choice, timed again here when it was
+measured on another CPU (engine/variant_choice.py); a folder without the variant serves its own
+choice, with a warning), SEGUE_PROVIDER (cpu or
 cuda; cuda falls back to the CPU with a warning when this onnxruntime has no usable CUDA).
 """
 
@@ -41,7 +42,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from engine.machine import cpu_name
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
+from engine.variant_choice import choose_here, needs_measuring_here
 
 log = logging.getLogger("segue.engine")
 
@@ -209,6 +212,7 @@ class OnnxDecoder:
         self.session = session
         self.prefill_session = prefill_session  # more threads for long prompts, when configured
         self.variant = variant
+        self.serve_reason = ""  # why this precision is served (from_bytes: the manifest's measurement, or one made here)
         shape = manifest.model
         self.n_layer = shape.n_layer
         self.n_head = shape.n_head
@@ -310,7 +314,8 @@ class OnnxDecoder:
 
         `model` is model.onnx; another variant (`variant`, else SEGUE_VARIANT, else the manifest's `serve`
         choice) is taken from `files` or read once from the folder and checked against its sha256 before
-        a session is made of it."""
+        a session is made of it. When the manifest's choice between fp32 and int8 was measured on another
+        CPU, both are timed here first and the export's rule decides (`serve_reason` says which way)."""
         threads = threads or int(os.environ.get("SEGUE_THREADS", "1"))
         prefill_threads = prefill_threads or int(os.environ.get("SEGUE_PREFILL_THREADS", "0")) or threads
         served = manifest.serve.variant if manifest.serve else "fp32"
@@ -319,19 +324,33 @@ class OnnxDecoder:
             log.warning("SEGUE_VARIANT is %s, but %s has no such variant; serving its %s", preferred, folder, served)
         elif variant is None and preferred:
             variant = preferred
-        variant = variant or served
-        graph = model if variant == "fp32" else _variant_bytes(Path(folder), manifest, variant, files)
         chosen = choose_providers(providers)
-        try:
-            session = ort.InferenceSession(graph, session_options(threads), providers=chosen)
-            prefill = (ort.InferenceSession(graph, session_options(prefill_threads), providers=chosen)
-                       if prefill_threads > threads else None)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelError(f"ONNX Runtime could not load {folder / MODEL_FILE} ({variant}): {exc}") from exc
+
+        def make_session(name: str, session_threads: int) -> ort.InferenceSession:
+            graph = model if name == "fp32" else _variant_bytes(Path(folder), manifest, name, files)
+            try:
+                return ort.InferenceSession(graph, session_options(session_threads), providers=chosen)
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                raise ModelError(f"ONNX Runtime could not load {folder / MODEL_FILE} ({name}): {exc}") from exc
+
+        reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
+        sessions: dict[str, ort.InferenceSession] = {}
+        if variant is None and chosen == [CPU] and needs_measuring_here(manifest):
+            # The manifest's choice was timed on another CPU: time both precisions here and apply its rule.
+            sessions = {name: make_session(name, threads) for name in ("fp32", "int8")}
+            here = choose_here(manifest, {name: cls(folder, manifest, session, None, name) for name, session in sessions.items()})
+            variant, reason = here.variant, here.reason
+            log.info("%s: serving %s on %s: %s", folder, variant, cpu_name(), reason)
+        elif variant is not None:
+            reason = "asked for (SEGUE_VARIANT or the caller)"
+        variant = variant or served
+        session = sessions.get(variant) or make_session(variant, threads)
+        prefill = make_session(variant, prefill_threads) if prefill_threads > threads else None
         if CUDA in chosen and CUDA not in session.get_providers():
             log.warning("CUDAExecutionProvider could not start here (no usable GPU or CUDA libraries); "
                         "running %s on the CPU", folder)
         decoder = cls(folder, manifest, session, prefill, variant)
+        decoder.serve_reason = reason
         log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s)", folder, variant, decoder.kv_cache, decoder.device,
                  threads, f", prefill {prefill_threads}" if prefill is not None else "")
         decoder.warm_up()

@@ -21,12 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.machine import cpu_name
-from engine.manifest import ServeChoice
 from engine.session import OnnxDecoder
+from engine.variant_choice import MAX_INT8_PERPLEXITY_LOSS, MIN_INT8_SPEEDUP, choose_variant  # noqa: F401  (the rule, shared with load time)
 
-MAX_INT8_PERPLEXITY_LOSS = 0.02  # serve int8 only when it costs at most 2 % validation perplexity ...
-MIN_INT8_SPEEDUP = 1.10  # ... and is at least 10 % faster per decoded token here
 WEIGHTS = "int8 (onnxruntime quantize_dynamic of the MatMul weights: QInt8 weights, activations quantized per call)"
 
 
@@ -97,19 +94,3 @@ def speed(decoder: OnnxDecoder, context: int = 256, repeats: int = 30) -> dict[s
     _, cache = decoder.step(ids[:, :context], decoder.empty_cache(1))
     decode = median_ms(lambda: decoder.step(ids[:, context:], cache), repeats)
     return {f"decode@{context}": round(decode, 4), f"prefill {context}": round(prefill, 3)}
-
-
-def choose_variant(timings: dict[str, dict[str, float]], int8_loss: float | None) -> ServeChoice:
-    """int8 when its perplexity loss is measured and small and it decodes measurably faster; else fp32."""
-    flat = {f"{variant} {what}": value for variant, measured in timings.items() for what, value in measured.items()}
-    decode = {variant: next(v for k, v in measured.items() if k.startswith("decode")) for variant, measured in timings.items()}
-    speedup = decode["fp32"] / decode["int8"]
-    if int8_loss is None:
-        return ServeChoice("fp32", f"int8 decodes {speedup:.2f}x faster here, but its perplexity was not measured "
-                                   "(no validation data): fp32 until it is", cpu_name(), flat)
-    quality = f"int8 perplexity {int8_loss * 100:+.2f} % vs fp32"
-    if int8_loss <= MAX_INT8_PERPLEXITY_LOSS and speedup >= MIN_INT8_SPEEDUP:
-        return ServeChoice("int8", f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %), "
-                                   f"decode step {speedup:.2f}x faster here", cpu_name(), flat)
-    return ServeChoice("fp32", f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %), decode step {speedup:.2f}x "
-                               f"(needs {MIN_INT8_SPEEDUP:.2f}x): fp32 is served", cpu_name(), flat)

@@ -44,7 +44,8 @@ class LoadedModel:
         m = self.manifest
         return {"name": self.name, "parameters": m.model.parameters, "max_context": m.model.max_context,
                 "val_perplexity": m.metrics.val_perplexity, "data_fingerprint": m.training.data_fingerprint,
-                "created": m.created, "search": dataclasses.asdict(m.search), "meters": self.meters}
+                "created": m.created, "search": dataclasses.asdict(m.search), "meters": self.meters,
+                "precision": self.generator.decoder.variant, "precision_reason": self.generator.decoder.serve_reason}
 
 
 def folder_signature(folder: Path) -> tuple:

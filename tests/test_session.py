@@ -289,3 +289,72 @@ def test_a_preferred_variant_a_folder_lacks_falls_back_with_a_warning(tiny_model
     decoder = OnnxDecoder.load(tiny_model)
     assert decoder.variant == "fp32"
     assert any("SEGUE_VARIANT is int8" in r.getMessage() for r in caplog.records)
+
+
+def _exported_elsewhere(int8_model, tmp_path, cpu: str | None):
+    """A copy of the int8 model folder whose manifest says its precision was chosen on `cpu`."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(int8_model, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["serve"]["measured_on"] = cpu
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("fp32_ms, int8_ms, served", [(1.0, 0.5, "int8"), (0.5, 1.0, "fp32"), (1.0, 0.95, "fp32")])
+def test_a_folder_exported_on_another_cpu_is_timed_here_and_serves_the_faster_precision(
+        int8_model, tmp_path, monkeypatch, caplog, fp32_ms, int8_ms, served):
+    """The manifest's fp32/int8 choice was measured on another CPU: at load both precisions are timed here
+    and the export's rule applies (int8 within 2 % perplexity and at least 1.1x faster), and the log and
+    the decoder say why."""
+    import engine.variant_choice as variant_choice
+
+    folder = _exported_elsewhere(int8_model, tmp_path, "AMD EPYC 7B13 (a machine with AVX2 only)")
+    timed: list[str] = []
+
+    def fake_decode_ms(decoder, context=variant_choice.LOAD_CONTEXT, steps=variant_choice.LOAD_STEPS):
+        timed.append(decoder.variant)
+        return {"fp32": fp32_ms, "int8": int8_ms}[decoder.variant]
+
+    monkeypatch.setattr(variant_choice, "decode_ms", fake_decode_ms)
+    monkeypatch.delenv("SEGUE_VARIANT", raising=False)
+    caplog.set_level(logging.INFO, logger="segue.engine")
+    decoder = OnnxDecoder.load(folder)
+    assert decoder.variant == served and set(timed) == {"fp32", "int8"}
+    assert decoder.serve_reason.startswith("measured at load on this CPU") and "AMD EPYC" in decoder.serve_reason
+    assert any(f"serving {served} on" in r.getMessage() for r in caplog.records)
+    ids = random_ids(decoder, (1, 12), seed=11)
+    assert decoder.step(ids, decoder.empty_cache())[0].shape == (1, decoder.vocab_size)
+
+
+def test_a_choice_measured_on_this_cpu_or_asked_for_is_not_timed_again(int8_model, tmp_path, monkeypatch):
+    import engine.variant_choice as variant_choice
+    from engine.machine import cpu_name
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed at load although the manifest's choice was made here or a variant was asked for")
+
+    monkeypatch.setattr(variant_choice, "decode_ms", no_timing)
+    monkeypatch.delenv("SEGUE_VARIANT", raising=False)
+    here = OnnxDecoder.load(_exported_elsewhere(int8_model, tmp_path / "here", cpu_name()))
+    assert here.variant == verify_model_folder(int8_model).serve.variant and not here.serve_reason.startswith("measured at load")
+    elsewhere = _exported_elsewhere(int8_model, tmp_path / "elsewhere", "Another CPU")
+    assert OnnxDecoder.load(elsewhere, variant="fp32").variant == "fp32"
+    monkeypatch.setenv("SEGUE_VARIANT", "int8")
+    asked = OnnxDecoder.load(elsewhere)
+    assert asked.variant == "int8" and asked.serve_reason.startswith("asked for")
+
+
+def test_timing_both_precisions_at_load_really_runs_them(int8_model, tmp_path, monkeypatch):
+    """Unpatched: the load-time measurement times real decode steps of both files and records them."""
+    from engine.variant_choice import choose_here
+
+    monkeypatch.delenv("SEGUE_VARIANT", raising=False)
+    folder = _exported_elsewhere(int8_model, tmp_path, None)
+    manifest = verify_model_folder(folder)
+    decoders = {name: OnnxDecoder.load(folder, variant=name) for name in ("fp32", "int8")}
+    choice = choose_here(manifest, decoders)
+    assert choice.variant in ("fp32", "int8") and choice.reason.startswith("measured at load")
+    assert set(choice.timings_ms) == {"fp32 decode@128", "int8 decode@128"} and all(v > 0 for v in choice.timings_ms.values())

@@ -1,0 +1,95 @@
+"""Which precision to serve: the rule `export-onnx --quantize int8` applies when it writes the manifest,
+and the same rule applied again at load on a CPU other than the one the manifest's choice was
+measured on.
+
+    choice = choose_variant({"fp32": {"decode@128": 1.10}, "int8": {"decode@128": 0.62}}, int8_loss=0.0004)
+    choice.variant   # "int8": within 2 % perplexity and at least 1.1x faster per decode step here
+
+int8 wins on one machine by its VNNI/AMX kernels and may not on another (an AVX2-only CPU, a
+different cache size), so a folder exported on one computer and served on another measures both
+precisions where it runs (a few decode steps each, about 0.1 s at load) instead of trusting
+numbers taken elsewhere. The quality half of the rule is the manifest's: the perplexities of both
+files on the same validation tokens, measured at export.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Protocol
+
+import numpy as np
+
+from engine.machine import cpu_name
+from engine.manifest import Manifest, ServeChoice
+
+MAX_INT8_PERPLEXITY_LOSS = 0.02  # serve int8 only when it costs at most 2 % validation perplexity ...
+MIN_INT8_SPEEDUP = 1.10  # ... and is at least 10 % faster per decoded token here
+LOAD_CONTEXT = 128  # the history a load-time decode step is timed at
+LOAD_STEPS = 24  # decode steps timed per precision at load (median)
+
+
+class Decoder(Protocol):
+    vocab_size: int
+    max_context: int
+
+    def empty_cache(self, batch: int = 1): ...
+
+    def step(self, ids: np.ndarray, cache): ...
+
+
+def choose_variant(timings: dict[str, dict[str, float]], int8_loss: float | None) -> ServeChoice:
+    """int8 when its perplexity loss is measured and small and it decodes measurably faster; else fp32.
+    `timings`: per variant, measured medians in ms whose first key starting "decode" is a decode step."""
+    flat = {f"{variant} {what}": value for variant, measured in timings.items() for what, value in measured.items()}
+    decode = {variant: next(v for k, v in measured.items() if k.startswith("decode")) for variant, measured in timings.items()}
+    speedup = decode["fp32"] / decode["int8"]
+    if int8_loss is None:
+        return ServeChoice("fp32", f"int8 decodes {speedup:.2f}x faster here, but its perplexity was not measured "
+                                   "(no validation data): fp32 until it is", cpu_name(), flat)
+    quality = f"int8 perplexity {int8_loss * 100:+.2f} % vs fp32"
+    if int8_loss <= MAX_INT8_PERPLEXITY_LOSS and speedup >= MIN_INT8_SPEEDUP:
+        return ServeChoice("int8", f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %), "
+                                   f"decode step {speedup:.2f}x faster here", cpu_name(), flat)
+    return ServeChoice("fp32", f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %), decode step {speedup:.2f}x "
+                               f"(needs {MIN_INT8_SPEEDUP:.2f}x): fp32 is served", cpu_name(), flat)
+
+
+def needs_measuring_here(manifest: Manifest) -> bool:
+    """Whether the manifest's choice between fp32 and int8 was measured on another CPU (or not at all) and
+    int8's quality is known, so that timing both here could change what is served."""
+    int8 = manifest.variants.get("int8")
+    if int8 is None or int8.perplexity_loss is None or int8.perplexity_loss > MAX_INT8_PERPLEXITY_LOSS:
+        return False  # fp32 either way: there is no int8, or its quality rules it out whatever the speed
+    measured_on = manifest.serve.measured_on if manifest.serve is not None else None
+    return measured_on != cpu_name()
+
+
+def decode_ms(decoder: Decoder, context: int = LOAD_CONTEXT, steps: int = LOAD_STEPS) -> float:
+    """Median process-CPU milliseconds of one decode step after `context` positions (random ids, batch 1).
+    Every step starts from the same history, so each one is timed at the same context."""
+    context = min(context, decoder.max_context - 1)
+    ids = np.random.default_rng(0).integers(0, decoder.vocab_size, (1, context + 1))
+    _, cache = decoder.step(ids[:, :context], decoder.empty_cache(1))
+    decoder.step(ids[:, context:], cache)  # first use of this decoder's step buffers
+    samples = []
+    for _ in range(steps):
+        started = time.process_time()
+        decoder.step(ids[:, context:], cache)
+        samples.append((time.process_time() - started) * 1000)
+    return statistics.median(samples)
+
+
+def choose_here(manifest: Manifest, decoders: dict[str, Decoder]) -> ServeChoice:
+    """The rule applied to fp32 and int8 timed on this CPU, their steps interleaved so a busy moment slows both."""
+    rounds: dict[str, list[float]] = {variant: [] for variant in decoders}
+    for _ in range(3):
+        for variant, decoder in decoders.items():
+            rounds[variant].append(decode_ms(decoder, steps=LOAD_STEPS // 3))
+    timings = {variant: {f"decode@{LOAD_CONTEXT}": round(statistics.median(values), 4)} for variant, values in rounds.items()}
+    choice = choose_variant(timings, manifest.variants["int8"].perplexity_loss)
+    serve = manifest.serve
+    before = f"the manifest's {serve.variant} was measured on {serve.measured_on}" if serve and serve.measured_on \
+        else "the manifest's choice was not measured"
+    return ServeChoice(choice.variant, f"measured at load on this CPU ({before}): {choice.reason}", choice.measured_on,
+                       choice.timings_ms)
