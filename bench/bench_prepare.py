@@ -9,7 +9,8 @@ existed) and one with the default cache, where each run first sends `prepare` fo
 waits for `prepared` (the musician selected the clip a moment ago) and then sends the `continue`.
 Runs alternate between the two servers with the same seed, so both decode the same tokens. The
 time measured is the client's: from sending the `continue` datagram to receiving the first `note`
-(the request is then cancelled: only the first note is measured). Clips: the bundled examples cut
+(the request is then cancelled: only the first note is measured); `--idle-ms` lets the servers sit
+idle before each continue, as a musician's clicks do. Clips: the bundled examples cut
 to 4 bars, and a dense 4-bar ostinato (a three-note chord on every 16th: 48 notes a bar). Prints
 a Markdown table of medians with the CPU's name; the target of issue 11 is a first note within
 5 ms of `continue` for a prepared clip.
@@ -114,7 +115,7 @@ class Served:
             self.process.kill()
 
 
-def bench_model(model: Path, clips: dict[str, dict], runs: int, bars: int, workdir: Path) -> list[dict]:
+def bench_model(model: Path, clips: dict[str, dict], runs: int, bars: int, workdir: Path, idle_ms: float = 0.0) -> list[dict]:
     cold, warm = Served(model, 0, workdir), Served(model, 256, workdir)
     rows = []
     try:
@@ -128,9 +129,11 @@ def bench_model(model: Path, clips: dict[str, dict], runs: int, bars: int, workd
             colds, preps, tokens = [], [], 0
             for run in range(runs):
                 request = {**base, "seed": run}
+                time.sleep(idle_ms / 1000)
                 colds.append(cold.first_note_ms(request))
                 prepared = warm.prepare(clip)
                 tokens = prepared["tokens"]
+                time.sleep(idle_ms / 1000)  # the musician selected the clip a moment before pressing Continue
                 preps.append(warm.first_note_ms(request))
             rows.append({"model": model.name if model.name != "model" else model.parent.name, "clip": name,
                          "notes": len(clip["notes"]), "tokens": tokens, "cold": statistics.median(colds),
@@ -150,6 +153,9 @@ def main() -> None:
                         help="a model folder (repeatable; default: the tiny test model, built now, and models/default)")
     parser.add_argument("--runs", type=int, default=15, help="runs per clip and side (median reported)")
     parser.add_argument("--bars", type=int, default=8, help="bars each continue asks for (only its first note is waited for)")
+    parser.add_argument("--idle-ms", type=float, default=0.0,
+                        help="the servers sit idle this long before each continue, as between a musician's clicks "
+                             "(an idle core's caches and clock cool down; 0: back to back)")
     args = parser.parse_args()
 
     clips = {path.stem: prompt_payload(path, 4) for path in sorted((ROOT / "docs" / "examples").glob("*.mid"))}
@@ -166,12 +172,13 @@ def main() -> None:
             models = [workdir / "tiny" / "model", ROOT / "models" / "default"]
         rows = []
         for model in models:
-            rows += bench_model(model, clips, args.runs, args.bars, workdir)
+            rows += bench_model(model, clips, args.runs, args.bars, workdir, args.idle_ms)
 
     import onnxruntime
 
     print(f"\nCPU: {cpu_name()} ({os.cpu_count()} cores; {cpu_flags()}), onnxruntime {onnxruntime.__version__}, "
-          f"{args.runs} runs per cell (median, p90), {args.bars}-bar continue, 1 variation, OSC over loopback; "
+          f"{args.runs} runs per cell (median, p90), {args.bars}-bar continue, 1 variation, OSC over loopback, "
+          f"{args.idle_ms:g} ms idle before each continue; "
           f"`segue serve` defaults (1 thread, 2 workers)\n")
     print("| model | clip (4 bars) | notes | prompt tokens | prefill, in the background (ms) | first note cold (ms, p50 / p90) "
           f"| first note prepared (ms, p50 / p90) | cold / prepared | prepared ≤ {TARGET_MS:g} ms |")
