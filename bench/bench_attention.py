@@ -2,6 +2,7 @@
 
     python bench/bench_attention.py
     python bench/bench_attention.py --contexts 256 512 --repeats 9
+    python bench/bench_attention.py --profile models/default     # and each op kind's share of a whole step
 
 The engine's decode step is one GroupQueryAttention node per layer plus the layer's matmuls
 (`export/gqa.py`). This times the node alone, as the engine runs it (one thread, the shared KV buffer
@@ -12,6 +13,10 @@ measured here for a working set that size, and the ratio. The matmuls' own floor
 bench_engine.py's tables; this is the part of a step that grows with the context.
 
 Times are process CPU time (one thread), the best of `--repeats` rounds of 200 calls.
+
+`--profile FOLDER` adds, for that model folder's served precision, ONNX Runtime's own profile of a
+decode step at 512 positions and of a 256-token prefill (fed in the engine's 64-position chunks):
+the share of kernel time each kind of node takes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -99,11 +105,66 @@ def read_gbs(nbytes: int, repeats: int) -> float:
     return matrix.nbytes / best / 1e9
 
 
+def _profiled(graph: str, feeds, rounds: int) -> dict[str, float]:
+    """Share of kernel time per op type over `rounds` runs of `feeds` (a list of IO-binding setups)."""
+    import collections
+    import json
+
+    options = session_options(1)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="segue-profile-")) / "ort")
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    bindings = [setup(session) for setup in feeds]
+    for _ in range(rounds):
+        for binding in bindings:
+            session.run_with_iobinding(binding)
+    trace_file = Path(session.end_profiling())
+    kernel_us: collections.Counter = collections.Counter()
+    for event in json.loads(trace_file.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            kernel_us[event["args"]["op_name"]] += event["dur"]
+    trace_file.unlink()
+    total = sum(kernel_us.values())
+    return {op: us / total for op, us in kernel_us.most_common()}
+
+
+def op_shares(folder: Path, rounds: int = 50) -> tuple[str, dict[str, dict[str, float]]]:
+    """Kernel time per op type (shares) of a decode step at 512 positions and of a 256-token prefill in the
+    engine's 64-position chunks, from ONNX Runtime's profiler, on the folder's served precision."""
+    from engine.manifest import MODEL_FILE
+    from engine.session import PREFILL_CHUNK, OnnxDecoder
+
+    decoder = OnnxDecoder.load(folder, threads=1)  # verifies the folder and chooses the precision
+    name = MODEL_FILE if decoder.variant == "fp32" else decoder.manifest.variants[decoder.variant].file
+    shape = (1, decoder.n_head, decoder.max_context, decoder.head_dim)
+    buffers = {past: np.zeros(shape, dtype=np.float32) for past in decoder.past_names}
+    ids = np.random.default_rng(0).integers(0, decoder.vocab_size, (1, 512))
+
+    def binding(start: int, count: int):
+        def setup(session):
+            bound = session.io_binding()
+            bound.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:start + count]))
+            bound.bind_cpu_input("position_ids", np.arange(start, start + count, dtype=np.int64)[None])
+            bound.bind_output("logits")
+            for past, present in zip(decoder.past_names, decoder.present_names, strict=True):
+                value = ort.OrtValue.ortvalue_from_numpy(buffers[past])  # shared past and present, as the engine binds
+                bound.bind_ortvalue_input(past, value)
+                bound.bind_ortvalue_output(present, value)
+            return bound
+        return setup
+
+    graph = str(folder / name)
+    prefill = _profiled(graph, [binding(s, PREFILL_CHUNK) for s in range(0, 256, PREFILL_CHUNK)], max(rounds // 10, 3))
+    decode = _profiled(graph, [binding(511, 1)], rounds * 4)
+    return decoder.variant, {"decode step @512": decode, "prefill 256 (64-position chunks)": prefill}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 512, 896])
     parser.add_argument("--capacity", type=int, default=1024, help="positions in the preallocated buffer")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", type=Path, help="a model folder: each op kind's share of its decode step and prefill")
     args = parser.parse_args(argv)
     if max(args.contexts) >= args.capacity:
         parser.error(f"every context must be below --capacity ({args.capacity})")
@@ -118,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = 2 * heads * context * head_dim * 4  # keys and values of the history, fp32
             floor = nbytes / (read_gbs(nbytes, args.repeats) * 1e9) * 1e6
             print(f"| {label} | {context} | {took:.1f} | {nbytes / 1024:.0f} | {floor:.1f} | {took / floor:.1f}x |", flush=True)
+    if args.profile is not None:
+        variant, shares = op_shares(args.profile)
+        print(f"\n{args.profile} ({variant}): share of kernel time by op type (ONNX Runtime's profiler)\n")
+        phases = list(shares)
+        ops = sorted({op for phase in shares.values() for op in phase}, key=lambda op: -max(p.get(op, 0) for p in shares.values()))
+        print("| op type | " + " | ".join(phases) + " |")
+        print("|---|" + "---|" * len(phases))
+        for op in ops:
+            print(f"| {op} | " + " | ".join(f"{shares[phase].get(op, 0.0) * 100:.1f} %" for phase in phases) + " |")
     return 0
 
 
