@@ -338,7 +338,9 @@ class ContinuationGrammar(MaskedStream):
             mask |= self._pitch_ok if not self.ascending_chords else self._pitch_ok & (self._pitch_table > self.last_pitch)
             sounding = self._sounding_pitches()
             if len(sounding):
-                mask &= ~np.isin(self._pitch_table, sounding)
+                held = np.zeros(129, dtype=bool)  # by MIDI pitch; index -1 (a token that is no pitch) stays False
+                held[sounding] = True
+                mask &= ~held[self._pitch_table]  # np.isin's answer, without its sort (this runs every Pitch)
             if self._missing > 0:
                 mask &= self._room_after_pitch()
         elif e is Expect.VELOCITY:

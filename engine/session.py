@@ -419,7 +419,9 @@ class OnnxDecoder:
             raise ValueError(f"{batch} rows of ids for a cache of {cache.batch} rows")
         if start + steps > self.max_context:
             raise ValueError(f"{start + steps} positions exceed the model context of {self.max_context}")
-        positions = np.ascontiguousarray(np.broadcast_to(np.arange(start, start + steps, dtype=np.int64), (batch, steps)))
+        positions = np.arange(start, start + steps, dtype=np.int64)[None, :]
+        if batch > 1:
+            positions = np.repeat(positions, batch, axis=0)
         if self.shared:
             return self._forward_shared(ids, positions, cache, claimed)
         if self.kv_cache == "shared-buffer" and steps > 1 and start > 0 and batch > 1:
