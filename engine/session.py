@@ -394,20 +394,30 @@ class OnnxDecoder:
         logits, cache = self.forward(ids, cache)
         return logits[:, -1, :], cache
 
-    def step_instead(self, ids: np.ndarray, cache: KVCache, discarded: KVCache) -> tuple[np.ndarray, KVCache]:
+    def step_instead(self, ids: np.ndarray, cache: KVCache, discarded: KVCache,
+                     every_position: bool = False) -> tuple[np.ndarray, KVCache]:
         """`step(ids, cache)` where `discarded` is a step from `cache` whose result is thrown away (the chord
-        lookahead's speculative Program for rows that then chose another token). On the shared buffer
-        the new positions overwrite the discarded ones in place: no copy of the history, which a plain
-        `step` from the older cache would need (0.3-0.5 ms a time at 512 positions). `discarded` is
-        unusable afterwards."""
+        lookahead's speculative Program for rows that then chose another token, a guessed token that was
+        not drawn). On the shared buffer the new positions overwrite the discarded ones in place: no copy
+        of the history, which a plain `step` from the older cache would need (0.3-0.5 ms a time at 512
+        positions). `discarded` is unusable afterwards. `every_position`: the logits of every fed
+        position [batch, T, vocab], as `forward` gives them, instead of the last one's."""
         store, claimed = discarded._store, None
-        if store is not None and self.shared and store is cache._store and discarded.length == cache.length + ids.shape[1]:
+        if store is not None and self.shared and store is cache._store and discarded.length > cache.length:
             with store.lock:
                 if store.written == discarded.length:  # nothing was written after the discarded step: its
-                    claimed = store  # positions stay claimed (no other writer can take them in between)
+                    store.written = cache.length + ids.shape[1]  # positions stay ours (no other writer can
+                    claimed = store  # take them in between), as many as this step writes
         discarded._store, discarded._tensors = None, ()  # its positions are about to be overwritten
         logits, cache = self.forward(ids, cache, claimed)
-        return logits[:, -1, :], cache
+        return (logits if every_position else logits[:, -1, :]), cache
+
+    def shortened(self, cache: KVCache, length: int) -> KVCache:
+        """The first `length` positions of a shared-buffer cache, over the same buffers (no copy). Stepping
+        it copies them unless it goes through `step_instead` with `cache` as the discarded one."""
+        if cache._store is None or not 0 <= length <= cache.length:
+            raise ValueError("only a shared-buffer cache can be shortened, to at most its length")
+        return KVCache(store=cache._store, length=length)
 
     def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | None = None) -> tuple[np.ndarray, KVCache]:
         """As `step`, but the logits of every fed position [batch, T, vocab] (for scoring a sequence).

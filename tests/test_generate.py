@@ -261,6 +261,7 @@ def test_forced_tokens_go_into_the_model_with_the_token_before_them(generator, e
         return real_step(ids, cache)
 
     monkeypatch.setattr(decoder, "step", counting_step)
+    monkeypatch.setattr(type(generator), "_guess", lambda self, row, length: None)  # steps of forced tokens only
     clip = four_bar_clip(example_midi[0])
     request = ContinuationRequest(bars=4, variations=1, seed=7)
     merged = generator.generate(clip, request)[0]
@@ -279,3 +280,91 @@ def test_forced_tokens_go_into_the_model_with_the_token_before_them(generator, e
     assert set(widths[1:]) == {1}
     assert single.tokens == merged.tokens and single.clip.notes == merged.clip.notes
     assert len(widths) - 1 == len(merged_widths) + forced_in_steps
+
+
+def _model_calls(generator, monkeypatch) -> list[int]:
+    """Counts every model call of the generator's decoder (its width: the tokens fed)."""
+    decoder = generator.decoder
+    widths: list[int] = []
+    real_forward = type(decoder).forward
+
+    def counting_forward(self, ids, cache, claimed=None):
+        widths.append(ids.shape[1])
+        return real_forward(self, ids, cache, claimed)
+
+    monkeypatch.setattr(type(decoder), "forward", counting_forward)
+    return widths
+
+
+def test_a_guessed_velocity_is_fed_with_the_pitch_and_changes_no_token(generator, example_midi, monkeypatch):
+    """After a Pitch the row's last Velocity is fed too, on a guess: the model still draws the Velocity from
+    its own distribution, a guess that comes true saves a model call, and one that does not is written
+    over (no call more than without guessing). The continuation is the same as with no guessing, and
+    so it is with a guess that is always wrong (every guess then written over)."""
+    import engine.generate as generate_module
+
+    real_guess = generate_module.Generator._guess
+    vocab = generator.vocab
+    widths = _model_calls(generator, monkeypatch)
+    rows = []
+
+    def watched(self, row, length):
+        rows.append(row)
+        return real_guess(self, row, length)
+
+    def wrong_guess(self, row, length):
+        right = real_guess(self, row, length)
+        if right is None:
+            return None
+        others = np.flatnonzero(row.grammar.allowed() & (vocab.velocity_value >= 0))
+        others = others[others != right]
+        return int(others[0]) if len(others) else None
+
+    hits = 0
+    for seed in (3, 11):
+        clip = four_bar_clip(example_midi[seed % len(example_midi)])
+        request = ContinuationRequest(bars=4, variations=1, seed=seed)
+        widths.clear()
+        monkeypatch.setattr(generate_module.Generator, "_guess", watched)
+        guessing = generator.generate(clip, request)[0]
+        calls_guessing, right = len(widths), rows[-1].guessed_right
+        assert rows[-1].guesses > 0 and any(w >= 2 for w in widths[1:]), "no step fed a guess"
+
+        widths.clear()
+        monkeypatch.setattr(generate_module.Generator, "_guess", lambda self, row, length: None)
+        plain = generator.generate(clip, request)[0]
+        assert plain.tokens == guessing.tokens and plain.clip.notes == guessing.clip.notes
+        assert calls_guessing == len(widths) - right, "each guess that came true saves one call, a miss costs none"
+        hits += right
+
+        monkeypatch.setattr(generate_module.Generator, "_guess", wrong_guess)
+        wrong = generator.generate(clip, request)[0]
+        assert wrong.tokens == plain.tokens and wrong.clip.notes == plain.clip.notes
+    assert hits > 0, "no guess came true on either clip"
+
+
+def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_midi, monkeypatch):
+    """Guessing costs little, but not nothing: after GUESS_TRIAL guesses a row whose guesses came true
+    less than GUESS_MIN_RATE of the time feeds no more."""
+    import engine.generate as generate_module
+
+    rows = []
+    real_guess = generate_module.Generator._guess
+
+    def always_wrong(self, row, length):
+        rows.append(row)
+        right = real_guess(self, row, length)
+        if right is None:
+            return None
+        others = np.flatnonzero(row.grammar.allowed() & (self.vocab.velocity_value >= 0))
+        others = others[others != right]
+        return int(others[0]) if len(others) else None
+
+    monkeypatch.setattr(generate_module.Generator, "_guess", always_wrong)
+    generator.generate(four_bar_clip(example_midi[0]), ContinuationRequest(bars=8, variations=1, seed=2))
+    row = rows[-1]
+    assert row.guessed_right == 0 and 0 < row.guesses
+    # The real rule on that row's record: no more guesses once the trial is over.
+    monkeypatch.setattr(generate_module.Generator, "_guess", real_guess)
+    row.guesses = generate_module.GUESS_TRIAL
+    assert generate_module.Generator._guess(generator, row, 0) is None
