@@ -417,9 +417,10 @@ class Generator:
         the Velocity from its own distribution (the logits before the guess); when it draws the guess,
         the next token's logits are already there and a decode step is saved, else the drawn token is
         fed over the guess's position (`step_instead`) at the cost of the step it would have taken
-        anyway. A clip's velocities mostly repeat (97-99 % of the bundled examples' continuations;
-        about 20 % in humanised band parts), and a two-token step costs about what a one-token step
-        does, so a row guesses while at least GUESS_MIN_RATE of its guesses came true."""
+        anyway. A Velocity often repeats the one before (97-99 % of them in the continuations of the
+        bundled examples, about 20 % in the humanised parts of the held-out band files), and a
+        two-token step costs about what a one-token step does, so a row guesses while at least
+        GUESS_MIN_RATE of its guesses came true."""
         grammar = row.grammar
         shared = getattr(self.decoder, "shared", False)  # only a shared-buffer cache can write over a guess in place
         if not shared or not isinstance(grammar, ContinuationGrammar) or grammar.expect is not Expect.VELOCITY:
