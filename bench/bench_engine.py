@@ -499,19 +499,19 @@ def continue_for(generator: Generator, clip: Clip, request: ContinuationRequest,
     ones and the forced ones fed with them). Raises if the continuation ends before that."""
     start = len(generator.prompt_tokens(clip)[0]) + 2  # the prompt and the opening Bar and TimeSig
     decoder = generator.decoder
-    real_step = decoder.step
+    real_forward = decoder.forward
     fed = [0]
 
-    def counting_step(ids, cache):
+    def counting_forward(ids, cache, *args):  # every model call goes through forward (step, step_instead)
         fed[0] = cache.length + ids.shape[1] - start
-        return real_step(ids, cache)
+        return real_forward(ids, cache, *args)
 
-    decoder.step = counting_step  # type: ignore[method-assign]
+    decoder.forward = counting_forward  # type: ignore[method-assign]
     try:
         for _ in generator.stream(clip, request, should_stop=lambda: fed[0] >= tokens):
             pass
     finally:
-        del decoder.step  # the class's method again
+        del decoder.forward  # the class's method again
     if fed[0] < tokens:
         raise RuntimeError(f"the continuation ended after {fed[0]} of {tokens} tokens")
 
