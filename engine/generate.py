@@ -77,6 +77,18 @@ class VariationDone:
 
 
 @dataclass
+class _Guesses:
+    """How a row's guesses of one kind of token (Velocity, Duration) have fared: it goes on guessing that
+    kind while at least GUESS_MIN_RATE of them came true (or fewer than GUESS_TRIAL were made)."""
+
+    made: int = 0
+    right: int = 0
+
+    def worth_it(self) -> bool:
+        return self.made < GUESS_TRIAL or self.right >= GUESS_MIN_RATE * self.made
+
+
+@dataclass
 class _Row:
     """One variation of one group of tracks (written as one stream) in flight."""
 
@@ -89,15 +101,22 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     notes: dict[int, list[Note]] = field(default_factory=dict)  # per track
     velocity: int = -1  # the last Velocity token of this stream (the prompt's, to begin with): the next guess
-    guesses: int = 0  # Velocity tokens fed on a guess (Generator._guess) ...
-    guessed_right: int = 0  # ... and how many of them were then drawn
+    duration: int = -1  # the same for Duration
+    velocity_guesses: _Guesses = field(default_factory=_Guesses)  # tokens fed on a guess (Generator._guess)
+    duration_guesses: _Guesses = field(default_factory=_Guesses)
+
+    def guesses_of(self, token: int) -> _Guesses:
+        return self.velocity_guesses if self.grammar.vocab.velocity_value[token] >= 0 else self.duration_guesses
 
     def feed(self, token: int) -> tuple[int, Note | None]:
         """Record an accepted token: the track it belongs to and the note it completes, if any."""
         self.generated.append(token)
         self.history.append(token)
-        if self.grammar.vocab.velocity_value[token] >= 0:
+        vocab = self.grammar.vocab
+        if vocab.velocity_value[token] >= 0:
             self.velocity = token
+        elif vocab.duration_mask[token]:
+            self.duration = token
         track = self.tracks[self.grammar.active_track]
         note = self.assembler.feed(token, self.grammar.active_track)
         if note is not None:
@@ -113,9 +132,9 @@ class _Lane:
     cache: KVCache
     logits: np.ndarray  # [len(rows), vocab]: the next-token distribution of each row
     stepped: tuple[KVCache, np.ndarray] | None = None  # cache and logits after this step's tokens, when already fed
-    # A one-row lane whose last step also fed a guessed next token: the guess, the cache after it and the
-    # logits after it. `cache` and `logits` are then the same step's, `logits` those before the guess.
-    guess: tuple[int, KVCache, np.ndarray] | None = None
+    # A one-row lane whose last step also fed guessed next tokens: the guesses, the cache after them and
+    # the logits after each. `cache` and `logits` are then the same step's, `logits` those before them.
+    guess: tuple[list[int], KVCache, list[np.ndarray]] | None = None
 
 
 class Generator:
@@ -325,7 +344,9 @@ class Generator:
                 # Variation k of a one-track clip draws from (seed, k) however many variations were asked for.
                 rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, group[0]])
                 velocity = next((t for t in reversed(prompt) if self.vocab.velocity_value[t] >= 0), -1)
-                rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening), velocity=velocity))
+                duration = next((t for t in reversed(prompt) if self.vocab.duration_mask[t]), -1)
+                rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening),
+                                 velocity=velocity, duration=duration))
         # One prefill for the shared prompt (or the one kept in `prefills`), then the cache is copied for every
         # variation. One row decodes from it as it is: a step never changes the cache it is given.
         prefilled = self._prefill(prompt + opening, prefills)
@@ -358,39 +379,39 @@ class Generator:
                                             logits[alive]))
                     continue
                 discarded = None
-                if lane.guess is not None:  # a one-row lane: its last step also fed a guessed token
-                    guessed_token, guessed, after_guess = lane.guess
-                    if tokens[0] == guessed_token:  # drawn as guessed: the model has read it already
-                        rows_alive[0].guessed_right += 1
-                        next_lanes.append(_Lane(rows_alive, guessed, after_guess))
+                if lane.guess is not None:  # a one-row lane: its last step also fed guessed tokens
+                    guessed_tokens, guessed, after = lane.guess
+                    if tokens[0] == guessed_tokens[0]:  # drawn as guessed: the model has read it already
+                        rows_alive[0].guesses_of(tokens[0]).right += 1
+                        rest = (guessed_tokens[1:], guessed, after[1:]) if len(guessed_tokens) > 1 else None
+                        next_lanes.append(_Lane(rows_alive, guessed, after[0], guess=rest))
                         continue
-                    discarded = guessed  # the drawn token is fed over the guess's position
-                    cache = self.decoder.shortened(guessed, guessed.length - 1)
+                    discarded = guessed  # the drawn token is fed over the guesses' positions
+                    cache = self.decoder.shortened(guessed, guessed.length - len(guessed_tokens))
                 else:
                     cache = lane.cache if len(alive) == len(lane.rows) else lane.cache.select(alive)
                 if cache.length + 1 > self.decoder.max_context:
                     next_lanes.extend(self._reprefill(rows_alive))
                     continue
                 fed = [[tokens[i]] for i in alive]
-                guess = None
+                guesses: list[int] = []
                 if len(alive) == 1:  # tokens the grammar forces next go into the same step (one row: no padding)
                     yield from self._forced(rows_alive[0], fed[0], cache.length)
-                    guess = self._guess(rows_alive[0], cache.length + len(fed[0]))
-                if guess is None and discarded is None:
+                    guesses = self._guess(rows_alive[0], cache.length + len(fed[0]))
+                if not guesses and discarded is None:
                     logits, cache = self.decoder.step(np.asarray(fed), cache)
                     next_lanes.append(_Lane(rows_alive, cache, logits))
                     continue
-                if guess is not None:
-                    fed[0].append(guess)
-                    rows_alive[0].guesses += 1
+                fed[0] += guesses
+                for token in guesses:
+                    rows_alive[0].guesses_of(token).made += 1
                 if discarded is not None:
                     every, cache = self.decoder.step_instead(np.asarray(fed), cache, discarded, every_position=True)
                 else:
                     every, cache = self.decoder.forward(np.asarray(fed), cache)
-                if guess is None:
-                    next_lanes.append(_Lane(rows_alive, cache, every[:, -1, :]))
-                else:
-                    next_lanes.append(_Lane(rows_alive, cache, every[:, -2, :], guess=(guess, cache, every[:, -1, :])))
+                k = len(guesses)  # the last k positions read guesses: logits before them, and after each
+                guessed_lane = (guesses, cache, [every[:, i, :] for i in range(-k, 0)]) if k else None
+                next_lanes.append(_Lane(rows_alive, cache, every[:, -1 - k, :], guess=guessed_lane))
             lanes = next_lanes
 
     def _forced(self, row: _Row, fed: list[int], length: int) -> Iterator[NoteEvent]:
@@ -411,25 +432,30 @@ class Generator:
                 yield NoteEvent(row.variation, note, track)
             fed.append(token)
 
-    def _guess(self, row: _Row, length: int) -> int | None:
-        """A token to feed on a guess after this step's tokens, so that the step also reads it: when a
-        Velocity comes next in a one-track stream, the stream's last Velocity. The model still draws
-        the Velocity from its own distribution (the logits before the guess); when it draws the guess,
-        the next token's logits are already there and a decode step is saved, else the drawn token is
-        fed over the guess's position (`step_instead`) at the cost of the step it would have taken
-        anyway. A Velocity often repeats the one before (97-99 % of them in the continuations of the
-        bundled examples, about 20 % in the humanised parts of the held-out band files), and a
-        two-token step costs about what a one-token step does, so a row guesses while at least
-        GUESS_MIN_RATE of its guesses came true."""
+    def _guess(self, row: _Row, length: int) -> list[int]:
+        """Tokens to feed on a guess after this step's tokens, so that the step also reads them: when a
+        Velocity comes next in a one-track stream, the stream's last Velocity, and after it its last
+        Duration when the grammar would allow it there. The model still draws each token from its own
+        distribution (the logits before the guess); each guess it draws saves a decode step, and at the
+        first it does not draw the drawn token is fed over the remaining guesses' positions
+        (`step_instead`), at the cost of the step it would have taken anyway. A Velocity often repeats
+        the one before (97-99 % of them in the continuations of the bundled examples, about 20 % in the
+        humanised parts of the held-out band files), a Duration less often (72-85 % and 47 %), and a
+        step of three tokens costs about what a one-token step does, so a row guesses each kind while
+        at least GUESS_MIN_RATE of its guesses of that kind came true (`_Guesses`)."""
         grammar = row.grammar
         shared = getattr(self.decoder, "shared", False)  # only a shared-buffer cache can write over a guess in place
         if not shared or not isinstance(grammar, ContinuationGrammar) or grammar.expect is not Expect.VELOCITY:
-            return None
-        if row.velocity < 0 or length + 1 > self.decoder.max_context:
-            return None
-        if row.guesses >= GUESS_TRIAL and row.guessed_right < GUESS_MIN_RATE * row.guesses:
-            return None
-        return row.velocity if grammar.allowed()[row.velocity] else None
+            return []
+        if row.velocity < 0 or length + 2 > self.decoder.max_context:
+            return []
+        if not row.velocity_guesses.worth_it() or not grammar.allowed()[row.velocity]:
+            return []  # a Duration is guessed only after a guessed Velocity: it is read after that one
+        if row.duration < 0 or not row.duration_guesses.worth_it():
+            return [row.velocity]
+        after = grammar.copy()
+        after.accept(row.velocity)
+        return [row.velocity, row.duration] if after.allowed()[row.duration] else [row.velocity]
 
     @staticmethod
     def _worth_a_lookahead(row: _Row, logits: np.ndarray) -> bool:

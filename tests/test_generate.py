@@ -261,7 +261,7 @@ def test_forced_tokens_go_into_the_model_with_the_token_before_them(generator, e
         return real_step(ids, cache)
 
     monkeypatch.setattr(decoder, "step", counting_step)
-    monkeypatch.setattr(type(generator), "_guess", lambda self, row, length: None)  # steps of forced tokens only
+    monkeypatch.setattr(type(generator), "_guess", lambda self, row, length: [])  # steps of forced tokens only
     clip = four_bar_clip(example_midi[0])
     request = ContinuationRequest(bars=4, variations=1, seed=7)
     merged = generator.generate(clip, request)[0]
@@ -296,11 +296,11 @@ def _model_calls(generator, monkeypatch) -> list[int]:
     return widths
 
 
-def test_a_guessed_velocity_is_fed_with_the_pitch_and_changes_no_token(generator, example_midi, monkeypatch):
-    """After a Pitch the row's last Velocity is fed too, on a guess: the model still draws the Velocity from
-    its own distribution, a guess that comes true saves a model call, and one that does not is written
-    over (no call more than without guessing). The continuation is the same as with no guessing, and
-    so it is with a guess that is always wrong (every guess then written over)."""
+def test_a_guessed_velocity_and_duration_are_fed_with_the_pitch_and_change_no_token(generator, example_midi, monkeypatch):
+    """After a Pitch the row's last Velocity and Duration are fed too, on a guess: the model still draws
+    each from its own distribution, each guess that comes true saves a model call, and the first that
+    does not is written over with the rest (no call more than without guessing). The continuation is
+    the same as with no guessing, and so it is with a Velocity guess that is always wrong."""
     import engine.generate as generate_module
 
     real_guess = generate_module.Generator._guess
@@ -314,11 +314,11 @@ def test_a_guessed_velocity_is_fed_with_the_pitch_and_changes_no_token(generator
 
     def wrong_guess(self, row, length):
         right = real_guess(self, row, length)
-        if right is None:
-            return None
+        if not right:
+            return []
         others = np.flatnonzero(row.grammar.allowed() & (vocab.velocity_value >= 0))
-        others = others[others != right]
-        return int(others[0]) if len(others) else None
+        others = others[others != right[0]]
+        return [int(others[0])] + right[1:] if len(others) else []  # a wrong Velocity, then the Duration guess
 
     hits = 0
     for seed in (3, 11):
@@ -327,11 +327,12 @@ def test_a_guessed_velocity_is_fed_with_the_pitch_and_changes_no_token(generator
         widths.clear()
         monkeypatch.setattr(generate_module.Generator, "_guess", watched)
         guessing = generator.generate(clip, request)[0]
-        calls_guessing, right = len(widths), rows[-1].guessed_right
-        assert rows[-1].guesses > 0 and any(w >= 2 for w in widths[1:]), "no step fed a guess"
+        row = rows[-1]
+        calls_guessing, right = len(widths), row.velocity_guesses.right + row.duration_guesses.right
+        assert row.velocity_guesses.made > 0 and any(w >= 2 for w in widths[1:]), "no step fed a guess"
 
         widths.clear()
-        monkeypatch.setattr(generate_module.Generator, "_guess", lambda self, row, length: None)
+        monkeypatch.setattr(generate_module.Generator, "_guess", lambda self, row, length: [])
         plain = generator.generate(clip, request)[0]
         assert plain.tokens == guessing.tokens and plain.clip.notes == guessing.clip.notes
         assert calls_guessing == len(widths) - right, "each guess that came true saves one call, a miss costs none"
@@ -344,8 +345,8 @@ def test_a_guessed_velocity_is_fed_with_the_pitch_and_changes_no_token(generator
 
 
 def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_midi, monkeypatch):
-    """Guessing costs little, but not nothing: after GUESS_TRIAL guesses a row whose guesses came true
-    less than GUESS_MIN_RATE of the time feeds no more."""
+    """Guessing costs little, but not nothing: after GUESS_TRIAL guesses of a kind, a row whose guesses of
+    it came true less than GUESS_MIN_RATE of the time feeds no more of them."""
     import engine.generate as generate_module
 
     rows = []
@@ -354,17 +355,18 @@ def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_m
     def always_wrong(self, row, length):
         rows.append(row)
         right = real_guess(self, row, length)
-        if right is None:
-            return None
+        if not right:
+            return []
         others = np.flatnonzero(row.grammar.allowed() & (self.vocab.velocity_value >= 0))
-        others = others[others != right]
-        return int(others[0]) if len(others) else None
+        others = others[others != right[0]]
+        return [int(others[0])] if len(others) else []
 
     monkeypatch.setattr(generate_module.Generator, "_guess", always_wrong)
     generator.generate(four_bar_clip(example_midi[0]), ContinuationRequest(bars=8, variations=1, seed=2))
     row = rows[-1]
-    assert row.guessed_right == 0 and 0 < row.guesses
+    assert row.velocity_guesses.right == 0 and 0 < row.velocity_guesses.made
     # The real rule on that row's record: no more guesses once the trial is over.
     monkeypatch.setattr(generate_module.Generator, "_guess", real_guess)
-    row.guesses = generate_module.GUESS_TRIAL
-    assert generate_module.Generator._guess(generator, row, 0) is None
+    row.velocity_guesses.made = generate_module.GUESS_TRIAL
+    assert not row.velocity_guesses.worth_it()
+    assert generate_module.Generator._guess(generator, row, 0) == []
