@@ -132,9 +132,9 @@ class _Lane:
     cache: KVCache
     logits: np.ndarray  # [len(rows), vocab]: the next-token distribution of each row
     stepped: tuple[KVCache, np.ndarray] | None = None  # cache and logits after this step's tokens, when already fed
-    # A one-row lane whose last step also fed guessed next tokens: the guesses, the cache after them and
-    # the logits after each. `cache` and `logits` are then the same step's, `logits` those before them.
-    guess: tuple[list[int], KVCache, list[np.ndarray]] | None = None
+    # A one-row lane whose last step also fed guessed next tokens: the guesses and the logits after each.
+    # `cache` then holds them too, and `logits` are those before the first.
+    guess: tuple[list[int], list[np.ndarray]] | None = None
 
 
 class Generator:
@@ -380,14 +380,14 @@ class Generator:
                     continue
                 discarded = None
                 if lane.guess is not None:  # a one-row lane: its last step also fed guessed tokens
-                    guessed_tokens, guessed, after = lane.guess
+                    guessed_tokens, after = lane.guess
                     if tokens[0] == guessed_tokens[0]:  # drawn as guessed: the model has read it already
                         rows_alive[0].guesses_of(tokens[0]).right += 1
-                        rest = (guessed_tokens[1:], guessed, after[1:]) if len(guessed_tokens) > 1 else None
-                        next_lanes.append(_Lane(rows_alive, guessed, after[0], guess=rest))
+                        rest = (guessed_tokens[1:], after[1:]) if len(guessed_tokens) > 1 else None
+                        next_lanes.append(_Lane(rows_alive, lane.cache, after[0], guess=rest))
                         continue
-                    discarded = guessed  # the drawn token is fed over the guesses' positions
-                    cache = self.decoder.shortened(guessed, guessed.length - len(guessed_tokens))
+                    discarded = lane.cache  # the drawn token is fed over the guesses' positions
+                    cache = self.decoder.shortened(lane.cache, lane.cache.length - len(guessed_tokens))
                 else:
                     cache = lane.cache if len(alive) == len(lane.rows) else lane.cache.select(alive)
                 if cache.length + 1 > self.decoder.max_context:
@@ -410,7 +410,7 @@ class Generator:
                 else:
                     every, cache = self.decoder.forward(np.asarray(fed), cache)
                 k = len(guesses)  # the last k positions read guesses: logits before them, and after each
-                guessed_lane = (guesses, cache, [every[:, i, :] for i in range(-k, 0)]) if k else None
+                guessed_lane = (guesses, [every[:, i, :] for i in range(-k, 0)]) if k else None
                 next_lanes.append(_Lane(rows_alive, cache, every[:, -1 - k, :], guess=guessed_lane))
             lanes = next_lanes
 
@@ -435,7 +435,8 @@ class Generator:
     def _guess(self, row: _Row, length: int) -> list[int]:
         """Tokens to feed on a guess after this step's tokens, so that the step also reads them: when a
         Velocity comes next in a one-track stream, the stream's last Velocity, and after it its last
-        Duration when the grammar would allow it there. The model still draws each token from its own
+        Duration (not checked against the grammar: one it forbids is never drawn, a miss that costs
+        no step). The model still draws each token from its own
         distribution (the logits before the guess); each guess it draws saves a decode step, and at the
         first it does not draw the drawn token is fed over the remaining guesses' positions
         (`step_instead`), at the cost of the step it would have taken anyway. A Velocity often repeats
@@ -453,9 +454,7 @@ class Generator:
             return []  # a Duration is guessed only after a guessed Velocity: it is read after that one
         if row.duration < 0 or not row.duration_guesses.worth_it():
             return [row.velocity]
-        after = grammar.copy()
-        after.accept(row.velocity)
-        return [row.velocity, row.duration] if after.allowed()[row.duration] else [row.velocity]
+        return [row.velocity, row.duration]
 
     @staticmethod
     def _worth_a_lookahead(row: _Row, logits: np.ndarray) -> bool:
