@@ -17,6 +17,7 @@ from engine.clip import BAR_SNAP_BEATS, Arrangement, Clip, ClipError, Note
 from engine.constraints import Constraints
 from engine.manifest import SearchDefaults
 from engine.request import ContinuationRequest, RequestError
+from plugin_bridge.note_list import NoteListError, notes_of
 
 PROTOCOL_VERSION = 1
 MAX_NOTES_PER_CLIP = 20_000
@@ -190,18 +191,10 @@ def _parse_track(data: dict, track: dict, request_id: str | None, max_notes: int
         raise ProtocolError(BAD_REQUEST, "clip.notes must be a list of [pitch, velocity, start, duration] notes", request_id)
     if len(notes_in) > max_notes:
         raise ProtocolError(TOO_LARGE, f"the clip has {len(notes_in)} notes; at most {max_notes} are accepted", request_id)
-    notes = []
-    for index, raw in enumerate(notes_in):
-        if isinstance(raw, dict):
-            raw = [raw.get("pitch"), raw.get("velocity"), raw.get("start"), raw.get("duration"), raw.get("channel", 0)]
-        # abs(v) < 1e9 refuses NaN and infinity too; math.isfinite raised OverflowError on an integer of 400 digits
-        # (found by bench/fuzz_long.py)
-        if not isinstance(raw, (list, tuple)) or len(raw) not in (4, 5) or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 for v in raw):
-            raise ProtocolError(BAD_REQUEST, f"clip note {index} must be [pitch, velocity, start, duration(, channel)] numbers",
-                                request_id)
-        pitch, velocity, start, duration, *rest = raw
-        notes.append(Note(int(pitch), int(velocity), float(start), float(duration), int(rest[0]) if rest else 0))
+    try:
+        notes = notes_of(notes_in)
+    except NoteListError as exc:
+        raise ProtocolError(BAD_REQUEST, str(exc), request_id) from None
     meter = data.get("time_signature", [4, 4])
     if not (isinstance(meter, (list, tuple)) and len(meter) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in meter)):
         raise ProtocolError(BAD_REQUEST, "clip.time_signature must be [numerator, denominator]", request_id)
