@@ -11,6 +11,7 @@ import pytest
 from engine.clip import Clip, Note
 from engine.constraints import Constraints
 from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
+from engine.grammar import ContinuationGrammar
 from engine.midi_file import read_clip
 from engine.sampling import SamplingParams, sample
 
@@ -81,6 +82,23 @@ def test_greedy_is_deterministic_without_a_seed(generator, example_midi):
     a = generator.generate(clip, ContinuationRequest(bars=2, temperature=0.0))
     b = generator.generate(clip, ContinuationRequest(bars=2, temperature=0.0))
     assert a[0].clip.notes == b[0].clip.notes
+
+
+def test_a_grammar_asked_for_again_is_a_fresh_copy_of_the_kept_one(generator, example_midi):
+    clip = four_bar_clip(example_midi[0])
+    request = ContinuationRequest(bars=2, seed=3)
+    first = generator._grammar(clip, request)
+    first.forced_opening()  # moves this one's state on
+    again = generator._grammar(clip, request)
+    assert again is not first and again.bars_started == 0 and first.bars_started == 1
+    built = ContinuationGrammar(generator.vocab, again.time_sig_id, again.program_id, again.positions_per_bar, 2)
+    assert again.allowed().tolist() == built.allowed().tolist() and again.expect is built.expect
+    limited = generator._grammar(clip, ContinuationRequest(bars=2, constraints=Constraints(pitch_max=60)))
+    assert limited.constraints.pitch_max == 60 and again.constraints.pitch_max is None
+    impossible = ContinuationRequest(bars=2, constraints=Constraints(key="C", scale="major", pitch_min=61, pitch_max=61))
+    for _ in range(2):  # refused every time: a grammar that could not be built is never kept
+        with pytest.raises(RequestError, match="no note of C major"):
+            generator._grammar(clip, impossible)
 
 
 def test_long_prompt_is_cut_at_a_bar_keeping_the_end(generator):
