@@ -247,13 +247,14 @@ class Generator:
         ids, offset = prefills.prompt(self.cache_identity, arrangement, self._prompt)
         return list(ids), offset
 
-    def _prefill(self, ids: list[int], prefills: PrefillCache | None) -> Prefilled:
-        """One prefill of `ids` from an empty cache (batch 1), or the same from `prefills`."""
+    def _prefill(self, ids: list[int], prefills: PrefillCache | None, lease: bool = False) -> Prefilled:
+        """One prefill of `ids` from an empty cache (batch 1), or the same from `prefills` (`lease`: see
+        PrefillCache.fetch; the caller then calls the result's `release()` when it is done decoding)."""
         def run() -> tuple[np.ndarray, KVCache]:
             return self.decoder.step(np.asarray([ids]), self.decoder.empty_cache(1))
 
         if prefills is not None:
-            return prefills.fetch(self.cache_identity, ids, run)
+            return prefills.fetch(self.cache_identity, ids, run, lease=lease)
         logits, cache = run()
         return Prefilled(tuple(ids), logits, cache, 0.0)
 
@@ -364,12 +365,19 @@ class Generator:
                 duration = next((t for t in reversed(prompt) if self.vocab.duration_mask[t]), -1)
                 rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening),
                                  velocity=velocity, duration=duration))
-        # One prefill for the shared prompt (or the one kept in `prefills`), then the cache is copied for every
-        # variation. One row decodes from it as it is: a step never changes the cache it is given.
-        prefilled = self._prefill(prompt + opening, prefills)
-        cache = prefilled.cache if len(rows) == 1 else prefilled.cache.repeat(len(rows))
-        lanes = [_Lane(rows, cache, np.repeat(prefilled.logits, len(rows), axis=0))]
-        params = request.sampling
+        # One prefill for the shared prompt (or the one kept in `prefills`, whose own buffer this stream may
+        # decode on in: leased until the stream ends), then the cache is copied for every variation. One
+        # row decodes from it as it is: a step never changes the cache it is given.
+        prefilled = self._prefill(prompt + opening, prefills, lease=True)
+        try:
+            cache = prefilled.cache if len(rows) == 1 else prefilled.cache.repeat(len(rows))
+            lanes = [_Lane(rows, cache, np.repeat(prefilled.logits, len(rows), axis=0))]
+            yield from self._decode_samples(arrangement, lanes, request.sampling, seed, should_stop)
+        finally:
+            prefilled.release()
+
+    def _decode_samples(self, arrangement: Arrangement, lanes: list[_Lane], params: SamplingParams, seed: int,
+                        should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:
         while lanes:
             if should_stop is not None and should_stop():
                 return

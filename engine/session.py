@@ -159,6 +159,22 @@ class KVCache:
             return self
         return self._copy_rows(np.repeat(np.arange(self.batch), times))
 
+    @property
+    def in_place(self) -> bool:
+        """Whether this cache lies in a preallocated shared buffer, which a step from it can extend in
+        place (while no newer cache over the buffer has written past it)."""
+        return self._store is not None
+
+    def rewind_buffer(self) -> None:
+        """Free the buffer positions after this cache's, so that the next step from it writes there in
+        place again instead of copying the history first. Only for a caller that knows every cache
+        stepped from this one over the same buffer is finished with (PrefillCache's lease): a step from
+        one of those afterwards would read positions written by another."""
+        store = self._store
+        if store is not None:
+            with store.lock:
+                store.written = min(store.written, self._length)
+
     def _copy_rows(self, index: np.ndarray) -> KVCache:
         assert self._store is not None and self._store.pool is not None, "a shared-buffer cache has its pool"
         store = self._store.pool.take(len(index))

@@ -8,6 +8,7 @@ sockets; every receive has a timeout and the fixtures close what they open.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -108,6 +109,36 @@ def test_a_continue_keeps_its_prefill_and_the_same_clip_sent_again_is_not_tokeni
     assert prompt_ids not in runs and tokenized == []
     stats = prefills.stats()
     assert (stats.hits, stats.misses, stats.prompt_hits) == (1, 1, 1)
+
+
+def test_a_prepared_continue_decodes_in_the_prefills_own_buffer_and_frees_it_for_the_next(generator, monkeypatch):
+    """No copy of the prompt on the way to the first note: the continue steps on in the buffer the prepare
+    prefilled, and leaves it for Generate again. Two at once: the second decodes on a copy. Same notes."""
+    assert generator.decoder.shared, "the tiny test model is a shared-buffer export"
+    clip = parse_clip(clip_payload(2), "t")
+    one = ContinuationRequest(bars=2, variations=1, seed=5, temperature=1.0)
+    cold = outcome(generator.stream(clip, one))
+    prefills = PrefillCache()
+    generator.prefill(clip, prefills)
+    pool = generator.decoder._pool
+    taken: list[int] = []
+    take = pool.take
+    monkeypatch.setattr(pool, "take", lambda batch: taken.append(batch) or take(batch))
+    for _ in range(2):  # Continue, then Generate again over what the first one wrote after the prompt
+        assert outcome(generator.stream(clip, one, prefills=prefills)) == cold
+    assert taken == [], "a prepared continue copied its prompt into a new buffer"
+    assert prefills.stats().leases == 2
+
+    first, second = generator.stream(clip, one, prefills=prefills), generator.stream(clip, one, prefills=prefills)
+    together: tuple[list, list] = ([], [])
+    for pair in itertools.zip_longest(first, second):  # the two streams step in turn
+        for events, event in zip(together, pair, strict=True):
+            if event is not None:
+                events.append(event)
+    assert outcome(together[0]) == cold and outcome(together[1]) == cold
+    assert prefills.stats().leases == 3 and taken == [1], "the second stream copied the prompt into its own buffer"
+    assert outcome(generator.stream(clip, one, prefills=prefills)) == cold
+    assert prefills.stats().leases == 4 and taken == [1], "the buffer was not free again after both ended"
 
 
 def test_a_meter_the_model_lacks_is_refused_by_prefill_as_by_stream(generator):
