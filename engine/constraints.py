@@ -144,8 +144,10 @@ class Constraints:
         pitches = np.arange(128)
         low, high = self.pitch_range
         mask = (pitches >= low) & (pitches <= high)
-        if not is_drum:
-            mask &= np.isin(pitches % 12, sorted(self.pitch_classes))
+        if not is_drum and self.key is not None:  # no key: all twelve pitch classes
+            in_scale = np.zeros(12, dtype=bool)
+            in_scale[list(self.pitch_classes)] = True
+            mask &= in_scale[pitches % 12]
         return mask
 
     def velocity_mask(self, velocities: np.ndarray) -> np.ndarray:

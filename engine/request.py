@@ -5,7 +5,7 @@ No ONNX Runtime here, so a client can build and check a request without loading 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from engine.clip_guidance import MAX_STRENGTH
 from engine.constraints import Constraints
@@ -54,7 +54,8 @@ class ContinuationRequest:
         unknown = set(given) - {f.name for f in fields(cls)}
         if unknown:
             raise RequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        request = cls(**{**asdict(search), **given})
+        defaults = {f.name: getattr(search, f.name) for f in fields(search)}  # scalars: asdict's deep copy is not needed
+        request = cls(**{**defaults, **given})
         request.validate()
         return request
 
