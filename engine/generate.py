@@ -47,7 +47,7 @@ from engine.clip_guidance import TrackGuidance, guide, steer_chord
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
 from engine.interleaved import BandAssembler, InterleavedGrammar
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
-from engine.prefill_cache import PrefillCache, Prefilled
+from engine.prefill_cache import Ahead, PrefillCache, Prefilled
 from engine.request import ContinuationRequest, RequestError  # noqa: F401  (re-exported: part of this module's API)
 from engine.sampling import SamplingParams, masked_log_probs, sample
 from engine.session import KVCache, OnnxDecoder
@@ -55,6 +55,7 @@ from engine.signing import check_signature
 from engine.tokens import ClipTokenizer, trim_to_context
 
 LOOKAHEAD_MIN_P = 0.02  # below this chance of another note at a position, no chord lookahead (see _choose)
+AHEAD_TOKENS = 3  # at most this many tokens of a prepared prompt's look ahead (its Position and what is forced)
 KEPT_GRAMMARS = 16  # fresh grammars kept for requests that ask for one again (see _grammar)
 GUESS_TRIAL = 8  # Velocity guesses a row makes before its hit rate decides whether it goes on guessing ...
 GUESS_MIN_RATE = 0.15  # ... which it does while at least this share came true (a miss costs ~5 % of a step)
@@ -138,6 +139,15 @@ class _Lane:
     # A one-row lane whose last step also fed guessed next tokens: the guesses and the logits after each.
     # `cache` then holds them too, and `logits` are those before the first.
     guess: tuple[list[int], list[np.ndarray]] | None = None
+    ahead: _AheadUse | None = None  # set while `guess` is a prepared prompt's look ahead (prefill_cache.Ahead)
+
+
+@dataclass
+class _AheadUse:
+    """Whether a stream left its prepared prompt's look ahead as it found it: False once it drew another
+    token than the look ahead's and wrote over its positions."""
+
+    intact: bool = True
 
 
 class Generator:
@@ -239,7 +249,36 @@ class Generator:
         arrangement = _arranged(clip)
         prompt, _ = self._prompt_via(arrangement, prefills)
         opening = [self.vocab.bar, self.tokenizer.time_sig_id(arrangement.time_signature)]  # grammar.forced_opening()
-        return self._prefill(prompt + opening, prefills)
+        prefilled = self._prefill(prompt + opening, prefills, lease=True)
+        try:
+            ahead = self._look_ahead(arrangement, prefilled) if prefilled.lease is not None and prefilled.ahead is None else None
+        except BaseException:
+            prefilled.release()
+            raise
+        prefilled.release(ahead=ahead)
+        return replace(prefilled, lease=None)  # its cache is the kept buffer's: for reading, not for decoding from
+
+    def _look_ahead(self, arrangement: Arrangement, prefilled: Prefilled) -> Ahead | None:
+        """The most likely first Position of a one-track continuation and the tokens the grammar forces
+        after it (its Program), run through the model after the prompt in the prompt's own buffer."""
+        if len(arrangement.continued) != 1 or not getattr(self.decoder, "shared", False):
+            return None
+        grammar = self._grammar(arrangement.tracks[arrangement.continued[0]], ContinuationRequest())
+        grammar.forced_opening()
+        allowed = grammar.allowed()
+        tokens = [int(np.argmax(np.where(allowed, prefilled.logits[0], -np.inf)))]
+        grammar.accept(tokens[0])
+        while len(tokens) < AHEAD_TOKENS:
+            allowed = grammar.allowed()
+            forced = np.flatnonzero(allowed)
+            if len(forced) != 1 or grammar.ends_continuation(int(forced[0])):
+                break
+            tokens.append(int(forced[0]))
+            grammar.accept(tokens[-1])
+        if prefilled.cache.length + len(tokens) > self.decoder.max_context:
+            return None
+        every, cache = self.decoder.forward(np.asarray([tokens]), prefilled.cache)
+        return Ahead(tuple(tokens), tuple(every[:, i, :] for i in range(len(tokens))), cache)
 
     def _prompt_via(self, arrangement: Arrangement, prefills: PrefillCache | None) -> tuple[list[int], float]:
         if prefills is None:
@@ -369,12 +408,20 @@ class Generator:
         # decode on in: leased until the stream ends), then the cache is copied for every variation. One
         # row decodes from it as it is: a step never changes the cache it is given.
         prefilled = self._prefill(prompt + opening, prefills, lease=True)
+        use = _AheadUse()
         try:
-            cache = prefilled.cache if len(rows) == 1 else prefilled.cache.repeat(len(rows))
-            lanes = [_Lane(rows, cache, np.repeat(prefilled.logits, len(rows), axis=0))]
+            ahead = prefilled.ahead
+            if ahead is not None and len(rows) == 1 and isinstance(rows[0].grammar, ContinuationGrammar):
+                # The first tokens were fed on a guess in the background (`prepare`): one model call fewer
+                # before the first note, whenever the drawn ones are the look ahead's.
+                lanes = [_Lane(rows, ahead.cache, prefilled.logits, guess=(list(ahead.tokens), list(ahead.logits)),
+                               ahead=use)]
+            else:
+                cache = prefilled.cache if len(rows) == 1 else prefilled.cache.repeat(len(rows))
+                lanes = [_Lane(rows, cache, np.repeat(prefilled.logits, len(rows), axis=0))]
             yield from self._decode_samples(arrangement, lanes, request.sampling, seed, should_stop)
         finally:
-            prefilled.release()
+            prefilled.release(ahead_intact=use.intact)
 
     def _decode_samples(self, arrangement: Arrangement, lanes: list[_Lane], params: SamplingParams, seed: int,
                         should_stop: Callable[[], bool] | None) -> Iterator[NoteEvent | VariationDone]:
@@ -409,9 +456,12 @@ class Generator:
                     if tokens[0] == guessed_tokens[0]:  # drawn as guessed: the model has read it already
                         rows_alive[0].guesses_of(tokens[0]).right += 1
                         rest = (guessed_tokens[1:], after[1:]) if len(guessed_tokens) > 1 else None
-                        next_lanes.append(_Lane(rows_alive, lane.cache, after[0], guess=rest))
+                        next_lanes.append(_Lane(rows_alive, lane.cache, after[0], guess=rest,
+                                                ahead=lane.ahead if rest is not None else None))
                         continue
                     discarded = lane.cache  # the drawn token is fed over the guesses' positions
+                    if lane.ahead is not None:
+                        lane.ahead.intact = False
                     cache = self.decoder.shortened(lane.cache, lane.cache.length - len(guessed_tokens))
                 else:
                     cache = lane.cache if len(alive) == len(lane.rows) else lane.cache.select(alive)

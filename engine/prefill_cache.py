@@ -66,11 +66,19 @@ class Prefilled:
     reused: bool = False  # True when it came from a PrefillCache instead of the model
     lease: _Hot | None = field(default=None, compare=False, repr=False)  # the hot buffer `cache` lies in, if leased
 
-    def release(self) -> None:
+    @property
+    def ahead(self) -> Ahead | None:
+        """A leased prefill's look ahead (see `Ahead`), if one was computed in its buffer."""
+        return self.lease.ahead if self.lease is not None else None
+
+    def release(self, ahead: Ahead | None = None, ahead_intact: bool = True) -> None:
         """The end of decoding from a leased prefill (call it once every cache stepped from `cache` is
-        finished with): its buffer's positions after the prompt are free, and the next fetch may lease it."""
+        finished with): its buffer's positions after the prompt are free, and the next fetch may lease it.
+        `ahead`: a look ahead the lessee just computed from `cache`, kept in the buffer for the next
+        lessee; `ahead_intact` False: the lessee wrote over the look ahead's positions (it drew another
+        token than the look ahead's), so it is gone."""
         if self.lease is not None:
-            self.lease.give_back()
+            self.lease.give_back(ahead, ahead_intact)
 
     @classmethod
     def kept(cls, ids: Sequence[int], logits: np.ndarray, cache: KVCache, prefill_ms: float) -> Prefilled:
@@ -112,18 +120,38 @@ def clip_digest(arrangement: Arrangement) -> bytes:
     return h.digest()
 
 
+@dataclass(frozen=True)
+class Ahead:
+    """The first tokens a continuation will most likely begin with, already run through the model in a
+    prepared prompt's own buffer (computed in the background by `prepare`, Generator.prefill): the most
+    likely Position of the first bar and the tokens the grammar forces after it. A continue feeds them
+    on a guess (Generator._guess's mechanism: drawn from the model's own distribution, each one drawn
+    as guessed saves its decode step), so its first note needs one model call instead of two."""
+
+    tokens: tuple[int, ...]
+    logits: tuple[np.ndarray, ...]  # [1, vocab] after each token
+    cache: KVCache  # the prompt's cache followed by these tokens, in the hot buffer
+
+
 class _Hot:
-    """A model's most recent prefill as computed: its cache over a preallocated decode buffer, and whether a
-    Continue is decoding in that buffer now (leased)."""
+    """A model's most recent prefill as computed: its cache over a preallocated decode buffer, whether a
+    Continue is decoding in that buffer now (leased), and its look ahead, if one was computed there."""
 
     def __init__(self, key: tuple[str, tuple[int, ...]], cache: KVCache, leased: bool, lock: threading.Lock):
         self.key, self.cache, self.leased, self._lock = key, cache, leased, lock
+        self.ahead: Ahead | None = None
 
-    def give_back(self) -> None:
+    def give_back(self, ahead: Ahead | None, ahead_intact: bool) -> None:
         with self._lock:
-            if self.leased:
-                self.cache.rewind_buffer()  # the lessee's steps are over: the buffer after the prompt is free
-                self.leased = False
+            if not self.leased:
+                return
+            if ahead is not None:
+                self.ahead = ahead
+            elif not ahead_intact:
+                self.ahead = None
+            # The lessee's steps are over: the buffer after the prompt (and its look ahead) is free.
+            (self.ahead.cache if self.ahead is not None else self.cache).rewind_buffer()
+            self.leased = False
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import itertools
 import json
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -127,7 +128,7 @@ def test_a_prepared_continue_decodes_in_the_prefills_own_buffer_and_frees_it_for
     for _ in range(2):  # Continue, then Generate again over what the first one wrote after the prompt
         assert outcome(generator.stream(clip, one, prefills=prefills)) == cold
     assert taken == [], "a prepared continue copied its prompt into a new buffer"
-    assert prefills.stats().leases == 2
+    assert prefills.stats().leases == 3  # the prepare's (its look ahead) and the two continues'
 
     first, second = generator.stream(clip, one, prefills=prefills), generator.stream(clip, one, prefills=prefills)
     together: tuple[list, list] = ([], [])
@@ -136,9 +137,82 @@ def test_a_prepared_continue_decodes_in_the_prefills_own_buffer_and_frees_it_for
             if event is not None:
                 events.append(event)
     assert outcome(together[0]) == cold and outcome(together[1]) == cold
-    assert prefills.stats().leases == 3 and taken == [1], "the second stream copied the prompt into its own buffer"
+    assert prefills.stats().leases == 4 and taken == [1], "the second stream copied the prompt into its own buffer"
     assert outcome(generator.stream(clip, one, prefills=prefills)) == cold
-    assert prefills.stats().leases == 4 and taken == [1], "the buffer was not free again after both ended"
+    assert prefills.stats().leases == 5 and taken == [1], "the buffer was not free again after both ended"
+
+
+def model_runs_to_the_first_note(generator, monkeypatch, clip, request, prefills) -> tuple[int, list[tuple]]:
+    """How many times a stream runs the model before its first note, and everything the stream produced."""
+    runs = [0]
+    run = generator.decoder._run
+
+    def counted(*args):
+        runs[0] += 1
+        return run(*args)
+
+    monkeypatch.setattr(generator.decoder, "_run", counted)
+    events, first = [], None
+    for event in generator.stream(clip, request, prefills=prefills):
+        events.append(event)
+        if first is None and isinstance(event, NoteEvent):
+            first = runs[0]
+    monkeypatch.setattr(generator.decoder, "_run", run)
+    assert first is not None
+    return first, outcome(events)
+
+
+def test_prepare_runs_the_first_position_ahead_so_the_first_note_needs_one_model_call_less(generator, monkeypatch):
+    clip = parse_clip(clip_payload(3), "t")
+    greedy = ContinuationRequest(bars=2, variations=1, temperature=0.0)  # draws the most likely Position: the look ahead's
+    _, cold = model_runs_to_the_first_note(generator, monkeypatch, clip, greedy, None)
+    without = PrefillCache()
+    with monkeypatch.context() as patched:
+        patched.setattr(generator, "_look_ahead", lambda arrangement, prefilled: None)
+        generator.prefill(clip, without)
+    runs_without, notes = model_runs_to_the_first_note(generator, monkeypatch, clip, greedy, without)
+    assert notes == cold and runs_without >= 2  # the Position (and its Program), the Pitch (and its guesses)
+
+    prefills = PrefillCache()
+    generator.prefill(clip, prefills)
+    ahead = prefills._hot[generator.cache_identity].ahead
+    assert ahead is not None and generator.vocab.position_index[ahead.tokens[0]] >= 0
+    for _ in range(2):  # Continue, then Generate again: the look ahead is still there
+        assert model_runs_to_the_first_note(generator, monkeypatch, clip, greedy, prefills) == (runs_without - 1, cold)
+    assert prefills._hot[generator.cache_identity].ahead is ahead
+
+    several = ContinuationRequest(bars=2, variations=2, temperature=0.0)  # two rows: no guess, the look ahead untouched
+    assert outcome(generator.stream(clip, several, prefills=prefills)) == outcome(generator.stream(clip, several))
+    assert model_runs_to_the_first_note(generator, monkeypatch, clip, greedy, prefills) == (runs_without - 1, cold)
+
+
+def test_a_look_ahead_the_continue_does_not_draw_costs_nothing_but_itself(generator, monkeypatch):
+    """A look ahead whose Position is not drawn: the drawn token is written over it (same notes as cold, no
+    more model calls than without it), it is dropped, and the next prepare computes it again."""
+    clip = parse_clip(clip_payload(3), "t")
+    greedy = ContinuationRequest(bars=2, variations=1, temperature=0.0)
+    _, cold = model_runs_to_the_first_note(generator, monkeypatch, clip, greedy, None)
+    look_ahead = generator._look_ahead
+
+    def second_best(arrangement, prefilled):  # the look ahead of a model that ranks the drawn Position lower
+        logits = prefilled.logits.copy()
+        grammar = generator._grammar(clip, greedy)
+        grammar.forced_opening()
+        logits[0, int(np.argmax(np.where(grammar.allowed(), logits[0], -np.inf)))] = -np.inf
+        return look_ahead(arrangement, replace(prefilled, logits=logits))
+
+    prefills = PrefillCache()
+    monkeypatch.setattr(generator, "_look_ahead", second_best)
+    generator.prefill(clip, prefills)
+    hot = prefills._hot[generator.cache_identity]
+    assert hot.ahead is not None
+    runs, notes = model_runs_to_the_first_note(generator, monkeypatch, clip, greedy, prefills)
+    assert notes == cold
+    assert hot.ahead is None and not hot.leased
+    monkeypatch.setattr(generator, "_look_ahead", look_ahead)
+    generator.prefill(clip, prefills)  # the musician selects the clip again
+    assert hot.ahead is not None
+    assert model_runs_to_the_first_note(generator, monkeypatch, clip, greedy, prefills) == (runs - 1, cold)
 
 
 def test_a_meter_the_model_lacks_is_refused_by_prefill_as_by_stream(generator):
