@@ -14,6 +14,10 @@ idle before each continue, as a musician's clicks do. Clips: the bundled example
 to 4 bars, and a dense 4-bar ostinato (a three-note chord on every 16th: 48 notes a bar). Prints
 a Markdown table of medians with the CPU's name; the target of issue 11 is a first note within
 5 ms of `continue` for a prepared clip.
+
+`--baseline DIR` runs a third server, prepared like the second, from another checkout of Segue (for
+example `git worktree add /tmp/before <commit>`), on the same model, its runs alternated with the
+others: a before/after column measured side by side, at the same moment of the machine.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ def free_port(kind: int) -> int:
 class Served:
     """One `segue serve` process over a folder holding one model (as `default`), and an OSC client of it."""
 
-    def __init__(self, model: Path, cache_mb: float, workdir: Path):
-        models = workdir / f"models-{model.name}-{cache_mb:g}"
+    def __init__(self, model: Path, cache_mb: float, workdir: Path, root: Path = ROOT):
+        models = workdir / f"models-{model.name}-{cache_mb:g}-{abs(hash(str(root))):x}"
         models.mkdir(parents=True, exist_ok=True)
         if not (models / "default").exists():  # a copy: the server refuses links that leave its models folder
             shutil.copytree(model, models / "default")
@@ -75,7 +79,7 @@ class Served:
             [sys.executable, "-m", "plugin_bridge.cli", "serve", "--models", str(models), "--no-watch",
              "--osc-port", str(osc_port), "--zmq-port", str(free_port(socket.SOCK_STREAM)),
              "--clips-dir", str(workdir / "clips"), "--prefill-cache-mb", f"{cache_mb:g}", "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)})
         assert self.process.stdout is not None
         banner = self.process.stdout.readline()
         if not banner.startswith("segue serving"):
@@ -115,35 +119,45 @@ class Served:
             self.process.kill()
 
 
-def bench_model(model: Path, clips: dict[str, dict], runs: int, bars: int, workdir: Path, idle_ms: float = 0.0) -> list[dict]:
+def bench_model(model: Path, clips: dict[str, dict], runs: int, bars: int, workdir: Path, idle_ms: float = 0.0,
+                baseline: Path | None = None) -> list[dict]:
     cold, warm = Served(model, 0, workdir), Served(model, 256, workdir)
+    before = Served(model, 256, workdir, baseline) if baseline is not None else None
+    prepared_sides = [warm] + ([before] if before is not None else [])
     rows = []
     try:
         for name, clip in clips.items():
             base = {"clip": clip, "bars": bars, "variations": 1}
             # Warm-up: the first request after a start builds per-shape tables; neither side counts it.
             cold.first_note_ms({**base, "seed": 10_000})
-            first = warm.prepare(clip)  # the first time this server sees the clip: its prefill is computed
-            assert not first["cached"], first
-            warm.first_note_ms({**base, "seed": 10_000})
-            colds, preps, tokens = [], [], 0
+            for side in prepared_sides:
+                first = side.prepare(clip)  # the first time this server sees the clip: its prefill is computed
+                assert not first["cached"], first
+                side.first_note_ms({**base, "seed": 10_000})
+            colds: list[float] = []
+            preps: list[float] = []
+            befores: list[float] = []
+            tokens = 0
             for run in range(runs):
                 request = {**base, "seed": run}
                 time.sleep(idle_ms / 1000)
                 colds.append(cold.first_note_ms(request))
-                prepared = warm.prepare(clip)
-                tokens = prepared["tokens"]
-                time.sleep(idle_ms / 1000)  # the musician selected the clip a moment before pressing Continue
-                preps.append(warm.first_note_ms(request))
+                pairs = [(warm, preps)] + ([(before, befores)] if before is not None else [])
+                for side, times in pairs if run % 2 else pairs[::-1]:  # which goes first alternates
+                    prepared = side.prepare(clip)
+                    tokens = prepared["tokens"]
+                    time.sleep(idle_ms / 1000)  # the musician selected the clip a moment before pressing Continue
+                    times.append(side.first_note_ms(request))
             rows.append({"model": model.name if model.name != "model" else model.parent.name, "clip": name,
                          "notes": len(clip["notes"]), "tokens": tokens, "cold": statistics.median(colds),
                          "cold_p90": sorted(colds)[int(0.9 * (len(colds) - 1))], "prepared": statistics.median(preps),
-                         "prepared_p90": sorted(preps)[int(0.9 * (len(preps) - 1))], "prefill": first["prefill_ms"]})
-            print(f"  {rows[-1]['model']} {name}: cold {rows[-1]['cold']:.1f} ms, prepared {rows[-1]['prepared']:.1f} ms",
-                  file=sys.stderr, flush=True)
+                         "prepared_p90": sorted(preps)[int(0.9 * (len(preps) - 1))], "prefill": first["prefill_ms"],
+                         "baseline": statistics.median(befores) if befores else None})
+            print(f"  {rows[-1]['model']} {name}: cold {rows[-1]['cold']:.1f} ms, prepared {rows[-1]['prepared']:.1f} ms"
+                  + (f" (baseline {rows[-1]['baseline']:.1f} ms)" if befores else ""), file=sys.stderr, flush=True)
     finally:
-        cold.close()
-        warm.close()
+        for side in [cold] + prepared_sides:
+            side.close()
     return rows
 
 
@@ -156,6 +170,8 @@ def main() -> None:
     parser.add_argument("--idle-ms", type=float, default=0.0,
                         help="the servers sit idle this long before each continue, as between a musician's clicks "
                              "(an idle core's caches and clock cool down; 0: back to back)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="another Segue checkout whose server runs prepared side by side (a before/after column)")
     args = parser.parse_args()
 
     clips = {path.stem: prompt_payload(path, 4) for path in sorted((ROOT / "docs" / "examples").glob("*.mid"))}
@@ -172,7 +188,7 @@ def main() -> None:
             models = [workdir / "tiny" / "model", ROOT / "models" / "default"]
         rows = []
         for model in models:
-            rows += bench_model(model, clips, args.runs, args.bars, workdir, args.idle_ms)
+            rows += bench_model(model, clips, args.runs, args.bars, workdir, args.idle_ms, args.baseline)
 
     import onnxruntime
 
@@ -180,12 +196,14 @@ def main() -> None:
           f"{args.runs} runs per cell (median, p90), {args.bars}-bar continue, 1 variation, OSC over loopback, "
           f"{args.idle_ms:g} ms idle before each continue; "
           f"`segue serve` defaults (1 thread, 2 workers)\n")
+    baseline = f" | prepared, {args.baseline} (ms, p50)" if args.baseline else ""
     print("| model | clip (4 bars) | notes | prompt tokens | prefill, in the background (ms) | first note cold (ms, p50 / p90) "
-          f"| first note prepared (ms, p50 / p90) | cold / prepared | prepared ≤ {TARGET_MS:g} ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| first note prepared (ms, p50 / p90){baseline} | cold / prepared | prepared ≤ {TARGET_MS:g} ms |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.baseline else "") + "---|---|")
     for r in rows:
+        before = f" | {r['baseline']:.1f}" if args.baseline else ""
         print(f"| {r['model']} | {r['clip']} | {r['notes']} | {r['tokens']} | {r['prefill']:.1f} | {r['cold']:.1f} / {r['cold_p90']:.1f} "
-              f"| {r['prepared']:.1f} / {r['prepared_p90']:.1f} | {r['cold'] / r['prepared']:.1f}× "
+              f"| {r['prepared']:.1f} / {r['prepared_p90']:.1f}{before} | {r['cold'] / r['prepared']:.1f}× "
               f"| {'yes' if r['prepared'] <= TARGET_MS else 'no'} |")
 
 
