@@ -14,6 +14,12 @@ bench_engine.py's tables; this is the part of a step that grows with the context
 
 Times are process CPU time (one thread), the best of `--repeats` rounds of 200 calls.
 
+`--plain` adds the same decode attention written with plain ONNX operators over a position-major
+buffer ([positions, heads * size]: the history is a contiguous prefix, bound as an input without a
+copy, so nothing is repacked), in two forms: the values weighted with Mul and summed with ReduceSum,
+or one matrix-vector product per head against every head's values (the diagonal blocks kept). It is
+the alternative to GroupQueryAttention that needs no custom operator; both are checked against numpy.
+
 `--profile FOLDER` adds, for that model folder's served precision, ONNX Runtime's own profile of a
 decode step at 512 positions and of a 256-token prefill (fed in the engine's 64-position chunks):
 the share of kernel time each kind of node takes.
@@ -34,7 +40,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,6 +86,85 @@ def node_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity: 
     binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
     for name, buffer in (("present_key", keys), ("present_value", values)):  # shared: the engine's binding
         binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+    for _ in range(20):
+        session.run_with_iobinding(binding)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        for _ in range(CALLS):
+            session.run_with_iobinding(binding)
+        best = min(best, (time.process_time() - started) / CALLS * 1e6)
+    return best
+
+
+PLAIN_FORMS = ("Mul + ReduceSum", "a product per head")
+
+
+def plain_attention_session(heads: int, head_dim: int, form: str) -> ort.InferenceSession:
+    """Decode attention (one new position) over position-major keys and values, in plain ONNX operators.
+
+    Scores: the history's keys [S, H*D] times the query laid out block-diagonally [H*D, H] (one
+    matrix product whose small right side is what gets packed), the new position's score the same
+    way, softmax over positions. Values: `form` (see PLAIN_FORMS)."""
+    width = heads * head_dim
+    blocks = np.zeros((width, heads), dtype=np.float32)
+    blocks[np.arange(width), np.arange(width) // head_dim] = 1 / np.sqrt(head_dim)
+    diagonal = np.kron(np.eye(heads), np.ones((1, head_dim))).astype(np.float32).reshape(heads, 1, width)
+    constants = {"blocks": blocks, "diagonal": diagonal, "column": np.array([width, 1]), "per_head": np.array([-1, heads, head_dim]),
+                 "per_head_1": np.array([-1, heads, 1]), "row": np.array([1, width]), "first": np.array([0]),
+                 "one": np.array([1]), "zero": np.array([0]), "end": np.array([2**40])}
+    node = helper.make_node
+    nodes = [node("Reshape", ["q", "column"], ["q_column"]), node("Mul", ["q_column", "blocks"], ["q_blocks"]),
+             node("MatMul", ["past_k", "q_blocks"], ["scores_past"]), node("MatMul", ["k_new", "q_blocks"], ["score_new"]),
+             node("Concat", ["scores_past", "score_new"], ["scores"], axis=0), node("Softmax", ["scores"], ["p"], axis=0)]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+              for name, shape in (("q", [1, width]), ("k_new", [1, width]), ("v_new", [1, width]),
+                                  ("past_k", ["S", width]), ("past_v", ["S", width]))]
+    if form == PLAIN_FORMS[0]:
+        inputs.append(helper.make_tensor_value_info("S", TensorProto.INT64, [1]))
+        nodes += [node("Slice", ["p", "zero", "S"], ["p_past"]), node("Slice", ["p", "S", "end"], ["p_new"]),
+                  node("Reshape", ["p_past", "per_head_1"], ["p_past3"]), node("Reshape", ["past_v", "per_head"], ["v3"]),
+                  node("Mul", ["v3", "p_past3"], ["weighted"]), node("ReduceSum", ["weighted", "first"], ["summed"], keepdims=0),
+                  node("Reshape", ["p_new", "per_head_1"], ["p_new3"]), node("Reshape", ["v_new", "per_head"], ["v_new3"]),
+                  node("Mul", ["v_new3", "p_new3"], ["own"]), node("Reshape", ["own", "row"], ["own_row"]),
+                  node("Reshape", ["summed", "row"], ["summed_row"]), node("Add", ["summed_row", "own_row"], ["out"])]
+    else:
+        nodes += [node("Concat", ["past_v", "v_new"], ["values"], axis=0), node("Transpose", ["p"], ["p_t"], perm=[1, 0]),
+                  node("Unsqueeze", ["p_t", "one"], ["p_rows"]), node("MatMul", ["p_rows", "values"], ["every"]),
+                  node("Mul", ["every", "diagonal"], ["kept"]), node("ReduceSum", ["kept", "first"], ["out"], keepdims=0)]
+    used = {name for n in nodes for name in n.input}
+    initializers = [numpy_helper.from_array(value if value.dtype == np.float32 else value.astype(np.int64), name)
+                    for name, value in constants.items() if name in used]
+    graph = helper.make_graph(nodes, "plain_attention", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+
+
+def plain_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity: int, context: int, repeats: int) -> float:
+    """Microseconds of one call of a plain-operator attention (best of `repeats` rounds), after checking its
+    output against numpy's attention over the same history."""
+    width = heads * head_dim
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((capacity, width), dtype=np.float32)
+    values = rng.standard_normal((capacity, width), dtype=np.float32)
+    query = rng.standard_normal((1, width), dtype=np.float32)
+    binding = session.io_binding()
+    binding.bind_cpu_input("q", query)
+    for name, array in (("k_new", keys[context:context + 1]), ("v_new", values[context:context + 1]),
+                        ("past_k", keys[:context]), ("past_v", values[:context])):  # prefixes: no copy
+        binding.bind_cpu_input(name, array)
+    if "S" in {i.name for i in session.get_inputs()}:
+        binding.bind_cpu_input("S", np.array([context], dtype=np.int64))
+    binding.bind_output("out")
+    session.run_with_iobinding(binding)
+    k = keys[:context + 1].reshape(-1, heads, head_dim)
+    v = values[:context + 1].reshape(-1, heads, head_dim)
+    scores = np.einsum("shd,hd->sh", k, query.reshape(heads, head_dim)) / np.sqrt(head_dim)
+    weights = np.exp(scores - scores.max(axis=0))
+    expected = np.einsum("sh,shd->hd", weights / weights.sum(axis=0), v).reshape(-1)
+    if not np.allclose(binding.get_outputs()[0].numpy().reshape(-1), expected, atol=1e-4):
+        raise SystemExit("the plain-operator attention does not compute attention")
     for _ in range(20):
         session.run_with_iobinding(binding)
     best = float("inf")
@@ -164,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 512, 896])
     parser.add_argument("--capacity", type=int, default=1024, help="positions in the preallocated buffer")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--plain", action="store_true",
+                        help="also time the attention written with plain ONNX operators over a position-major buffer")
     parser.add_argument("--profile", type=Path, help="a model folder: each op kind's share of its decode step and prefill")
     args = parser.parse_args(argv)
     if max(args.contexts) >= args.capacity:
@@ -179,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = 2 * heads * context * head_dim * 4  # keys and values of the history, fp32
             floor = nbytes / (read_gbs(nbytes, args.repeats) * 1e9) * 1e6
             print(f"| {label} | {context} | {took:.1f} | {nbytes / 1024:.0f} | {floor:.1f} | {took / floor:.1f}x |", flush=True)
+    if args.plain:
+        print("\n| heads x size | context | GroupQueryAttention (us) | " + " | ".join(f"plain: {f} (us)" for f in PLAIN_FORMS) + " |")
+        print("|---|---|---|" + "---|" * len(PLAIN_FORMS))
+        for label, (heads, head_dim) in LAYOUTS.items():
+            session = attention_session(heads, head_dim, args.capacity)
+            plain = [plain_attention_session(heads, head_dim, form) for form in PLAIN_FORMS]
+            for context in args.contexts:
+                node = node_us(session, heads, head_dim, args.capacity, context, args.repeats)
+                forms = [plain_us(p, heads, head_dim, args.capacity, context, args.repeats) for p in plain]
+                print(f"| {label} | {context} | {node:.1f} | " + " | ".join(f"{t:.1f}" for t in forms) + " |", flush=True)
     if args.profile is not None:
         variant, shares = op_shares(args.profile)
         print(f"\n{args.profile} ({variant}): share of kernel time by op type (ONNX Runtime's profiler)\n")
