@@ -250,12 +250,14 @@ class Generator:
         prompt, _ = self._prompt_via(arrangement, prefills)
         opening = [self.vocab.bar, self.tokenizer.time_sig_id(arrangement.time_signature)]  # grammar.forced_opening()
         prefilled = self._prefill(prompt + opening, prefills, lease=True)
+        ahead = None
         try:
-            ahead = self._look_ahead(arrangement, prefilled) if prefilled.lease is not None and prefilled.ahead is None else None
-        except BaseException:
-            prefilled.release()
-            raise
-        prefilled.release(ahead=ahead)
+            if prefilled.lease is not None and prefilled.ahead is None:
+                ahead = self._look_ahead(arrangement, prefilled)
+        except RequestError:  # a grammar the defaults cannot build: the continue will say why; the prefill stands
+            ahead = None
+        finally:
+            prefilled.release(ahead=ahead)
         return replace(prefilled, lease=None)  # its cache is the kept buffer's: for reading, not for decoding from
 
     def _look_ahead(self, arrangement: Arrangement, prefilled: Prefilled) -> Ahead | None:
