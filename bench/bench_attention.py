@@ -20,6 +20,10 @@ copy, so nothing is repacked), in two forms: the values weighted with Mul and su
 or one matrix-vector product per head against every head's values (the diagonal blocks kept). It is
 the alternative to GroupQueryAttention that needs no custom operator; both are checked against numpy.
 
+`--native` adds a plain C decode attention (bench/attention_kernel.c, compiled here with the system's C
+compiler for this CPU, called through ctypes, its call included), checked against numpy: what a native
+kernel in place of the node, as a custom operator, could save.
+
 `--profile FOLDER` adds, for that model folder's served precision, ONNX Runtime's own profile of a
 decode step at 512 positions and of a 256-token prefill (fed in the engine's 64-position chunks):
 the share of kernel time each kind of node takes.
@@ -176,6 +180,53 @@ def plain_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity:
     return best
 
 
+def native_kernel(head_dim: int, workdir: Path):
+    """bench/attention_kernel.c compiled for this CPU with HEAD_DIM=head_dim, loaded; None without a C compiler."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    library = workdir / f"attention_{head_dim}.so"
+    subprocess.run([compiler, "-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", f"-DHEAD_DIM={head_dim}",
+                    str(ROOT / "bench" / "attention_kernel.c"), "-o", str(library), "-lm"], check=True)
+    kernel = ctypes.CDLL(str(library)).decode_attention
+    floats = ctypes.POINTER(ctypes.c_float)
+    kernel.argtypes = [floats] * 5 + [ctypes.c_int] * 3 + [floats, floats]
+    return kernel
+
+
+def native_us(kernel, heads: int, head_dim: int, capacity: int, context: int, repeats: int) -> float:
+    """Microseconds of one call of the C kernel with `context` positions of history (best of `repeats`
+    rounds), after checking it against numpy."""
+    import ctypes
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((heads, capacity, head_dim), dtype=np.float32)
+    values = rng.standard_normal((heads, capacity, head_dim), dtype=np.float32)
+    query, k_new, v_new = (rng.standard_normal(heads * head_dim, dtype=np.float32) for _ in range(3))
+    out, scores = np.zeros(heads * head_dim, dtype=np.float32), np.zeros(capacity, dtype=np.float32)
+    pointer = ctypes.POINTER(ctypes.c_float)
+    args = [a.ctypes.data_as(pointer) for a in (query, k_new, v_new, keys, values)] + [context, heads, capacity] + \
+        [a.ctypes.data_as(pointer) for a in (out, scores)]
+    kernel(*args)
+    k, v = keys[:, :context + 1], values[:, :context + 1]
+    weights = np.einsum("hsd,hd->hs", k, query.reshape(heads, head_dim)) / np.sqrt(head_dim)
+    weights = np.exp(weights - weights.max(axis=1, keepdims=True))
+    expected = np.einsum("hs,hsd->hd", weights / weights.sum(axis=1, keepdims=True), v).reshape(-1)
+    if not np.allclose(out, expected, atol=1e-4):
+        raise SystemExit("the C kernel does not compute attention")
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        for _ in range(CALLS * 5):
+            kernel(*args)
+        best = min(best, (time.process_time() - started) / (CALLS * 5) * 1e6)
+    return best
+
+
 def read_gbs(nbytes: int, repeats: int) -> float:
     """Read bandwidth (GB/s) for a working set of `nbytes`, read over and over as the node reads its history:
     a matrix-vector product over it (BLAS streams the matrix once; a numpy sum would be compute-bound)."""
@@ -251,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--plain", action="store_true",
                         help="also time the attention written with plain ONNX operators over a position-major buffer")
+    parser.add_argument("--native", action="store_true",
+                        help="also time a plain C decode attention (bench/attention_kernel.c, compiled here)")
     parser.add_argument("--profile", type=Path, help="a model folder: each op kind's share of its decode step and prefill")
     args = parser.parse_args(argv)
     if max(args.contexts) >= args.capacity:
@@ -276,6 +329,20 @@ def main(argv: list[str] | None = None) -> int:
                 node = node_us(session, heads, head_dim, args.capacity, context, args.repeats)
                 forms = [plain_us(p, heads, head_dim, args.capacity, context, args.repeats) for p in plain]
                 print(f"| {label} | {context} | {node:.1f} | " + " | ".join(f"{t:.1f}" for t in forms) + " |", flush=True)
+    if args.native:
+        workdir = Path(tempfile.mkdtemp(prefix="segue-attention-"))
+        print("\n| heads x size | context | GroupQueryAttention (us) | C kernel (us) | node / kernel |")
+        print("|---|---|---|---|---|")
+        for label, (heads, head_dim) in LAYOUTS.items():
+            kernel = native_kernel(head_dim, workdir)
+            if kernel is None:
+                print("no C compiler (cc or gcc) on this machine: --native skipped")
+                break
+            session = attention_session(heads, head_dim, args.capacity)
+            for context in args.contexts:
+                node = node_us(session, heads, head_dim, args.capacity, context, args.repeats)
+                native = native_us(kernel, heads, head_dim, args.capacity, context, args.repeats)
+                print(f"| {label} | {context} | {node:.1f} | {native:.1f} | {node / native:.1f}x |", flush=True)
     if args.profile is not None:
         variant, shares = op_shares(args.profile)
         print(f"\n{args.profile} ({variant}): share of kernel time by op type (ONNX Runtime's profiler)\n")
