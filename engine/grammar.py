@@ -224,6 +224,9 @@ class ContinuationGrammar(MaskedStream):
         self._ends: list[int] = []  # end times (units from the continuation's start) of notes that may still sound
         self._end_pitches: list[int] = []  # their pitches, in the same order
         self._mask: np.ndarray | None = None  # allowed() of the current state, computed once
+        # The masks of states that never change (TimeSig, Program, Velocity, and Duration without a
+        # minimum of notes per bar), shared by this grammar's copies.
+        self._fixed_masks: dict[Expect | str, np.ndarray] = {}
         # Clip guidance (engine/clip_guidance.py), set by the engine, and the notes played per pitch
         # that it follows. `played` is replaced, never changed in place, so copies may share it.
         self.guidance: TrackGuidance | None = None
@@ -328,8 +331,11 @@ class ContinuationGrammar(MaskedStream):
 
     def _compute_mask(self) -> np.ndarray:
         v = self.vocab
-        mask = np.zeros(v.size, dtype=bool)
         e = self.expect
+        fixed = self._fixed_masks.get(e)
+        if fixed is not None:  # a state whose mask never changes: built once, shared (allowed() is read-only)
+            return fixed
+        mask = np.zeros(v.size, dtype=bool)
         if e is Expect.TIME_SIG:
             mask[self.time_sig_id] = True
         elif e is Expect.PROGRAM:
@@ -349,6 +355,9 @@ class ContinuationGrammar(MaskedStream):
             mask[self._duration_ids[self._durations_keeping_room()]] = True
         elif e in (Expect.BAR_START, Expect.NOTE_END):
             mask = self._between_notes()
+        if e in (Expect.TIME_SIG, Expect.PROGRAM, Expect.VELOCITY) or (e is Expect.DURATION and not self._min_notes):
+            mask.flags.writeable = False
+            self._fixed_masks[e] = mask
         return mask
 
     def _between_notes(self) -> np.ndarray:
