@@ -249,7 +249,7 @@ class Generator:
         arrangement = _arranged(clip)
         prompt, _ = self._prompt_via(arrangement, prefills)
         opening = [self.vocab.bar, self.tokenizer.time_sig_id(arrangement.time_signature)]  # grammar.forced_opening()
-        prefilled = self._prefill(prompt + opening, prefills, lease=True)
+        prefilled = self._prefill(prompt + opening, prefills, lease=True, promote=True)
         ahead = None
         try:
             if prefilled.lease is not None and prefilled.ahead is None:
@@ -288,14 +288,16 @@ class Generator:
         ids, offset = prefills.prompt(self.cache_identity, arrangement, self._prompt)
         return list(ids), offset
 
-    def _prefill(self, ids: list[int], prefills: PrefillCache | None, lease: bool = False) -> Prefilled:
-        """One prefill of `ids` from an empty cache (batch 1), or the same from `prefills` (`lease`: see
-        PrefillCache.fetch; the caller then calls the result's `release()` when it is done decoding)."""
+    def _prefill(self, ids: list[int], prefills: PrefillCache | None, lease: bool = False,
+                 promote: bool = False) -> Prefilled:
+        """One prefill of `ids` from an empty cache (batch 1), or the same from `prefills` (`lease`, `promote`:
+        see PrefillCache.fetch; the caller then calls the result's `release()` when it is done decoding)."""
         def run() -> tuple[np.ndarray, KVCache]:
             return self.decoder.step(np.asarray([ids]), self.decoder.empty_cache(1))
 
         if prefills is not None:
-            return prefills.fetch(self.cache_identity, ids, run, lease=lease)
+            in_buffer = getattr(self.decoder, "in_buffer", None) if promote else None
+            return prefills.fetch(self.cache_identity, ids, run, lease=lease, promote=in_buffer)
         logits, cache = run()
         return Prefilled(tuple(ids), logits, cache, 0.0)
 
@@ -409,7 +411,9 @@ class Generator:
         # One prefill for the shared prompt (or the one kept in `prefills`, whose own buffer this stream may
         # decode on in: leased until the stream ends), then the cache is copied for every variation. One
         # row decodes from it as it is: a step never changes the cache it is given.
-        prefilled = self._prefill(prompt + opening, prefills, lease=True)
+        # One row decodes in the kept prompt's own buffer, made the model's hot one if it was not (the copy it
+        # would have made anyway): Generate again on it then starts without a copy too.
+        prefilled = self._prefill(prompt + opening, prefills, lease=True, promote=len(rows) == 1)
         use = _AheadUse()
         try:
             ahead = prefilled.ahead

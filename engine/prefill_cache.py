@@ -185,13 +185,16 @@ class PrefillCache:
     # --- prefills ------------------------------------------------------------------------------------
 
     def fetch(self, model: str, ids: Sequence[int], compute: Callable[[], tuple[np.ndarray, KVCache]],
-              lease: bool = False) -> Prefilled:
+              lease: bool = False, promote: Callable[[KVCache], KVCache] | None = None) -> Prefilled:
         """The prefill of `ids` under `model`: the kept one (`reused`), else `compute()`'s, which is kept.
 
         `lease`: the caller decodes from the result and calls its `release()` when done; it gets the
         prefill's own decode buffer when that is free (see the module docstring), else what others get.
         Without `lease` a miss still gives the caller `compute()`'s own logits and cache (nothing copied),
-        unless that cache lies in a buffer the cache keeps as the hot one: then the compact copy."""
+        unless that cache lies in a buffer the cache keeps as the hot one: then the compact copy.
+        `promote` (with `lease`; `prepare` gives OnnxDecoder.in_buffer): a kept prompt that is not the
+        model's hot one becomes it, copied into a buffer of its own by `promote(cache)`, so that a
+        clip selected again after others is as ready as the last one prepared."""
         key = (model, tuple(int(i) for i in ids))
         while True:
             with self._lock:
@@ -204,12 +207,18 @@ class PrefillCache:
                         hot.leased = True
                         self._leases += 1
                         return replace(entry, cache=hot.cache, reused=True, lease=hot)
-                    return replace(entry, reused=True)
-                waiting = self._computing.get(key)
-                if waiting is None:
-                    done = self._computing[key] = threading.Event()
-                    self._misses += 1
-                    break
+                    if not lease or promote is None or (hot is not None and hot.key == key):
+                        return replace(entry, reused=True)  # (its hot buffer is leased: the compact copy)
+                    waiting = None
+                else:
+                    waiting = self._computing.get(key)
+                    if waiting is None:
+                        done = self._computing[key] = threading.Event()
+                        self._misses += 1
+                        break
+            if entry is not None and promote is not None:
+                return self._promoted(model, key, entry, promote)
+            assert waiting is not None
             waiting.wait()  # another thread is prefilling these very ids: its result is ours
             with self._lock:
                 if key not in self._entries:  # it failed, or was too large to keep: compute it ourselves
@@ -234,6 +243,18 @@ class PrefillCache:
             with self._lock:
                 del self._computing[key]
             done.set()
+
+    def _promoted(self, model: str, key: tuple[str, tuple[int, ...]], entry: Prefilled,
+                  promote: Callable[[KVCache], KVCache]) -> Prefilled:
+        """A kept prompt made the model's hot one, leased to the caller: copied into a buffer of its own
+        (outside the lock: 0.3 ms for 260 tokens)."""
+        cache = promote(entry.cache)
+        if not cache.in_place or cache.batch != 1:
+            return replace(entry, reused=True)
+        with self._lock:
+            hot = self._hot[model] = _Hot(key, cache, leased=True, lock=self._lock)
+            self._leases += 1
+        return replace(entry, cache=cache, reused=True, lease=hot)
 
     def get(self, model: str, ids: Sequence[int]) -> Prefilled | None:
         """The kept prefill of `ids`, if there is one (counts as a use: it becomes the most recent)."""

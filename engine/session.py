@@ -383,6 +383,15 @@ class OnnxDecoder:
         empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=np.float32)
         return KVCache(tuple(empty for _ in self.past_names))
 
+    def in_buffer(self, cache: KVCache) -> KVCache:
+        """The same history in a preallocated buffer of this decoder's (a copy), which a step extends in
+        place: what a PrefillCache keeps as a prompt's hot buffer (`cache` itself without shared buffers)."""
+        if not self.shared:
+            return cache
+        if cache._store is not None and cache._store.pool is self._pool:
+            return cache._copy_rows(np.arange(cache.batch))
+        return KVCache(store=self._writable(cache, 0), length=cache.length)
+
     def _writable(self, cache: KVCache, steps: int) -> _Store:
         """A store whose positions cache.length.. this step may write: the cache's own, unless a newer
         cache already wrote past it (then a copy), or a new one filled from host tensors."""

@@ -186,6 +186,34 @@ def test_prepare_runs_the_first_position_ahead_so_the_first_note_needs_one_model
     assert model_runs_to_the_first_note(generator, monkeypatch, clip, greedy, prefills) == (runs_without - 1, cold)
 
 
+def test_a_clip_selected_again_after_another_is_as_ready_as_the_last_one(generator, monkeypatch):
+    """Only one prompt per model keeps its own buffer: preparing (or continuing) a kept clip again makes it
+    that one, with its look ahead, so going back to an earlier clip loses nothing."""
+    first, second = parse_clip(clip_payload(3), "a"), parse_clip(clip_payload(2), "b")
+    greedy = ContinuationRequest(bars=2, variations=1, temperature=0.0)
+    _, first_cold = model_runs_to_the_first_note(generator, monkeypatch, first, greedy, None)
+    _, second_cold = model_runs_to_the_first_note(generator, monkeypatch, second, greedy, None)
+    prefills = PrefillCache()
+    generator.prefill(first, prefills)
+    runs_hot, notes = model_runs_to_the_first_note(generator, monkeypatch, first, greedy, prefills)
+    assert notes == first_cold
+    generator.prefill(second, prefills)  # the musician selects another clip: now that one is hot
+    generator.prefill(first, prefills)  # ... and comes back to the first
+    pool = generator.decoder._pool
+    taken: list[int] = []
+    take = pool.take
+    monkeypatch.setattr(pool, "take", lambda batch: taken.append(batch) or take(batch))
+    assert model_runs_to_the_first_note(generator, monkeypatch, first, greedy, prefills) == (runs_hot, first_cold)
+    assert taken == [], "the clip selected again decoded on a copy of its prompt"
+    # Continuing a kept clip that is not the hot one makes it hot too (the copy it needs anyway), so
+    # Generate again on it starts in place.
+    assert outcome(generator.stream(second, greedy, prefills=prefills)) == second_cold
+    assert taken == [1]
+    assert outcome(generator.stream(second, greedy, prefills=prefills)) == second_cold
+    assert taken == [1]
+    assert prefills.stats().misses == 2  # each prompt was prefilled once
+
+
 def test_a_look_ahead_the_continue_does_not_draw_costs_nothing_but_itself(generator, monkeypatch):
     """A look ahead whose Position is not drawn: the drawn token is written over it (same notes as cold, no
     more model calls than without it), it is dropped, and the next prepare computes it again."""
