@@ -214,6 +214,63 @@ def test_a_clip_selected_again_after_another_is_as_ready_as_the_last_one(generat
     assert prefills.stats().misses == 2  # each prompt was prefilled once
 
 
+def test_a_stream_that_ends_while_another_decodes_in_the_buffer_leaves_that_one_alone(generator):
+    """Only the lessee frees the buffer's positions: a stream cancelled before its first step, and one
+    that starts meanwhile, must not free or overwrite what the decoding stream wrote there."""
+    clip = parse_clip(clip_payload(2), "t")
+    one = ContinuationRequest(bars=2, variations=1, seed=4, temperature=1.0)
+    cold = outcome(generator.stream(clip, one))
+    prefills = PrefillCache()
+    generator.prefill(clip, prefills)
+    decoding = generator.stream(clip, one, prefills=prefills)
+    events = [next(decoding)]  # it holds the buffer and has written its first steps after the prompt
+    assert list(generator.stream(clip, one, should_stop=lambda: True, prefills=prefills)) == []  # cancelled at once
+    meanwhile = generator.stream(clip, one, prefills=prefills)
+    started = [next(meanwhile)]  # it steps now: it must not write where `decoding` wrote
+    events += list(decoding)
+    assert outcome(events) == cold
+    assert outcome(started + list(meanwhile)) == cold
+
+
+def test_threads_preparing_continuing_and_cancelling_the_same_clips_all_get_the_cold_notes(generator):
+    """The server's workers and its prepare thread share one PrefillCache: leases, promotions and look aheads
+    under real threads, with streams closed after their first note (a cancel), never change a note."""
+    import random
+
+    clips = [parse_clip(clip_payload(seed), str(seed)) for seed in (2, 3)]
+    requests = [ContinuationRequest(bars=2, variations=v, seed=s, temperature=1.0) for s in (1, 2) for v in (1, 2)]
+    cold = {(c, r): outcome(generator.stream(clips[c], requests[r])) for c in range(2) for r in range(len(requests))}
+    prefills = PrefillCache()
+    wrong: list[tuple] = []
+
+    def musician(number: int) -> None:
+        chance = random.Random(number)
+        for _ in range(8):
+            c, r = chance.randrange(2), chance.randrange(len(requests))
+            if chance.random() < 0.4:
+                generator.prefill(clips[c], prefills)
+            cancel = chance.random() < 0.3
+            events = []
+            stream = generator.stream(clips[c], requests[r], prefills=prefills)
+            for event in stream:
+                events.append(event)
+                if cancel and isinstance(event, NoteEvent):
+                    stream.close()
+                    break
+            got = outcome(events)
+            if got != cold[(c, r)][:len(got)] or (not cancel and len(got) != len(cold[(c, r)])):
+                wrong.append((number, c, r, cancel))
+
+    threads = [threading.Thread(target=musician, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert wrong == []
+    assert prefills.stats().misses <= 4 and prefills.stats().leases > 0
+
+
 def test_a_look_ahead_the_continue_does_not_draw_costs_nothing_but_itself(generator, monkeypatch):
     """A look ahead whose Position is not drawn: the drawn token is written over it (same notes as cold, no
     more model calls than without it), it is dropped, and the next prepare computes it again."""
