@@ -408,11 +408,10 @@ class Generator:
                 duration = next((t for t in reversed(prompt) if self.vocab.duration_mask[t]), -1)
                 rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening),
                                  velocity=velocity, duration=duration))
-        # One prefill for the shared prompt (or the one kept in `prefills`, whose own buffer this stream may
-        # decode on in: leased until the stream ends), then the cache is copied for every variation. One
-        # row decodes from it as it is: a step never changes the cache it is given.
-        # One row decodes in the kept prompt's own buffer, made the model's hot one if it was not (the copy it
-        # would have made anyway): Generate again on it then starts without a copy too.
+        # One prefill for the shared prompt (or the one kept in `prefills`), then the cache is copied for every
+        # variation. One row decodes from it as it is (a step never changes the cache it is given), in the
+        # kept prompt's own buffer, leased until the stream ends and made the model's hot one if it was not
+        # (the copy the row would have made anyway): Generate again on it then starts without a copy too.
         prefilled = self._prefill(prompt + opening, prefills, lease=True, promote=len(rows) == 1)
         use = _AheadUse()
         try:

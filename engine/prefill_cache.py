@@ -17,8 +17,9 @@ recently used entries are evicted first; an entry larger than the bound is not k
 compact host copies (the prompt's positions only, never a preallocated buffer) marked read-only, so no
 decoding can change them: `KVCache.repeat`/`select` and `OnnxDecoder.step` build new caches from them.
 
-The decode buffer a prefill was computed in is kept too, for the most recent prompt of each model
-(its "hot" buffer; one preallocated buffer, 8 MB for the shipped model): a Continue that leases it
+The decode buffer a prefill was computed in is kept too, for the prompt of each model most recently
+prefilled, prepared or continued by one row (its "hot" buffer; one preallocated buffer, 8 MB for the
+shipped model; `promote` copies a kept prompt into one): a Continue that leases it
 (`fetch(..., lease=True)`) decodes on in that very buffer, after the prompt's positions, instead of
 first copying the kept prompt into a new one (0.3-0.4 ms for the 4-bar chorale, 1 ms for a dense clip
 of 650 tokens). Its `release()` at the end frees the positions it wrote, so the next Continue of the
