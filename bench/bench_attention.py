@@ -75,6 +75,19 @@ def attention_session(heads: int, head_dim: int, capacity: int) -> ort.Inference
     return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
 
 
+def best_us(call, repeats: int, calls: int = CALLS) -> float:
+    """Microseconds of one `call()` (process CPU time): the best of `repeats` rounds of `calls`, after 20 to warm up."""
+    for _ in range(20):
+        call()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.process_time() - started) / calls * 1e6)
+    return best
+
+
 def node_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity: int, context: int, repeats: int) -> float:
     """Microseconds of one decode call with `context` positions of history (best of `repeats` rounds)."""
     rng = np.random.default_rng(0)
@@ -90,15 +103,7 @@ def node_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity: 
     binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
     for name, buffer in (("present_key", keys), ("present_value", values)):  # shared: the engine's binding
         binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
-    for _ in range(20):
-        session.run_with_iobinding(binding)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.process_time()
-        for _ in range(CALLS):
-            session.run_with_iobinding(binding)
-        best = min(best, (time.process_time() - started) / CALLS * 1e6)
-    return best
+    return best_us(lambda: session.run_with_iobinding(binding), repeats)
 
 
 PLAIN_FORMS = ("Mul + ReduceSum", "a product per head")
@@ -169,15 +174,7 @@ def plain_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity:
     expected = np.einsum("sh,shd->hd", weights / weights.sum(axis=0), v).reshape(-1)
     if not np.allclose(binding.get_outputs()[0].numpy().reshape(-1), expected, atol=1e-4):
         raise SystemExit("the plain-operator attention does not compute attention")
-    for _ in range(20):
-        session.run_with_iobinding(binding)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.process_time()
-        for _ in range(CALLS):
-            session.run_with_iobinding(binding)
-        best = min(best, (time.process_time() - started) / CALLS * 1e6)
-    return best
+    return best_us(lambda: session.run_with_iobinding(binding), repeats)
 
 
 def native_kernel(head_dim: int, workdir: Path):
@@ -218,13 +215,7 @@ def native_us(kernel, heads: int, head_dim: int, capacity: int, context: int, re
     expected = np.einsum("hs,hsd->hd", weights / weights.sum(axis=1, keepdims=True), v).reshape(-1)
     if not np.allclose(out, expected, atol=1e-4):
         raise SystemExit("the C kernel does not compute attention")
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.process_time()
-        for _ in range(CALLS * 5):
-            kernel(*args)
-        best = min(best, (time.process_time() - started) / (CALLS * 5) * 1e6)
-    return best
+    return best_us(lambda: kernel(*args), repeats, calls=CALLS * 5)
 
 
 def read_gbs(nbytes: int, repeats: int) -> float:
