@@ -3,6 +3,7 @@ seeds reproduce, long prompts are cut at a bar."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -346,8 +347,10 @@ def test_a_guessed_velocity_and_duration_are_fed_with_the_pitch_and_change_no_to
         monkeypatch.setattr(generate_module.Generator, "_guess", watched)
         guessing = generator.generate(clip, request)[0]
         row = rows[-1]
-        calls_guessing, right = len(widths), row.velocity_guesses.right + row.duration_guesses.right
+        guessed = (row.velocity_guesses, row.duration_guesses, row.position_guesses)
+        calls_guessing, right = len(widths), sum(g.right for g in guessed)
         assert row.velocity_guesses.made > 0 and any(w >= 2 for w in widths[1:]), "no step fed a guess"
+        assert row.position_guesses.made > 0, "no step fed the Position where the note ends"
 
         widths.clear()
         monkeypatch.setattr(generate_module.Generator, "_guess", lambda self, row, length: [])
@@ -360,6 +363,30 @@ def test_a_guessed_velocity_and_duration_are_fed_with_the_pitch_and_change_no_to
         wrong = generator.generate(clip, request)[0]
         assert wrong.tokens == plain.tokens and wrong.clip.notes == plain.clip.notes
     assert hits > 0, "no guess came true on either clip"
+
+
+def test_the_position_guessed_after_a_note_is_where_it_ends(generator):
+    """After a Pitch, with its Velocity and Duration, the step also feeds the Position where that note would
+    end, where the next note of a line starts: only on the grid and within the bar, and only where the
+    vocabulary puts no forced Program after a Position (it would take a step of its own)."""
+    vocab = generator.vocab
+    assert vocab.program_per_bar
+    grammar = generator._grammar(Clip((Note(60, 80, 0.0, 1.0),)), ContinuationRequest(bars=2))
+    unit = vocab.units_per_position
+    durations = {int(vocab.duration_units[t]): t for t in np.flatnonzero(vocab.duration_mask)}
+    position_of = {int(vocab.position_index[t]): t for t in np.flatnonzero(vocab.position_index >= 0)}
+    grammar.position = 2
+    for units, duration in durations.items():
+        end, off_grid = divmod(2 * unit + units, unit)
+        expected = None if off_grid or end >= grammar.positions_per_bar else position_of[end]
+        assert generator._next_note_at(grammar, duration) == expected, (units, end)
+    on_grid = [d for u, d in durations.items() if u % unit == 0 and 2 + u // unit < grammar.positions_per_bar]
+    assert on_grid, "the tiny vocabulary has durations that end on a later position of the bar"
+    generator.vocab = replace(vocab, program_per_bar=False)  # a Program before every note: no Position guess
+    try:
+        assert generator._next_note_at(grammar, on_grid[0]) is None
+    finally:
+        generator.vocab = vocab
 
 
 def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_midi, monkeypatch):
