@@ -11,6 +11,9 @@ grammar masks, clip guidance, sampling, the note assembler, the KV cache's bindi
 * replayed: the same continuation with every model call answered from the logits recorded on the
   first run, so no model runs: the Generator's own Python per token, with warm caches.
 
+It also prints the model calls per token and how many of the row's guesses (Velocity, Duration,
+Position: `Generator._guess`) came true.
+
 "around the model" (total minus model) is larger than "replayed": each model call streams the
 weights and the KV cache through the CPU's caches, and the Python code that follows finds its own
 data evicted. Times are process CPU time, medians of `--runs`, runs of the two kinds alternated.
@@ -75,8 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         return logits
 
     decoder._run = recording_run.__get__(decoder)  # type: ignore[method-assign]
-    tokens = len(generator.generate(clip, request)[0].tokens)
+    rows = []
+    real_guess = Generator._guess
+
+    def watched_guess(self, row, length):  # the row's record of its guesses, read after the run
+        rows.append(row)
+        return real_guess(self, row, length)
+
+    Generator._guess = watched_guess  # type: ignore[method-assign]
+    try:
+        tokens = len(generator.generate(clip, request)[0].tokens)
+    finally:
+        Generator._guess = real_guess  # type: ignore[method-assign]
     del decoder._run  # the class's method again
+    guessed = {kind: getattr(rows[-1], f"{kind.lower()}_guesses") for kind in ("Velocity", "Duration", "Position")} if rows else {}
 
     def replaying_run(self, binding, ids, positions, session):
         return replayed.pop(0).copy()
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| replayed: the Generator alone, no model run | {replay:.3f} |")
     print(f"\nmodel calls: {timed.calls} for {tokens} tokens ({timed.calls / tokens:.2f} per token; the prompt's prefill "
           "in 64-position chunks included)")
+    if guessed:
+        print("guesses that came true: " + ", ".join(f"{kind} {g.right} of {g.made}" for kind, g in guessed.items()))
     return 0
 
 
