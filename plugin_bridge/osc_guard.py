@@ -17,12 +17,19 @@ What passes (stricter than python-osc, as strict as JUCE's reader):
   a multiple of 4 and within the bytes left, followed by a message or bundle of exactly that size;
   bundles nest at most `MAX_DEPTH` deep and a datagram holds at most `MAX_MESSAGES` messages.
 
+The walk reads every argument anyway, so `read_datagram` returns the messages it read (address and
+arguments, python-osc's types: int, float, str, bytes, True, False, None), and the server needs no
+second parse: python-osc's string reader scans a string byte by byte in Python, 130 us for a 1.5 KB
+continue request and about 0.5 ms for a dense clip's (tests/test_fuzz.py checks both readers agree).
+
 This module uses only the standard library, so DAW-embedded Python (Ableton Live) can import it.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 BUNDLE_PREFIX = b"#bundle\x00"
 SUPPORTED_TAGS = frozenset("ifsbTFNdh")
@@ -32,6 +39,16 @@ MAX_ADDRESS_LENGTH = 256
 MAX_ARGUMENTS = 64  # Segue's requests have at most 5; this bounds the parse work a hostile message can ask for
 
 _ARG_SIZES = {"i": 4, "f": 4, "d": 8, "h": 8, "T": 0, "F": 0, "N": 0}
+_NUMBERS = {"i": ">i", "f": ">f", "d": ">d", "h": ">q"}
+_CONSTANTS = {"T": True, "F": False, "N": None}
+
+
+@dataclass(frozen=True)
+class OscReceived:
+    """One message of a datagram that passed the guard: its address and its arguments in order."""
+
+    address: str
+    params: tuple[Any, ...]
 
 
 class OscGuardError(ValueError):
@@ -44,6 +61,12 @@ class OscGuardError(ValueError):
 
 def check_datagram(data: bytes, max_size: int) -> None:
     """Raise `OscGuardError` unless `data` is a well-formed OSC message or bundle of at most `max_size` bytes."""
+    read_datagram(data, max_size)
+
+
+def read_datagram(data: bytes, max_size: int) -> list[OscReceived]:
+    """The messages of a well-formed OSC message or bundle of at most `max_size` bytes, in order (bundle
+    timetags dropped); `OscGuardError` for anything else."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise OscGuardError(f"a datagram must be bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -53,23 +76,23 @@ def check_datagram(data: bytes, max_size: int) -> None:
         raise OscGuardError("empty datagram")
     if len(data) % 4:
         raise OscGuardError(f"datagram length {len(data)} is not a multiple of 4")
-    counter = [0]
-    _check_packet(data, 0, len(data), 1, counter)
+    messages: list[OscReceived] = []
+    _check_packet(data, 0, len(data), 1, messages)
+    return messages
 
 
-def _check_packet(data: bytes, start: int, end: int, depth: int, counter: list[int]) -> None:
+def _check_packet(data: bytes, start: int, end: int, depth: int, messages: list[OscReceived]) -> None:
     if data.startswith(BUNDLE_PREFIX, start, end):
-        _check_bundle(data, start, end, depth, counter)
+        _check_bundle(data, start, end, depth, messages)
     elif data.startswith(b"/", start, end):
-        counter[0] += 1
-        if counter[0] > MAX_MESSAGES:
+        if len(messages) >= MAX_MESSAGES:
             raise OscGuardError(f"more than {MAX_MESSAGES} messages in one datagram")
-        _check_message(data, start, end)
+        messages.append(_check_message(data, start, end))
     else:
         raise OscGuardError(f"packet at byte {start} is neither a message (starts with '/') nor a bundle ('#bundle')")
 
 
-def _check_bundle(data: bytes, start: int, end: int, depth: int, counter: list[int]) -> None:
+def _check_bundle(data: bytes, start: int, end: int, depth: int, messages: list[OscReceived]) -> None:
     if depth > MAX_DEPTH:
         raise OscGuardError(f"bundles nested more than {MAX_DEPTH} deep")
     index = start + len(BUNDLE_PREFIX)
@@ -87,7 +110,7 @@ def _check_bundle(data: bytes, start: int, end: int, depth: int, counter: list[i
             raise OscGuardError(f"bundle element size {size} is not a multiple of 4")
         if index + size > end:
             raise OscGuardError(f"bundle element of {size} bytes runs past the end of its bundle")
-        _check_packet(data, index, index + size, depth + 1, counter)
+        _check_packet(data, index, index + size, depth + 1, messages)
         index += size
 
 
@@ -105,7 +128,7 @@ def _read_string(data: bytes, index: int, end: int, what: str) -> tuple[bytes, i
     return data[index:nul], after
 
 
-def _check_message(data: bytes, start: int, end: int) -> None:
+def _check_message(data: bytes, start: int, end: int) -> OscReceived:
     address, index = _read_string(data, start, end, "address")
     if len(address) > MAX_ADDRESS_LENGTH:
         raise OscGuardError(f"address is {len(address)} bytes long; at most {MAX_ADDRESS_LENGTH} are accepted")
@@ -125,11 +148,12 @@ def _check_message(data: bytes, start: int, end: int) -> None:
     unsupported = set(tags) - SUPPORTED_TAGS
     if unsupported:
         raise OscGuardError(f"unsupported type tags {''.join(sorted(unsupported))!r} (supported: ifsbTFNdh)")
+    params: list[Any] = []
     for position, tag in enumerate(tags):
         if tag == "s":
             raw, index = _read_string(data, index, end, f"string argument {position}")
             try:
-                raw.decode("utf-8")
+                params.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 raise OscGuardError(f"string argument {position} is not valid UTF-8") from None
         elif tag == "b":
@@ -139,15 +163,21 @@ def _check_message(data: bytes, start: int, end: int) -> None:
             index += 4
             if size < 0:
                 raise OscGuardError(f"blob argument {position} has negative size {size}")
-            index += size + (-size % 4)
+            blob_end = index + size
+            index = blob_end + (-size % 4)
             if index > end:
                 raise OscGuardError(f"blob argument {position} runs past the end of the message")
+            params.append(data[blob_end - size:blob_end])
+        elif tag in _CONSTANTS:
+            params.append(_CONSTANTS[tag])
         else:
-            index += _ARG_SIZES[tag]
-            if index > end:
+            if index + _ARG_SIZES[tag] > end:
                 raise OscGuardError(f"argument {position} ({tag!r}) runs past the end of the message")
+            params.append(struct.unpack_from(_NUMBERS[tag], data, index)[0])
+            index += _ARG_SIZES[tag]
     if index != end:
         raise OscGuardError(f"{end - index} unexpected bytes after the last argument")
+    return OscReceived(address.decode("ascii"), tuple(params))
 
 
 def peek_head(data: bytes) -> tuple[str, int, str] | None:

@@ -8,7 +8,8 @@ Thin by design (docs/ARCHITECTURE.md): receive a datagram, guard it, parse it, c
 `Service.handle`, send the replies. It owns a plain UDP socket and one receive thread instead of
 python-osc's servers, because those servers hang on a 20-byte bundle, sleep until a bundle's
 timetag, let `UnicodeDecodeError` escape and cut datagrams at 8192 bytes (../shared/guide/RELIABILITY.md).
-Here every datagram passes `osc_guard.check_datagram` before python-osc parses it, bundle timetags
+Here every datagram is read by `osc_guard.read_datagram`, which refuses what python-osc would choke
+on and returns the messages it walked (python-osc only builds the replies), bundle timetags
 are ignored (contents act at once; the server never sleeps), and each datagram and each message
 is handled inside its own try so that one bad packet costs one error reply and one log line.
 
@@ -27,16 +28,13 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
-
-from pythonosc.osc_bundle import OscBundle
-from pythonosc.osc_message import OscMessage
 
 from plugin_bridge import osc_messages as msgs
 from plugin_bridge import protocol
 from plugin_bridge.osc_chunks import ChunkAssembler, ChunkError, ChunkIgnored, UploadLimits
-from plugin_bridge.osc_guard import OscGuardError, check_datagram, peek_head
+from plugin_bridge.osc_guard import OscGuardError, OscReceived, peek_head, read_datagram
 
 log = logging.getLogger("segue.osc")
 
@@ -261,16 +259,9 @@ class OscTransport:
                          f"Send large clips in pieces with {msgs.CONTINUE_CHUNK}")
             return
         try:
-            check_datagram(data, self.max_datagram)
+            messages = read_datagram(data, self.max_datagram)
         except OscGuardError as exc:
             self._refuse(data, sender, protocol.BAD_REQUEST, f"malformed OSC packet: {exc.reason}")
-            return
-        try:
-            messages = list(_messages(data))
-        except Exception as exc:  # the guard passed it, so python-osc failing is a gap in the guard: say so loudly
-            log.error("python-osc could not parse a datagram the guard accepted (%s: %s): %r",
-                      type(exc).__name__, exc, data[:200])
-            self._refuse(data, sender, protocol.BAD_REQUEST, f"malformed OSC packet ({type(exc).__name__})")
             return
         for message in messages:
             try:
@@ -287,7 +278,7 @@ class OscTransport:
             _, reply_port, request_id = head
             self._emitter((sender[0], reply_port))(protocol.error_event(request_id, code, message))
 
-    def _message(self, message: OscMessage, sender: tuple) -> None:
+    def _message(self, message: OscReceived, sender: tuple) -> None:
         args = list(message.params)
         reply_port = _as_int(args[0]) if args else None
         if reply_port is None or not 1 <= reply_port <= 65535:
@@ -408,22 +399,6 @@ class OscTransport:
         except OSError as exc:
             if self._send_failures.allow():
                 log.warning("could not send a reply to %s:%s (%s)", dest[0], dest[1], exc)
-
-
-def _messages(data: bytes) -> Iterator[OscMessage]:
-    """The messages of a guarded datagram in order; bundle timetags are ignored (contents act at once)."""
-    if OscBundle.dgram_is_bundle(data):
-        stack = [iter(OscBundle(data))]
-        while stack:
-            item = next(stack[-1], None)
-            if item is None:
-                stack.pop()
-            elif isinstance(item, OscBundle):
-                stack.append(iter(item))
-            else:
-                yield item
-    else:
-        yield OscMessage(data)
 
 
 def _as_int(value: Any) -> int | None:

@@ -84,16 +84,58 @@ def _parse(payload) -> None:
 @FUZZ
 @given(st.binary(max_size=600), st.sampled_from([b"", b"/segue/continue\x00", b"#bundle\x00"]))
 def test_osc_datagrams_pass_the_guard_or_are_refused(data, head):
-    from plugin_bridge.osc_guard import OscGuardError, check_datagram
-    from plugin_bridge.osc_transport import _messages
+    from plugin_bridge.osc_guard import OscGuardError, read_datagram
 
     datagram = head + data
     try:
-        check_datagram(datagram, 65000)
+        messages = read_datagram(datagram, 65000)
     except OscGuardError:
         return
-    for message in _messages(datagram):  # a datagram the guard passed parses without surprises
-        assert isinstance(message.address, str)
+    # What the guard read is what python-osc reads from the same datagram, which it parses without surprises.
+    assert [(m.address, list(m.params)) for m in messages] == python_osc_messages(datagram)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["/segue/continue", "/segue/ping", "/a/b"]),
+                          st.lists(st.integers(-2**31, 2**31 - 1) | st.floats(width=32, allow_nan=False)
+                                   | st.text(max_size=40).filter(lambda t: "\x00" not in t) | st.binary(min_size=1, max_size=40)
+                                   | st.booleans() | st.none(), max_size=6)), min_size=1, max_size=3), st.booleans())
+def test_the_guard_reads_what_python_osc_builds(messages, bundled):
+    """Messages built by python-osc (alone or in a bundle) read back by the guard as python-osc reads them."""
+    from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    from plugin_bridge.osc_guard import read_datagram
+
+    built = []
+    for address, args in messages:
+        builder = OscMessageBuilder(address)
+        for arg in args:
+            builder.add_arg(arg)
+        built.append(builder.build())
+    if bundled or len(built) > 1:
+        bundle = OscBundleBuilder(IMMEDIATELY)
+        for message in built:
+            bundle.add_content(message)  # type: ignore[arg-type]
+        datagram = bundle.build().dgram
+    else:
+        datagram = built[0].dgram
+    read = [(m.address, list(m.params)) for m in read_datagram(datagram, 65000)]
+    assert read == python_osc_messages(datagram)
+    assert [address for address, _ in read] == [address for address, _ in messages]
+
+
+def python_osc_messages(datagram: bytes) -> list[tuple[str, list]]:
+    """python-osc's reading of a datagram: each message's address and arguments, bundles flattened."""
+    from pythonosc.osc_bundle import OscBundle
+    from pythonosc.osc_message import OscMessage
+
+    def walk(item) -> list[tuple[str, list]]:
+        if isinstance(item, OscBundle):
+            return [m for content in item for m in walk(content)]
+        return [(item.address, list(item.params))]
+
+    return walk(OscBundle(datagram) if OscBundle.dgram_is_bundle(datagram) else OscMessage(datagram))
 
 
 @FUZZ
