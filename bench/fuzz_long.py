@@ -12,8 +12,8 @@ replays it alone), per-execution timing, and the memory of this process, which h
 the code under test, its inputs and three preallocated arrays (time, path, accepted per execution).
 
 Paths (each execution takes one, drawn by the weights below):
-  osc  datagram   `osc_guard.check_datagram(d, 65000)`; a datagram it passes must parse with
-                  `osc_transport._messages` into messages with str addresses
+  osc  datagram   `osc_guard.read_datagram(d, 65000)`; what it reads from a datagram it passes must be
+                  what python-osc reads from it
                   (test_osc_datagrams_pass_the_guard_or_are_refused)
        body       `protocol.decode_osc_continue(body, "o", CONTINUE)`, then `protocol.parse_continue`;
                   only ProtocolError, whose message is at most MAX_MESSAGE_CHARS
@@ -668,9 +668,12 @@ class ErrorRecords(logging.Handler):
 
 
 def osc_target(rng: random.Random) -> Target:
+    from pythonosc.osc_bundle import OscBundle
+    from pythonosc.osc_message import OscMessage
+
     from plugin_bridge.osc_client import decode_datagram
-    from plugin_bridge.osc_guard import OscGuardError, check_datagram
-    from plugin_bridge.osc_transport import OscTransport, _messages
+    from plugin_bridge.osc_guard import OscGuardError, read_datagram
+    from plugin_bridge.osc_transport import OscTransport
 
     requests, replies, bodies = osc_seeds(rng)
     heads = (b"", b"/segue/continue\x00", b"#bundle\x00")  # tests/test_fuzz.py's heads for random bytes
@@ -685,15 +688,21 @@ def osc_target(rng: random.Random) -> Target:
         data = rng.choice(heads) + rng.randbytes(rng.randint(0, 150))  # random but aligned, and a real request tail
         return data + b"\x00" * (-len(data) % 4) + (rng.choice(requests) if rng.random() < 0.3 else b"")
 
+    def python_osc(item) -> list[tuple[str, list]]:
+        if isinstance(item, OscBundle):
+            return [message for content in item for message in python_osc(content)]
+        return [(item.address, list(item.params))]
+
     def run_datagram(datagram: bytes) -> bool:
         try:
-            check_datagram(datagram, 65000)
+            messages = read_datagram(datagram, 65000)
         except OscGuardError:
             return False
-        for message in _messages(datagram):  # a datagram the guard passed parses without surprises
-            if not isinstance(message.address, str):
-                raise BadRefusal(f"address {message.address!r} is not a str")
-            list(message.params)
+        read = [(message.address, list(message.params)) for message in messages]
+        # What the server read is what python-osc reads from a datagram the guard passed (without surprises).
+        expected = python_osc(OscBundle(datagram) if OscBundle.dgram_is_bundle(datagram) else OscMessage(datagram))
+        if read != expected:
+            raise BadRefusal(f"the guard read {read!r:.200} where python-osc reads {expected!r:.200}")
         return True
 
     def parse(payload) -> bool:

@@ -1,11 +1,12 @@
-"""Validate a raw OSC datagram before python-osc is allowed to parse it.
+"""Validate and read a raw OSC datagram: the server's OSC reader, and the client's guard before python-osc.
 
 python-osc 1.10.2 trusts the bytes it is given: a bundle element of size -4
 makes `OscBundle` loop forever, a non-UTF-8 address or string raises `UnicodeDecodeError` past its
 own error handling, and unknown type tags are skipped with a log line. A musician's session must
 never hang on one bad packet, so every datagram is walked here first, with plain index arithmetic
-that always moves forward and never trusts a length it has not bounds-checked. Only a datagram
-that passes is handed to `OscMessage` / `OscBundle`.
+that always moves forward and never trusts a length it has not bounds-checked. The server takes the
+messages this walk reads (`read_datagram`); the Python client checks a reply here
+(`check_datagram`) before it hands it to `OscMessage`.
 
 What passes (stricter than python-osc, as strict as JUCE's reader):
 - at most `max_size` bytes, a multiple of 4, not empty;
