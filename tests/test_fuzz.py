@@ -92,7 +92,8 @@ def test_osc_datagrams_pass_the_guard_or_are_refused(data, head):
     except OscGuardError:
         return
     # What the guard read is what python-osc reads from the same datagram, which it parses without surprises.
-    assert [(m.address, list(m.params)) for m in messages] == python_osc_messages(datagram)
+    # (repr: a NaN argument reads alike but is not equal to itself)
+    assert repr([(m.address, list(m.params)) for m in messages]) == repr(python_osc_messages(datagram))
 
 
 @FUZZ
@@ -121,7 +122,7 @@ def test_the_guard_reads_what_python_osc_builds(messages, bundled):
     else:
         datagram = built[0].dgram
     read = [(m.address, list(m.params)) for m in read_datagram(datagram, 65000)]
-    assert read == python_osc_messages(datagram)
+    assert repr(read) == repr(python_osc_messages(datagram))
     assert [address for address, _ in read] == [address for address, _ in messages]
 
 
