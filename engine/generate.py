@@ -279,12 +279,11 @@ class Generator:
         tokens = [int(np.argmax(np.where(allowed, prefilled.logits[0], -np.inf)))]
         grammar.accept(tokens[0])
         while len(tokens) < AHEAD_TOKENS:
-            allowed = grammar.allowed()
-            forced = np.flatnonzero(allowed)
-            if len(forced) != 1 or grammar.ends_continuation(int(forced[0])):
+            forced = _forced_token(grammar)
+            if forced is None:
                 break
-            tokens.append(int(forced[0]))
-            grammar.accept(tokens[-1])
+            tokens.append(forced)
+            grammar.accept(forced)
         if prefilled.cache.length + len(tokens) > self.decoder.max_context:
             return None
         every, cache = self.decoder.forward(np.asarray([tokens]), prefilled.cache)
@@ -509,11 +508,9 @@ class Generator:
         numbers are not used), one decode step fewer per bar, and one fewer before the first note. A
         forced Bar that ends the continuation is left to the sampling loop, which ends it there."""
         while length + len(fed) < self.decoder.max_context:
-            allowed = row.grammar.allowed()
-            candidates = np.flatnonzero(allowed)
-            if len(candidates) != 1 or row.grammar.ends_continuation(int(candidates[0])):
+            token = _forced_token(row.grammar)
+            if token is None:
                 return
-            token = int(candidates[0])
             row.grammar.accept(token)
             track, note = row.feed(token)
             if note is not None:
@@ -720,6 +717,14 @@ def _guided(logits: np.ndarray, grammar: ContinuationGrammar | InterleavedGramma
     if grammar.preference is not None:
         logits = guide(logits, grammar.allowed(), grammar.preference, grammar.pitch_table, params.temperature)
     return logits
+
+
+def _forced_token(grammar: ContinuationGrammar | InterleavedGrammar) -> int | None:
+    """The one token the grammar allows next, unless there is a choice or it is the Bar that ends the continuation."""
+    candidates = grammar.allowed().nonzero()[0]
+    if len(candidates) != 1 or grammar.ends_continuation(int(candidates[0])):
+        return None
+    return int(candidates[0])
 
 
 def _single(grammar: ContinuationGrammar | InterleavedGrammar) -> ContinuationGrammar:

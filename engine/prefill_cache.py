@@ -236,9 +236,7 @@ class PrefillCache:
             kept = Prefilled.kept(key[1], logits, cache, ms)
             if not self._keep(key, kept) or not cache.in_place or cache.batch != 1:
                 return Prefilled(key[1], logits, cache, ms)
-            with self._lock:
-                hot = self._hot[model] = _Hot(key, cache, leased=lease, lock=self._lock)
-                self._leases += lease
+            hot = self._make_hot(model, key, cache, lease)
             return Prefilled(key[1], logits, cache, ms, lease=hot) if lease else kept
         finally:
             with self._lock:
@@ -252,10 +250,14 @@ class PrefillCache:
         cache = promote(entry.cache)
         if not cache.in_place or cache.batch != 1:
             return replace(entry, reused=True)
+        return replace(entry, cache=cache, reused=True, lease=self._make_hot(model, key, cache, leased=True))
+
+    def _make_hot(self, model: str, key: tuple[str, tuple[int, ...]], cache: KVCache, leased: bool) -> _Hot:
+        """`cache` (a batch-1 cache in a buffer of its own) as the model's hot prompt, leased to the caller or not."""
         with self._lock:
-            hot = self._hot[model] = _Hot(key, cache, leased=True, lock=self._lock)
-            self._leases += 1
-        return replace(entry, cache=cache, reused=True, lease=hot)
+            hot = self._hot[model] = _Hot(key, cache, leased=leased, lock=self._lock)
+            self._leases += leased
+        return hot
 
     def get(self, model: str, ids: Sequence[int]) -> Prefilled | None:
         """The kept prefill of `ids`, if there is one (counts as a use: it becomes the most recent)."""
