@@ -19,7 +19,7 @@ def test_a_note_list_sent_again_gives_the_same_notes_without_building_them_again
 @pytest.mark.parametrize("bad", [True, float("nan"), float("inf"), 10**400, "60", None])
 def test_a_value_that_equals_a_valid_one_in_a_tuple_is_still_refused(bad):
     """True == 1 and hash(True) == hash(1): a remembered [1, ...] must not answer for [True, ...]."""
-    notes_of([[1, 90, 0, 1.0]])
+    notes_of([[60, 90, 0, 1.0], [1, 90, 0, 1.0]])  # remembered: [True, ...] would compare equal to it
     with pytest.raises(NoteListError) as refused:
         notes_of([[60, 90, 0, 1.0], [bad, 90, 0, 1.0]])
     assert refused.value.index == 1
