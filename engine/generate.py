@@ -45,6 +45,7 @@ from engine.beam import RepetitionPenalty, beam_search, scored_log_probs
 from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.clip_guidance import TrackGuidance, guide, steer_chord
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
+from engine.guesses import GUESS_MIN_RATE, GUESS_TRIAL, POSITION_GUESS_MIN_RATE, GuessRecord, NoteHabits  # noqa: F401
 from engine.interleaved import BandAssembler, InterleavedGrammar
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
 from engine.prefill_cache import Ahead, PrefillCache, Prefilled
@@ -57,11 +58,6 @@ from engine.tokens import ClipTokenizer, trim_to_context
 LOOKAHEAD_MIN_P = 0.02  # below this chance of another note at a position, no chord lookahead (see _choose)
 AHEAD_TOKENS = 3  # at most this many tokens of a prepared prompt's look ahead (its Position and what is forced)
 KEPT_GRAMMARS = 16  # fresh grammars kept for requests that ask for one again (see _grammar)
-GUESS_TRIAL = 8  # Velocity guesses a row makes before its hit rate decides whether it goes on guessing ...
-GUESS_MIN_RATE = 0.15  # ... which it does while at least this share came true (a miss costs ~5 % of a step)
-# The Position after a note costs more to feed than it saves unless it comes true often: a fourth token
-# adds about a fifth of a step, a hit saves a whole step (and its Python).
-POSITION_GUESS_MIN_RATE = 0.3
 
 
 @dataclass(frozen=True)
@@ -84,18 +80,6 @@ class VariationDone:
 
 
 @dataclass
-class _Guesses:
-    """How a row's guesses of one kind of token (Velocity, Duration) have fared: it goes on guessing that
-    kind while at least GUESS_MIN_RATE of them came true (or fewer than GUESS_TRIAL were made)."""
-
-    made: int = 0
-    right: int = 0
-
-    def worth_it(self, min_rate: float = GUESS_MIN_RATE) -> bool:
-        return self.made < GUESS_TRIAL or self.right >= min_rate * self.made
-
-
-@dataclass
 class _Row:
     """One variation of one group of tracks (written as one stream) in flight."""
 
@@ -107,27 +91,38 @@ class _Row:
     history: list[int]  # prompt + generated tokens, for re-prefill when the context fills
     generated: list[int] = field(default_factory=list)
     notes: dict[int, list[Note]] = field(default_factory=dict)  # per track
-    velocity: int = -1  # the last Velocity token of this stream (the prompt's, to begin with): the next guess
-    duration: int = -1  # the same for Duration
-    velocity_guesses: _Guesses = field(default_factory=_Guesses)  # tokens fed on a guess (Generator._guess)
-    duration_guesses: _Guesses = field(default_factory=_Guesses)
-    position_guesses: _Guesses = field(default_factory=_Guesses)  # the Position (or Bar) where the note ends
+    habits: NoteHabits | None = None  # a one-track stream's notes so far, for its guesses (Generator._guess)
+    velocity_guesses: GuessRecord = field(default_factory=GuessRecord)  # tokens fed on a guess
+    duration_guesses: GuessRecord = field(default_factory=GuessRecord)
+    position_guesses: GuessRecord = field(default_factory=GuessRecord)  # where the note ends (a Position, or Bar)
 
-    def guesses_of(self, token: int) -> _Guesses:
-        vocab = self.grammar.vocab
+    def guesses_of(self, token: int) -> GuessRecord | None:
+        """The record a guessed `token` counts in; None for a token the grammar forces (TimeSig, a bar's
+        Program), which comes with the guess before it and saves no call of its own."""
+        grammar = self.grammar
+        vocab = grammar.vocab
         if vocab.velocity_value[token] >= 0:
             return self.velocity_guesses
-        return self.duration_guesses if vocab.duration_mask[token] else self.position_guesses
+        if vocab.duration_mask[token]:
+            return self.duration_guesses
+        if isinstance(grammar, ContinuationGrammar) and token in (grammar.time_sig_id, grammar.program_id):
+            return None
+        return self.position_guesses
 
     def feed(self, token: int) -> tuple[int, Note | None]:
         """Record an accepted token: the track it belongs to and the note it completes, if any."""
         self.generated.append(token)
         self.history.append(token)
-        vocab = self.grammar.vocab
-        if vocab.velocity_value[token] >= 0:
-            self.velocity = token
-        elif vocab.duration_mask[token]:
-            self.duration = token
+        habits = self.habits
+        if habits is not None:  # (after the grammar accepted it: its position and chord count are this note's)
+            grammar = _single(self.grammar)
+            vocab = grammar.vocab
+            if vocab.velocity_value[token] >= 0:
+                habits.saw_velocity(token, grammar.position, grammar.notes_here)
+            elif vocab.duration_mask[token]:
+                habits.saw_duration(token, int(vocab.duration_units[token]), grammar.position, grammar.notes_here)
+            elif token == vocab.bar or vocab.position_index[token] >= 0:
+                habits.moved()
         track = self.tracks[self.grammar.active_track]
         note = self.assembler.feed(token, self.grammar.active_track)
         if note is not None:
@@ -413,8 +408,10 @@ class Generator:
                 rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, group[0]])
                 velocity = next((t for t in reversed(prompt) if self.vocab.velocity_value[t] >= 0), -1)
                 duration = next((t for t in reversed(prompt) if self.vocab.duration_mask[t]), -1)
+                habits = (NoteHabits(self.tokenizer.positions_per_beat, velocity, duration)
+                          if isinstance(grammar, ContinuationGrammar) else None)
                 rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening),
-                                 velocity=velocity, duration=duration))
+                                 habits=habits))
         # One prefill for the shared prompt (or the one kept in `prefills`), then the cache is copied for every
         # variation. One row decodes from it as it is (a step never changes the cache it is given), in the
         # kept prompt's own buffer, leased until the stream ends and made the model's hot one if it was not
@@ -466,7 +463,9 @@ class Generator:
                 if lane.guess is not None:  # a one-row lane: its last step also fed guessed tokens
                     guessed_tokens, after = lane.guess
                     if tokens[0] == guessed_tokens[0]:  # drawn as guessed: the model has read it already
-                        rows_alive[0].guesses_of(tokens[0]).right += 1
+                        record = rows_alive[0].guesses_of(tokens[0])
+                        if record is not None:
+                            record.right += 1
                         rest = (guessed_tokens[1:], after[1:]) if len(guessed_tokens) > 1 else None
                         next_lanes.append(_Lane(rows_alive, lane.cache, after[0], guess=rest,
                                                 ahead=lane.ahead if rest is not None else None))
@@ -491,7 +490,9 @@ class Generator:
                     continue
                 fed[0] += guesses
                 for token in guesses:
-                    rows_alive[0].guesses_of(token).made += 1
+                    record = rows_alive[0].guesses_of(token)
+                    if record is not None:
+                        record.made += 1
                 if discarded is not None:
                     every, cache = self.decoder.step_instead(np.asarray(fed), cache, discarded, every_position=True)
                 else:
@@ -518,49 +519,66 @@ class Generator:
             fed.append(token)
 
     def _guess(self, row: _Row, length: int) -> list[int]:
-        """Tokens to feed on a guess after this step's tokens, so that the step also reads them: when a
-        Velocity comes next in a one-track stream, the stream's last Velocity, and after it its last
-        Duration (not checked against the grammar: one it forbids is never drawn, a miss that costs
-        no step). The model still draws each token from its own
-        distribution (the logits before the guess); each guess it draws saves a decode step, and at the
-        first it does not draw the drawn token is fed over the remaining guesses' positions
-        (`step_instead`), at the cost of the step it would have taken anyway. A Velocity often repeats
-        the one before (97-99 % of them in the continuations of the bundled examples, about 20 % in the
-        humanised parts of the held-out band files), a Duration less often (72-85 % and 47 %), and a
-        step of three tokens costs about what a one-token step does, so a row guesses each kind while
-        at least GUESS_MIN_RATE of its guesses of that kind came true (`_Guesses`). After its first note,
-        a row also guesses the Position where the guessed Duration ends (`_next_note_at`): where the
-        next note of a line starts (74-85 % of them in the folk tunes' continuations, 6 % in the
-        chorale's chords); a fourth token costs about a fifth of a step, so it needs
-        POSITION_GUESS_MIN_RATE."""
-        grammar = row.grammar
-        shared = getattr(self.decoder, "shared", False)  # only a shared-buffer cache can write over a guess in place
-        if not shared or not isinstance(grammar, ContinuationGrammar) or grammar.expect is not Expect.VELOCITY:
-            return []
-        if row.velocity < 0 or length + 3 > self.decoder.max_context:
-            return []
-        if not row.velocity_guesses.worth_it() or not grammar.allowed()[row.velocity]:
-            return []  # a Duration is guessed only after a guessed Velocity: it is read after that one
-        if row.duration < 0 or not row.duration_guesses.worth_it():
-            return [row.velocity]
-        if not row.notes or not row.position_guesses.worth_it(POSITION_GUESS_MIN_RATE):
-            return [row.velocity, row.duration]  # (the first note's step stays short: it is the one a musician waits for)
-        following = self._next_note_at(grammar, row.duration)
-        return [row.velocity, row.duration] if following is None else [row.velocity, row.duration, following]
+        """Tokens to feed on a guess after this step's tokens, so that the step also reads them (one-track
+        streams on a shared-buffer cache, which can write over a guess in place).
 
-    def _next_note_at(self, grammar: ContinuationGrammar, duration: int) -> int | None:
-        """The Position where a note of `duration` begun now ends, where the next note of a line whose notes
-        follow each other starts; None when that is not within this bar on a position, or when the token
-        after that Position is forced (vocabularies with a Program before every note), which would then take
-        a step of its own and save nothing. (At the bar line the Bar would be followed by a forced TimeSig.)"""
+        When a Velocity comes next: the note's Velocity and Duration as the stream's own notes suggest
+        (`NoteHabits`). After its first note, a row also feeds where that note ends
+        (`_where_it_ends`), and it does so after a Duration it drew instead of the guessed one too.
+        Guesses are not checked against the grammar: one it forbids is never drawn, a miss that costs no
+        call. The model still draws each token from its own distribution (the logits before the guess);
+        each guess it draws saves a model call, and at the first it does not draw, the drawn token is fed
+        over the remaining guesses' positions (`step_instead`), in the call it would have taken anyway.
+        A call that reads three to six positions costs 1.1-1.2x one that reads one (the weights are read
+        once either way), so a row guesses each kind while enough of its guesses of that kind come true
+        (`engine/guesses.py`)."""
+        grammar = row.grammar
+        habits = row.habits
+        if habits is None or not getattr(self.decoder, "shared", False) or not isinstance(grammar, ContinuationGrammar):
+            return []
+        if grammar.expect is Expect.VELOCITY:
+            velocity = habits.velocity_guess(grammar.position, grammar.notes_here)
+            if velocity < 0 or not row.velocity_guesses.worth_it() or not grammar.allowed()[velocity]:
+                return []  # a Duration is guessed only after a guessed Velocity: it is read after that one
+            duration = habits.duration_guess(grammar.position, grammar.notes_here)
+            if duration < 0 or not row.duration_guesses.worth_it():
+                guesses = [velocity]
+            elif not row.notes:  # the first note's call stays short: it is the one a musician waits for
+                guesses = [velocity, duration]
+            else:
+                guesses = [velocity, duration] + self._where_it_ends(row, duration)
+        elif grammar.expect is Expect.NOTE_END and habits.duration >= 0:  # a Duration drawn, not guessed
+            guesses = self._where_it_ends(row, habits.duration, drawn=True)
+        else:
+            return []
+        return guesses if length + len(guesses) <= self.decoder.max_context else []
+
+    def _where_it_ends(self, row: _Row, duration: int, drawn: bool = False) -> list[int]:
+        """The Position where the shortest note begun at this position ends, counting one of `duration`
+        (guessed, or `drawn`: already counted): where the next note of a line starts, and where a
+        chord's voices move on (its shortest note, the next onset in 74-85 % of the folk tunes' notes).
+        At the bar line, the next bar's opening: Bar, its TimeSig, Position 0 and the bar's Program, the
+        second and fourth forced (fed with the others, as `_forced` would). Nothing when the row's
+        Position guesses miss too often (POSITION_GUESS_MIN_RATE), when the end is off the grid or
+        later, at the Bar that ends the continuation, or in vocabularies with a Program before every
+        note."""
         vocab = self.vocab
-        if not vocab.program_per_bar:
-            return None
+        grammar = _single(row.grammar)
+        habits = row.habits
+        if not vocab.program_per_bar or habits is None or not row.position_guesses.worth_it(POSITION_GUESS_MIN_RATE):
+            return []
+        units = int(vocab.duration_units[duration])
+        if habits.shortest_here is not None and (drawn or habits.shortest_here < units):
+            units = habits.shortest_here
         unit = vocab.units_per_position
-        end = grammar.position * unit + int(vocab.duration_units[duration])
-        if end % unit or end // unit >= grammar.positions_per_bar:
-            return None
-        return self._position_token.get(end // unit)
+        end, off_grid = divmod(grammar.position * unit + units, unit)
+        if off_grid or end > grammar.positions_per_bar:
+            return []
+        if end < grammar.positions_per_bar:
+            return [self._position_token[end]]
+        if grammar.ends_continuation(vocab.bar):
+            return []
+        return [vocab.bar, grammar.time_sig_id, self._position_token[0], grammar.program_id]
 
     @staticmethod
     def _worth_a_lookahead(row: _Row, logits: np.ndarray) -> bool:

@@ -365,28 +365,117 @@ def test_a_guessed_velocity_and_duration_are_fed_with_the_pitch_and_change_no_to
     assert hits > 0, "no guess came true on either clip"
 
 
+def _row_of(generator, grammar):
+    """A one-track row of `grammar`, as _stream_samples makes it (no notes written yet)."""
+    from engine.generate import _Row
+    from engine.guesses import NoteHabits
+
+    assembler = generator._band_assembler(_arranged_clip(), (0,), 0.0)
+    return _Row(0, (0,), grammar, assembler, np.random.default_rng(0), [], [],
+                habits=NoteHabits(generator.tokenizer.positions_per_beat))
+
+
+def _arranged_clip():
+    from engine.clip import Arrangement
+
+    return Arrangement.of(Clip((Note(60, 80, 0.0, 1.0),)))
+
+
 def test_the_position_guessed_after_a_note_is_where_it_ends(generator):
-    """After a Pitch, with its Velocity and Duration, the step also feeds the Position where that note would
-    end, where the next note of a line starts: only on the grid and within the bar, and only where the
-    vocabulary puts no forced Program after a Position (it would take a step of its own)."""
+    """After a note, the step also feeds the Position where it ends, where the next note of a line starts:
+    only on the grid; at the bar line the next bar's opening (Bar, its forced TimeSig, Position 0 and the
+    bar's forced Program), except at the Bar that ends the continuation; nothing past the bar line, nor
+    where the vocabulary puts a Program before every note (it would take a step of its own). Within a
+    chord, the shortest note begun at its position decides: that is where the chord moves on."""
     vocab = generator.vocab
     assert vocab.program_per_bar
     grammar = generator._grammar(Clip((Note(60, 80, 0.0, 1.0),)), ContinuationRequest(bars=2))
+    grammar.forced_opening()
+    row = _row_of(generator, grammar)
     unit = vocab.units_per_position
     durations = {int(vocab.duration_units[t]): t for t in np.flatnonzero(vocab.duration_mask)}
     position_of = {int(vocab.position_index[t]): t for t in np.flatnonzero(vocab.position_index >= 0)}
+    opening = [vocab.bar, grammar.time_sig_id, position_of[0], grammar.program_id]
     grammar.position = 2
+    seen = set()
     for units, duration in durations.items():
         end, off_grid = divmod(2 * unit + units, unit)
-        expected = None if off_grid or end >= grammar.positions_per_bar else position_of[end]
-        assert generator._next_note_at(grammar, duration) == expected, (units, end)
-    on_grid = [d for u, d in durations.items() if u % unit == 0 and 2 + u // unit < grammar.positions_per_bar]
-    assert on_grid, "the tiny vocabulary has durations that end on a later position of the bar"
+        expected = ([] if off_grid or end > grammar.positions_per_bar else
+                    opening if end == grammar.positions_per_bar else [position_of[end]])
+        assert generator._where_it_ends(row, duration) == expected, (units, end)
+        seen.add(len(expected))
+    assert seen == {0, 1, 4}, "the tiny vocabulary has durations that end within the bar, at its end and past it"
+    on_grid = sorted(u for u in durations if u % unit == 0 and 2 + u // unit < grammar.positions_per_bar)
+    assert len(on_grid) >= 2
+    short, long = on_grid[0], on_grid[-1]
+    row.habits.shortest_here = short  # a shorter note of this chord ends first
+    assert generator._where_it_ends(row, durations[long]) == [position_of[2 + short // unit]]
+    row.habits.moved()  # a new position: its own notes only
+    assert generator._where_it_ends(row, durations[long]) == [position_of[2 + long // unit]]
+    to_bar_line = (grammar.positions_per_bar - 2) * unit
+    assert generator._where_it_ends(row, durations[to_bar_line]) == opening
+    grammar.bars_started = grammar.bars  # the last bar: its Bar ends the continuation
+    assert generator._where_it_ends(row, durations[to_bar_line]) == []
+    grammar.bars_started = 1
+    row.position_guesses.made, row.position_guesses.right = 100, 0  # they keep missing: no more
+    assert generator._where_it_ends(row, durations[long]) == []
+    row.position_guesses.made = 0
     generator.vocab = replace(vocab, program_per_bar=False)  # a Program before every note: no Position guess
     try:
-        assert generator._next_note_at(grammar, on_grid[0]) is None
+        assert generator._where_it_ends(row, durations[long]) == []
     finally:
         generator.vocab = vocab
+
+
+def test_a_row_guesses_velocity_and_duration_the_way_its_notes_bear_out():
+    """NoteHabits scores each way of guessing on every note: the last one for a plain line, the same
+    place in the beat and chord for voices with rhythms of their own (a chorale's), the most common of
+    the last eight for a line that breaks its run now and then; and velocity accents that repeat each
+    beat (an ostinato's) by place in the beat."""
+    from engine.guesses import NoteHabits
+
+    def written(habits, notes):  # (position, rank, velocity, duration): guesses made before each, then scored
+        right_velocity = right_duration = 0
+        for position, rank, velocity, duration in notes:
+            if rank == 1:
+                habits.moved()
+            right_velocity += habits.velocity_guess(position, rank) == velocity
+            right_duration += habits.duration_guess(position, rank) == duration
+            habits.saw_velocity(velocity, position, rank)
+            habits.saw_duration(duration, duration, position, rank)
+        return right_velocity, right_duration
+
+    line = [(p, 1, 90, 6) for p in range(0, 48 * 4, 6)]  # eighths, one velocity
+    habits = NoteHabits(12, 90, 6)
+    assert written(habits, line) == (len(line), len(line))
+
+    # Voices: on each beat a bass of a quarter and two upper notes of an eighth; an eighth on the off-beat.
+    chorale = []
+    for beat in range(16):
+        chorale += [(beat * 12, 1, 80, 12), (beat * 12, 2, 80, 6), (beat * 12, 3, 80, 6), (beat * 12 + 6, 1, 80, 6)]
+    habits = NoteHabits(12, 80, 6)
+    _, right = written(habits, chorale)
+    assert right >= len(chorale) - 8, "the same place in beat and chord: every voice's rhythm after the first beats"
+    last = NoteHabits(12, 80, 6)
+    last._duration_hits = [10**6, 0, 0]  # as if 'the last one' had always been right: it stays the guess
+    _, right_last = written(last, chorale)
+    assert right_last < right - len(chorale) // 4
+
+    # Accents: the first sixteenth of each beat louder.
+    ostinato = [(p, 1, 110 if p % 12 == 0 else 70, 3) for p in range(0, 48 * 4, 3)]
+    habits = NoteHabits(12, 70, 3)
+    velocity_right, _ = written(habits, ostinato)
+    assert velocity_right >= len(ostinato) - 8
+
+    # Mostly eighths, a quarter now and then at no fixed place: the most common of the last eight.
+    durations = [6, 6, 6, 12, 6, 6, 12, 6, 6, 6, 6, 12, 6, 6, 6, 12, 6, 12, 6, 6, 6, 6, 12, 6] * 3
+    broken, start = [], 0
+    for duration in durations:
+        broken.append((start % 48, 1, 90, duration))
+        start += duration
+    habits = NoteHabits(12, 90, 6)
+    _, right = written(habits, broken)
+    assert right >= durations.count(6) - 4 and habits._duration_hits[2] > habits._duration_hits[0]
 
 
 def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_midi, monkeypatch):
