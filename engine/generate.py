@@ -45,7 +45,7 @@ from engine.beam import RepetitionPenalty, beam_search, scored_log_probs
 from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.clip_guidance import TrackGuidance, guide, steer_chord
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
-from engine.guesses import GUESS_MIN_RATE, GUESS_TRIAL, POSITION_GUESS_MIN_RATE, GuessRecord, NoteHabits, token_kinds  # noqa: F401
+from engine.guesses import GUESS_MIN_RATE, GUESS_TRIAL, POSITION_GUESS_MIN_RATE, GuessRecord, NoteHabits  # noqa: F401
 from engine.interleaved import BandAssembler, InterleavedGrammar
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
 from engine.prefill_cache import Ahead, PrefillCache, Prefilled
@@ -161,7 +161,6 @@ class Generator:
         self.vocab = Vocabulary.of(tokenizer)
         self._grammars: OrderedDict[tuple, ContinuationGrammar] = OrderedDict()  # fresh grammars by their arguments
         self._position_token = {int(index): token for token, index in enumerate(self.vocab.position_index) if index >= 0}
-        self._token_kinds = token_kinds(self.vocab)  # for reading a prompt's habits (NoteHabits.from_prompt)
         self._grammars_lock = threading.Lock()
         if tokenizer.vocab_size != decoder.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects {decoder.vocab_size}")
@@ -398,7 +397,6 @@ class Generator:
         rows = []
         opening: list[int] = []
         groups = self.track_groups(arrangement)
-        habits = self._habits(arrangement, prompt)
         for variation in range(request.variations):
             for group in groups:
                 grammar = self._group_grammar(arrangement, group, request)
@@ -408,8 +406,12 @@ class Generator:
                     assembler.feed(token, 0)
                 # Variation k of a one-track clip draws from (seed, k) however many variations were asked for.
                 rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, group[0]])
+                velocity = next((t for t in reversed(prompt) if self.vocab.velocity_value[t] >= 0), -1)
+                duration = next((t for t in reversed(prompt) if self.vocab.duration_mask[t]), -1)
+                habits = (NoteHabits(self.tokenizer.positions_per_beat, velocity, duration)
+                          if isinstance(grammar, ContinuationGrammar) else None)
                 rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening),
-                                 habits=habits.copy() if isinstance(grammar, ContinuationGrammar) else None))
+                                 habits=habits))
         # One prefill for the shared prompt (or the one kept in `prefills`), then the cache is copied for every
         # variation. One row decodes from it as it is (a step never changes the cache it is given), in the
         # kept prompt's own buffer, leased until the stream ends and made the model's hot one if it was not
@@ -693,17 +695,6 @@ class Generator:
         if not grammar.done:
             raise RequestError("the tokens end before the requested number of bars")
         return total
-
-    def _habits(self, arrangement: Arrangement, prompt: list[int]) -> NoteHabits:
-        """A one-track row's start for its guesses: a one-track prompt's own habits (its last bar), else only
-        the prompt's last Velocity and Duration (the prompt of several tracks interleaves them)."""
-        vocab = self.vocab
-        velocity = next((t for t in reversed(prompt) if vocab.velocity_value[t] >= 0), -1)
-        duration = next((t for t in reversed(prompt) if vocab.duration_mask[t]), -1)
-        per_beat = self.tokenizer.positions_per_beat
-        if len(arrangement.tracks) != 1:
-            return NoteHabits(per_beat, velocity, duration)
-        return NoteHabits.from_prompt(prompt, self._token_kinds, per_beat, velocity, duration)
 
     def _reprefill(self, rows: list[_Row]) -> list[_Lane]:
         """Cut each row's history at a bar boundary to half the context and prefill it again.

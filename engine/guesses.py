@@ -18,10 +18,7 @@ to 86 % (simulated over their token streams, seeds 0-3), and leaves a reel's at 
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-from engine.grammar import Vocabulary
 
 GUESS_TRIAL = 8  # guesses of a kind a row makes before its hit rate decides whether it goes on guessing ...
 GUESS_MIN_RATE = 0.15  # ... which it does while at least this share came true (a miss costs a few % of a call)
@@ -31,29 +28,6 @@ GUESS_MIN_RATE = 0.15  # ... which it does while at least this share came true (
 # a tenth of them come true.
 POSITION_GUESS_MIN_RATE = 0.1
 RECENT_NOTES = 8  # the window of the "most common Duration" guess
-PROMPT_TOKENS_READ = 256  # at most this many of the prompt's last tokens are read for its habits
-
-# What a token is, for reading a prompt: (kind, value), value a Position's index or a Duration's time units.
-OTHER, BAR, POSITION, PITCH, VELOCITY, DURATION = range(6)
-
-
-def token_kinds(vocab: Vocabulary) -> list[tuple[int, int]]:
-    """(kind, value) of every token id, as plain Python values (read once per model, then per prompt token)."""
-    kinds = []
-    for token in range(vocab.size):
-        if token == vocab.bar:
-            kinds.append((BAR, 0))
-        elif vocab.position_index[token] >= 0:
-            kinds.append((POSITION, int(vocab.position_index[token])))
-        elif vocab.pitch_value[token] >= 0 or vocab.drum_value[token] >= 0:
-            kinds.append((PITCH, 0))
-        elif vocab.velocity_value[token] >= 0:
-            kinds.append((VELOCITY, 0))
-        elif vocab.duration_mask[token]:
-            kinds.append((DURATION, int(vocab.duration_units[token])))
-        else:
-            kinds.append((OTHER, 0))
-    return kinds
 
 
 @dataclass
@@ -85,46 +59,6 @@ class NoteHabits:
         self._counts: Counter[int] = Counter()
         self._velocity_hits = [0, 0]  # last, same place
         self._duration_hits = [0, 0, 0]  # last, same place, most common
-
-    @classmethod
-    def from_prompt(cls, prompt: Sequence[int], kinds: list[tuple[int, int]], positions_per_beat: int,
-                    velocity: int = -1, duration: int = -1) -> NoteHabits:
-        """The habits of a one-track prompt's last bar (from its second-to-last Bar, at most
-        PROMPT_TOKENS_READ tokens): each way of guessing scored on its notes, so that the continuation's
-        first note is guessed the way the clip has been going (an ostinato's accent on the downbeat, a
-        bass's long note under the chord). `velocity` and `duration`: the prompt's last ones, for a bar
-        with no note."""
-        habits = cls(positions_per_beat, velocity, duration)
-        start, bars = max(0, len(prompt) - PROMPT_TOKENS_READ), 0
-        for index in range(len(prompt) - 1, start - 1, -1):
-            if kinds[prompt[index]][0] == BAR:
-                bars += 1
-                if bars == 2:
-                    start = index
-                    break
-        position = rank = 0
-        for token in prompt[start:]:
-            kind, value = kinds[token]
-            if kind == PITCH:
-                rank += 1
-            elif kind == VELOCITY:
-                habits.saw_velocity(token, position, rank)
-            elif kind == DURATION:
-                habits.saw_duration(token, value, position, rank)
-            elif kind == POSITION or kind == BAR:
-                position, rank = value, 0
-        habits.moved()
-        return habits
-
-    def copy(self) -> NoteHabits:
-        """Another row's habits, the same so far."""
-        other = NoteHabits(self.positions_per_beat, self.velocity, self.duration)
-        other.shortest_here = self.shortest_here
-        other._velocity_at, other._velocity_on_beat = dict(self._velocity_at), dict(self._velocity_on_beat)
-        other._duration_at, other._duration_on_beat = dict(self._duration_at), dict(self._duration_on_beat)
-        other._recent, other._counts = deque(self._recent, maxlen=RECENT_NOTES), Counter(self._counts)
-        other._velocity_hits, other._duration_hits = list(self._velocity_hits), list(self._duration_hits)
-        return other
 
     def moved(self) -> None:
         """A Position or Bar: the notes from here on begin later."""

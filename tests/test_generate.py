@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from engine.clip import Arrangement, Clip, Note
+from engine.clip import Clip, Note
 from engine.constraints import Constraints
 from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
 from engine.grammar import ContinuationGrammar
@@ -476,32 +476,6 @@ def test_a_row_guesses_velocity_and_duration_the_way_its_notes_bear_out():
     habits = NoteHabits(12, 90, 6)
     _, right = written(habits, broken)
     assert right >= durations.count(6) - 4 and habits._duration_hits[2] > habits._duration_hits[0]
-
-
-def test_the_first_note_is_guessed_the_way_the_clip_has_been_going(generator):
-    """A one-track prompt's last bar primes the row's habits: a clip whose 16ths are accented on each beat
-    has its continuation's first note (on the downbeat) guessed at the downbeat's velocity, not at the
-    last 16th's, which is what a row that knew only the prompt's last Velocity would feed."""
-    from engine.guesses import NoteHabits
-
-    accents = (112, 64, 80, 96)
-    clip = Clip(tuple(Note(60, accents[step % 4], step * 0.25, 0.25) for step in range(32)), length=8.0)
-    prompt, _ = generator.prompt_tokens(clip)
-    vocab = generator.vocab
-    velocity_of = {int(vocab.velocity_value[t]): t for t in np.flatnonzero(vocab.velocity_value >= 0)}
-
-    def token_for(velocity):  # the tokenizer's nearest velocity step
-        return velocity_of[min(velocity_of, key=lambda v: abs(v - velocity))]
-
-    assert token_for(112) != token_for(96), "the tiny vocabulary tells the accents apart"
-    last = next(t for t in reversed(prompt) if vocab.velocity_value[t] >= 0)
-    assert last == token_for(96)
-    habits = NoteHabits.from_prompt(prompt, generator._token_kinds, generator.tokenizer.positions_per_beat, last, -1)
-    per_sixteenth = generator.tokenizer.positions_per_beat // 4
-    assert [habits.velocity_guess(k * per_sixteenth, 1) for k in range(4)] == [token_for(v) for v in accents]
-    assert generator._habits(Arrangement.of(clip), prompt).velocity_guess(0, 1) == token_for(112)
-    two_tracks = Arrangement((clip, replace(clip, program=33)), (0,))
-    assert generator._habits(two_tracks, prompt).velocity_guess(0, 1) == last, "interleaved tracks: not read"
 
 
 def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_midi, monkeypatch):
