@@ -538,10 +538,10 @@ class Generator:
             return []
         if grammar.expect is Expect.VELOCITY:
             velocity = habits.velocity_guess(grammar.position, grammar.notes_here)
-            if velocity < 0 or not row.velocity_guesses.worth_it() or not grammar.allowed()[velocity]:
+            if velocity < 0 or not habits.velocity_worth_guessing() or not grammar.allowed()[velocity]:
                 return []  # a Duration is guessed only after a guessed Velocity: it is read after that one
             duration = habits.duration_guess(grammar.position, grammar.notes_here)
-            if duration < 0 or not row.duration_guesses.worth_it():
+            if duration < 0 or not habits.duration_worth_guessing():
                 guesses = [velocity]
             elif not row.notes:  # the first note's call stays short: it is the one a musician waits for
                 guesses = [velocity, duration]

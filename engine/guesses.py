@@ -4,7 +4,9 @@ A guessed token goes into the same model call as the token just drawn; the model
 token from its own distribution, so a guess changes no note. One that comes true saves the call the
 model would have taken for it; one that does not is written over by the next call, at the cost of one
 more position in a call that reads a few already (a few per cent of a call). So a row guesses a kind
-of token while enough of its guesses of that kind come true (`GuessRecord`).
+of token while enough of its guesses of that kind come true: for Velocity and Duration, judged on every
+note written (`NoteHabits.velocity_worth_guessing`), for the Position where a note ends on the guesses
+fed (`GuessRecord`).
 
 `NoteHabits` guesses a note's Velocity and Duration from what the stream's own notes have done: the
 last one; the last one at the same place in the beat and the same place in its chord (the third note
@@ -32,8 +34,9 @@ RECENT_NOTES = 8  # the window of the "most common Duration" guess
 
 @dataclass
 class GuessRecord:
-    """How a row's guesses of one kind of token (Velocity, Duration, Position) have fared: it goes on
-    guessing that kind while at least `min_rate` of them came true (or fewer than GUESS_TRIAL were made)."""
+    """How a row's guesses of one kind of token (Velocity, Duration, Position) have fared. It goes on
+    guessing Positions while at least `min_rate` of them came true (or fewer than GUESS_TRIAL were made);
+    Velocity and Duration are judged on every note instead (NoteHabits), the records kept for the benches."""
 
     made: int = 0
     right: int = 0
@@ -59,12 +62,25 @@ class NoteHabits:
         self._counts: Counter[int] = Counter()
         self._velocity_hits = [0, 0]  # last, same place
         self._duration_hits = [0, 0, 0]  # last, same place, most common
+        self._velocities_seen = 0
+        self._durations_seen = 0
 
     def moved(self) -> None:
         """A Position or Bar: the notes from here on begin later."""
         self.shortest_here = None
 
     # --- guesses ---------------------------------------------------------------------------------
+    def velocity_worth_guessing(self) -> bool:
+        """Whether the best way of guessing a Velocity came true for at least GUESS_MIN_RATE of the notes
+        so far (or fewer than GUESS_TRIAL were written). Scored on every note, fed or not, so a row that
+        stopped guessing during a stretch of erratic notes starts again when its notes settle."""
+        seen = self._velocities_seen
+        return seen < GUESS_TRIAL or max(self._velocity_hits) >= GUESS_MIN_RATE * seen
+
+    def duration_worth_guessing(self) -> bool:
+        seen = self._durations_seen
+        return seen < GUESS_TRIAL or max(self._duration_hits) >= GUESS_MIN_RATE * seen
+
     def velocity_guess(self, position: int, rank: int) -> int:
         """The next note's Velocity token (-1: none yet), for a note at `position` in its bar that is the
         `rank`-th (from 1) at that position."""
@@ -88,6 +104,7 @@ class NoteHabits:
         hits = self._velocity_hits
         hits[0] += self.velocity == token
         hits[1] += self._same_place(self._velocity_at, self._velocity_on_beat, self.velocity, position, rank) == token
+        self._velocities_seen += 1
         self.velocity = token
         beat = position % self.positions_per_beat
         self._velocity_at[beat, rank] = token
@@ -98,6 +115,7 @@ class NoteHabits:
         hits[0] += self.duration == token
         hits[1] += self._same_place(self._duration_at, self._duration_on_beat, self.duration, position, rank) == token
         hits[2] += self._most_common() == token
+        self._durations_seen += 1
         self.duration = token
         beat = position % self.positions_per_beat
         self._duration_at[beat, rank] = token

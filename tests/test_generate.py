@@ -479,28 +479,41 @@ def test_a_row_guesses_velocity_and_duration_the_way_its_notes_bear_out():
 
 
 def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_midi, monkeypatch):
-    """Guessing costs little, but not nothing: after GUESS_TRIAL guesses of a kind, a row whose guesses of
-    it came true less than GUESS_MIN_RATE of the time feeds no more of them."""
+    """Guessing costs little, but not nothing. Velocity and Duration: once GUESS_TRIAL notes are written, a
+    row guesses a kind only while the best way of guessing it came true for at least GUESS_MIN_RATE of
+    its notes, scored on every note, so a row that stopped during erratic notes starts again when they
+    settle. Positions: a row whose Position guesses came true less than POSITION_GUESS_MIN_RATE of the
+    time (after GUESS_TRIAL of them) feeds no more of them."""
     import engine.generate as generate_module
+    from engine.grammar import Expect
+    from engine.guesses import GUESS_MIN_RATE, GUESS_TRIAL, NoteHabits
 
     rows = []
     real_guess = generate_module.Generator._guess
 
-    def always_wrong(self, row, length):
+    def watched(self, row, length):
         rows.append(row)
-        right = real_guess(self, row, length)
-        if not right:
-            return []
-        others = np.flatnonzero(row.grammar.allowed() & (self.vocab.velocity_value >= 0))
-        others = others[others != right[0]]
-        return [int(others[0])] if len(others) else []
+        return real_guess(self, row, length)
 
-    monkeypatch.setattr(generate_module.Generator, "_guess", always_wrong)
+    monkeypatch.setattr(generate_module.Generator, "_guess", watched)
     generator.generate(four_bar_clip(example_midi[0]), ContinuationRequest(bars=8, variations=1, seed=2))
-    row = rows[-1]
-    assert row.velocity_guesses.right == 0 and 0 < row.velocity_guesses.made
-    # The real rule on that row's record: no more guesses once the trial is over.
     monkeypatch.setattr(generate_module.Generator, "_guess", real_guess)
-    row.velocity_guesses.made = generate_module.GUESS_TRIAL
-    assert not row.velocity_guesses.worth_it()
-    assert generate_module.Generator._guess(generator, row, 0) == []
+    row = rows[-1]
+    velocities = [int(t) for t in np.flatnonzero(generator.vocab.velocity_value >= 0)]
+    assert len(velocities) >= 12, "the tiny vocabulary has enough velocity steps for notes no guess bears out"
+    habits = NoteHabits(generator.tokenizer.positions_per_beat)
+    for index, velocity in enumerate(velocities[:12]):  # every note another velocity, at another place
+        habits.saw_velocity(velocity, index * 5 % 48, 1)
+    assert not habits.velocity_worth_guessing()
+    row.habits = habits
+    row.grammar.expect = Expect.VELOCITY
+    row.grammar.position = 0
+    row.grammar._mask = None  # (the state set by hand: its mask again)
+    assert generator._guess(row, 0) == []
+    while not habits.velocity_worth_guessing():  # then the notes settle on one velocity
+        habits.saw_velocity(velocities[0], 0, 1)
+    assert max(habits._velocity_hits) >= GUESS_MIN_RATE * habits._velocities_seen
+    assert generator._guess(row, 0)[:1] == [velocities[0]]
+
+    row.position_guesses.made, row.position_guesses.right = GUESS_TRIAL, 0
+    assert not row.position_guesses.worth_it(generate_module.POSITION_GUESS_MIN_RATE)
