@@ -12,9 +12,8 @@ fed (`GuessRecord`).
 last one; the last one at the same place in the beat and the same place in its chord (the third note
 of a chord on the off-beat: a chorale's voices, an ostinato's accents); and, for Durations, the most
 common of the last eight. Every way is scored on every note as it is written, and the guess is the
-one that came true most often so far (the last one while they tie). On the four bundled examples'
-continuations that lifts a chorale's Duration guesses from 66 % to about 79 % and a jig's from 77 %
-to 86 % (simulated over their token streams, seeds 0-3), and leaves a reel's at 88 %.
+one that came true most often so far (the last one while they tie). What that saves on the bundled
+examples: docs/performance.md, "Session 9".
 """
 
 from __future__ import annotations
@@ -25,9 +24,9 @@ from dataclasses import dataclass
 GUESS_TRIAL = 8  # guesses of a kind a row makes before its hit rate decides whether it goes on guessing ...
 GUESS_MIN_RATE = 0.15  # ... which it does while at least this share came true (a miss costs a few % of a call)
 # A Position guess is made after every note, and after a chord's inner notes it is bound to miss (another
-# Pitch comes). Each position more in a call costs 4-5 % of a one-token call (small model, 300-600 positions
-# of context: /tmp-free measure in docs/performance.md, session 9), a hit saves a whole call: it pays while
-# a tenth of them come true.
+# Pitch comes). Each position more in a call costs 2-8 % of a one-position call (the shipped model after
+# 300-600 positions: bench/bench_guesses.py --widths), a hit saves the whole call: it pays while a tenth of
+# them come true.
 POSITION_GUESS_MIN_RATE = 0.1
 RECENT_NOTES = 8  # the window of the "most common Duration" guess
 
