@@ -555,8 +555,8 @@ class Generator:
 
     def _where_it_ends(self, row: _Row, duration: int, drawn: bool = False) -> list[int]:
         """The Position where the shortest note begun at this position ends, counting one of `duration`
-        (guessed, or `drawn`: already counted): where the next note of a line starts, and where a
-        chord's voices move on (its shortest note, the next onset in 74-85 % of the folk tunes' notes).
+        (guessed, or `drawn`: already counted): where the next note of a line starts (74-85 % of the folk
+        tunes' notes), and where a chord's voices move on (its shortest note).
         At the bar line, the next bar's opening: Bar, its TimeSig, Position 0 and the bar's Program, the
         second and fourth forced (fed with the others, as `_forced` would). Nothing when the row's
         Position guesses miss too often (POSITION_GUESS_MIN_RATE), when the end is off the grid or
@@ -575,8 +575,9 @@ class Generator:
         if off_grid or end > grammar.positions_per_bar:
             return []
         if end < grammar.positions_per_bar:
-            return [self._position_token[end]]
-        if grammar.ends_continuation(vocab.bar):
+            position = self._position_token.get(end)
+            return [] if position is None else [position]
+        if grammar.ends_continuation(vocab.bar) or 0 not in self._position_token:
             return []
         return [vocab.bar, grammar.time_sig_id, self._position_token[0], grammar.program_id]
 
