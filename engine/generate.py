@@ -529,7 +529,7 @@ class Generator:
         call. The model still draws each token from its own distribution (the logits before the guess);
         each guess it draws saves a model call, and at the first it does not draw, the drawn token is fed
         over the remaining guesses' positions (`step_instead`), in the call it would have taken anyway.
-        A call that reads three to six positions costs 1.1-1.2x one that reads one (the weights are read
+        A call that reads three to six positions costs 1.0-1.3x one that reads one (the weights are read
         once either way), so a row guesses each kind while enough of its guesses of that kind come true
         (`engine/guesses.py`)."""
         grammar = row.grammar

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 GUESS_TRIAL = 8  # guesses of a kind a row makes before its hit rate decides whether it goes on guessing ...
 GUESS_MIN_RATE = 0.15  # ... which it does while at least this share came true (a miss costs a few % of a call)
 # A Position guess is made after every note, and after a chord's inner notes it is bound to miss (another
-# Pitch comes). Each position more in a call costs 2-8 % of a one-position call (the shipped model after
+# Pitch comes). Each position more in a call costs about 5 % of a one-position call (the shipped model after
 # 300-600 positions: bench/bench_guesses.py --widths), a hit saves the whole call: it pays while a tenth of
 # them come true.
 POSITION_GUESS_MIN_RATE = 0.1
