@@ -45,7 +45,7 @@ from engine.beam import RepetitionPenalty, beam_search, scored_log_probs
 from engine.clip import Arrangement, Clip, ClipError, Note
 from engine.clip_guidance import TrackGuidance, guide, steer_chord
 from engine.grammar import ContinuationGrammar, Expect, Vocabulary
-from engine.guesses import GUESS_MIN_RATE, GUESS_TRIAL, POSITION_GUESS_MIN_RATE, GuessRecord, NoteHabits  # noqa: F401
+from engine.guesses import POSITION_GUESS_MIN_RATE, GuessRecord, NoteHabits
 from engine.interleaved import BandAssembler, InterleavedGrammar
 from engine.manifest import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelError, read_model_folder
 from engine.prefill_cache import Ahead, PrefillCache, Prefilled
@@ -397,6 +397,8 @@ class Generator:
         rows = []
         opening: list[int] = []
         groups = self.track_groups(arrangement)
+        velocity = next((t for t in reversed(prompt) if self.vocab.velocity_value[t] >= 0), -1)  # the guesses' start
+        duration = next((t for t in reversed(prompt) if self.vocab.duration_mask[t]), -1)
         for variation in range(request.variations):
             for group in groups:
                 grammar = self._group_grammar(arrangement, group, request)
@@ -406,8 +408,6 @@ class Generator:
                     assembler.feed(token, 0)
                 # Variation k of a one-track clip draws from (seed, k) however many variations were asked for.
                 rng = np.random.default_rng([seed, variation] if len(arrangement.tracks) == 1 else [seed, variation, group[0]])
-                velocity = next((t for t in reversed(prompt) if self.vocab.velocity_value[t] >= 0), -1)
-                duration = next((t for t in reversed(prompt) if self.vocab.duration_mask[t]), -1)
                 habits = (NoteHabits(self.tokenizer.positions_per_beat, velocity, duration)
                           if isinstance(grammar, ContinuationGrammar) else None)
                 rows.append(_Row(variation, group, grammar, assembler, rng, prompt + opening, list(opening),
@@ -537,11 +537,11 @@ class Generator:
         if habits is None or not getattr(self.decoder, "shared", False) or not isinstance(grammar, ContinuationGrammar):
             return []
         if grammar.expect is Expect.VELOCITY:
-            velocity = habits.velocity_guess(grammar.position, grammar.notes_here)
-            if velocity < 0 or not habits.velocity_worth_guessing() or not grammar.allowed()[velocity]:
+            velocity = habits.velocities.guess(grammar.position, grammar.notes_here)
+            if velocity < 0 or not habits.velocities.worth_guessing() or not grammar.allowed()[velocity]:
                 return []  # a Duration is guessed only after a guessed Velocity: it is read after that one
-            duration = habits.duration_guess(grammar.position, grammar.notes_here)
-            if duration < 0 or not habits.duration_worth_guessing():
+            duration = habits.durations.guess(grammar.position, grammar.notes_here)
+            if duration < 0 or not habits.durations.worth_guessing():
                 guesses = [velocity]
             elif not row.notes:  # the first note's call stays short: it is the one a musician waits for
                 guesses = [velocity, duration]

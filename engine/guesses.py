@@ -5,7 +5,7 @@ token from its own distribution, so a guess changes no note. One that comes true
 model would have taken for it; one that does not is written over by the next call, at the cost of one
 more position in a call that reads a few already (a few per cent of a call). So a row guesses a kind
 of token while enough of its guesses of that kind come true: for Velocity and Duration, judged on every
-note written (`NoteHabits.velocity_worth_guessing`), for the Position where a note ends on the guesses
+note written (`NoteHabits`), for the Position where a note ends on the guesses
 fed (`GuessRecord`).
 
 `NoteHabits` guesses a note's Velocity and Duration from what the stream's own notes have done: the
@@ -44,96 +44,83 @@ class GuessRecord:
         return self.made < GUESS_TRIAL or self.right >= min_rate * self.made
 
 
-class NoteHabits:
-    """What a stream's notes have done so far, as it is written: the guesses of the next note's Velocity
-    and Duration, and the shortest note begun at the current position (where its chord moves on)."""
+class _Ways:
+    """The ways of guessing one kind of token (Velocity or Duration), each scored on every note written:
+    the last one, the last one at the same place in the beat and chord, and (`most_common`) the most
+    common of the last RECENT_NOTES."""
 
-    def __init__(self, positions_per_beat: int, velocity: int = -1, duration: int = -1):
+    def __init__(self, positions_per_beat: int, last: int, most_common: bool):
         self.positions_per_beat = positions_per_beat
-        self.velocity = velocity  # the last Velocity token (the prompt's, to begin with), -1 for none
-        self.duration = duration  # the same for Duration
-        self.shortest_here: int | None = None  # time units of the shortest note begun at this position
-        self._velocity_at: dict[tuple[int, int], int] = {}  # (place in the beat, place in the chord) -> token
-        self._velocity_on_beat: dict[int, int] = {}  # place in the beat -> token
-        self._duration_at: dict[tuple[int, int], int] = {}
-        self._duration_on_beat: dict[int, int] = {}
+        self.last = last  # -1 for none yet
+        self.hits = [0, 0, 0] if most_common else [0, 0]  # per way, in that order
+        self.seen = 0
+        self._at: dict[tuple[int, int], int] = {}  # (place in the beat, place in the chord) -> token
+        self._on_beat: dict[int, int] = {}  # place in the beat -> token
         self._recent: deque[int] = deque(maxlen=RECENT_NOTES)
         self._counts: Counter[int] = Counter()
-        self._velocity_hits = [0, 0]  # last, same place
-        self._duration_hits = [0, 0, 0]  # last, same place, most common
-        self._velocities_seen = 0
-        self._durations_seen = 0
+
+    def worth_guessing(self) -> bool:
+        """Whether the best way came true for at least GUESS_MIN_RATE of the notes so far (or fewer than
+        GUESS_TRIAL were written). Scored on every note, fed or not, so a row that stopped guessing during
+        a stretch of erratic notes starts again when its notes settle."""
+        return self.seen < GUESS_TRIAL or max(self.hits) >= GUESS_MIN_RATE * self.seen
+
+    def guess(self, position: int, rank: int) -> int:
+        """The way that came true most often so far (the first of equals: the last one while they tie)."""
+        hits = self.hits
+        best = max(range(len(hits)), key=hits.__getitem__)
+        if best == 1:
+            return self._same_place(position, rank)
+        return self._most_common() if best == 2 else self.last
+
+    def saw(self, token: int, position: int, rank: int) -> None:
+        """Score each way on the `token` the stream wrote, then remember it."""
+        hits = self.hits
+        hits[0] += self.last == token
+        hits[1] += self._same_place(position, rank) == token
+        if len(hits) > 2:
+            hits[2] += self._most_common() == token
+            if len(self._recent) == RECENT_NOTES:
+                self._counts[self._recent[0]] -= 1
+            self._recent.append(token)
+            self._counts[token] += 1
+        self.seen += 1
+        self.last = token
+        beat = position % self.positions_per_beat
+        self._at[beat, rank] = token
+        self._on_beat[beat] = token
+
+    def _same_place(self, position: int, rank: int) -> int:
+        beat = position % self.positions_per_beat
+        found = self._at.get((beat, rank))
+        return self._on_beat.get(beat, self.last) if found is None else found
+
+    def _most_common(self) -> int:
+        return self._counts.most_common(1)[0][0] if self._recent else self.last
+
+
+class NoteHabits:
+    """What a stream's notes have done so far, as it is written: the guesses of the next note's Velocity
+    and Duration (`position` in its bar, the `rank`-th note from 1 at that position), and the shortest
+    note begun at the current position (where its chord moves on)."""
+
+    def __init__(self, positions_per_beat: int, velocity: int = -1, duration: int = -1):
+        self.velocities = _Ways(positions_per_beat, velocity, most_common=False)  # the prompt's last, to begin with
+        self.durations = _Ways(positions_per_beat, duration, most_common=True)
+        self.shortest_here: int | None = None  # time units of the shortest note begun at this position
+
+    @property
+    def duration(self) -> int:
+        """The last Duration token written (-1: none yet)."""
+        return self.durations.last
 
     def moved(self) -> None:
         """A Position or Bar: the notes from here on begin later."""
         self.shortest_here = None
 
-    # --- guesses ---------------------------------------------------------------------------------
-    def velocity_worth_guessing(self) -> bool:
-        """Whether the best way of guessing a Velocity came true for at least GUESS_MIN_RATE of the notes
-        so far (or fewer than GUESS_TRIAL were written). Scored on every note, fed or not, so a row that
-        stopped guessing during a stretch of erratic notes starts again when its notes settle."""
-        seen = self._velocities_seen
-        return seen < GUESS_TRIAL or max(self._velocity_hits) >= GUESS_MIN_RATE * seen
-
-    def duration_worth_guessing(self) -> bool:
-        seen = self._durations_seen
-        return seen < GUESS_TRIAL or max(self._duration_hits) >= GUESS_MIN_RATE * seen
-
-    def velocity_guess(self, position: int, rank: int) -> int:
-        """The next note's Velocity token (-1: none yet), for a note at `position` in its bar that is the
-        `rank`-th (from 1) at that position."""
-        hits = self._velocity_hits
-        if hits[1] > hits[0]:
-            return self._same_place(self._velocity_at, self._velocity_on_beat, self.velocity, position, rank)
-        return self.velocity
-
-    def duration_guess(self, position: int, rank: int) -> int:
-        hits = self._duration_hits
-        best = max(range(3), key=hits.__getitem__)  # the first of equals: the last Duration while they tie
-        if best == 1:
-            return self._same_place(self._duration_at, self._duration_on_beat, self.duration, position, rank)
-        if best == 2:
-            return self._most_common()
-        return self.duration
-
-    # --- what was written ------------------------------------------------------------------------
     def saw_velocity(self, token: int, position: int, rank: int) -> None:
-        """Score each way of guessing on the Velocity `token` the stream wrote, then remember it."""
-        hits = self._velocity_hits
-        hits[0] += self.velocity == token
-        hits[1] += self._same_place(self._velocity_at, self._velocity_on_beat, self.velocity, position, rank) == token
-        self._velocities_seen += 1
-        self.velocity = token
-        beat = position % self.positions_per_beat
-        self._velocity_at[beat, rank] = token
-        self._velocity_on_beat[beat] = token
+        self.velocities.saw(token, position, rank)
 
     def saw_duration(self, token: int, units: int, position: int, rank: int) -> None:
-        hits = self._duration_hits
-        hits[0] += self.duration == token
-        hits[1] += self._same_place(self._duration_at, self._duration_on_beat, self.duration, position, rank) == token
-        hits[2] += self._most_common() == token
-        self._durations_seen += 1
-        self.duration = token
-        beat = position % self.positions_per_beat
-        self._duration_at[beat, rank] = token
-        self._duration_on_beat[beat] = token
-        if len(self._recent) == RECENT_NOTES:
-            self._counts[self._recent[0]] -= 1
-        self._recent.append(token)
-        self._counts[token] += 1
+        self.durations.saw(token, position, rank)
         self.shortest_here = units if self.shortest_here is None else min(self.shortest_here, units)
-
-    def _same_place(self, at: dict[tuple[int, int], int], on_beat: dict[int, int], last: int, position: int,
-                    rank: int) -> int:
-        beat = position % self.positions_per_beat
-        found = at.get((beat, rank))
-        if found is None:
-            found = on_beat.get(beat, last)
-        return found
-
-    def _most_common(self) -> int:
-        if not self._recent:
-            return self.duration
-        return self._counts.most_common(1)[0][0]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from engine.clip import Clip, Note
+from engine.clip import Arrangement, Clip, Note
 from engine.constraints import Constraints
 from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
 from engine.grammar import ContinuationGrammar
@@ -370,15 +370,9 @@ def _row_of(generator, grammar):
     from engine.generate import _Row
     from engine.guesses import NoteHabits
 
-    assembler = generator._band_assembler(_arranged_clip(), (0,), 0.0)
+    assembler = generator._band_assembler(Arrangement.of(Clip((Note(60, 80, 0.0, 1.0),))), (0,), 0.0)
     return _Row(0, (0,), grammar, assembler, np.random.default_rng(0), [], [],
                 habits=NoteHabits(generator.tokenizer.positions_per_beat))
-
-
-def _arranged_clip():
-    from engine.clip import Arrangement
-
-    return Arrangement.of(Clip((Note(60, 80, 0.0, 1.0),)))
 
 
 def test_the_position_guessed_after_a_note_is_where_it_ends(generator):
@@ -439,8 +433,8 @@ def test_a_row_guesses_velocity_and_duration_the_way_its_notes_bear_out():
         for position, rank, velocity, duration in notes:
             if rank == 1:
                 habits.moved()
-            right_velocity += habits.velocity_guess(position, rank) == velocity
-            right_duration += habits.duration_guess(position, rank) == duration
+            right_velocity += habits.velocities.guess(position, rank) == velocity
+            right_duration += habits.durations.guess(position, rank) == duration
             habits.saw_velocity(velocity, position, rank)
             habits.saw_duration(duration, duration, position, rank)
         return right_velocity, right_duration
@@ -457,7 +451,7 @@ def test_a_row_guesses_velocity_and_duration_the_way_its_notes_bear_out():
     _, right = written(habits, chorale)
     assert right >= len(chorale) - 8, "the same place in beat and chord: every voice's rhythm after the first beats"
     last = NoteHabits(12, 80, 6)
-    last._duration_hits = [10**6, 0, 0]  # as if 'the last one' had always been right: it stays the guess
+    last.durations.hits = [10**6, 0, 0]  # as if 'the last one' had always been right: it stays the guess
     _, right_last = written(last, chorale)
     assert right_last < right - len(chorale) // 4
 
@@ -475,7 +469,7 @@ def test_a_row_guesses_velocity_and_duration_the_way_its_notes_bear_out():
         start += duration
     habits = NoteHabits(12, 90, 6)
     _, right = written(habits, broken)
-    assert right >= durations.count(6) - 4 and habits._duration_hits[2] > habits._duration_hits[0]
+    assert right >= durations.count(6) - 4 and habits.durations.hits[2] > habits.durations.hits[0]
 
 
 def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_midi, monkeypatch):
@@ -504,15 +498,15 @@ def test_a_row_stops_guessing_when_its_guesses_keep_missing(generator, example_m
     habits = NoteHabits(generator.tokenizer.positions_per_beat)
     for index, velocity in enumerate(velocities[:12]):  # every note another velocity, at another place
         habits.saw_velocity(velocity, index * 5 % 48, 1)
-    assert not habits.velocity_worth_guessing()
+    assert not habits.velocities.worth_guessing()
     row.habits = habits
     row.grammar.expect = Expect.VELOCITY
     row.grammar.position = 0
     row.grammar._mask = None  # (the state set by hand: its mask again)
     assert generator._guess(row, 0) == []
-    while not habits.velocity_worth_guessing():  # then the notes settle on one velocity
+    while not habits.velocities.worth_guessing():  # then the notes settle on one velocity
         habits.saw_velocity(velocities[0], 0, 1)
-    assert max(habits._velocity_hits) >= GUESS_MIN_RATE * habits._velocities_seen
+    assert max(habits.velocities.hits) >= GUESS_MIN_RATE * habits.velocities.seen
     assert generator._guess(row, 0)[:1] == [velocities[0]]
 
     row.position_guesses.made, row.position_guesses.right = GUESS_TRIAL, 0
