@@ -723,11 +723,18 @@ class Generator:
         return sorted(done, key=lambda d: (d.variation, d.track))
 
 
+# A one-track grammar's states in which no Pitch can come next: clip guidance moves only pitch tokens
+# (which pitch, and whether a chord grows after a note), so it leaves these tokens' scores as they are.
+_NO_PITCH_NEXT = frozenset({Expect.TIME_SIG, Expect.BAR_START, Expect.PROGRAM, Expect.VELOCITY, Expect.DURATION})
+
+
 def _guided(logits: np.ndarray, grammar: ContinuationGrammar | InterleavedGrammar, params: SamplingParams) -> np.ndarray:
     """The scores to sample from: a band stream's presence guidance added (InterleavedGrammar.presence_bias),
     scaled by the temperature so that it adds exactly its log-odds after sampling divides by it, then
     the clip guidance of the track whose pitch comes next (engine/clip_guidance.py): whether its chord
     grows, then which pitch."""
+    if isinstance(grammar, ContinuationGrammar) and grammar.expect in _NO_PITCH_NEXT:
+        return logits  # nothing for the guidance to move: spares most tokens its mask arithmetic
     bias = grammar.presence_bias() if isinstance(grammar, InterleavedGrammar) else None
     if bias is not None:
         logits = logits + bias * (params.temperature or 1.0)
