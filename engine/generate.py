@@ -293,13 +293,21 @@ class Generator:
     def _prefill(self, ids: list[int], prefills: PrefillCache | None, lease: bool = False,
                  promote: bool = False) -> Prefilled:
         """One prefill of `ids` from an empty cache (batch 1), or the same from `prefills` (`lease`, `promote`:
-        see PrefillCache.fetch; the caller then calls the result's `release()` when it is done decoding)."""
+        see PrefillCache.fetch; the caller then calls the result's `release()` when it is done decoding).
+        With `prefills`, a prompt that begins like a kept one is computed from where they differ (whole
+        runs of the decoder's `prefill_chunk`): the same logits and cache, bit for bit."""
         def run() -> tuple[np.ndarray, KVCache]:
             return self.decoder.step(np.asarray([ids]), self.decoder.empty_cache(1))
 
+        def rest(prefix: KVCache) -> tuple[np.ndarray, KVCache]:
+            logits, cache = self.decoder.forward(np.asarray([ids[prefix.length:]]), prefix, rest_of_prompt=True)
+            return logits[:, -1, :], cache
+
         if prefills is not None:
             in_buffer = getattr(self.decoder, "in_buffer", None) if promote else None
-            return prefills.fetch(self.cache_identity, ids, run, lease=lease, promote=in_buffer)
+            align = getattr(self.decoder, "prefill_chunk", 0)
+            return prefills.fetch(self.cache_identity, ids, run, lease=lease, promote=in_buffer,
+                                  extend=rest if align else None, align=align)
         logits, cache = run()
         return Prefilled(tuple(ids), logits, cache, 0.0)
 

@@ -65,6 +65,9 @@ class Prefilled:
     cache: KVCache  # batch 1, length len(ids)
     prefill_ms: float  # what computing it took
     reused: bool = False  # True when it came from a PrefillCache instead of the model
+    # Leading positions taken from another kept prompt that begins with the same tokens (PrefillCache.fetch's
+    # `extend`): only the rest was computed, in `prefill_ms`. 0 for a prompt computed whole, or found whole.
+    prefix_reused: int = 0
     lease: _Hot | None = field(default=None, compare=False, repr=False)  # the hot buffer `cache` lies in, if leased
 
     @property
@@ -165,6 +168,7 @@ class CacheStats:
     evictions: int
     prompt_hits: int  # clips whose prompt was known, so they were not tokenized again
     leases: int  # fetches that decode on in the prefill's own buffer (no copy of the prompt)
+    prefix_hits: int = 0  # misses computed after the first positions of a kept prompt that begins alike
 
 
 class PrefillCache:
@@ -180,14 +184,22 @@ class PrefillCache:
         self._computing: dict[tuple[str, tuple[int, ...]], threading.Event] = {}
         self._hot: dict[str, _Hot] = {}  # model -> its most recent prefill's own buffer
         self._bytes = 0
-        self._hits = self._misses = self._evictions = self._prompt_hits = self._leases = 0
+        self._hits = self._misses = self._evictions = self._prompt_hits = self._leases = self._prefix_hits = 0
         self._lock = threading.Lock()
 
     # --- prefills ------------------------------------------------------------------------------------
 
     def fetch(self, model: str, ids: Sequence[int], compute: Callable[[], tuple[np.ndarray, KVCache]],
-              lease: bool = False, promote: Callable[[KVCache], KVCache] | None = None) -> Prefilled:
+              lease: bool = False, promote: Callable[[KVCache], KVCache] | None = None,
+              extend: Callable[[KVCache], tuple[np.ndarray, KVCache]] | None = None, align: int = 0) -> Prefilled:
         """The prefill of `ids` under `model`: the kept one (`reused`), else `compute()`'s, which is kept.
+
+        `extend` and `align` (> 0): on a miss, a kept prompt of the same model that begins with the same
+        tokens lends its first positions, a multiple of `align` of them (at least `align`, and fewer
+        than `ids`), and `extend(cache of those positions)` computes the rest (`prefix_reused`): a clip
+        whose last bars were edited, or that grew while it was recorded, is prefilled from where it
+        changed. The caller's model must compute a prompt in runs of `align` positions from its first
+        (OnnxDecoder.prefill_chunk), so that the result is bit for bit what `compute()` gives.
 
         `lease`: the caller decodes from the result and calls its `release()` when done; it gets the
         prefill's own decode buffer when that is free (see the module docstring), else what others get.
@@ -216,6 +228,7 @@ class PrefillCache:
                     if waiting is None:
                         done = self._computing[key] = threading.Event()
                         self._misses += 1
+                        prefix = self._kept_prefix(key, align) if extend is not None else None
                         break
             if entry is not None and promote is not None:
                 return self._promoted(model, key, entry, promote)
@@ -226,22 +239,55 @@ class PrefillCache:
                     if key not in self._computing:
                         done = self._computing[key] = threading.Event()
                         self._misses += 1
+                        prefix = self._kept_prefix(key, align) if extend is not None else None
                         break
         try:
             started = time.perf_counter()
-            logits, cache = compute()
+            if prefix is not None:
+                assert extend is not None
+                logits, cache = extend(prefix)
+            else:
+                logits, cache = compute()
             ms = (time.perf_counter() - started) * 1000
+            lent = prefix.length if prefix is not None else 0
             if not self.max_bytes:
-                return Prefilled(key[1], logits, cache, ms)
-            kept = Prefilled.kept(key[1], logits, cache, ms)
+                return Prefilled(key[1], logits, cache, ms, prefix_reused=lent)
+            kept = replace(Prefilled.kept(key[1], logits, cache, ms), prefix_reused=lent)
             if not self._keep(key, kept) or not cache.in_place or cache.batch != 1:
-                return Prefilled(key[1], logits, cache, ms)
+                return Prefilled(key[1], logits, cache, ms, prefix_reused=lent)
             hot = self._make_hot(model, key, cache, lease)
-            return Prefilled(key[1], logits, cache, ms, lease=hot) if lease else kept
+            return Prefilled(key[1], logits, cache, ms, prefix_reused=lent, lease=hot) if lease else kept
         finally:
             with self._lock:
                 del self._computing[key]
             done.set()
+
+    def _kept_prefix(self, key: tuple[str, tuple[int, ...]], align: int) -> KVCache | None:
+        """(Under the lock.) The first positions of the kept prompt of `key`'s model that shares the most
+        runs of `align` tokens with `key`'s ids, from the first, as a cache (read-only views); None when
+        none shares a whole run. Fewer positions than the ids: the last one's logits are computed."""
+        model, ids = key
+        limit = (len(ids) - 1) // align * align if align > 0 else 0
+        best: tuple[tuple[str, tuple[int, ...]], int] | None = None
+        if limit < align:
+            return None
+        head = ids[:align]
+        for other_key in reversed(self._entries):  # the most recently used first: it wins a tie
+            other_model, other = other_key
+            if other_model != model or other[:align] != head:
+                continue
+            shared = align
+            while shared < limit and other[shared:shared + align] == ids[shared:shared + align]:
+                shared += align
+            shared = min(shared, limit, len(other) // align * align)
+            if best is None or shared > best[1]:
+                best = (other_key, shared)
+        if best is None or best[1] < align:
+            return None
+        lender, shared = best
+        self._entries.move_to_end(lender)
+        self._prefix_hits += 1
+        return KVCache(tuple(t[:, :, :shared] for t in self._entries[lender].cache.tensors))
 
     def _promoted(self, model: str, key: tuple[str, tuple[int, ...]], entry: Prefilled,
                   promote: Callable[[KVCache], KVCache]) -> Prefilled:
@@ -315,7 +361,7 @@ class PrefillCache:
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(len(self._entries), self._bytes, self.max_bytes, self._hits, self._misses,
-                              self._evictions, self._prompt_hits, self._leases)
+                              self._evictions, self._prompt_hits, self._leases, self._prefix_hits)
 
     def forget(self, model: str) -> int:
         """Drop every entry of one model identity (a model that was replaced). Returns how many prefills went."""

@@ -444,9 +444,22 @@ class OnnxDecoder:
             raise ValueError("only a shared-buffer cache can be shortened, to at most its length")
         return KVCache(store=cache._store, length=length)
 
-    def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | None = None) -> tuple[np.ndarray, KVCache]:
+    @property
+    def prefill_chunk(self) -> int:
+        """The positions per run of a long prompt, counted from its first (0: a prompt goes in one run).
+        A prompt's positions after the first k * prefill_chunk, fed with `forward(..., rest_of_prompt=True)`
+        after those positions as another prompt that begins alike computed them, are then bit for bit
+        what a prefill of the whole prompt writes: the same runs of the same positions on the same
+        session (the int8 graph quantizes each run's activations as a whole, so a run's result depends on
+        every position in it). PrefillCache's prefix reuse relies on this."""
+        return PREFILL_CHUNK if self.shared else 0
+
+    def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | None = None,
+                rest_of_prompt: bool = False) -> tuple[np.ndarray, KVCache]:
         """As `step`, but the logits of every fed position [batch, T, vocab] (for scoring a sequence).
-        `claimed`: the cache's own store, whose positions this step writes already reserved (step_instead)."""
+        `claimed`: the cache's own store, whose positions this step writes already reserved (step_instead).
+        `rest_of_prompt`: `ids` end a prompt whose first `cache.length` positions are cached; they run on
+        the session a prefill of the whole prompt would use (see `prefill_chunk`)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         batch, steps = ids.shape
         start = cache.length
@@ -458,7 +471,7 @@ class OnnxDecoder:
         if batch > 1:
             positions = np.repeat(positions, batch, axis=0)
         if self.shared:
-            return self._forward_shared(ids, positions, cache, claimed)
+            return self._forward_shared(ids, positions, cache, claimed, start + steps if rest_of_prompt else steps)
         if self.kv_cache == "shared-buffer" and steps > 1 and start > 0 and batch > 1:
             # GroupQueryAttention takes several new positions after a history one row at a time.
             parts = [self.forward(ids[r:r + 1], cache.select([r])) for r in range(batch)]
@@ -475,9 +488,11 @@ class OnnxDecoder:
         return self.prefill_session if self.prefill_session is not None and steps >= PREFILL_MIN_TOKENS else self.session
 
     def _forward_shared(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
-                        claimed: _Store | None = None) -> tuple[np.ndarray, KVCache]:
+                        claimed: _Store | None = None, run: int = 0) -> tuple[np.ndarray, KVCache]:
+        """`run`: the length that chooses the session (the new positions', or a whole prompt's)."""
         batch, steps = ids.shape
         start = cache.length
+        run = run or steps
         store = claimed if claimed is not None else self._writable(cache, steps)
         try:
             if steps > PREFILL_CHUNK or (steps > 1 and start > 0 and batch > 1):
@@ -485,7 +500,7 @@ class OnnxDecoder:
                 # prompt fed 64 positions at a time than whole, measured in bench/bench_engine.py's way),
                 # and several new positions after a history go one row at a time (the node takes them so
                 # only for a batch of one): each row's slice of the buffers is bound on its own (no copy).
-                session = self._session_for(steps)
+                session = self._session_for(run)
                 rows = []
                 for r in range(batch):
                     binding = store.binding if batch == 1 and session is self.session else \
@@ -494,7 +509,7 @@ class OnnxDecoder:
                         self._run(binding, ids[r:r + 1, s:s + PREFILL_CHUNK], positions[r:r + 1, s:s + PREFILL_CHUNK], session)
                         for s in range(0, steps, PREFILL_CHUNK)], axis=1))
                 logits = np.concatenate(rows)
-            elif self.prefill_session is not None and steps >= PREFILL_MIN_TOKENS:
+            elif self.prefill_session is not None and run >= PREFILL_MIN_TOKENS:
                 logits = self._run(self._binding(store.buffers, self.prefill_session), ids, positions, self.prefill_session)
             else:
                 logits = self._run(store.binding, ids, positions, self.session)

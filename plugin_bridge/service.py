@@ -441,9 +441,10 @@ class Service:
         safe_emit(job.emit, protocol.prepared_event(request.id, model.name, len(prefilled.ids), prefilled.reused, prefill_ms,
                                                     (now - job.received) * 1000))
         stats = self.prefills.stats()
-        log.info("client=%s id=%s model=%s prepared tokens=%d cached=%s prefill_ms=%.1f total_ms=%.0f wait_ms=%.0f "
-                 "(cache: %d prompts, %.1f of %.0f MB)", job.client, request.id, model.name, len(prefilled.ids),
-                 "yes" if prefilled.reused else "no", prefill_ms, (now - job.received) * 1000, (started - job.received) * 1000,
+        log.info("client=%s id=%s model=%s prepared tokens=%d cached=%s reused_from_another=%d prefill_ms=%.1f "
+                 "total_ms=%.0f wait_ms=%.0f (cache: %d prompts, %.1f of %.0f MB)", job.client, request.id, model.name,
+                 len(prefilled.ids), "yes" if prefilled.reused else "no", prefilled.prefix_reused, prefill_ms,
+                 (now - job.received) * 1000, (started - job.received) * 1000,
                  stats.entries, stats.bytes / 2**20, stats.max_bytes / 2**20)
 
     def _model_swapped(self, old: LoadedModel, new: LoadedModel) -> None:

@@ -26,6 +26,16 @@ def tiny_model(tiny_build) -> Path:
     return tiny_build / "model"
 
 
+@pytest.fixture(scope="session")
+def int8_model(tiny_build, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported with its int8 variant too (the manifest chooses which one is served)."""
+    from export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("int8") / "model"
+    export_model(tiny_build / "run" / "best.safetensors", out, quantize="int8", val_data=tiny_build / "midi")
+    return out
+
+
 @pytest.fixture
 def model_copy(tiny_model, tmp_path) -> Path:
     """A private copy of the tiny model folder that a test may tamper with."""

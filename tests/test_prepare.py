@@ -67,6 +67,11 @@ def record_prefills(monkeypatch, decoder) -> list[tuple[int, ...]]:
     return prefills
 
 
+def transposed(payload: dict, semitones: int) -> dict:
+    """The clip with every note moved by `semitones`."""
+    return {**payload, "notes": [[note[0] + semitones, *note[1:]] for note in payload["notes"]]}
+
+
 def prompt_of(generator, payload: dict) -> tuple[int, ...]:
     """The tokens a continue of this clip prefills (the same model as the server's: a copy of its folder)."""
     return generator.prefill(parse_clip(payload, "p"), PrefillCache(0)).ids
@@ -394,6 +399,75 @@ def test_clip_digest_is_the_content():
     assert clip_digest(band) != clip_digest(muted)
 
 
+def edited_at_the_end(payload: dict) -> dict:
+    """The clip with its last note a semitone higher: what a musician changes before pressing Continue again."""
+    notes = [list(note) for note in payload["notes"]]
+    last = max(range(len(notes)), key=lambda i: (notes[i][2], notes[i][0]))
+    notes[last][0] += 1
+    return {**payload, "notes": notes}
+
+
+def fed_positions(monkeypatch, decoder) -> list[int]:
+    """The positions of every model call of `decoder` (steps and forwards), in order."""
+    fed: list[int] = []
+    forward = decoder.forward
+
+    def counted(ids, cache, *args, **kwargs):
+        fed.append(int(np.asarray(ids).shape[1]))
+        return forward(ids, cache, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", counted)
+    return fed
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+@pytest.mark.parametrize("change", ["last bar edited", "clip grown"])
+def test_a_clip_that_begins_like_a_kept_one_is_prefilled_only_from_where_it_changed(int8_model, monkeypatch, variant,
+                                                                                    change):
+    from engine.generate import Generator
+
+    generator = Generator.load(int8_model, variant=variant)
+    chunk = generator.decoder.prefill_chunk
+    assert chunk > 0
+    before_payload = clip_payload(4) if change == "last bar edited" else clip_payload(2)
+    after_payload = edited_at_the_end(before_payload) if change == "last bar edited" else clip_payload(4)
+    before, after = parse_clip(before_payload, "b"), parse_clip(after_payload, "a")
+    cold = generator.prefill(after, PrefillCache(0))
+    prefills = PrefillCache()
+    kept = generator.prefill(before, prefills)
+    same = next(i for i, (x, y) in enumerate(zip(kept.ids + (-1,), cold.ids, strict=False)) if x != y)
+    expected = min(same, len(cold.ids) - 1, len(kept.ids)) // chunk * chunk
+    assert expected >= chunk, "the two prompts should share at least one whole run of positions"
+
+    fed = fed_positions(monkeypatch, generator.decoder)
+    warm = generator.prefill(after, prefills)
+    assert warm.ids == cold.ids and not warm.reused
+    assert warm.prefix_reused == expected and prefills.stats().prefix_hits == 1
+    assert fed[0] == len(cold.ids) - expected, "the kept prompt's positions were computed again"
+    # Bit for bit the cold prefill: the int8 graph quantizes each run of positions as a whole, so this
+    # holds only because the reused positions end on a run's boundary.
+    assert np.array_equal(warm.logits, cold.logits)
+    for reused, computed in zip(warm.cache.tensors, cold.cache.tensors, strict=True):
+        assert np.array_equal(reused, computed)
+
+    # A continue of the changed clip, given only the old clip's prefill, reuses it the same way and
+    # writes the cold notes.
+    request = ContinuationRequest(bars=2, variations=2, seed=5)
+    only_before = PrefillCache()
+    generator.prefill(before, only_before)
+    assert outcome(generator.stream(after, request, prefills=only_before)) == outcome(generator.stream(after, request))
+    assert only_before.stats().prefix_hits == 1
+
+
+def test_clips_that_differ_within_the_first_run_share_nothing(generator):
+    a, b = clip_payload(4), transposed(clip_payload(4), 1)
+    prefills = PrefillCache()
+    generator.prefill(parse_clip(a, "a"), prefills)
+    other = generator.prefill(parse_clip(b, "b"), prefills)
+    assert other.prefix_reused == 0 and prefills.stats().prefix_hits == 0
+    assert other.ids == prompt_of(generator, b)
+
+
 # --- a real server on loopback ----------------------------------------------------------------------
 
 @pytest.fixture
@@ -475,7 +549,7 @@ def test_generate_again_over_zmq_reuses_the_prefill_of_the_first_continue(serve,
 
 
 def test_eviction_under_a_tiny_memory_bound(serve, generator):
-    a, b = clip_payload(2), clip_payload(3)
+    a, b = clip_payload(2), transposed(clip_payload(3), 1)  # no beginning in common: each prefilled whole
     sizes = [generator.prefill(parse_clip(p, "x"), PrefillCache()).nbytes for p in (a, b)]
     s = serve(prefill_cache_mb=max(sizes) * 1.5 / 2**20)  # room for one of them, never two
     assert s.zmq.prepare(a)["cached"] is False

@@ -29,13 +29,6 @@ def concat_model(tiny_build, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def int8_model(tiny_build, tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8") / "model"
-    export_model(tiny_build / "run" / "best.safetensors", out, quantize="int8", val_data=tiny_build / "midi")
-    return out
-
-
-@pytest.fixture(scope="module")
 def shared(tiny_model):
     return OnnxDecoder.load(tiny_model)
 
