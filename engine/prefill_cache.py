@@ -252,11 +252,13 @@ class PrefillCache:
             lent = prefix.length if prefix is not None else 0
             if not self.max_bytes:
                 return Prefilled(key[1], logits, cache, ms, prefix_reused=lent)
-            kept = replace(Prefilled.kept(key[1], logits, cache, ms), prefix_reused=lent)
+            kept = Prefilled.kept(key[1], logits, cache, ms)  # (a later hit reuses it whole: no prefix_reused)
             if not self._keep(key, kept) or not cache.in_place or cache.batch != 1:
                 return Prefilled(key[1], logits, cache, ms, prefix_reused=lent)
             hot = self._make_hot(model, key, cache, lease)
-            return Prefilled(key[1], logits, cache, ms, prefix_reused=lent, lease=hot) if lease else kept
+            if lease:
+                return Prefilled(key[1], logits, cache, ms, prefix_reused=lent, lease=hot)
+            return replace(kept, prefix_reused=lent)
         finally:
             with self._lock:
                 del self._computing[key]

@@ -446,12 +446,13 @@ class OnnxDecoder:
 
     @property
     def prefill_chunk(self) -> int:
-        """The positions per run of a long prompt, counted from its first (0: a prompt goes in one run).
-        A prompt's positions after the first k * prefill_chunk, fed with `forward(..., rest_of_prompt=True)`
-        after those positions as another prompt that begins alike computed them, are then bit for bit
-        what a prefill of the whole prompt writes: the same runs of the same positions on the same
-        session (the int8 graph quantizes each run's activations as a whole, so a run's result depends on
-        every position in it). PrefillCache's prefix reuse relies on this."""
+        """Positions per run of a long prompt, counted from its first (0: a prompt goes in one run, and no
+        other prompt's positions may stand in for part of it). Feed the positions after the first
+        k * prefill_chunk with `forward(..., rest_of_prompt=True)`, after a cache of those positions
+        computed for another prompt that begins with the same tokens, and they come out bit for bit as a
+        prefill of the whole prompt writes them: the same runs of the same positions, on the same session.
+        (The int8 graph quantizes each run's activations as a whole, so a run's result depends on every
+        position in it.) PrefillCache lends kept prompts' first positions on this basis."""
         return PREFILL_CHUNK if self.shared else 0
 
     def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | None = None,

@@ -449,6 +449,8 @@ def test_a_clip_that_begins_like_a_kept_one_is_prefilled_only_from_where_it_chan
     assert np.array_equal(warm.logits, cold.logits)
     for reused, computed in zip(warm.cache.tensors, cold.cache.tensors, strict=True):
         assert np.array_equal(reused, computed)
+    again = generator.prefill(after, prefills)
+    assert again.reused and again.prefix_reused == 0, "a prompt found whole reuses nothing from another"
 
     # A continue of the changed clip, given only the old clip's prefill, reuses it the same way and
     # writes the cold notes.
@@ -457,6 +459,30 @@ def test_a_clip_that_begins_like_a_kept_one_is_prefilled_only_from_where_it_chan
     generator.prefill(before, only_before)
     assert outcome(generator.stream(after, request, prefills=only_before)) == outcome(generator.stream(after, request))
     assert only_before.stats().prefix_hits == 1
+
+
+def test_the_rest_of_a_prompt_runs_on_the_session_a_whole_prefill_would_use(tiny_model, monkeypatch):
+    """With a prefill session of its own (SEGUE_PREFILL_THREADS), a prompt goes there whole; so does
+    its rest after a lent beginning, even when the rest alone is shorter than a prefill."""
+    from engine.generate import Generator
+    from engine.session import PREFILL_MIN_TOKENS
+
+    monkeypatch.setenv("SEGUE_PREFILL_THREADS", "2")
+    generator = Generator.load(tiny_model)
+    decoder = generator.decoder
+    assert decoder.prefill_session is not None
+    before = parse_clip(clip_payload(4), "b")
+    after = parse_clip(edited_at_the_end(clip_payload(4)), "a")
+    prefills = PrefillCache()
+    generator.prefill(before, prefills)
+    sessions = []
+    run = decoder._run
+    monkeypatch.setattr(decoder, "_run", lambda binding, ids, positions, session:
+                        sessions.append((ids.shape[1], session)) or run(binding, ids, positions, session))
+    warm = generator.prefill(after, prefills)
+    rest = len(warm.ids) - warm.prefix_reused
+    assert 0 < rest < PREFILL_MIN_TOKENS, "the edit should leave a rest shorter than a prefill"
+    assert sessions[0] == (rest, decoder.prefill_session)
 
 
 def test_clips_that_differ_within_the_first_run_share_nothing(generator):
