@@ -14,8 +14,8 @@ clip kept (prefilled beforehand, untimed, as its earlier prepare or continue lef
 alternated run by run, so both see the same moment of a busy machine; medians of `--runs`, wall
 time (one thread). The notes are the same either way (tests/test_prepare.py checks it bit for bit).
 
-Changes: "last note edited" (the clip's last note a semitone higher), "one bar added" (the clip's
-first 3 bars kept, all 4 sent), "continuation accepted" (the clip's 8-bar continuation, as the
+Changes: "last note edited" (the clip's last note a semitone higher), "one bar added" (the clip cut
+to 3 bars kept, to 4 sent), "continuation accepted" (the clip's 8-bar continuation, as the
 model wrote it, added to the clip; its prompt is cut to the context like any other).
 """
 
@@ -49,11 +49,6 @@ def last_note_edited(clip: Clip) -> Clip:
     return replace(clip, notes=tuple(notes[:-1]) + (replace(notes[-1], pitch=notes[-1].pitch + 1),))
 
 
-def first_bars(clip: Clip, bars: int) -> Clip:
-    length = bars * clip.beats_per_bar
-    return replace(clip, notes=tuple(n for n in clip.notes if n.start < length), length=length)
-
-
 def with_continuation(generator: Generator, clip: Clip) -> Clip:
     continuation = generator.generate(clip, REQUEST)[0].clip  # its notes placed after the clip's
     assert clip.length is not None
@@ -75,28 +70,32 @@ def main() -> None:
     args = parser.parse_args()
 
     generator = Generator.load(args.model, threads=1)
-    clips = {name: parse_clip(prompt_payload(ROOT / "docs" / "examples" / f"{name}.mid", 4), name) for name in CLIPS}
-    clips["ostinato"] = parse_clip(ostinato(), "ostinato")
+    examples = {name: ROOT / "docs" / "examples" / f"{name}.mid" for name in CLIPS}
+    # Each clip cut to 4 bars, and to its first 3 (what it was one recorded bar before).
+    clips = {name: (parse_clip(prompt_payload(path, 4), name), parse_clip(prompt_payload(path, 3), name))
+             for name, path in examples.items()}
+    clips["ostinato"] = (parse_clip(ostinato(4), "ostinato"), parse_clip(ostinato(3), "ostinato"))
     print(f"{args.model} ({generator.decoder.variant}), runs of {args.runs}; {cpu_name()} ({cpu_flags()}), one thread, "
           "wall time, medians; first note of an 8-bar continue of the changed clip")
     print()
     print("| clip | change | prompt tokens | reused | first note cold (ms) | with the original kept (ms) | ratio |")
     print("|---|---|---|---|---|---|---|")
-    for name, clip in clips.items():
+    for name, (clip, three_bars) in clips.items():
         changes = {"last note edited": (clip, last_note_edited(clip)),
-                   "one bar added": (first_bars(clip, 3), clip),
+                   "one bar added": (three_bars, clip),
                    "continuation accepted": (clip, with_continuation(generator, clip))}
         for change, (original, changed) in changes.items():
-            cold, warm, reused, tokens = [], [], 0, 0
+            cold, warm = [], []
+            lender = PrefillCache()
+            generator.prefill(original, lender)
+            changed_prompt = generator.prefill(changed, lender)  # its prompt, and how much of it the original lends
             for _ in range(args.runs):
                 cold.append(first_note_ms(generator, changed, None))
                 prefills = PrefillCache()
                 generator.prefill(original, prefills)
                 warm.append(first_note_ms(generator, changed, prefills))
-                kept = prefills.get(generator.cache_identity, generator.prefill(changed, PrefillCache(0)).ids)
-                assert kept is not None
-                reused, tokens = kept.prefix_reused, len(kept.ids)
             c, w = statistics.median(cold), statistics.median(warm)
+            tokens, reused = len(changed_prompt.ids), changed_prompt.prefix_reused
             print(f"| {name} | {change} | {tokens} | {reused} | {c:.1f} | {w:.1f} | {c / w:.2f}x |", flush=True)
 
 

@@ -228,7 +228,6 @@ class PrefillCache:
                     if waiting is None:
                         done = self._computing[key] = threading.Event()
                         self._misses += 1
-                        prefix = self._kept_prefix(key, align) if extend is not None else None
                         break
             if entry is not None and promote is not None:
                 return self._promoted(model, key, entry, promote)
@@ -239,9 +238,12 @@ class PrefillCache:
                     if key not in self._computing:
                         done = self._computing[key] = threading.Event()
                         self._misses += 1
-                        prefix = self._kept_prefix(key, align) if extend is not None else None
                         break
         try:
+            prefix = None
+            if extend is not None and align > 0:
+                with self._lock:
+                    prefix = self._kept_prefix(key, align)
             started = time.perf_counter()
             if prefix is not None:
                 assert extend is not None
@@ -269,7 +271,7 @@ class PrefillCache:
         runs of `align` tokens with `key`'s ids, from the first, as a cache (read-only views); None when
         none shares a whole run. Fewer positions than the ids: the last one's logits are computed."""
         model, ids = key
-        limit = (len(ids) - 1) // align * align if align > 0 else 0
+        limit = (len(ids) - 1) // align * align
         best: tuple[tuple[str, tuple[int, ...]], int] | None = None
         if limit < align:
             return None
@@ -278,13 +280,12 @@ class PrefillCache:
             other_model, other = other_key
             if other_model != model or other[:align] != head:
                 continue
-            shared = align
+            shared = align  # whole runs only: a shorter kept prompt's last slice is short, so never equal
             while shared < limit and other[shared:shared + align] == ids[shared:shared + align]:
                 shared += align
-            shared = min(shared, limit, len(other) // align * align)
             if best is None or shared > best[1]:
                 best = (other_key, shared)
-        if best is None or best[1] < align:
+        if best is None:
             return None
         lender, shared = best
         self._entries.move_to_end(lender)
