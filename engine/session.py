@@ -23,10 +23,11 @@ arrays for any decoder.
 Configuration for a machine whose cores belong to a DAW first (arguments win over the environment):
 SEGUE_THREADS (intra-op threads of the decode session, default 1), SEGUE_PREFILL_THREADS (threads
 for prompts of PREFILL_MIN_TOKENS or more, default the same: a second session only when larger),
-SEGUE_VARIANT (fp32, int8, ...; default the manifest's `serve` choice, timed again here when it was
-measured on another CPU (engine/variant_choice.py); a folder without the variant serves its own
-choice, with a warning), SEGUE_PROVIDER (cpu or
-cuda; cuda falls back to the CPU with a warning when this onnxruntime has no usable CUDA).
+SEGUE_VARIANT (fp32, int8, fp16, ...; default the manifest's `serve` choice, timed again here when it
+was measured on another CPU (engine/variant_choice.py), or on a GPU the fp16 variant where the folder
+has one; a folder without the variant serves its own choice, with a warning), SEGUE_PROVIDER (cpu or
+cuda; cuda falls back to the CPU, and to the CPU's precision, with a warning when this onnxruntime
+has no usable CUDA).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import onnxruntime as ort
 
 from engine.machine import cpu_name
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
-from engine.variant_choice import choose_here, needs_measuring_here
+from engine.variant_choice import choose_for_gpu, choose_here, needs_measuring_here
 
 log = logging.getLogger("segue.engine")
 
@@ -240,6 +241,9 @@ class OnnxDecoder:
         self.output_names = list(manifest.onnx.outputs)
         # fp32 logits can be written straight into an array of ours at each decode step (`_run`).
         self._float_logits = next((o.type for o in session.get_outputs() if o.name == "logits"), "") == "tensor(float)"
+        # The cache's element type is the graph's: float32, or float16 for the fp16 variant (GPU).
+        cache_type = next((i.type for i in session.get_inputs() if i.name == manifest.onnx.past_inputs[0]), "tensor(float)")
+        self.cache_dtype = np.dtype(np.float16) if cache_type == "tensor(float16)" else np.dtype(np.float32)
         providers = session.get_providers()
         self.device = "cuda" if CUDA in providers else "cpu"
         declared = {i.name for i in session.get_inputs()}
@@ -279,7 +283,7 @@ class OnnxDecoder:
 
         def runs_at(position: int) -> bool:
             # The history is as long as the position says (both graph kinds read it so).
-            past = np.zeros((1, self.n_head, position, self.head_dim), dtype=np.float32)
+            past = np.zeros((1, self.n_head, position, self.head_dim), dtype=self.cache_dtype)
             feeds: dict[str, np.ndarray] = {"input_ids": np.zeros((1, 1), dtype=np.int64),
                                             "position_ids": np.full((1, 1), position, dtype=np.int64)}
             feeds.update((name, past) for name in self.past_names)
@@ -303,7 +307,7 @@ class OnnxDecoder:
     def _graph_kv_cache(self) -> str:
         """"shared-buffer" when a past longer than the history comes back as a present of the same length
         (GroupQueryAttention reads the history's length from position_ids), "concat" when the graph appends."""
-        past = np.zeros((1, self.n_head, 2, self.head_dim), dtype=np.float32)
+        past = np.zeros((1, self.n_head, 2, self.head_dim), dtype=self.cache_dtype)
         feeds: dict[str, np.ndarray] = {"input_ids": np.zeros((1, 1), dtype=np.int64),
                                         "position_ids": np.zeros((1, 1), dtype=np.int64)}
         feeds.update((name, past) for name in self.past_names)
@@ -351,7 +355,11 @@ class OnnxDecoder:
 
         reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
         sessions: dict[str, ort.InferenceSession] = {}
-        if variant is None and chosen == [CPU] and needs_measuring_here(manifest):
+        for_gpu = variant is None and CUDA in chosen
+        if for_gpu:
+            variant, reason = choose_for_gpu(manifest)
+            reason = f"on the GPU: {reason}"
+        elif variant is None and chosen == [CPU] and needs_measuring_here(manifest):
             # The manifest's choice was timed on another CPU: time both precisions here and apply its rule.
             sessions = {name: make_session(name, threads) for name in ("fp32", "int8")}
             here = choose_here(manifest, {name: cls(folder, manifest, session, None, name) for name, session in sessions.items()})
@@ -361,12 +369,19 @@ class OnnxDecoder:
             reason = "asked for (SEGUE_VARIANT or the caller)"
         variant = variant or served
         session = sessions.get(variant) or make_session(variant, threads)
-        prefill = make_session(variant, prefill_threads) if prefill_threads > threads else None
         if CUDA in chosen and CUDA not in session.get_providers():
             log.warning("CUDAExecutionProvider could not start here (no usable GPU or CUDA libraries); "
                         "running %s on the CPU", folder)
+            chosen = [CPU]
+            if for_gpu and variant != served:  # the GPU's precision, on the CPU after all: the CPU's instead
+                variant = served
+                reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
+                session = make_session(variant, threads)
+        prefill = make_session(variant, prefill_threads) if prefill_threads > threads else None
         decoder = cls(folder, manifest, session, prefill, variant)
         decoder.serve_reason = reason
+        if for_gpu and decoder.device == "cuda":
+            log.info("%s: serving %s %s", folder, variant, reason)
         log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s)", folder, variant, decoder.kv_cache, decoder.device,
                  threads, f", prefill {prefill_threads}" if prefill is not None else "")
         decoder.warm_up()
@@ -376,11 +391,11 @@ class OnnxDecoder:
 
     def _new_buffers(self, batch: int) -> tuple[list[np.ndarray], Any]:
         shape = (batch, self.n_head, self.max_context, self.head_dim)
-        buffers = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
+        buffers = [np.zeros(shape, dtype=self.cache_dtype) for _ in self.past_names]
         return buffers, self._binding(buffers, self.session)
 
     def empty_cache(self, batch: int = 1) -> KVCache:
-        empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=self.cache_dtype)
         return KVCache(tuple(empty for _ in self.past_names))
 
     def in_buffer(self, cache: KVCache) -> KVCache:
@@ -481,9 +496,13 @@ class OnnxDecoder:
         if self.device != "cpu":
             return self._forward_device(ids, positions, cache)
         feeds = {"input_ids": ids, "position_ids": positions}
-        feeds.update(zip(self.past_names, cache.tensors, strict=True))
+        feeds.update(zip(self.past_names, (self._as_cache_type(t) for t in cache.tensors), strict=True))
         outputs = self._session_for(steps).run(self.output_names, feeds)
         return outputs[0], KVCache(tuple(outputs[1:]))
+
+    def _as_cache_type(self, tensor: np.ndarray) -> np.ndarray:
+        """A history built elsewhere (KVCache(tensors) from float32 arrays) in the graph's element type."""
+        return tensor if tensor.dtype == self.cache_dtype else tensor.astype(self.cache_dtype)
 
     def _session_for(self, steps: int) -> ort.InferenceSession:
         return self.prefill_session if self.prefill_session is not None and steps >= PREFILL_MIN_TOKENS else self.session
@@ -553,7 +572,7 @@ class OnnxDecoder:
         binding.bind_cpu_input("position_ids", positions)
         for name, value in zip(self.past_names, cache._tensors, strict=True):
             if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, np.ascontiguousarray(self._as_cache_type(value)))
             else:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")

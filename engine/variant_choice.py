@@ -27,6 +27,7 @@ MAX_INT8_PERPLEXITY_LOSS = 0.02  # serve int8 only when it costs at most 2 % val
 MIN_INT8_SPEEDUP = 1.10  # ... and is at least 10 % faster per decoded token here
 LOAD_CONTEXT = 128  # the history a load-time decode step is timed at
 LOAD_STEPS = 24  # decode steps timed per precision at load (median)
+GPU_VARIANT = "fp16"  # what `export-onnx --fp16` writes, served through the CUDA execution provider
 
 
 class Decoder(Protocol):
@@ -53,6 +54,25 @@ def choose_variant(timings: dict[str, dict[str, float]], int8_loss: float | None
                                    f"decode step {speedup:.2f}x faster here", cpu_name(), flat)
     return ServeChoice("fp32", f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %), decode step {speedup:.2f}x "
                                f"(needs {MIN_INT8_SPEEDUP:.2f}x): fp32 is served", cpu_name(), flat)
+
+
+def choose_for_gpu(manifest: Manifest) -> tuple[str, str]:
+    """The precision to serve through the CUDA execution provider, and why. ONNX Runtime's CUDA
+    GroupQueryAttention kernel exists for float16 and bfloat16 only, and its int8 MatMuls are CPU
+    kernels, so the fp16 variant (`export-onnx --fp16`) is the one whose every node, the cache with
+    it, stays on the GPU. The same quality rule as int8's: at most 2 % validation perplexity lost."""
+    fp16 = manifest.variants.get(GPU_VARIANT)
+    if fp16 is None:
+        return "fp32", ("this folder has no fp16 variant, so fp32 is served and its GroupQueryAttention nodes run on the "
+                        "CPU (ONNX Runtime's CUDA kernel is float16/bfloat16 only); export it with --fp16")
+    loss = fp16.perplexity_loss
+    if loss is None:
+        return GPU_VARIANT, "fp16 runs every node on the GPU (its perplexity was not measured)"
+    quality = f"fp16 perplexity {loss * 100:+.2f} % vs fp32"
+    if loss > MAX_INT8_PERPLEXITY_LOSS:
+        return "fp32", (f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %): fp32 is served, its "
+                        "GroupQueryAttention nodes on the CPU")
+    return GPU_VARIANT, f"{quality} (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %), and it runs every node on the GPU"
 
 
 def needs_measuring_here(manifest: Manifest) -> bool:

@@ -192,7 +192,7 @@ def build_manifest(model: GPT, meta: dict[str, str], name: str, parity: Parity, 
 
 def export_model(checkpoint: Path, out: Path, name: str | None = None, sign_key: Path | None = None,
                  quantize: str | None = None, val_data: Path | None = None, val_tokens: int = 50_000,
-                 kv_cache: str = "shared-buffer") -> Manifest:
+                 kv_cache: str = "shared-buffer", fp16: bool = False) -> Manifest:
     """Export, check parity, add the int8 variant when asked, sign the staged folder when `sign_key` is
     given, write the folder atomically (a running server never sees it unsigned). Returns the manifest
     it wrote."""
@@ -212,14 +212,14 @@ def export_model(checkpoint: Path, out: Path, name: str | None = None, sign_key:
         (stage / TOKENIZER_FILE).write_text(meta["tokenizer"])
 
     return export_folder(model, out, write_tokenizer, manifest_for, sign_key, quantize, val_data, val_fraction, val_tokens,
-                         kv_cache, exclude)
+                         kv_cache, exclude, fp16=fp16)
 
 
 def export_folder(model: GPT, out: Path, write_tokenizer, manifest_for, sign_key: Path | None, quantize: str | None,
                   val_data: Path | None, val_fraction: float, val_tokens: int, kv_cache: str = "shared-buffer",
-                  val_exclude: frozenset[str] = frozenset(), verify=None) -> Manifest:
+                  val_exclude: frozenset[str] = frozenset(), verify=None, fp16: bool = False) -> Manifest:
     """The staged export shared by `export_model` (from a checkpoint) and export/refresh.py (from a model
-    folder): graph, parity (plain and engine), optional int8 variant, manifest, signature, swap.
+    folder): graph, parity (plain and engine), optional int8 and fp16 variants, manifest, signature, swap.
     `verify(decoder)` may refuse the staged fp32 model (raise) before anything is written to OUT."""
     from engine.session import OnnxDecoder
 
@@ -251,6 +251,13 @@ def export_folder(model: GPT, out: Path, write_tokenizer, manifest_for, sign_key
             files[INT8_MODEL_FILE] = sha256_file(stage / INT8_MODEL_FILE)
         elif quantize is not None:
             raise ValueError(f"unknown quantization {quantize!r} (int8 is the one there is)")
+        if fp16:
+            from export.half import FP16_MODEL_FILE, measured_fp16_variant
+
+            if kind != "shared-buffer":
+                raise ValueError("--fp16 needs the shared-buffer graph (its attention is the node CUDA runs in float16)")
+            variants["fp16"] = measured_fp16_variant(stage, staged, fp32, val_data, val_fraction, val_tokens, val_exclude)
+            files[FP16_MODEL_FILE] = sha256_file(stage / FP16_MODEL_FILE)
         manifest = manifest_for(stage, kind, parity, files, variants, serve)
         (stage / MANIFEST_FILE).write_text(manifest.to_json())
         if sign_key is not None:
@@ -330,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"],
                    help="also write model.int8.onnx (int8 weights: about 4x smaller, faster on most CPUs), measure its "
                         "validation perplexity next to fp32's and record which one to serve")
+    p.add_argument("--fp16", action="store_true",
+                   help="also write model.fp16.onnx (float16: the precision served through CUDA, every node on the GPU) "
+                        "and measure its validation perplexity next to fp32's")
     p.add_argument("--val-data", type=Path, metavar="FOLDER",
                    help="MIDI folder whose validation split measures the perplexities (default: the checkpoint's training data)")
     p.add_argument("--val-tokens", type=int, default=50_000, help="validation tokens to score (default 50000)")
@@ -343,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         manifest = export_model(args.checkpoint, args.out, args.name, args.sign, args.quantize, args.val_data,
-                                args.val_tokens, args.kv_cache)
+                                args.val_tokens, args.kv_cache, args.fp16)
     except (CheckpointError, ModelError, RuntimeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

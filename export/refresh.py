@@ -1,4 +1,4 @@
-"""Re-export a model folder from its own weights: the shared-buffer graph and, optionally, the int8 variant.
+"""Re-export a model folder from its own weights: the shared-buffer graph and, optionally, the int8 and fp16 variants.
 
     python -m export.refresh models/default --quantize int8                 # in place (staged, swapped at the end)
     python -m export.refresh models/default --out /tmp/default-new --quantize int8
@@ -30,7 +30,7 @@ GREEDY_STEPS = 48
 
 
 def refresh(folder: Path, out: Path | None = None, quantize: str | None = None, val_data: Path | None = None,
-            val_tokens: int = 50_000) -> Manifest:
+            val_tokens: int = 50_000, fp16: bool = False) -> Manifest:
     import onnxruntime as ort
 
     from engine.session import session_options
@@ -76,7 +76,7 @@ def refresh(folder: Path, out: Path | None = None, quantize: str | None = None, 
         print(f"old graph vs new: logits within {worst:.1e}, {GREEDY_STEPS} greedy tokens identical", flush=True)
 
     return export_folder(model, out, write_tokenizer, manifest_for, None, quantize, val_data, val_fraction, val_tokens,
-                         "shared-buffer", exclude, same_model)
+                         "shared-buffer", exclude, same_model, fp16=fp16)
 
 
 def _layout(kind: str) -> str:
@@ -111,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", type=Path, help="a model folder, e.g. models/default")
     p.add_argument("--out", type=Path, help="where to write (default: replace FOLDER, atomically)")
     p.add_argument("--quantize", choices=["int8"], help="also write model.int8.onnx with its validation perplexity")
+    p.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (for CUDA) with its validation perplexity")
     p.add_argument("--val-data", type=Path, metavar="FOLDER", help="validation data (default: the manifest's training data)")
     p.add_argument("--val-tokens", type=int, default=50_000)
     args = p.parse_args(argv)
     try:
-        manifest = refresh(args.folder, args.out, args.quantize, args.val_data, args.val_tokens)
+        manifest = refresh(args.folder, args.out, args.quantize, args.val_data, args.val_tokens, args.fp16)
     except (ModelError, RuntimeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

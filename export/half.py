@@ -1,0 +1,145 @@
+"""`export-onnx --fp16`: the float16 variant, for the CUDA execution provider.
+
+    python -m export.half models/default     # add model.fp16.onnx to a folder (perplexity measured, manifest updated)
+    convert_fp16(folder / "model.onnx", folder / "model.fp16.onnx")
+
+ONNX Runtime's CUDA GroupQueryAttention kernel is registered for float16 and bfloat16 only, and the
+int8 variant's quantized MatMuls are CPU kernels: served through CUDA, either of the CPU's graphs
+would run its attention (or its matmuls) on the CPU and carry the cache across the bus at every
+layer of every step. model.fp16.onnx holds the weights, the activations and the KV cache in float16
+(onnxruntime.transformers.float16, the converter ONNX Runtime ships for its own transformer graphs),
+with the same inputs, outputs and cache layout as model.onnx; only the logits stay float32, so
+sampling reads them as before. The engine serves it on a GPU (engine/variant_choice.choose_for_gpu);
+on a CPU it runs too (how its perplexity is measured here, and how the tests check it), but no faster
+than fp32, so a CPU never chooses it. Its validation perplexity stands next to fp32's in the manifest,
+measured on the same tokens as int8's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SIGNATURE_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    ModelError,
+    Variant,
+    read_model_folder,
+    sha256_file,
+)
+
+FP16_MODEL_FILE = "model.fp16.onnx"
+WEIGHTS = ("fp16 (onnxruntime.transformers.float16: weights, activations and the KV cache in float16, logits float32; "
+           "for the CUDA execution provider)")
+
+
+def convert_fp16(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = convert_float_to_float16(onnx.load(str(source)), keep_io_types=["logits"])
+    onnx.save(half, str(target))
+
+
+def fp16_variant(stage: Path, staged: Manifest, fp32, pieces, bos: int, eos: int, data: str = "") -> Variant:
+    """Convert the staged model.onnx and measure both graphs' validation perplexity on `pieces` (the
+    same tokens, the same function), on this machine's CPU. `data` describes where the pieces came from."""
+    from engine.session import OnnxDecoder
+    from export import quantize
+
+    convert_fp16(stage / MODEL_FILE, stage / FP16_MODEL_FILE)
+    graph = (stage / FP16_MODEL_FILE).read_bytes()
+    with_variant = dataclasses.replace(staged, variants={**staged.variants, "fp16": Variant(FP16_MODEL_FILE, WEIGHTS)})
+    fp16 = OnnxDecoder.from_bytes(stage, with_variant, b"", threads=1, variant="fp16", files={FP16_MODEL_FILE: graph})
+    if not pieces:
+        return Variant(FP16_MODEL_FILE, WEIGHTS)
+    reference, tokens = quantize.perplexity(fp32, pieces, bos, eos)
+    ppl, _ = quantize.perplexity(fp16, pieces, bos, eos)
+    return Variant(FP16_MODEL_FILE, WEIGHTS, _round(ppl), _round(reference), tokens, f"{data}, first {tokens} tokens)")
+
+
+def measured_fp16_variant(stage: Path, staged: Manifest, fp32, val_data: Path | None, val_fraction: float,
+                          val_tokens: int, exclude: frozenset[str] = frozenset()) -> Variant:
+    """`fp16_variant` on the validation split of `val_data` (int8's tokens: the training split rule's validation
+    files in hash order, less `exclude`); unmeasured, with a note, without validation data."""
+    from engine.tokens import ClipTokenizer
+    from export import quantize
+
+    pieces, data = [], ""
+    if val_data is not None and Path(val_data).is_dir():
+        pieces = quantize.validation_pieces(Path(val_data), stage / TOKENIZER_FILE, val_fraction, val_tokens, exclude)
+        data = f"{val_data} (validation files at fraction {val_fraction:g}, hash order"
+    else:
+        print(f"note: no validation data ({val_data or 'none named'}); pass --val-data to measure fp16's perplexity",
+              file=sys.stderr)
+    kinds = ClipTokenizer.from_file(stage / TOKENIZER_FILE).kinds
+    return fp16_variant(stage, staged, fp32, pieces, kinds.bos, kinds.eos, data)
+
+
+def add_fp16(folder: Path, val_data: Path | None = None, val_tokens: int = 50_000) -> Manifest:
+    """Add model.fp16.onnx to a model folder whose other files stay as they are (their bytes, hashes and
+    the `serve` choice unchanged), atomically: the folder is staged next to itself and swapped in. A
+    signed folder comes out unsigned (its manifest changes): sign it again with `segue sign`."""
+    from engine.session import OnnxDecoder
+    from export.onnx_export import _swap_in
+
+    folder = Path(folder)
+    manifest, files = read_model_folder(folder)
+    training = manifest.training
+    if val_data is None and training.data_source:
+        val_data = Path(training.data_source).expanduser()
+    exclude = frozenset(training.excluded.hashes) if training.excluded else frozenset()
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.fp16-", dir=folder.parent))
+    stage.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
+    try:
+        for name in manifest.files:
+            if name != FP16_MODEL_FILE:
+                (stage / name).write_bytes(files[name])
+        fp32 = OnnxDecoder.from_bytes(stage, manifest, files[MODEL_FILE], threads=1, variant="fp32")
+        variant = measured_fp16_variant(stage, manifest, fp32, val_data, training.val_fraction or 0.05, val_tokens, exclude)
+        updated = dataclasses.replace(manifest, variants={**manifest.variants, "fp16": variant},
+                                      files={**manifest.files, FP16_MODEL_FILE: sha256_file(stage / FP16_MODEL_FILE)})
+        (stage / MANIFEST_FILE).write_text(updated.to_json())
+        if (folder / SIGNATURE_FILE).exists():
+            print(f"note: {folder} was signed; its manifest changed, so it comes out unsigned: sign it again with "
+                  "`segue sign`", file=sys.stderr)
+        _swap_in(stage, folder)
+        return updated
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.onnx_export import report_variants
+
+    p = argparse.ArgumentParser(prog="python -m export.half", description="Add the fp16 variant (model.fp16.onnx, for "
+                                "the CUDA execution provider) to a model folder, its validation perplexity next to fp32's.")
+    p.add_argument("folder", type=Path, help="a model folder, e.g. models/default")
+    p.add_argument("--val-data", type=Path, metavar="FOLDER", help="validation data (default: the manifest's training data)")
+    p.add_argument("--val-tokens", type=int, default=50_000)
+    args = p.parse_args(argv)
+    try:
+        manifest = add_fp16(args.folder, args.val_data, args.val_tokens)
+    except (ModelError, RuntimeError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.folder / FP16_MODEL_FILE}")
+    report_variants(manifest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
