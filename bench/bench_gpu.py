@@ -1,0 +1,204 @@
+"""The engine through the CUDA execution provider against the engine on this machine's CPU, in one run.
+
+    pip install -e ".[gpu]"                      # onnxruntime-gpu in place of onnxruntime
+    python bench/bench_gpu.py                    # models/default: what a GPU serves (fp16) vs what the CPU serves
+    python bench/bench_gpu.py --provider cpu     # a dry run without a GPU: both sides on the CPU
+
+First, where the nodes run: an ONNX Runtime profile of the served graph (a 64-token prompt and decode
+steps through its plain interface, the way the engine drives a GPU) counted by execution provider.
+On a GPU every node of the fp16 variant should be on CUDAExecutionProvider but for the few integer
+nodes that read the positions; a GroupQueryAttention on the CPU means the cache crosses the bus at
+every layer of every step. Then, for each side: a decode step after 256, 512 and 896 positions (16
+successive cached steps from there), a prefill of 256 and 512 tokens, the first note of the 4-bar
+chorale cold and prepared (`Generator.prefill` into a PrefillCache first, as the server's `prepare`
+does), and its whole 8-bar continuation (the Generator, everything `segue continue` does) with its
+milliseconds per token. Wall time (a GPU's time is not this process's CPU time), medians of
+--repeats rounds, the two sides alternated within each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_server import prompt_payload  # noqa: E402
+
+from engine.generate import ContinuationRequest, Generator, NoteEvent, VariationDone  # noqa: E402
+from engine.machine import cpu_name  # noqa: E402
+from engine.manifest import MODEL_FILE, read_model_folder  # noqa: E402
+from engine.prefill_cache import PrefillCache  # noqa: E402
+from engine.session import CPU, CUDA, session_options  # noqa: E402
+from plugin_bridge.protocol import parse_clip  # noqa: E402
+
+CONTEXTS = (256, 512, 896)
+PREFILLS = (256, 512)
+DECODE_STEPS = 16
+
+
+def load(folder: Path, provider: str) -> Generator:
+    """The generator a server started with SEGUE_PROVIDER=provider would serve (its precision chosen so)."""
+    previous = os.environ.get("SEGUE_PROVIDER")
+    os.environ["SEGUE_PROVIDER"] = provider
+    try:
+        return Generator.load(folder)
+    finally:
+        if previous is None:
+            os.environ.pop("SEGUE_PROVIDER")
+        else:
+            os.environ["SEGUE_PROVIDER"] = previous
+
+
+def placement(folder: Path, variant: str, providers: list[str]) -> dict[str, collections.Counter]:
+    """Per execution provider, the nodes of `variant`'s graph that ran there, by operator."""
+    manifest, files = read_model_folder(folder)
+    graph = files[MODEL_FILE] if variant == "fp32" else files[manifest.variants[variant].file]
+    options = session_options(1)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "placement")
+    session = ort.InferenceSession(graph, options, providers=providers)
+    past_type = next(i.type for i in session.get_inputs() if i.name == manifest.onnx.past_inputs[0])
+    dtype = np.float16 if past_type == "tensor(float16)" else np.float32
+    shape = manifest.model
+    pasts = [np.zeros((1, shape.n_head, 0, shape.head_dim), dtype) for _ in manifest.onnx.past_inputs]
+    ids = np.random.default_rng(0).integers(0, shape.vocab_size, (1, 64))
+    position = 0
+    for step in (ids, ids[:, :1], ids[:, 1:2], ids[:, 2:5]):  # a prompt, two decode steps, a three-token step
+        feeds = {"input_ids": step, "position_ids": np.arange(position, position + step.shape[1])[None],
+                 **dict(zip(manifest.onnx.past_inputs, pasts, strict=True))}
+        outputs = session.run(None, feeds)
+        pasts, position = outputs[1:], position + step.shape[1]
+    profile = Path(session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    where: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "provider" in args:
+            where[args["provider"]][event["name"].removesuffix("_kernel_time")] = args.get("op_name", "?")
+    return {provider: collections.Counter(nodes.values()) for provider, nodes in where.items()}
+
+
+def wall_ms(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000
+
+
+def decode_ms(generator: Generator, context: int) -> float:
+    decoder = generator.decoder
+    ids = np.random.default_rng(context).integers(0, decoder.vocab_size, (1, context + DECODE_STEPS))
+    _, cache = decoder.step(ids[:, :context], decoder.empty_cache())
+    started = time.perf_counter()
+    for i in range(DECODE_STEPS):
+        _, cache = decoder.step(ids[:, context + i:context + i + 1], cache)
+    return (time.perf_counter() - started) * 1000 / DECODE_STEPS
+
+
+def prefill_ms(generator: Generator, tokens: int) -> float:
+    decoder = generator.decoder
+    ids = np.random.default_rng(tokens).integers(0, decoder.vocab_size, (1, tokens))
+    return wall_ms(lambda: decoder.step(ids, decoder.empty_cache()))
+
+
+def first_note_ms(generator: Generator, clip, request: ContinuationRequest, prefills: PrefillCache | None) -> float:
+    started = time.perf_counter()
+    stream = generator.stream(clip, request, prefills=prefills)
+    for event in stream:
+        if isinstance(event, NoteEvent):
+            stream.close()
+            return (time.perf_counter() - started) * 1000
+    return float("nan")
+
+
+def prepared_first_note_ms(generator: Generator, clip, request: ContinuationRequest) -> float:
+    prefills = PrefillCache()
+    generator.prefill(clip, prefills)
+    return first_note_ms(generator, clip, request, prefills)
+
+
+def continuation(generator: Generator, clip, request: ContinuationRequest) -> tuple[float, int]:
+    started = time.perf_counter()
+    done = [e for e in generator.stream(clip, request) if isinstance(e, VariationDone)]
+    return (time.perf_counter() - started) * 1000, sum(len(d.tokens) for d in done)
+
+
+def gpu_name() -> str:
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20)
+        return found.stdout.strip() or "no GPU reported by nvidia-smi"
+    except (OSError, subprocess.SubprocessError):
+        return "nvidia-smi not found"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "default")
+    parser.add_argument("--provider", choices=["cuda", "cpu"], default="cuda",
+                        help="the accelerated side's SEGUE_PROVIDER (cpu: a dry run of this script without a GPU)")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds, the two sides alternated in each (median)")
+    parser.add_argument("--bars", type=int, default=8, help="bars of the continuation")
+    args = parser.parse_args()
+
+    print(f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())}); CPU: {cpu_name()}; "
+          f"GPU: {gpu_name()}")
+    sides = {args.provider: load(args.model, args.provider), "cpu only": load(args.model, "cpu")}
+    accelerated = sides[args.provider]
+    for name, generator in sides.items():
+        decoder = generator.decoder
+        print(f"{name}: {decoder.variant} on {decoder.device} ({', '.join(decoder.session.get_providers())}): "
+              f"{decoder.serve_reason}")
+    wanted = [CUDA, CPU] if args.provider == "cuda" else [CPU]
+    print()
+    print(f"Where the nodes of {accelerated.decoder.variant}'s graph ran ({', '.join(wanted)} asked for):")
+    for provider, ops in placement(args.model, accelerated.decoder.variant, wanted).items():
+        print(f"  {provider}: {sum(ops.values())} nodes ({', '.join(f'{op} {n}' for op, n in sorted(ops.items()))})")
+    print()
+
+    clip = parse_clip(prompt_payload(ROOT / "docs" / "examples" / "chorale.mid", 4), "chorale")
+    request = ContinuationRequest(bars=args.bars, variations=1, seed=0)
+    tasks = {**{f"ms/token {c}": (lambda g, c=c: decode_ms(g, c)) for c in CONTEXTS},
+             **{f"prefill {t} (ms)": (lambda g, t=t: prefill_ms(g, t)) for t in PREFILLS},
+             "first note cold (ms)": lambda g: first_note_ms(g, clip, request, None),
+             "first note prepared (ms)": lambda g: prepared_first_note_ms(g, clip, request)}
+    results: dict[str, dict[str, list[float]]] = {name: collections.defaultdict(list) for name in sides}
+    for generator in sides.values():  # first use of every shape out of the timings
+        for task in tasks.values():
+            task(generator)
+    for round_ in range(args.repeats):
+        order = list(sides.items()) if round_ % 2 == 0 else list(reversed(sides.items()))
+        for name, generator in order:
+            for label, task in tasks.items():
+                results[name][label].append(task(generator))
+            whole, tokens = continuation(generator, clip, request)
+            results[name][f"{args.bars}-bar continuation (ms)"].append(whole)
+            results[name]["per token end to end (ms)"].append(whole / max(tokens, 1))
+    labels = list(results[args.provider])
+    print(f"{args.model}, the 4-bar chorale, {args.bars} bars, seed 0; wall time, medians of {args.repeats}")
+    print()
+    print("| side | variant | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    medians = {name: {label: statistics.median(values) for label, values in results[name].items()} for name in sides}
+    for name, generator in sides.items():
+        print(f"| {name} | {generator.decoder.variant} | " + " | ".join(f"{medians[name][label]:.3g}" for label in labels) + " |")
+    print(f"| cpu / {args.provider} | | " + " | ".join(
+        f"{medians['cpu only'][label] / medians[args.provider][label]:.2f}x" for label in labels) + " |")
+
+
+if __name__ == "__main__":
+    main()
