@@ -2,7 +2,7 @@
 
     pip install -e ".[gpu]"                      # onnxruntime-gpu in place of onnxruntime
     python bench/bench_gpu.py                    # models/default: what a GPU serves (fp16) vs what the CPU serves
-    python bench/bench_gpu.py --provider cpu     # a dry run without a GPU: both sides on the CPU
+    python bench/bench_gpu.py --provider cpu     # a dry run without a GPU: the GPU's precision on the CPU
 
 First, where the nodes run: an ONNX Runtime profile of the served graph (a 64-token prompt and decode
 steps through its plain interface, the way the engine drives a GPU) counted by execution provider.
@@ -50,12 +50,13 @@ PREFILLS = (256, 512)
 DECODE_STEPS = 16
 
 
-def load(folder: Path, provider: str) -> Generator:
-    """The generator a server started with SEGUE_PROVIDER=provider would serve (its precision chosen so)."""
+def load(folder: Path, provider: str, variant: str | None = None) -> Generator:
+    """The generator a server started with SEGUE_PROVIDER=provider would serve (its precision chosen so,
+    unless `variant` is given)."""
     previous = os.environ.get("SEGUE_PROVIDER")
     os.environ["SEGUE_PROVIDER"] = provider
     try:
-        return Generator.load(folder)
+        return Generator.load(folder, variant=variant)
     finally:
         if previous is None:
             os.environ.pop("SEGUE_PROVIDER")
@@ -157,7 +158,13 @@ def main() -> None:
 
     print(f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())}); CPU: {cpu_name()}; "
           f"GPU: {gpu_name()}")
-    sides = {args.provider: load(args.model, args.provider), "cpu only": load(args.model, "cpu")}
+    # The dry run gives its first side the GPU's precision (what choose_for_gpu picks) on the CPU, so that
+    # the graph a GPU would run goes through every measurement here too.
+    from engine.variant_choice import choose_for_gpu
+
+    gpu_variant = choose_for_gpu(read_model_folder(args.model)[0])[0]
+    sides = {args.provider: load(args.model, args.provider, gpu_variant if args.provider == "cpu" else None),
+             "cpu only": load(args.model, "cpu")}
     accelerated = sides[args.provider]
     for name, generator in sides.items():
         decoder = generator.decoder
