@@ -58,6 +58,7 @@ def fp16_variant(stage: Path, staged: Manifest, fp32, pieces, bos: int, eos: int
     convert_fp16(stage / MODEL_FILE, stage / FP16_MODEL_FILE)
     graph = (stage / FP16_MODEL_FILE).read_bytes()
     with_variant = dataclasses.replace(staged, variants={**staged.variants, "fp16": Variant(FP16_MODEL_FILE, WEIGHTS)})
+    # Loaded (and warmed up) even when nothing is measured: a graph ONNX Runtime cannot run is refused here.
     fp16 = OnnxDecoder.from_bytes(stage, with_variant, b"", threads=1, variant="fp16", files={FP16_MODEL_FILE: graph})
     if not pieces:
         return Variant(FP16_MODEL_FILE, WEIGHTS)
@@ -93,6 +94,9 @@ def add_fp16(folder: Path, val_data: Path | None = None, val_tokens: int = 50_00
 
     folder = Path(folder)
     manifest, files = read_model_folder(folder)
+    if manifest.onnx.kv_cache != "shared-buffer":
+        raise ValueError(f"{folder} has the older {manifest.onnx.kv_cache!r} graph; re-export it first "
+                         "(python -m export.refresh FOLDER --fp16)")
     training = manifest.training
     if val_data is None and training.data_source:
         val_data = Path(training.data_source).expanduser()

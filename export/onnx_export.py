@@ -229,6 +229,9 @@ def export_folder(model: GPT, out: Path, write_tokenizer, manifest_for, sign_key
     stage.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
     try:
         kind = export_graph(model, stage / MODEL_FILE, kv_cache)
+        if fp16 and kind != "shared-buffer":
+            raise ValueError("--fp16 needs the shared-buffer graph (its GroupQueryAttention is the node CUDA runs in "
+                             f"float16); this model was exported with the {kind!r} graph")
         write_tokenizer(stage)
         parity = check_parity(model, stage / MODEL_FILE)
         if not parity.passed:
@@ -254,8 +257,6 @@ def export_folder(model: GPT, out: Path, write_tokenizer, manifest_for, sign_key
         if fp16:
             from export.half import FP16_MODEL_FILE, measured_fp16_variant
 
-            if kind != "shared-buffer":
-                raise ValueError("--fp16 needs the shared-buffer graph (its attention is the node CUDA runs in float16)")
             variants["fp16"] = measured_fp16_variant(stage, staged, fp32, val_data, val_fraction, val_tokens, val_exclude)
             files[FP16_MODEL_FILE] = sha256_file(stage / FP16_MODEL_FILE)
         manifest = manifest_for(stage, kind, parity, files, variants, serve)

@@ -144,3 +144,10 @@ def test_a_changed_fp16_file_is_refused(fp16_model, tmp_path):
     (copy / FP16_MODEL_FILE).write_bytes(bytes(data))
     with pytest.raises(ModelError, match=FP16_MODEL_FILE):
         OnnxDecoder.load(copy, variant="fp16")
+
+
+def test_fp16_is_refused_for_the_older_graph(tiny_build, tmp_path):
+    """The older concat graph has no GroupQueryAttention for CUDA to run in float16: refused, nothing written."""
+    with pytest.raises(ValueError, match="shared-buffer"):
+        export_model(tiny_build / "run" / "best.safetensors", tmp_path / "model", kv_cache="concat", fp16=True)
+    assert not (tmp_path / "model").exists()
