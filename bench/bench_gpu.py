@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_prefix import first_note_ms  # noqa: E402
 from bench_server import prompt_payload  # noqa: E402
 
-from engine.generate import ContinuationRequest, Generator, NoteEvent, VariationDone  # noqa: E402
+from engine.generate import ContinuationRequest, Generator, VariationDone  # noqa: E402
 from engine.machine import cpu_name  # noqa: E402
 from engine.manifest import MODEL_FILE, read_model_folder  # noqa: E402
 from engine.prefill_cache import PrefillCache  # noqa: E402
@@ -116,20 +117,10 @@ def prefill_ms(generator: Generator, tokens: int) -> float:
     return wall_ms(lambda: decoder.step(ids, decoder.empty_cache()))
 
 
-def first_note_ms(generator: Generator, clip, request: ContinuationRequest, prefills: PrefillCache | None) -> float:
-    started = time.perf_counter()
-    stream = generator.stream(clip, request, prefills=prefills)
-    for event in stream:
-        if isinstance(event, NoteEvent):
-            stream.close()
-            return (time.perf_counter() - started) * 1000
-    return float("nan")
-
-
 def prepared_first_note_ms(generator: Generator, clip, request: ContinuationRequest) -> float:
     prefills = PrefillCache()
     generator.prefill(clip, prefills)
-    return first_note_ms(generator, clip, request, prefills)
+    return first_note_ms(generator, clip, prefills, request)
 
 
 def continuation(generator: Generator, clip, request: ContinuationRequest) -> tuple[float, int]:
@@ -181,7 +172,7 @@ def main() -> None:
     request = ContinuationRequest(bars=args.bars, variations=1, seed=0)
     tasks = {**{f"ms/token {c}": (lambda g, c=c: decode_ms(g, c)) for c in CONTEXTS},
              **{f"prefill {t} (ms)": (lambda g, t=t: prefill_ms(g, t)) for t in PREFILLS},
-             "first note cold (ms)": lambda g: first_note_ms(g, clip, request, None),
+             "first note cold (ms)": lambda g: first_note_ms(g, clip, None, request),
              "first note prepared (ms)": lambda g: prepared_first_note_ms(g, clip, request)}
     results: dict[str, dict[str, list[float]]] = {name: collections.defaultdict(list) for name in sides}
     for generator in sides.values():  # first use of every shape out of the timings

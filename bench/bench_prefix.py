@@ -55,9 +55,11 @@ def with_continuation(generator: Generator, clip: Clip) -> Clip:
     return replace(clip, notes=clip.notes + continuation.notes, length=clip.length + REQUEST.bars * clip.beats_per_bar)
 
 
-def first_note_ms(generator: Generator, clip: Clip, prefills: PrefillCache | None) -> float:
+def first_note_ms(generator: Generator, clip: Clip, prefills: PrefillCache | None,
+                  request: ContinuationRequest = REQUEST) -> float:
+    """Wall milliseconds from the request to its first streamed note."""
     started = time.perf_counter()
-    for event in generator.stream(clip, REQUEST, prefills=prefills):
+    for event in generator.stream(clip, request, prefills=prefills):
         if isinstance(event, NoteEvent):
             return (time.perf_counter() - started) * 1000
     raise RuntimeError("the continuation wrote no note")

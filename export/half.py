@@ -28,7 +28,6 @@ from engine.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
     SIGNATURE_FILE,
-    TOKENIZER_FILE,
     Manifest,
     ModelError,
     Variant,
@@ -49,40 +48,18 @@ def convert_fp16(source: Path, target: Path) -> None:
     onnx.save(half, str(target))
 
 
-def fp16_variant(stage: Path, staged: Manifest, fp32, pieces, bos: int, eos: int, data: str = "") -> Variant:
-    """Convert the staged model.onnx and measure both graphs' validation perplexity on `pieces` (the
-    same tokens, the same function), on this machine's CPU. `data` describes where the pieces came from."""
+def fp16_variant(stage: Path, staged: Manifest, fp32, validation) -> Variant:
+    """Convert the staged model.onnx and measure the fp16 graph's validation perplexity next to fp32's on
+    `validation` (a quantize.ValidationSet: int8's tokens when the export writes both), on this CPU."""
     from engine.session import OnnxDecoder
-    from export import quantize
 
     convert_fp16(stage / MODEL_FILE, stage / FP16_MODEL_FILE)
     graph = (stage / FP16_MODEL_FILE).read_bytes()
     with_variant = dataclasses.replace(staged, variants={**staged.variants, "fp16": Variant(FP16_MODEL_FILE, WEIGHTS)})
     # Loaded (and warmed up) even when nothing is measured: a graph ONNX Runtime cannot run is refused here.
     fp16 = OnnxDecoder.from_bytes(stage, with_variant, b"", threads=1, variant="fp16", files={FP16_MODEL_FILE: graph})
-    if not pieces:
-        return Variant(FP16_MODEL_FILE, WEIGHTS)
-    reference, tokens = quantize.perplexity(fp32, pieces, bos, eos)
-    ppl, _ = quantize.perplexity(fp16, pieces, bos, eos)
-    return Variant(FP16_MODEL_FILE, WEIGHTS, _round(ppl), _round(reference), tokens, f"{data}, first {tokens} tokens)")
-
-
-def measured_fp16_variant(stage: Path, staged: Manifest, fp32, val_data: Path | None, val_fraction: float,
-                          val_tokens: int, exclude: frozenset[str] = frozenset()) -> Variant:
-    """`fp16_variant` on the validation split of `val_data` (int8's tokens: the training split rule's validation
-    files in hash order, less `exclude`); unmeasured, with a note, without validation data."""
-    from engine.tokens import ClipTokenizer
-    from export import quantize
-
-    pieces, data = [], ""
-    if val_data is not None and Path(val_data).is_dir():
-        pieces = quantize.validation_pieces(Path(val_data), stage / TOKENIZER_FILE, val_fraction, val_tokens, exclude)
-        data = f"{val_data} (validation files at fraction {val_fraction:g}, hash order"
-    else:
-        print(f"note: no validation data ({val_data or 'none named'}); pass --val-data to measure fp16's perplexity",
-              file=sys.stderr)
-    kinds = ClipTokenizer.from_file(stage / TOKENIZER_FILE).kinds
-    return fp16_variant(stage, staged, fp32, pieces, kinds.bos, kinds.eos, data)
+    ppl, reference, tokens, source = validation.measure(fp32, fp16)
+    return Variant(FP16_MODEL_FILE, WEIGHTS, _round(ppl), _round(reference), tokens or None, source)
 
 
 def add_fp16(folder: Path, val_data: Path | None = None, val_tokens: int = 50_000) -> Manifest:
@@ -91,6 +68,7 @@ def add_fp16(folder: Path, val_data: Path | None = None, val_tokens: int = 50_00
     signed folder comes out unsigned (its manifest changes): sign it again with `segue sign`."""
     from engine.session import OnnxDecoder
     from export.onnx_export import _swap_in
+    from export.quantize import ValidationSet
 
     folder = Path(folder)
     manifest, files = read_model_folder(folder)
@@ -108,7 +86,8 @@ def add_fp16(folder: Path, val_data: Path | None = None, val_tokens: int = 50_00
             if name != FP16_MODEL_FILE:
                 (stage / name).write_bytes(files[name])
         fp32 = OnnxDecoder.from_bytes(stage, manifest, files[MODEL_FILE], threads=1, variant="fp32")
-        variant = measured_fp16_variant(stage, manifest, fp32, val_data, training.val_fraction or 0.05, val_tokens, exclude)
+        validation = ValidationSet(stage, val_data, training.val_fraction or 0.05, val_tokens, exclude)
+        variant = fp16_variant(stage, manifest, fp32, validation)
         updated = dataclasses.replace(manifest, variants={**manifest.variants, "fp16": variant},
                                       files={**manifest.files, FP16_MODEL_FILE: sha256_file(stage / FP16_MODEL_FILE)})
         (stage / MANIFEST_FILE).write_text(updated.to_json())

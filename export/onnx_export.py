@@ -248,16 +248,20 @@ def export_folder(model: GPT, out: Path, write_tokenizer, manifest_for, sign_key
         if verify is not None:
             verify(fp32)
         variants, serve = {}, None
+        if quantize is not None or fp16:
+            from export.quantize import ValidationSet
+
+            validation = ValidationSet(stage, val_data, val_fraction, val_tokens, val_exclude)
         if quantize == "int8":
-            variant, serve = int8_variant(stage, staged, fp32, val_data, val_fraction, val_tokens, val_exclude)
+            variant, serve = int8_variant(stage, staged, fp32, validation)
             variants["int8"] = variant
             files[INT8_MODEL_FILE] = sha256_file(stage / INT8_MODEL_FILE)
         elif quantize is not None:
             raise ValueError(f"unknown quantization {quantize!r} (int8 is the one there is)")
         if fp16:
-            from export.half import FP16_MODEL_FILE, measured_fp16_variant
+            from export.half import FP16_MODEL_FILE, fp16_variant
 
-            variants["fp16"] = measured_fp16_variant(stage, staged, fp32, val_data, val_fraction, val_tokens, val_exclude)
+            variants["fp16"] = fp16_variant(stage, staged, fp32, validation)
             files[FP16_MODEL_FILE] = sha256_file(stage / FP16_MODEL_FILE)
         manifest = manifest_for(stage, kind, parity, files, variants, serve)
         (stage / MANIFEST_FILE).write_text(manifest.to_json())
@@ -272,12 +276,11 @@ def export_folder(model: GPT, out: Path, write_tokenizer, manifest_for, sign_key
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def int8_variant(stage: Path, staged: Manifest, fp32, val_data: Path | None, val_fraction: float,
-                 val_tokens: int, exclude: frozenset[str] = frozenset()) -> tuple[Variant, ServeChoice]:
+def int8_variant(stage: Path, staged: Manifest, fp32, validation) -> tuple[Variant, ServeChoice]:
     """Quantize the staged model.onnx, measure both precisions' validation perplexity on the same
-    tokens and their speed here, and choose the one to serve (export/quantize.py)."""
+    tokens (`validation`, a quantize.ValidationSet) and their speed here, and choose the one to serve
+    (export/quantize.py)."""
     from engine.session import OnnxDecoder
-    from engine.tokens import ClipTokenizer
     from export import quantize
 
     quantize.quantize_int8(stage / MODEL_FILE, stage / INT8_MODEL_FILE)
@@ -285,19 +288,7 @@ def int8_variant(stage: Path, staged: Manifest, fp32, val_data: Path | None, val
     with_variant = dataclasses.replace(staged, variants={"int8": Variant(INT8_MODEL_FILE, quantize.WEIGHTS)},
                                        files={**staged.files, INT8_MODEL_FILE: sha256_file(stage / INT8_MODEL_FILE)})
     int8 = OnnxDecoder.from_bytes(stage, with_variant, b"", threads=1, variant="int8", files={INT8_MODEL_FILE: data})
-    fp32_ppl = int8_ppl = None
-    tokens = 0
-    source = None
-    if val_data is not None and Path(val_data).is_dir():
-        kinds = ClipTokenizer.from_file(stage / TOKENIZER_FILE).kinds
-        pieces = quantize.validation_pieces(Path(val_data), stage / TOKENIZER_FILE, val_fraction, val_tokens, exclude)
-        if pieces:
-            fp32_ppl, tokens = quantize.perplexity(fp32, pieces, kinds.bos, kinds.eos)
-            int8_ppl, _ = quantize.perplexity(int8, pieces, kinds.bos, kinds.eos)
-            source = f"{val_data} (validation files at fraction {val_fraction:g}, hash order, first {tokens} tokens)"
-    else:
-        print(f"note: no validation data ({val_data or 'the checkpoint names none'}); pass --val-data to measure "
-              "int8's perplexity", file=sys.stderr)
+    int8_ppl, fp32_ppl, tokens, source = validation.measure(fp32, int8)
     variant = Variant(INT8_MODEL_FILE, quantize.WEIGHTS, _round(int8_ppl), _round(fp32_ppl), tokens or None, source)
     timings = {"fp32": quantize.speed(fp32), "int8": quantize.speed(int8)}
     return variant, quantize.choose_variant(timings, variant.perplexity_loss)

@@ -1,8 +1,8 @@
 """`export-onnx --quantize int8`: the int8 variant, its quality cost and which precision to serve.
 
     quantize_int8(folder / "model.onnx", folder / "model.int8.onnx")
-    pieces, source = validation_pieces(data_folder, folder / "tokenizer.json", val_fraction=0.05)
-    fp32, int8 = perplexity(fp32_decoder, pieces, kinds), perplexity(int8_decoder, pieces, kinds)
+    validation = ValidationSet(folder, data_folder, val_fraction=0.05, max_tokens=50_000)
+    int8_ppl, fp32_ppl, tokens, source = validation.measure(fp32_decoder, int8_decoder)
     choice = choose_variant({"fp32": speed(fp32_decoder), "int8": speed(int8_decoder)}, int8_loss)
 
 Dynamic quantization (onnxruntime.quantization.quantize_dynamic) of the MatMul weights: int8
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +67,37 @@ def validation_pieces(data: Path, tokenizer_file: Path, val_fraction: float, max
             pieces.append(result.tokens)
             total += len(result.tokens)
     return capped(pieces, max_tokens)
+
+
+class ValidationSet:
+    """The validation tokens every variant of one export is measured on, and fp32's perplexity on them,
+    measured once however many variants stand next to it."""
+
+    def __init__(self, stage: Path, val_data: Path | None, val_fraction: float, max_tokens: int,
+                 exclude: frozenset[str] = frozenset()):
+        from engine.manifest import TOKENIZER_FILE
+        from engine.tokens import ClipTokenizer
+
+        self.pieces: list[np.ndarray] = []
+        self._where = f"{val_data} (validation files at fraction {val_fraction:g}, hash order"
+        if val_data is not None and Path(val_data).is_dir():
+            self.pieces = validation_pieces(Path(val_data), stage / TOKENIZER_FILE, val_fraction, max_tokens, exclude)
+        else:
+            print(f"note: no validation data ({val_data or 'none named'}); pass --val-data to measure the variants' "
+                  "perplexity", file=sys.stderr)
+        kinds = ClipTokenizer.from_file(stage / TOKENIZER_FILE).kinds
+        self._bos, self._eos = kinds.bos, kinds.eos
+        self._fp32: tuple[float, int] | None = None
+
+    def measure(self, fp32: OnnxDecoder, variant: OnnxDecoder) -> tuple[float | None, float | None, int, str | None]:
+        """`variant`'s perplexity, fp32's, the tokens scored and where they came from (all None/0 without data)."""
+        if not self.pieces:
+            return None, None, 0, None
+        if self._fp32 is None:
+            self._fp32 = perplexity(fp32, self.pieces, self._bos, self._eos)
+        reference, tokens = self._fp32
+        ppl, _ = perplexity(variant, self.pieces, self._bos, self._eos)
+        return ppl, reference, tokens, f"{self._where}, first {tokens} tokens)"
 
 
 def perplexity(decoder: OnnxDecoder, pieces: list[np.ndarray], bos: int, eos: int) -> tuple[float, int]:
