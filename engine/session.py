@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from engine import native_attention
 from engine.machine import cpu_name
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
 from engine.variant_choice import choose_for_gpu, choose_here, needs_measuring_here
@@ -230,6 +231,7 @@ class OnnxDecoder:
         self.prefill_session = prefill_session  # more threads for long prompts, when configured
         self.variant = variant
         self.serve_reason = ""  # why this precision is served (from_bytes: the manifest's measurement, or one made here)
+        self.attention = "GroupQueryAttention"  # or "native (...)": engine/native_attention.py, set by from_bytes
         shape = manifest.model
         self.n_layer = shape.n_layer
         self.n_head = shape.n_head
@@ -346,12 +348,29 @@ class OnnxDecoder:
             variant = preferred
         chosen = choose_providers(providers)
 
+        attention: dict[ort.InferenceSession, str] = {}
+
         def make_session(name: str, session_threads: int) -> ort.InferenceSession:
             graph = model if name == "fp32" else _variant_bytes(Path(folder), manifest, name, files)
+            if chosen == [CPU] and session_threads == 1:  # the node keeps its thread pool where there is one
+                native, why = native_attention.prepare(graph)
+                if native is not None:
+                    options = session_options(session_threads)
+                    try:
+                        options.register_custom_ops_library(str(native.library))
+                        made = ort.InferenceSession(native.graph, options, providers=chosen)
+                        attention[made] = f"native ({native.library.name})"
+                        return made
+                    except Exception as exc:  # onnxruntime's own error types: the node instead, as exported
+                        why = f"ONNX Runtime did not take it: {str(exc).splitlines()[0][:300]}"
+                if native_attention.enabled():
+                    log.info("%s (%s): ONNX Runtime's GroupQueryAttention, not the native operator: %s", folder, name, why)
             try:
-                return ort.InferenceSession(graph, session_options(session_threads), providers=chosen)
+                made = ort.InferenceSession(graph, session_options(session_threads), providers=chosen)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise ModelError(f"ONNX Runtime could not load {folder / MODEL_FILE} ({name}): {exc}") from exc
+            attention[made] = "GroupQueryAttention"
+            return made
 
         reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
         sessions: dict[str, ort.InferenceSession] = {}
@@ -380,10 +399,11 @@ class OnnxDecoder:
         prefill = make_session(variant, prefill_threads) if prefill_threads > threads else None
         decoder = cls(folder, manifest, session, prefill, variant)
         decoder.serve_reason = reason
+        decoder.attention = attention.get(session, "GroupQueryAttention")
         if for_gpu and decoder.device == "cuda":
             log.info("%s: serving %s %s", folder, variant, reason)
-        log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s)", folder, variant, decoder.kv_cache, decoder.device,
-                 threads, f", prefill {prefill_threads}" if prefill is not None else "")
+        log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s, attention: %s)", folder, variant, decoder.kv_cache,
+                 decoder.device, threads, f", prefill {prefill_threads}" if prefill is not None else "", decoder.attention)
         decoder.warm_up()
         return decoder
 

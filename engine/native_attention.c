@@ -1,0 +1,267 @@
+/* segue.CausalAttention: ONNX Runtime's GroupQueryAttention (packed QKV, no rotary, as export/gqa.py
+ * writes it) as a custom operator for the CPU, built on the user's machine by engine/native_attention.py.
+ *
+ * Inputs:  qkv [batch, steps, 3 * heads * head_dim] float, past_key and past_value [batch, heads, length,
+ *          head_dim] float, seqlens_k [batch] int32 (each row's total length - 1), total_sequence_length
+ *          [1] int32.
+ * Outputs: output [batch, steps, heads * head_dim], present_key and present_value [batch, heads,
+ *          max(length, total), head_dim]. Bound to the same memory as the pasts (the engine's shared
+ *          buffer), the new positions are written in place; otherwise the pasts are copied first.
+ *
+ * The C API is used through its table of function pointers (struct OrtApi), which ONNX Runtime only
+ * ever appends to: a function is reached by its fixed index, so no ONNX Runtime header is needed to
+ * build this, and the pip wheel ships none.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_attention_kernel.h"
+
+#if defined(_WIN32)
+#define SEGUE_CALL __stdcall
+#define SEGUE_EXPORT __declspec(dllexport)
+#else
+#define SEGUE_CALL
+#define SEGUE_EXPORT __attribute__((visibility("default")))
+#endif
+
+/* --- the parts of ONNX Runtime's C API used here ------------------------------------------------ */
+
+#define SEGUE_ORT_API_VERSION 16 /* ONNX Runtime 1.16: CreateKernelV2 and KernelComputeV2 (errors as statuses) */
+
+typedef void OrtStatus; /* opaque handles */
+typedef void OrtApi;
+typedef void OrtKernelInfo;
+typedef void OrtKernelContext;
+typedef void OrtValue;
+typedef void OrtTensorTypeAndShapeInfo;
+typedef void OrtCustomOpDomain;
+typedef void OrtSessionOptions;
+
+typedef struct {
+    const OrtApi *(SEGUE_CALL *GetApi)(uint32_t version);
+    const char *(SEGUE_CALL *GetVersionString)(void);
+} SegueApiBase;
+
+enum { /* indices into struct OrtApi (onnxruntime_c_api.h declares its members in this order) */
+    API_CreateStatus = 0,
+    API_CreateCustomOpDomain = 26,
+    API_CustomOpDomain_Add = 27,
+    API_AddCustomOpDomain = 28,
+    API_GetTensorMutableData = 51,
+    API_GetDimensionsCount = 61,
+    API_GetDimensions = 62,
+    API_GetTensorTypeAndShape = 65,
+    API_KernelInfoGetAttribute_float = 85,
+    API_KernelInfoGetAttribute_int64 = 86,
+    API_KernelContext_GetInputCount = 88,
+    API_KernelContext_GetOutputCount = 89,
+    API_KernelContext_GetInput = 90,
+    API_KernelContext_GetOutput = 91,
+    API_ReleaseStatus = 93,
+    API_ReleaseTensorTypeAndShapeInfo = 99,
+};
+
+enum { ELEMENT_FLOAT = 1, ELEMENT_INT32 = 6 };         /* ONNXTensorElementDataType */
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };      /* OrtErrorCode */
+enum { REQUIRED = 0 };                                /* OrtCustomOpInputOutputCharacteristic */
+
+typedef struct SegueCustomOp { /* struct OrtCustomOp, every member up to version 16 (the ones read) */
+    uint32_t version;
+    void *(SEGUE_CALL *CreateKernel)(const struct SegueCustomOp *, const OrtApi *, const OrtKernelInfo *);
+    const char *(SEGUE_CALL *GetName)(const struct SegueCustomOp *);
+    const char *(SEGUE_CALL *GetExecutionProviderType)(const struct SegueCustomOp *);
+    int (SEGUE_CALL *GetInputType)(const struct SegueCustomOp *, size_t);
+    size_t (SEGUE_CALL *GetInputTypeCount)(const struct SegueCustomOp *);
+    int (SEGUE_CALL *GetOutputType)(const struct SegueCustomOp *, size_t);
+    size_t (SEGUE_CALL *GetOutputTypeCount)(const struct SegueCustomOp *);
+    void (SEGUE_CALL *KernelCompute)(void *, OrtKernelContext *);
+    void (SEGUE_CALL *KernelDestroy)(void *);
+    int (SEGUE_CALL *GetInputCharacteristic)(const struct SegueCustomOp *, size_t);
+    int (SEGUE_CALL *GetOutputCharacteristic)(const struct SegueCustomOp *, size_t);
+    int (SEGUE_CALL *GetInputMemoryType)(const struct SegueCustomOp *, size_t);
+    int (SEGUE_CALL *GetVariadicInputMinArity)(const struct SegueCustomOp *);
+    int (SEGUE_CALL *GetVariadicInputHomogeneity)(const struct SegueCustomOp *);
+    int (SEGUE_CALL *GetVariadicOutputMinArity)(const struct SegueCustomOp *);
+    int (SEGUE_CALL *GetVariadicOutputHomogeneity)(const struct SegueCustomOp *);
+    OrtStatus *(SEGUE_CALL *CreateKernelV2)(const struct SegueCustomOp *, const OrtApi *, const OrtKernelInfo *, void **);
+    OrtStatus *(SEGUE_CALL *KernelComputeV2)(void *, OrtKernelContext *);
+    /* version 17 and later members follow in ONNX Runtime's struct; with version 16 it reads none of them */
+} SegueCustomOp;
+
+static const OrtApi *api;
+
+#define CALL(name, type) ((type)(((void *const *)api)[API_##name]))
+#define FAIL(code, message) CALL(CreateStatus, OrtStatus *(SEGUE_CALL *)(int, const char *))(code, message)
+#define CHECK(expression)                                      \
+    do {                                                       \
+        OrtStatus *status_ = (expression);                     \
+        if (status_ != NULL) return status_;                   \
+    } while (0)
+
+/* --- the kernel --------------------------------------------------------------------------------- */
+
+typedef struct {
+    int64_t heads;
+    float scale; /* 0: 1 / sqrt(head_dim) */
+} Kernel;
+
+static OrtStatus *shape_of(const OrtValue *value, int64_t *dims, size_t most, size_t *count) {
+    OrtTensorTypeAndShapeInfo *info = NULL;
+    CHECK(CALL(GetTensorTypeAndShape, OrtStatus *(SEGUE_CALL *)(const OrtValue *, OrtTensorTypeAndShapeInfo **))(value, &info));
+    OrtStatus *status = CALL(GetDimensionsCount, OrtStatus *(SEGUE_CALL *)(const OrtTensorTypeAndShapeInfo *, size_t *))(info, count);
+    if (status == NULL && *count > most) status = FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: an input has too many dimensions");
+    if (status == NULL) status = CALL(GetDimensions, OrtStatus *(SEGUE_CALL *)(const OrtTensorTypeAndShapeInfo *, int64_t *, size_t))(info, dims, *count);
+    CALL(ReleaseTensorTypeAndShapeInfo, void (SEGUE_CALL *)(OrtTensorTypeAndShapeInfo *))(info);
+    return status;
+}
+
+static OrtStatus *input(OrtKernelContext *context, size_t index, const OrtValue **value, void **data) {
+    CHECK(CALL(KernelContext_GetInput, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t, const OrtValue **))(context, index, value));
+    if (*value == NULL) return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: an input is missing");
+    return CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))((OrtValue *)*value, data);
+}
+
+static OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t *dims, size_t count, void **data) {
+    OrtValue *value = NULL;
+    CHECK(CALL(KernelContext_GetOutput, OrtStatus *(SEGUE_CALL *)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
+        context, index, dims, count, &value));
+    return CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))(value, data);
+}
+
+static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
+    const Kernel *kernel = (const Kernel *)state;
+    const OrtValue *values[5];
+    void *data[5];
+    int64_t qkv_dims[4], past_dims[5], value_dims[5], seqlens_dims[2], total_dims[2];
+    size_t qkv_rank, past_rank, value_rank, seqlens_rank, total_rank;
+    for (size_t i = 0; i < 5; i++) CHECK(input(context, i, &values[i], &data[i]));
+    CHECK(shape_of(values[0], qkv_dims, 4, &qkv_rank));
+    CHECK(shape_of(values[1], past_dims, 5, &past_rank));
+    CHECK(shape_of(values[2], value_dims, 5, &value_rank));
+    CHECK(shape_of(values[3], seqlens_dims, 2, &seqlens_rank));
+    CHECK(shape_of(values[4], total_dims, 2, &total_rank));
+
+    const int64_t heads = kernel->heads;
+    if (qkv_rank != 3 || past_rank != 4)
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: qkv must be [batch, steps, 3*heads*head_dim] and the "
+                                          "pasts [batch, heads, length, head_dim]");
+    const int64_t batch = qkv_dims[0], steps = qkv_dims[1], head_dim = past_dims[3], length = past_dims[2];
+    if (past_dims[0] != batch || past_dims[1] != heads || qkv_dims[2] != 3 * heads * head_dim)
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: qkv and the pasts disagree on batch, heads or head size");
+    if (value_rank != past_rank || memcmp(value_dims, past_dims, sizeof(int64_t) * past_rank) != 0)
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: past_key and past_value differ in shape");
+    if (total_rank > 1 || (total_rank == 1 && total_dims[0] != 1))
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: total_sequence_length must be one number");
+    if (seqlens_rank != 1 || seqlens_dims[0] != batch)
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: seqlens_k must hold one length per row");
+    const int32_t *seqlens = (const int32_t *)data[3];
+    const int64_t total = ((const int32_t *)data[4])[0];
+    const int64_t capacity = total > length ? total : length;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t past = (int64_t)seqlens[b] + 1 - steps;
+        if (past < 0 || past + steps > capacity)
+            return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: a row's length (seqlens_k) does not fit its buffer");
+        longest = past + steps > longest ? past + steps : longest;
+    }
+
+    const int64_t out_dims[3] = {batch, steps, heads * head_dim};
+    const int64_t present_dims[4] = {batch, heads, capacity, head_dim};
+    void *out, *present_key, *present_value;
+    CHECK(output(context, 0, out_dims, 3, &out));
+    CHECK(output(context, 1, present_dims, 4, &present_key));
+    CHECK(output(context, 2, present_dims, 4, &present_value));
+
+    const size_t head_floats = (size_t)head_dim;
+    if (present_key != data[1] || present_value != data[2]) {
+        /* Not the shared buffer: the presents start as copies of the pasts' valid positions. */
+        for (int64_t b = 0; b < batch; b++) {
+            const size_t past = (size_t)seqlens[b] + 1 - (size_t)steps;
+            for (int64_t h = 0; h < heads; h++) {
+                const size_t from = (size_t)(b * heads + h) * (size_t)length * head_floats;
+                const size_t to = (size_t)(b * heads + h) * (size_t)capacity * head_floats;
+                const size_t kept = (past < (size_t)length ? past : (size_t)length) * head_floats;
+                memcpy((float *)present_key + to, (const float *)data[1] + from, kept * sizeof(float));
+                memcpy((float *)present_value + to, (const float *)data[2] + from, kept * sizeof(float));
+                memset((float *)present_key + to + kept, 0, ((size_t)capacity * head_floats - kept) * sizeof(float));
+                memset((float *)present_value + to + kept, 0, ((size_t)capacity * head_floats - kept) * sizeof(float));
+            }
+        }
+    }
+
+    float *scores = (float *)malloc(segue_scores_size((int)steps, (int)longest) * sizeof(float));
+    if (scores == NULL) return FAIL(ORT_FAIL, "segue.CausalAttention: out of memory");
+    const float scale = kernel->scale != 0.0f ? kernel->scale : 1.0f / sqrtf((float)head_dim);
+    const size_t qkv_row = (size_t)qkv_dims[2], out_row = (size_t)(heads * head_dim);
+    for (int64_t b = 0; b < batch; b++) {
+        const int past = (int)((int64_t)seqlens[b] + 1 - steps);
+        const float *qkv = (const float *)data[0] + (size_t)(b * steps) * qkv_row;
+        float *row_out = (float *)out + (size_t)(b * steps) * out_row;
+        for (int64_t h = 0; h < heads; h++) {
+            const size_t offset = (size_t)(b * heads + h) * (size_t)capacity * head_floats;
+            segue_attend_head((int)head_dim, qkv, qkv_row, (int)h, (int)heads, (int)steps, past,
+                              (float *)present_key + offset, (float *)present_value + offset, scale, row_out, out_row,
+                              scores);
+        }
+    }
+    free(scores);
+    return NULL;
+}
+
+static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
+                                           void **made) {
+    (void)op;
+    (void)given;
+    Kernel *kernel = (Kernel *)calloc(1, sizeof(Kernel));
+    if (kernel == NULL) return FAIL(ORT_FAIL, "segue.CausalAttention: out of memory");
+    OrtStatus *status = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
+        info, "num_heads", &kernel->heads);
+    if (status == NULL && kernel->heads <= 0) status = FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: num_heads must be positive");
+    if (status == NULL) {
+        OrtStatus *no_scale = CALL(KernelInfoGetAttribute_float, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, float *))(
+            info, "scale", &kernel->scale);
+        if (no_scale != NULL) { /* optional */
+            kernel->scale = 0.0f;
+            CALL(ReleaseStatus, void (SEGUE_CALL *)(OrtStatus *))(no_scale);
+        }
+    }
+    if (status != NULL) {
+        free(kernel);
+        return status;
+    }
+    *made = kernel;
+    return NULL;
+}
+
+/* --- the operator's description ----------------------------------------------------------------- */
+
+static const char *SEGUE_CALL op_name(const SegueCustomOp *op) { (void)op; return "CausalAttention"; }
+static const char *SEGUE_CALL op_provider(const SegueCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int SEGUE_CALL input_type(const SegueCustomOp *op, size_t index) {
+    (void)op;
+    return index >= 3 ? ELEMENT_INT32 : ELEMENT_FLOAT;
+}
+static size_t SEGUE_CALL input_count(const SegueCustomOp *op) { (void)op; return 5; }
+static int SEGUE_CALL output_type(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return ELEMENT_FLOAT; }
+static size_t SEGUE_CALL output_count(const SegueCustomOp *op) { (void)op; return 3; }
+static int SEGUE_CALL required(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return REQUIRED; }
+static int SEGUE_CALL default_memory(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return 0; }
+static int SEGUE_CALL one(const SegueCustomOp *op) { (void)op; return 1; }
+static void SEGUE_CALL destroy(void *kernel) { free(kernel); }
+
+static SegueCustomOp causal_attention = {
+    SEGUE_ORT_API_VERSION, NULL, op_name, op_provider, input_type, input_count, output_type, output_count,
+    NULL, destroy, required, required, default_memory, one, one, one, one, create_kernel, compute,
+};
+
+SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options, const SegueApiBase *base) {
+    api = base->GetApi(SEGUE_ORT_API_VERSION);
+    if (api == NULL) return NULL; /* an ONNX Runtime older than 1.16 cannot even make an error: the graph's
+                                     unknown operator then fails the load, and the engine falls back */
+    OrtCustomOpDomain *domain = NULL;
+    CHECK(CALL(CreateCustomOpDomain, OrtStatus *(SEGUE_CALL *)(const char *, OrtCustomOpDomain **))("ai.segue", &domain));
+    CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention));
+    return CALL(AddCustomOpDomain, OrtStatus *(SEGUE_CALL *)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
+}

@@ -1,0 +1,172 @@
+"""A native attention operator in place of ONNX Runtime's GroupQueryAttention node, where a C compiler is.
+
+The exported graph attends with `com.microsoft.GroupQueryAttention` (export/gqa.py). On the CPU that
+node costs 2-4x the memory floor of a decode step and computes a prompt chunk's scores for every
+position, the causally hidden ones too; it is 40 % of a decode step and of a prefill
+(bench/bench_attention.py). `engine/native_attention.c` is the same attention as an ONNX Runtime custom
+operator (same layout, same in-place write into the shared KV buffer), compiled here for this CPU.
+
+At load, for a CPU session of one thread (the node's own thread pool is what the other sessions use),
+`prepare(graph)` compiles the operator once per machine into the user's cache (a few hundred ms, the
+first time only), rewrites the graph's attention nodes to it, and returns the library for the session
+options to register. Without a compiler, or with SEGUE_NATIVE_ATTENTION=0, or if anything fails, the
+graph stays as exported and the log says why: the node is the fallback, never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "ai.segue"
+OP_TYPE = "CausalAttention"
+SOURCES = (Path(__file__).with_name("native_attention.c"), Path(__file__).with_name("native_attention_kernel.h"))
+FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+ARCH_FLAGS = (("-march=native",), ())  # this CPU's vector units; a compiler without -march=native gets the default
+BUILD_SECONDS = 120
+SWITCH = "SEGUE_NATIVE_ATTENTION"
+
+_lock = threading.Lock()
+_built: dict[str, Path | None] = {}  # cache key -> library (None: could not build; not retried in this process)
+
+
+@dataclass(frozen=True)
+class NativeGraph:
+    """A graph with the native operator in place of its attention nodes, and the library to register."""
+
+    graph: bytes
+    library: Path
+    nodes: int
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "segue" / "native"
+
+
+def compiler() -> str | None:
+    """$CC, else the first of cc, gcc, clang on the PATH."""
+    wanted = os.environ.get("CC", "").strip()
+    if wanted:
+        return shutil.which(wanted)
+    return next((found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))), None)
+
+
+def library() -> tuple[Path | None, str]:
+    """The compiled operator for this machine (built on first use), or None and why not."""
+    if not enabled():
+        return None, f"{SWITCH}=0"
+    cc = compiler()
+    if cc is None:
+        return None, "no C compiler found (cc, gcc, clang or $CC)"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"{cc} did not run: {exc}"
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    # -march=native builds for this CPU: the key names the machine too, so a copied cache is not reused.
+    for part in (cc, version, " ".join(FLAGS), platform.machine(), platform.system(), _cpu_signature()):
+        digest.update(part.encode())
+    key = digest.hexdigest()[:24]
+    with _lock:
+        if key not in _built:
+            _built[key] = _build(cc, key)
+    built = _built[key]
+    return (built, "") if built is not None else (None, f"{cc} could not build {SOURCES[0].name} (see the log)")
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(cc: str, key: str) -> Path | None:
+    suffix = ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
+    target = cache_dir() / f"segue-attention-{key}{suffix}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for arch in ARCH_FLAGS:
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            command = [cc, *FLAGS, *arch, "-o", str(built), str(SOURCES[0]), *([] if sys.platform == "win32" else ["-lm"])]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(f"{' '.join(command)}: {exc}")
+                continue
+            if done.returncode == 0 and built.exists():
+                os.replace(built, target)  # atomic: another process building the same key finds a whole file
+                log.info("built the native attention operator: %s", target)
+                return target
+            errors.append(f"{' '.join(command)}: {done.stderr.strip()[-2000:]}")
+    log.warning("could not build the native attention operator; using ONNX Runtime's GroupQueryAttention:\n%s",
+                "\n".join(errors))
+    return None
+
+
+def rewrite(graph: bytes) -> tuple[bytes, int]:
+    """`graph` with each packed-QKV, rotary-free GroupQueryAttention node (as export/gqa.py writes them)
+    replaced by the native operator, and how many were replaced (0: the graph is returned as it was)."""
+    import onnx  # only here: a plain load needs no onnx package
+
+    model = onnx.load_from_string(graph)
+    replaced = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        inputs = list(node.input) + [""] * 7
+        packed = inputs[1] == "" and inputs[2] == ""
+        plain = all(name == "" for name in inputs[7:])  # no rotary caches, position ids, bias or sinks
+        if (not packed or not plain or attributes.get("do_rotary", 0) or attributes.get("softcap", 0.0)
+                or attributes.get("local_window_size", -1) != -1 or attributes.get("smooth_softmax", 0)
+                or attributes.get("num_heads") != attributes.get("kv_num_heads") or len(node.output) != 3):
+            continue
+        native = onnx.helper.make_node(
+            OP_TYPE, [inputs[0], inputs[3], inputs[4], inputs[5], inputs[6]], list(node.output), name=node.name,
+            domain=DOMAIN, num_heads=int(attributes["num_heads"]), scale=float(attributes.get("scale", 0.0)))
+        model.graph.node[index].CopyFrom(native)
+        replaced += 1
+    if not replaced:
+        return graph, 0
+    if not any(opset.domain == DOMAIN for opset in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return model.SerializeToString(), replaced
+
+
+def prepare(graph: bytes) -> tuple[NativeGraph | None, str]:
+    """The graph with the native operator and its library, or None and why the graph stays as it is."""
+    path, why = library()
+    if path is None:
+        return None, why
+    try:
+        rewritten, nodes = rewrite(graph)
+    except ImportError:
+        return None, "the onnx package is not installed (it rewrites the graph)"
+    except Exception as exc:  # a graph onnx cannot parse is ONNX Runtime's to judge, as before
+        return None, f"the graph could not be rewritten: {exc}"
+    if not nodes:
+        return None, "the graph has no GroupQueryAttention node of the exported kind"
+    return NativeGraph(rewritten, path, nodes), ""

@@ -1,0 +1,220 @@
+/* Causal attention over the engine's KV buffers, one head at a time: the arithmetic of the native
+ * operator (engine/native_attention.c), kept apart from ONNX Runtime's C API so that it reads, and is
+ * tested, on its own.
+ *
+ * Layout (ONNX Runtime's GroupQueryAttention with packed QKV, which the exported graph uses):
+ *   qkv     [steps, (3 * heads) * head_dim]   the new positions' queries, keys and values
+ *   keys    [capacity, head_dim]              one head's key buffer (values alike)
+ *   out     [steps, heads * head_dim]
+ * The new keys and values are written at positions past .. past + steps - 1 first; query s then
+ * attends to positions 0 .. past + s.
+ *
+ * Why not a plain dot product per position: a dot product of 32 floats ends in a horizontal sum,
+ * which costs as much as the products. Scores are made sixteen positions at a time instead, their
+ * sixteen horizontal sums done together in four rounds (segue_sums); this was faster than
+ * transposing blocks of keys for every chunk size measured (1 to 64 new positions). The
+ * exponential is a polynomial on whole vectors (a libm call per score would cost more than the rest
+ * of the kernel). Sums keep a fixed order, so a machine gives the same result run after run.
+ *
+ * GCC 12+ or Clang (vector extensions, __builtin_shufflevector).
+ */
+#ifndef SEGUE_NATIVE_ATTENTION_KERNEL_H
+#define SEGUE_NATIVE_ATTENTION_KERNEL_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SEGUE_BLOCK 16 /* positions per block of scores: one AVX-512 register of floats */
+
+/* GCC/Clang vector types, not plain loops: left to itself the compiler vectorised the wrong loops
+ * (gathers over dimensions instead of positions) and kept accumulators in memory. */
+typedef float segue_lanes __attribute__((vector_size(SEGUE_BLOCK * sizeof(float))));
+typedef int32_t segue_ints __attribute__((vector_size(SEGUE_BLOCK * sizeof(int32_t))));
+
+static inline segue_lanes segue_max(segue_lanes a, segue_lanes b) {
+    const segue_ints a_wins = a > b;
+    return (segue_lanes)((a_wins & (segue_ints)a) | (~a_wins & (segue_ints)b));
+}
+
+/* e^x on every lane, for x <= 0 (a softmax's shifted scores), relative error below 2e-7: x = n ln2 + r,
+ * |r| <= ln2/2, e^r by its Taylor polynomial to degree 7, 2^n put in the exponent bits. */
+static inline segue_lanes segue_exp(segue_lanes x) {
+    const segue_lanes low = x - x - 87.0f;
+    const segue_ints too_low = x < low;
+    x = (segue_lanes)((too_low & (segue_ints)low) | (~too_low & (segue_ints)x));
+    segue_lanes n = x * 1.44269504088896341f + 0.5f;
+    for (int j = 0; j < SEGUE_BLOCK; j++) n[j] = floorf(n[j]);
+    const segue_lanes r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    segue_lanes p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const segue_ints bits = (__builtin_convertvector(n, segue_ints) + 127) << 23;
+    return p * (segue_lanes)bits;
+}
+
+/* The sum of one block's lanes, in a fixed order (the same result on every machine that runs this code). */
+static inline float segue_lanes_sum(const float *lanes) {
+    float half[SEGUE_BLOCK / 2];
+    for (int j = 0; j < SEGUE_BLOCK / 2; j++) half[j] = lanes[j] + lanes[j + SEGUE_BLOCK / 2];
+    float quarter[SEGUE_BLOCK / 4];
+    for (int j = 0; j < SEGUE_BLOCK / 4; j++) quarter[j] = half[j] + half[j + SEGUE_BLOCK / 4];
+    return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
+}
+
+/* Sixteen dot products at once without sixteen horizontal sums: p[i] holds the lane-wise products of
+ * the key at position segue_bit_reversed[i]; four rounds of pairing halves and adding leave lane j
+ * holding the whole sum for position j (the bit-reversed order undoes the rounds' interleaving). */
+static const int segue_bit_reversed[SEGUE_BLOCK] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+static inline segue_lanes segue_sums(const segue_lanes *p) {
+#define SEGUE_ROUND(x, y, LO, HI) (__builtin_shufflevector(x, y, LO) + __builtin_shufflevector(x, y, HI))
+#define SEGUE_LO1 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define SEGUE_HI1 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define SEGUE_LO2 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define SEGUE_HI2 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define SEGUE_LO3 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define SEGUE_HI3 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define SEGUE_LO4 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define SEGUE_HI4 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+    segue_lanes eight[8], four[4], two[2];
+    for (int i = 0; i < 8; i++) eight[i] = SEGUE_ROUND(p[2 * i], p[2 * i + 1], SEGUE_LO1, SEGUE_HI1);
+    for (int i = 0; i < 4; i++) four[i] = SEGUE_ROUND(eight[2 * i], eight[2 * i + 1], SEGUE_LO2, SEGUE_HI2);
+    for (int i = 0; i < 2; i++) two[i] = SEGUE_ROUND(four[2 * i], four[2 * i + 1], SEGUE_LO3, SEGUE_HI3);
+    return SEGUE_ROUND(two[0], two[1], SEGUE_LO4, SEGUE_HI4);
+}
+
+/* Scores of query q against positions t0..t0+width-1 (head_dim a multiple of SEGUE_BLOCK, at most 64). */
+static inline __attribute__((always_inline)) segue_lanes segue_dots(const int head_dim, const segue_lanes *q,
+                                                                    const float *restrict keys, const int t0,
+                                                                    const int width) {
+    segue_lanes p[SEGUE_BLOCK];
+    for (int i = 0; i < SEGUE_BLOCK; i++) {
+        const int j = segue_bit_reversed[i];
+        const float *k = keys + (size_t)(t0 + (j < width ? j : width - 1)) * head_dim;
+        segue_lanes sum = {0};
+        for (int v = 0; v < head_dim / SEGUE_BLOCK; v++) {
+            segue_lanes x;
+            memcpy(&x, k + v * SEGUE_BLOCK, sizeof x);
+            sum += q[v] * x;
+        }
+        p[i] = sum;
+    }
+    return segue_sums(p);
+}
+
+/* One head. `scores` holds steps rows of segue_scores_row(past + steps) floats. head_dim is a constant
+ * where this is inlined (see segue_attend_head), so the loops over it unroll and vectorise. */
+static inline __attribute__((always_inline)) void segue_attend(
+    const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int heads,
+    const int steps, const int past, float *restrict keys, float *restrict values, const float scale,
+    float *restrict out, const size_t out_row, float *restrict scores) {
+    const int total = past + steps;
+    const size_t scores_row = (size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK;
+    for (int s = 0; s < steps; s++) {
+        memcpy(keys + (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(heads + head) * head_dim,
+               head_dim * sizeof(float));
+        memcpy(values + (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(2 * heads + head) * head_dim,
+               head_dim * sizeof(float));
+    }
+
+    /* Scores, each query against the positions it sees, sixteen at a time. */
+    for (int s = 0; s < steps; s++) {
+        const float *q = qkv + s * qkv_row + (size_t)head * head_dim;
+        float *row = scores + (size_t)s * scores_row;
+        const int seen = past + s + 1;
+        if (head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
+            segue_lanes qv[4];
+            memcpy(qv, q, head_dim * sizeof(float));
+            for (int t0 = 0; t0 < seen; t0 += SEGUE_BLOCK) {
+                const int width = seen - t0 < SEGUE_BLOCK ? seen - t0 : SEGUE_BLOCK;
+                const segue_lanes dots = segue_dots(head_dim, qv, keys, t0, width) * scale;
+                memcpy(row + t0, &dots, sizeof dots); /* rows are padded to whole blocks */
+            }
+        } else { /* any other head size: plain loops */
+            for (int t = 0; t < seen; t++) {
+                float dot = 0.0f;
+                for (int d = 0; d < head_dim; d++) dot += q[d] * keys[(size_t)t * head_dim + d];
+                row[t] = dot * scale;
+            }
+        }
+    }
+
+    /* Per query: softmax over the positions it sees (lanes kept apart, so the loops vectorise without
+     * reordering a float sum), then the weighted sum of their values. */
+    for (int s = 0; s < steps; s++) {
+        float *row = scores + (size_t)s * scores_row;
+        const int seen = past + s + 1;
+        const int whole = seen / SEGUE_BLOCK * SEGUE_BLOCK;
+        float best = row[0];
+        for (int t = whole; t < seen; t++) best = row[t] > best ? row[t] : best;
+        if (whole > 0) {
+            segue_lanes most;
+            memcpy(&most, row, sizeof most);
+            for (int t = SEGUE_BLOCK; t < whole; t += SEGUE_BLOCK) {
+                segue_lanes x;
+                memcpy(&x, row + t, sizeof x);
+                most = segue_max(most, x);
+            }
+            for (int j = 0; j < SEGUE_BLOCK; j++) best = most[j] > best ? most[j] : best;
+        }
+        segue_lanes sums = {0};
+        for (int t = 0; t < seen; t += SEGUE_BLOCK) {
+            segue_lanes x;
+            memcpy(&x, row + t, sizeof x);
+            segue_lanes e = segue_exp(x - best);
+            for (int j = seen - t; j < SEGUE_BLOCK; j++) e[j] = 0.0f; /* past the last position seen */
+            memcpy(row + t, &e, sizeof e);
+            sums += e;
+        }
+        const float inverse = 1.0f / segue_lanes_sum((const float *)&sums);
+        float *o = out + s * out_row + (size_t)head * head_dim;
+        if (head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
+            segue_lanes acc[4] = {{0}};
+            const int vectors = head_dim / SEGUE_BLOCK;
+            for (int t = 0; t < seen; t++) {
+                const float w = row[t];
+                const float *v = values + (size_t)t * head_dim;
+                for (int i = 0; i < vectors; i++) {
+                    segue_lanes x;
+                    memcpy(&x, v + i * SEGUE_BLOCK, sizeof x);
+                    acc[i] += w * x;
+                }
+            }
+            for (int i = 0; i < vectors; i++) {
+                acc[i] *= inverse;
+                memcpy(o + i * SEGUE_BLOCK, &acc[i], sizeof acc[i]);
+            }
+        } else {
+            for (int d = 0; d < head_dim; d++) {
+                float sum = 0.0f;
+                for (int t = 0; t < seen; t++) sum += row[t] * values[(size_t)t * head_dim + d];
+                o[d] = sum * inverse;
+            }
+        }
+    }
+}
+
+/* Floats of scratch one head needs for `steps` queries over `total` positions. */
+static inline size_t segue_scores_size(int steps, int total) {
+    return (size_t)steps * ((size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK);
+}
+
+/* The head sizes the presets use get their own unrolled copies; any other size runs the general one. */
+static void segue_attend_head(int head_dim, const float *qkv, size_t qkv_row, int head, int heads, int steps,
+                              int past, float *keys, float *values, float scale, float *out, size_t out_row,
+                              float *scores) {
+    if (head_dim == 32)
+        segue_attend(32, qkv, qkv_row, head, heads, steps, past, keys, values, scale, out, out_row, scores);
+    else if (head_dim == 64)
+        segue_attend(64, qkv, qkv_row, head, heads, steps, past, keys, values, scale, out, out_row, scores);
+    else
+        segue_attend(head_dim, qkv, qkv_row, head, heads, steps, past, keys, values, scale, out, out_row, scores);
+}
+
+#endif
