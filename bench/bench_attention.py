@@ -20,9 +20,10 @@ copy, so nothing is repacked), in two forms: the values weighted with Mul and su
 or one matrix-vector product per head against every head's values (the diagonal blocks kept). It is
 the alternative to GroupQueryAttention that needs no custom operator; both are checked against numpy.
 
-`--native` adds a plain C decode attention (bench/attention_kernel.c, compiled here with the system's C
-compiler for this CPU, called through ctypes, its call included), checked against numpy: what a native
-kernel in place of the node, as a custom operator, could save.
+`--native` adds the engine's native operator (engine/native_attention.c, built for this CPU as the engine
+builds it at load) as the same one-node graph, next to the node: decode at each context, and a 256-token
+prompt fed in the engine's 64-position chunks (per layer, the four chunks together). It is checked
+against the node's output first.
 
 `--profile FOLDER` adds, for that model folder's served precision, ONNX Runtime's own profile of a
 decode step at 512 positions and of a 256-token prefill (fed in the engine's 64-position chunks):
@@ -49,6 +50,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine import native_attention  # noqa: E402
 from engine.machine import cpu_name, vector_extensions  # noqa: E402
 from engine.session import session_options  # noqa: E402
 
@@ -56,8 +58,9 @@ LAYOUTS = {"8 x 32 (small, compact)": (8, 32), "8 x 64 (seed)": (8, 64)}
 CALLS = 200
 
 
-def attention_session(heads: int, head_dim: int, capacity: int) -> ort.InferenceSession:
-    """One GroupQueryAttention node over a [1, heads, capacity, head_dim] buffer, as export/gqa.py writes it."""
+def attention_session(heads: int, head_dim: int, capacity: int, native: bool = False) -> ort.InferenceSession:
+    """One GroupQueryAttention node over a [1, heads, capacity, head_dim] buffer, as export/gqa.py writes it;
+    `native`: rewritten to the engine's native operator, as the engine rewrites a model at load."""
     width = heads * head_dim
     value = helper.make_tensor_value_info
     node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"],
@@ -66,13 +69,20 @@ def attention_session(heads: int, head_dim: int, capacity: int) -> ort.Inference
     cache = [1, heads, capacity, head_dim]
     graph = helper.make_graph(
         [node], "attention",
-        [value("qkv", TensorProto.FLOAT, [1, 1, 3 * width]), value("past_key", TensorProto.FLOAT, cache),
+        [value("qkv", TensorProto.FLOAT, [1, "steps", 3 * width]), value("past_key", TensorProto.FLOAT, cache),
          value("past_value", TensorProto.FLOAT, cache), value("seqlens_k", TensorProto.INT32, [1]),
          value("total", TensorProto.INT32, [])],
-        [value("out", TensorProto.FLOAT, [1, 1, width]), value("present_key", TensorProto.FLOAT, cache),
+        [value("out", TensorProto.FLOAT, [1, "steps", width]), value("present_key", TensorProto.FLOAT, cache),
          value("present_value", TensorProto.FLOAT, cache)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
-    return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    options, serialized = session_options(1), model.SerializeToString()
+    if native:
+        rewritten, why = native_attention.prepare(serialized)
+        if rewritten is None:
+            raise SystemExit(f"--native: the native operator is not available here: {why}")
+        options.register_custom_ops_library(str(rewritten.library))
+        serialized = rewritten.graph
+    return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
 def best_us(call, repeats: int, calls: int = CALLS) -> float:
@@ -90,20 +100,50 @@ def best_us(call, repeats: int, calls: int = CALLS) -> float:
 
 def node_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity: int, context: int, repeats: int) -> float:
     """Microseconds of one decode call with `context` positions of history (best of `repeats` rounds)."""
+    binding, _ = attention_binding(session, heads, head_dim, capacity, context, 1)
+    return best_us(lambda: session.run_with_iobinding(binding), repeats)
+
+
+def attention_binding(session: ort.InferenceSession, heads: int, head_dim: int, capacity: int, context: int,
+                      steps: int) -> tuple[object, np.ndarray]:
+    """An IO binding of `steps` new positions after `context` of history in a shared buffer, and its output."""
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((1, heads, capacity, head_dim), dtype=np.float32)
     values = rng.standard_normal((1, heads, capacity, head_dim), dtype=np.float32)
-    out = np.empty((1, 1, heads * head_dim), dtype=np.float32)
+    out = np.empty((1, steps, heads * head_dim), dtype=np.float32)
     binding = session.io_binding()
-    binding.bind_cpu_input("qkv", rng.standard_normal((1, 1, 3 * heads * head_dim), dtype=np.float32))
+    binding.bind_cpu_input("qkv", rng.standard_normal((1, steps, 3 * heads * head_dim), dtype=np.float32))
     binding.bind_cpu_input("past_key", keys)
     binding.bind_cpu_input("past_value", values)
-    binding.bind_cpu_input("seqlens_k", np.array([context], dtype=np.int32))
-    binding.bind_cpu_input("total", np.array(context + 1, dtype=np.int32))
+    binding.bind_cpu_input("seqlens_k", np.array([context + steps - 1], dtype=np.int32))
+    binding.bind_cpu_input("total", np.array(context + steps, dtype=np.int32))
     binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
     for name, buffer in (("present_key", keys), ("present_value", values)):  # shared: the engine's binding
         binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
-    return best_us(lambda: session.run_with_iobinding(binding), repeats)
+    return binding, out
+
+
+def prompt_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity: int, repeats: int) -> float:
+    """Microseconds of a 256-token prompt's attention in one layer, fed as the engine feeds it (64 positions a run)."""
+    bindings = [attention_binding(session, heads, head_dim, capacity, start, 64)[0] for start in range(0, 256, 64)]
+
+    def prompt() -> None:
+        for binding in bindings:
+            session.run_with_iobinding(binding)
+
+    return best_us(prompt, repeats, calls=CALLS // 10)
+
+
+def same_output(node: ort.InferenceSession, native: ort.InferenceSession, heads: int, head_dim: int, capacity: int) -> None:
+    """The native operator's output is the node's, for a decode step and a prompt chunk, or the bench stops."""
+    for context, steps in ((300, 1), (128, 64)):
+        outputs = []
+        for session in (node, native):
+            binding, out = attention_binding(session, heads, head_dim, capacity, context, steps)
+            session.run_with_iobinding(binding)
+            outputs.append(out)
+        if not np.allclose(outputs[0], outputs[1], atol=1e-5):
+            raise SystemExit("the native operator's output differs from GroupQueryAttention's")
 
 
 PLAIN_FORMS = ("Mul + ReduceSum", "a product per head")
@@ -175,47 +215,6 @@ def plain_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity:
     if not np.allclose(binding.get_outputs()[0].numpy().reshape(-1), expected, atol=1e-4):
         raise SystemExit("the plain-operator attention does not compute attention")
     return best_us(lambda: session.run_with_iobinding(binding), repeats)
-
-
-def native_kernel(head_dim: int, workdir: Path):
-    """bench/attention_kernel.c compiled for this CPU with HEAD_DIM=head_dim, loaded; None without a C compiler."""
-    import ctypes
-    import shutil
-    import subprocess
-
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    library = workdir / f"attention_{head_dim}.so"
-    subprocess.run([compiler, "-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", f"-DHEAD_DIM={head_dim}",
-                    str(ROOT / "bench" / "attention_kernel.c"), "-o", str(library), "-lm"], check=True)
-    kernel = ctypes.CDLL(str(library)).decode_attention
-    floats = ctypes.POINTER(ctypes.c_float)
-    kernel.argtypes = [floats] * 5 + [ctypes.c_int] * 3 + [floats, floats]
-    return kernel
-
-
-def native_us(kernel, heads: int, head_dim: int, capacity: int, context: int, repeats: int) -> float:
-    """Microseconds of one call of the C kernel with `context` positions of history (best of `repeats`
-    rounds), after checking it against numpy."""
-    import ctypes
-
-    rng = np.random.default_rng(0)
-    keys = rng.standard_normal((heads, capacity, head_dim), dtype=np.float32)
-    values = rng.standard_normal((heads, capacity, head_dim), dtype=np.float32)
-    query, k_new, v_new = (rng.standard_normal(heads * head_dim, dtype=np.float32) for _ in range(3))
-    out, scores = np.zeros(heads * head_dim, dtype=np.float32), np.zeros(capacity, dtype=np.float32)
-    pointer = ctypes.POINTER(ctypes.c_float)
-    args = [a.ctypes.data_as(pointer) for a in (query, k_new, v_new, keys, values)] + [context, heads, capacity] + \
-        [a.ctypes.data_as(pointer) for a in (out, scores)]
-    kernel(*args)
-    k, v = keys[:, :context + 1], values[:, :context + 1]
-    weights = np.einsum("hsd,hd->hs", k, query.reshape(heads, head_dim)) / np.sqrt(head_dim)
-    weights = np.exp(weights - weights.max(axis=1, keepdims=True))
-    expected = np.einsum("hs,hsd->hd", weights / weights.sum(axis=1, keepdims=True), v).reshape(-1)
-    if not np.allclose(out, expected, atol=1e-4):
-        raise SystemExit("the C kernel does not compute attention")
-    return best_us(lambda: kernel(*args), repeats, calls=CALLS * 5)
 
 
 def read_gbs(nbytes: int, repeats: int) -> float:
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true",
                         help="also time the attention written with plain ONNX operators over a position-major buffer")
     parser.add_argument("--native", action="store_true",
-                        help="also time a plain C decode attention (bench/attention_kernel.c, compiled here)")
+                        help="also time the engine's native operator (engine/native_attention.c, built here)")
     parser.add_argument("--profile", type=Path, help="a model folder: each op kind's share of its decode step and prefill")
     args = parser.parse_args(argv)
     if max(args.contexts) >= args.capacity:
@@ -321,19 +320,19 @@ def main(argv: list[str] | None = None) -> int:
                 forms = [plain_us(p, heads, head_dim, args.capacity, context, args.repeats) for p in plain]
                 print(f"| {label} | {context} | {node:.1f} | " + " | ".join(f"{t:.1f}" for t in forms) + " |", flush=True)
     if args.native:
-        workdir = Path(tempfile.mkdtemp(prefix="segue-attention-"))
-        print("\n| heads x size | context | GroupQueryAttention (us) | C kernel (us) | node / kernel |")
+        print("\n| heads x size | context | GroupQueryAttention (us) | native operator (us) | node / native |")
         print("|---|---|---|---|---|")
+        prompts = []
         for label, (heads, head_dim) in LAYOUTS.items():
-            kernel = native_kernel(head_dim, workdir)
-            if kernel is None:
-                print("no C compiler (cc or gcc) on this machine: --native skipped")
-                break
-            session = attention_session(heads, head_dim, args.capacity)
+            node = attention_session(heads, head_dim, args.capacity)
+            native = attention_session(heads, head_dim, args.capacity, native=True)
+            same_output(node, native, heads, head_dim, args.capacity)
             for context in args.contexts:
-                node = node_us(session, heads, head_dim, args.capacity, context, args.repeats)
-                native = native_us(kernel, heads, head_dim, args.capacity, context, args.repeats)
-                print(f"| {label} | {context} | {node:.1f} | {native:.1f} | {node / native:.1f}x |", flush=True)
+                times = [node_us(s, heads, head_dim, args.capacity, context, args.repeats) for s in (node, native)]
+                print(f"| {label} | {context} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f}x |", flush=True)
+            prompts.append((label, [prompt_us(s, heads, head_dim, args.capacity, args.repeats) for s in (node, native)]))
+        for label, times in prompts:
+            print(f"| {label} | prompt of 256 in runs of 64 | {times[0]:.0f} | {times[1]:.0f} | {times[0] / times[1]:.2f}x |")
     if args.profile is not None:
         variant, shares = op_shares(args.profile)
         print(f"\n{args.profile} ({variant}): share of kernel time by op type (ONNX Runtime's profiler)\n")
