@@ -17,6 +17,7 @@ from engine.generate import ContinuationRequest, Generator
 from engine.midi_file import read_clip
 from engine.session import OnnxDecoder, session_options
 
+
 def attention_graph(heads: int, head_dim: int) -> bytes:
     """One GroupQueryAttention node as export/gqa.py writes it (packed QKV, no rotary)."""
     node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"],
