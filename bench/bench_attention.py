@@ -42,6 +42,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -100,19 +101,23 @@ def best_us(call, repeats: int, calls: int = CALLS) -> float:
 
 def node_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity: int, context: int, repeats: int) -> float:
     """Microseconds of one decode call with `context` positions of history (best of `repeats` rounds)."""
-    binding, _ = attention_binding(session, heads, head_dim, capacity, context, 1)
-    return best_us(lambda: session.run_with_iobinding(binding), repeats)
+    binding, out, arrays = attention_binding(session, heads, head_dim, capacity, context, 1)
+    took = best_us(lambda: session.run_with_iobinding(binding), repeats)
+    del out, arrays  # alive until the last run (the binding points into them)
+    return took
 
 
 def attention_binding(session: ort.InferenceSession, heads: int, head_dim: int, capacity: int, context: int,
-                      steps: int) -> tuple[object, np.ndarray]:
-    """An IO binding of `steps` new positions after `context` of history in a shared buffer, and its output."""
+                      steps: int) -> tuple[Any, np.ndarray, list[np.ndarray]]:
+    """An IO binding of `steps` new positions after `context` of history in a shared buffer, its output, and
+    the arrays it points into (the binding holds raw pointers: the caller keeps these alive while it runs)."""
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((1, heads, capacity, head_dim), dtype=np.float32)
     values = rng.standard_normal((1, heads, capacity, head_dim), dtype=np.float32)
+    qkv = rng.standard_normal((1, steps, 3 * heads * head_dim), dtype=np.float32)
     out = np.empty((1, steps, heads * head_dim), dtype=np.float32)
     binding = session.io_binding()
-    binding.bind_cpu_input("qkv", rng.standard_normal((1, steps, 3 * heads * head_dim), dtype=np.float32))
+    binding.bind_cpu_input("qkv", qkv)
     binding.bind_cpu_input("past_key", keys)
     binding.bind_cpu_input("past_value", values)
     binding.bind_cpu_input("seqlens_k", np.array([context + steps - 1], dtype=np.int32))
@@ -120,18 +125,18 @@ def attention_binding(session: ort.InferenceSession, heads: int, head_dim: int, 
     binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
     for name, buffer in (("present_key", keys), ("present_value", values)):  # shared: the engine's binding
         binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
-    return binding, out
+    return binding, out, [keys, values, qkv]
 
 
 def prompt_us(session: ort.InferenceSession, heads: int, head_dim: int, capacity: int, repeats: int) -> float:
     """Microseconds of a 256-token prompt's attention in one layer, fed as the engine feeds it (64 positions a run)."""
-    bindings = [attention_binding(session, heads, head_dim, capacity, start, 64)[0] for start in range(0, 256, 64)]
+    runs = [attention_binding(session, heads, head_dim, capacity, start, 64) for start in range(0, 256, 64)]
 
     def prompt() -> None:
-        for binding in bindings:
+        for binding, _, _ in runs:
             session.run_with_iobinding(binding)
 
-    return best_us(prompt, repeats, calls=CALLS // 10)
+    return best_us(prompt, repeats, calls=CALLS // 10)  # `runs` (and the arrays its bindings point into) lives until here
 
 
 def same_output(node: ort.InferenceSession, native: ort.InferenceSession, heads: int, head_dim: int, capacity: int) -> None:
@@ -139,9 +144,10 @@ def same_output(node: ort.InferenceSession, native: ort.InferenceSession, heads:
     for context, steps in ((300, 1), (128, 64)):
         outputs = []
         for session in (node, native):
-            binding, out = attention_binding(session, heads, head_dim, capacity, context, steps)
+            binding, out, arrays = attention_binding(session, heads, head_dim, capacity, context, steps)
             session.run_with_iobinding(binding)
             outputs.append(out)
+            del arrays  # kept alive until the run is done
         if not np.allclose(outputs[0], outputs[1], atol=1e-5):
             raise SystemExit("the native operator's output differs from GroupQueryAttention's")
 
