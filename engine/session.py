@@ -16,6 +16,11 @@ Two graph kinds (the manifest's `onnx.kv_cache`, confirmed against the graph at 
   keeps meaning what it meant when it was returned.
 * "concat" (older folders): presents = pasts + new positions, copied by the graph on every step.
 
+On the CPU, a session of one thread runs the shared-buffer graph with its GroupQueryAttention nodes
+rewritten to the native operator (engine/native_attention.py: the same attention in C, built once per
+machine, 1.6-4.7x faster than the node for a decode step); without a C compiler, or with
+SEGUE_NATIVE_ATTENTION=0, the node runs as exported. `decoder.attention` says which.
+
 `KVCache.tensors` is the history as per-layer arrays [batch, heads, length, head_dim] in both
 cases (past_key_0, past_value_0, past_key_1, ...); `KVCache(tensors)` builds a cache from such
 arrays for any decoder.
