@@ -87,7 +87,11 @@ def library() -> tuple[Path | None, str]:
     key = digest.hexdigest()[:24]
     with _lock:
         if key not in _built:
-            _built[key] = _build(cc, key)
+            try:
+                _built[key] = _build(cc, key)
+            except OSError as exc:  # an unwritable cache folder, a full disk: the node serves instead
+                log.warning("could not build the native attention operator in %s: %s", cache_dir(), exc)
+                _built[key] = None
     built = _built[key]
     return (built, "") if built is not None else (None, f"{cc} could not build {SOURCES[0].name} (see the log)")
 

@@ -174,3 +174,11 @@ def test_the_library_is_built_once_per_machine_and_source(monkeypatch, tmp_path)
     assert again == first and again.stat().st_mtime_ns == built_at
     monkeypatch.setenv(native_attention.SWITCH, "0")
     assert native_attention.library() == (None, f"{native_attention.SWITCH}=0")
+
+
+def test_an_unwritable_cache_leaves_the_node(tiny_model, monkeypatch, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setenv("CC", "gcc")  # another cache key than the suite's other tests: built (or not) afresh
+    assert OnnxDecoder.load(tiny_model).attention == "GroupQueryAttention"
