@@ -15,6 +15,7 @@ graph stays as exported and the log says why: the node is the fallback, never an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -75,16 +76,9 @@ def library() -> tuple[Path | None, str]:
     if cc is None:
         return None, "no C compiler found (cc, gcc, clang or $CC)"
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = _cache_key(cc)
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"{cc} did not run: {exc}"
-    digest = hashlib.sha256()
-    for source in SOURCES:
-        digest.update(source.read_bytes())
-    # -march=native builds for this CPU: the key names the machine too, so a copied cache is not reused.
-    for part in (cc, version, " ".join(FLAGS), platform.machine(), platform.system(), _cpu_signature()):
-        digest.update(part.encode())
-    key = digest.hexdigest()[:24]
     with _lock:
         if key not in _built:
             try:
@@ -94,6 +88,20 @@ def library() -> tuple[Path | None, str]:
                 _built[key] = None
     built = _built[key]
     return (built, "") if built is not None else (None, f"{cc} could not build {SOURCES[0].name} (see the log)")
+
+
+@functools.cache
+def _cache_key(cc: str) -> str:
+    """The library's name in the cache: the sources, the compiler, its flags and this machine. Worked out
+    once per compiler in a process (it runs the compiler and reads the sources), not at every load."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    # -march=native builds for this CPU: the key names the machine too, so a copied cache is not reused.
+    for part in (cc, version, " ".join(FLAGS), platform.machine(), platform.system(), _cpu_signature()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:24]
 
 
 def _cpu_signature() -> str:

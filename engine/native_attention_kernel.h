@@ -58,8 +58,8 @@ static inline segue_lanes segue_exp(segue_lanes x) {
     return p * (segue_lanes)bits;
 }
 
-/* The sum of one block's lanes, in a fixed order (the same result on every machine that runs this code). */
-static inline float segue_lanes_sum(const float *lanes) {
+/* The sum of a vector's lanes, in a fixed order (the same result on every machine that runs this code). */
+static inline float segue_lanes_sum(const segue_lanes lanes) {
     float half[SEGUE_BLOCK / 2];
     for (int j = 0; j < SEGUE_BLOCK / 2; j++) half[j] = lanes[j] + lanes[j + SEGUE_BLOCK / 2];
     float quarter[SEGUE_BLOCK / 4];
@@ -108,7 +108,7 @@ static inline __attribute__((always_inline)) segue_lanes segue_dots(const int he
     return segue_sums(p);
 }
 
-/* One head. `scores` holds steps rows of segue_scores_row(past + steps) floats. head_dim is a constant
+/* One head. `scores` holds segue_scores_size(steps, past + steps) floats. head_dim is a constant
  * where this is inlined (see segue_attend_head), so the loops over it unroll and vectorise. */
 static inline __attribute__((always_inline)) void segue_attend(
     const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int heads,
@@ -172,7 +172,7 @@ static inline __attribute__((always_inline)) void segue_attend(
             memcpy(row + t, &e, sizeof e);
             sums += e;
         }
-        const float inverse = 1.0f / segue_lanes_sum((const float *)&sums);
+        const float inverse = 1.0f / segue_lanes_sum(sums);
         float *o = out + s * out_row + (size_t)head * head_dim;
         if (head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
             segue_lanes acc[4] = {{0}};
