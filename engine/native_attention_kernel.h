@@ -16,6 +16,12 @@
  * exponential is a polynomial on whole vectors (a libm call per score would cost more than the rest
  * of the kernel). Sums keep a fixed order, so a machine gives the same result run after run.
  *
+ * A run of SEGUE_QUERIES_FROM new positions or more (a prompt's chunk, a long guess) goes the other way
+ * round, sixteen queries to a vector (segue_attend_queries): each key then serves sixteen queries per
+ * load and no sum is horizontal: 2-2.8x faster than a query at a time on 64-position chunks (the two
+ * kernels alternated in one process; docs/performance.md, Session 13). Below eight queries most lanes
+ * would be idle and the per-query way is faster.
+ *
  * GCC 12+ or Clang (vector extensions, __builtin_shufflevector).
  */
 #ifndef SEGUE_NATIVE_ATTENTION_KERNEL_H
@@ -27,6 +33,7 @@
 #include <string.h>
 
 #define SEGUE_BLOCK 16 /* positions per block of scores: one AVX-512 register of floats */
+#define SEGUE_QUERIES_FROM 8 /* runs of at least this many new positions go a query per lane (segue_attend_queries) */
 
 /* GCC/Clang vector types, not plain loops: left to itself the compiler vectorised the wrong loops
  * (gathers over dimensions instead of positions) and kept accumulators in memory. */
@@ -108,6 +115,92 @@ static inline __attribute__((always_inline)) segue_lanes segue_dots(const int he
     return segue_sums(p);
 }
 
+/* Sixteen queries at once, one per lane: how a prompt's run of new positions attends. Keys stay as
+ * they are (a key's coordinates are broadcast, the queries' are a lane each), so scores come out as
+ * rows of sixteen queries' scores for one position: eight positions at a time, each query vector read
+ * once per coordinate for all eight, no horizontal sums at all. The softmax then runs down the lanes,
+ * and the weighted sum of values goes four queries at a time, each value read once for the four.
+ * Queries first..first+count-1 (count <= SEGUE_BLOCK); `scores` holds (past + first + count) rows of
+ * SEGUE_BLOCK floats. */
+static inline __attribute__((always_inline)) void segue_attend_queries(
+    const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int first,
+    const int count, const int past, const float *restrict keys, const float *restrict values, const float scale,
+    float *restrict out, const size_t out_row, float *restrict scores) {
+    enum { POSITIONS = 8, GROUP = 4 };
+    segue_lanes queries[64];
+    for (int d = 0; d < head_dim; d++) {
+        segue_lanes lane = {0};
+        for (int j = 0; j < count; j++) lane[j] = qkv[(size_t)(first + j) * qkv_row + (size_t)head * head_dim + d];
+        queries[d] = lane;
+    }
+    const int seen_by_all = past + first + 1; /* positions every query of the run sees */
+    const int seen = past + first + count;   /* positions the last one sees */
+
+    /* Scores: row t holds the sixteen queries' scores for position t. */
+    for (int t0 = 0; t0 < seen; t0 += POSITIONS) {
+        segue_lanes acc[POSITIONS] = {{0}};
+        const float *k[POSITIONS];
+        for (int i = 0; i < POSITIONS; i++) k[i] = keys + (size_t)(t0 + i < seen ? t0 + i : seen - 1) * head_dim;
+        for (int d = 0; d < head_dim; d++)
+            for (int i = 0; i < POSITIONS; i++) acc[i] += k[i][d] * queries[d];
+        const int rows = seen - t0 < POSITIONS ? seen - t0 : POSITIONS;
+        for (int i = 0; i < rows; i++) {
+            const segue_lanes row = acc[i] * scale;
+            memcpy(scores + (size_t)(t0 + i) * SEGUE_BLOCK, &row, sizeof row);
+        }
+    }
+
+    /* Softmax down the lanes. Query j sees position t when t < seen_by_all + j. */
+    segue_ints lane_index;
+    for (int j = 0; j < SEGUE_BLOCK; j++) lane_index[j] = j;
+    segue_lanes best;
+    memcpy(&best, scores, sizeof best);
+    for (int t = 1; t < seen_by_all; t++) {
+        segue_lanes x;
+        memcpy(&x, scores + (size_t)t * SEGUE_BLOCK, sizeof x);
+        best = segue_max(best, x);
+    }
+    for (int t = seen_by_all; t < seen; t++) {
+        segue_lanes x;
+        memcpy(&x, scores + (size_t)t * SEGUE_BLOCK, sizeof x);
+        const segue_ints sees = lane_index >= t - seen_by_all + 1;
+        best = (segue_lanes)((sees & (segue_ints)segue_max(best, x)) | (~sees & (segue_ints)best));
+    }
+    segue_lanes sums = {0};
+    for (int t = 0; t < seen; t++) {
+        segue_lanes x;
+        memcpy(&x, scores + (size_t)t * SEGUE_BLOCK, sizeof x);
+        segue_lanes e = segue_exp(x - best);
+        if (t >= seen_by_all) e = (segue_lanes)((segue_ints)e & (lane_index >= t - seen_by_all + 1));
+        memcpy(scores + (size_t)t * SEGUE_BLOCK, &e, sizeof e);
+        sums += e;
+    }
+    const segue_lanes inverse = 1.0f / sums;
+
+    /* Weighted sums of values, GROUP queries at a time (a query's weights past what it sees are 0). */
+    const int vectors = head_dim / SEGUE_BLOCK;
+    for (int j0 = 0; j0 < count; j0 += GROUP) {
+        const int end = seen_by_all + (j0 + GROUP < count ? j0 + GROUP : count) - 1;
+        segue_lanes acc[GROUP][4] = {{{0}}};
+        for (int t = 0; t < end; t++) {
+            const float *v = values + (size_t)t * head_dim;
+            const float *w = scores + (size_t)t * SEGUE_BLOCK + j0;
+            for (int i = 0; i < vectors; i++) {
+                segue_lanes x;
+                memcpy(&x, v + i * SEGUE_BLOCK, sizeof x);
+                for (int r = 0; r < GROUP; r++) acc[r][i] += w[r] * x;
+            }
+        }
+        for (int r = 0; r < GROUP && j0 + r < count; r++) {
+            float *o = out + (size_t)(first + j0 + r) * out_row + (size_t)head * head_dim;
+            for (int i = 0; i < vectors; i++) {
+                const segue_lanes x = acc[r][i] * inverse[j0 + r];
+                memcpy(o + i * SEGUE_BLOCK, &x, sizeof x);
+            }
+        }
+    }
+}
+
 /* One head. `scores` holds segue_scores_size(steps, past + steps) floats. head_dim is a constant
  * where this is inlined (see segue_attend_head), so the loops over it unroll and vectorise. */
 static inline __attribute__((always_inline)) void segue_attend(
@@ -121,6 +214,13 @@ static inline __attribute__((always_inline)) void segue_attend(
                head_dim * sizeof(float));
         memcpy(values + (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(2 * heads + head) * head_dim,
                head_dim * sizeof(float));
+    }
+
+    if (steps >= SEGUE_QUERIES_FROM && head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
+        for (int first = 0; first < steps; first += SEGUE_BLOCK)
+            segue_attend_queries(head_dim, qkv, qkv_row, head, first, steps - first < SEGUE_BLOCK ? steps - first : SEGUE_BLOCK,
+                                 past, keys, values, scale, out, out_row, scores);
+        return;
     }
 
     /* Scores, each query against the positions it sees, sixteen at a time. */
@@ -202,7 +302,8 @@ static inline __attribute__((always_inline)) void segue_attend(
 
 /* Floats of scratch one head needs for `steps` queries over `total` positions. */
 static inline size_t segue_scores_size(int steps, int total) {
-    return (size_t)steps * ((size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK);
+    const size_t padded = (size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK;
+    return padded * (size_t)(steps > SEGUE_BLOCK ? steps : SEGUE_BLOCK);
 }
 
 /* The head sizes the presets use get their own unrolled copies; any other size runs the general one. */
