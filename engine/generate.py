@@ -300,7 +300,7 @@ class Generator:
             return self.decoder.step(np.asarray([ids]), self.decoder.empty_cache(1))
 
         def rest(prefix: KVCache) -> tuple[np.ndarray, KVCache]:
-            logits, cache = self.decoder.forward(np.asarray([ids[prefix.length:]]), prefix, rest_of_prompt=True)
+            logits, cache = self.decoder.forward(np.asarray([ids[prefix.length:]]), prefix, rest_of_prompt=True, last=1)
             return logits[:, -1, :], cache
 
         if prefills is not None:

@@ -63,9 +63,9 @@ enum { /* indices into struct OrtApi (onnxruntime_c_api.h declares its members i
     API_ReleaseTensorTypeAndShapeInfo = 99,
 };
 
-enum { ELEMENT_FLOAT = 1, ELEMENT_INT32 = 6 };         /* ONNXTensorElementDataType */
+enum { ELEMENT_FLOAT = 1, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7 }; /* ONNXTensorElementDataType */
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };      /* OrtErrorCode */
-enum { REQUIRED = 0 };                                /* OrtCustomOpInputOutputCharacteristic */
+enum { REQUIRED = 0, OPTIONAL = 1 };                  /* OrtCustomOpInputOutputCharacteristic */
 
 typedef struct SegueCustomOp { /* struct OrtCustomOp, every member up to version 16 (the ones read) */
     uint32_t version;
@@ -137,6 +137,26 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
     int64_t qkv_dims[4], past_dims[5], value_dims[5], seqlens_dims[2], total_dims[2];
     size_t qkv_rank, past_rank, value_rank, seqlens_rank, total_rank;
     for (size_t i = 0; i < 5; i++) CHECK(input(context, i, &values[i], &data[i]));
+    /* Optional sixth input, last_positions (engine/last_positions.py): only the last so many positions'
+     * outputs are wanted (every position's keys and values are still written). Absent, or not between 1
+     * and steps: every position, as the graph's Slice of -last_positions would give. */
+    size_t inputs = 5;
+    CHECK(CALL(KernelContext_GetInputCount, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t *))(context, &inputs));
+    int64_t last = 0;
+    if (inputs > 5) {
+        const OrtValue *wanted = NULL;
+        CHECK(CALL(KernelContext_GetInput, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t, const OrtValue **))(context, 5, &wanted));
+        if (wanted != NULL) {
+            int64_t wanted_dims[2];
+            size_t wanted_rank;
+            void *wanted_data;
+            CHECK(shape_of(wanted, wanted_dims, 2, &wanted_rank));
+            if (wanted_rank > 1 || (wanted_rank == 1 && wanted_dims[0] != 1))
+                return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: last_positions must be one number");
+            CHECK(CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))((OrtValue *)wanted, &wanted_data));
+            last = *(const int64_t *)wanted_data;
+        }
+    }
     CHECK(shape_of(values[0], qkv_dims, 4, &qkv_rank));
     CHECK(shape_of(values[1], past_dims, 5, &past_rank));
     CHECK(shape_of(values[2], value_dims, 5, &value_rank));
@@ -167,7 +187,8 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
         longest = past + steps > longest ? past + steps : longest;
     }
 
-    const int64_t out_dims[3] = {batch, steps, heads * head_dim};
+    const int64_t from = last >= 1 && last < steps ? steps - last : 0; /* the first position whose output is wanted */
+    const int64_t out_dims[3] = {batch, steps - from, heads * head_dim};
     const int64_t present_dims[4] = {batch, heads, capacity, head_dim};
     void *out, *present_key, *present_value;
     CHECK(output(context, 0, out_dims, 3, &out));
@@ -198,10 +219,10 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
     for (int64_t b = 0; b < batch; b++) {
         const int past = (int)((int64_t)seqlens[b] + 1 - steps);
         const float *qkv = (const float *)data[0] + (size_t)(b * steps) * qkv_row;
-        float *row_out = (float *)out + (size_t)(b * steps) * out_row;
+        float *row_out = (float *)out + (size_t)(b * (steps - from)) * out_row;
         for (int64_t h = 0; h < heads; h++) {
             const size_t offset = (size_t)(b * heads + h) * (size_t)capacity * head_floats;
-            segue_attend_head((int)head_dim, qkv, qkv_row, (int)h, (int)heads, (int)steps, past,
+            segue_attend_head((int)head_dim, qkv, qkv_row, (int)h, (int)heads, (int)steps, (int)from, past,
                               (float *)present_key + offset, (float *)present_value + offset, scale, row_out, out_row,
                               scores);
         }
@@ -241,11 +262,12 @@ static const char *SEGUE_CALL op_name(const SegueCustomOp *op) { (void)op; retur
 static const char *SEGUE_CALL op_provider(const SegueCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int SEGUE_CALL input_type(const SegueCustomOp *op, size_t index) {
     (void)op;
-    return index >= 3 ? ELEMENT_INT32 : ELEMENT_FLOAT;
+    return index == 5 ? ELEMENT_INT64 : index >= 3 ? ELEMENT_INT32 : ELEMENT_FLOAT;
 }
-static size_t SEGUE_CALL input_count(const SegueCustomOp *op) { (void)op; return 5; }
+static size_t SEGUE_CALL input_count(const SegueCustomOp *op) { (void)op; return 6; }
 static int SEGUE_CALL output_type(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return ELEMENT_FLOAT; }
 static size_t SEGUE_CALL output_count(const SegueCustomOp *op) { (void)op; return 3; }
+static int SEGUE_CALL input_characteristic(const SegueCustomOp *op, size_t index) { (void)op; return index == 5 ? OPTIONAL : REQUIRED; }
 static int SEGUE_CALL required(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return REQUIRED; }
 static int SEGUE_CALL default_memory(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return 0; }
 static int SEGUE_CALL one(const SegueCustomOp *op) { (void)op; return 1; }
@@ -253,7 +275,7 @@ static void SEGUE_CALL destroy(void *kernel) { free(kernel); }
 
 static SegueCustomOp causal_attention = {
     SEGUE_ORT_API_VERSION, NULL, op_name, op_provider, input_type, input_count, output_type, output_count,
-    NULL, destroy, required, required, default_memory, one, one, one, one, create_kernel, compute,
+    NULL, destroy, input_characteristic, required, default_memory, one, one, one, one, create_kernel, compute,
 };
 
 SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options, const SegueApiBase *base) {

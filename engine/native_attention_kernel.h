@@ -120,8 +120,8 @@ static inline __attribute__((always_inline)) segue_lanes segue_dots(const int he
  * rows of sixteen queries' scores for one position: eight positions at a time, each query vector read
  * once per coordinate for all eight, no horizontal sums at all. The softmax then runs down the lanes,
  * and the weighted sum of values goes four queries at a time, each value read once for the four.
- * Queries first..first+count-1 (count <= SEGUE_BLOCK); `scores` holds (past + first + count) rows of
- * SEGUE_BLOCK floats. */
+ * Queries first..first+count-1 (count <= SEGUE_BLOCK), their outputs from `out` on; `scores` holds
+ * (past + first + count) rows of SEGUE_BLOCK floats. */
 static inline __attribute__((always_inline)) void segue_attend_queries(
     const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int first,
     const int count, const int past, const float *restrict keys, const float *restrict values, const float scale,
@@ -192,7 +192,7 @@ static inline __attribute__((always_inline)) void segue_attend_queries(
             }
         }
         for (int r = 0; r < GROUP && j0 + r < count; r++) {
-            float *o = out + (size_t)(first + j0 + r) * out_row + (size_t)head * head_dim;
+            float *o = out + (size_t)(j0 + r) * out_row + (size_t)head * head_dim;
             for (int i = 0; i < vectors; i++) {
                 const segue_lanes x = acc[r][i] * inverse[j0 + r];
                 memcpy(o + i * SEGUE_BLOCK, &x, sizeof x);
@@ -201,11 +201,13 @@ static inline __attribute__((always_inline)) void segue_attend_queries(
     }
 }
 
-/* One head. `scores` holds segue_scores_size(steps, past + steps) floats. head_dim is a constant
- * where this is inlined (see segue_attend_head), so the loops over it unroll and vectorise. */
+/* One head. The keys and values of all `steps` new positions are written; outputs are made for positions
+ * from..steps-1 only (a prefill wants its last one's), from `out` on. `scores` holds
+ * segue_scores_size(steps - from, past + steps) floats. head_dim is a constant where this is inlined
+ * (see segue_attend_head), so the loops over it unroll and vectorise. */
 static inline __attribute__((always_inline)) void segue_attend(
     const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int heads,
-    const int steps, const int past, float *restrict keys, float *restrict values, const float scale,
+    const int steps, const int from, const int past, float *restrict keys, float *restrict values, const float scale,
     float *restrict out, const size_t out_row, float *restrict scores) {
     const int total = past + steps;
     const size_t scores_row = (size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK;
@@ -216,17 +218,17 @@ static inline __attribute__((always_inline)) void segue_attend(
                head_dim * sizeof(float));
     }
 
-    if (steps >= SEGUE_QUERIES_FROM && head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
-        for (int first = 0; first < steps; first += SEGUE_BLOCK)
+    if (steps - from >= SEGUE_QUERIES_FROM && head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
+        for (int first = from; first < steps; first += SEGUE_BLOCK)
             segue_attend_queries(head_dim, qkv, qkv_row, head, first, steps - first < SEGUE_BLOCK ? steps - first : SEGUE_BLOCK,
-                                 past, keys, values, scale, out, out_row, scores);
+                                 past, keys, values, scale, out + (size_t)(first - from) * out_row, out_row, scores);
         return;
     }
 
     /* Scores, each query against the positions it sees, sixteen at a time. */
-    for (int s = 0; s < steps; s++) {
+    for (int s = from; s < steps; s++) {
         const float *q = qkv + s * qkv_row + (size_t)head * head_dim;
-        float *row = scores + (size_t)s * scores_row;
+        float *row = scores + (size_t)(s - from) * scores_row;
         const int seen = past + s + 1;
         if (head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
             segue_lanes qv[4];
@@ -247,8 +249,8 @@ static inline __attribute__((always_inline)) void segue_attend(
 
     /* Per query: softmax over the positions it sees (lanes kept apart, so the loops vectorise without
      * reordering a float sum), then the weighted sum of their values. */
-    for (int s = 0; s < steps; s++) {
-        float *row = scores + (size_t)s * scores_row;
+    for (int s = from; s < steps; s++) {
+        float *row = scores + (size_t)(s - from) * scores_row;
         const int seen = past + s + 1;
         const int whole = seen / SEGUE_BLOCK * SEGUE_BLOCK;
         float best = row[0];
@@ -273,7 +275,7 @@ static inline __attribute__((always_inline)) void segue_attend(
             sums += e;
         }
         const float inverse = 1.0f / segue_lanes_sum(sums);
-        float *o = out + s * out_row + (size_t)head * head_dim;
+        float *o = out + (size_t)(s - from) * out_row + (size_t)head * head_dim;
         if (head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
             segue_lanes acc[4] = {{0}};
             const int vectors = head_dim / SEGUE_BLOCK;
@@ -308,14 +310,14 @@ static inline size_t segue_scores_size(int steps, int total) {
 
 /* The head sizes the presets use get their own unrolled copies; any other size runs the general one. */
 static void segue_attend_head(int head_dim, const float *qkv, size_t qkv_row, int head, int heads, int steps,
-                              int past, float *keys, float *values, float scale, float *out, size_t out_row,
+                              int from, int past, float *keys, float *values, float scale, float *out, size_t out_row,
                               float *scores) {
     if (head_dim == 32)
-        segue_attend(32, qkv, qkv_row, head, heads, steps, past, keys, values, scale, out, out_row, scores);
+        segue_attend(32, qkv, qkv_row, head, heads, steps, from, past, keys, values, scale, out, out_row, scores);
     else if (head_dim == 64)
-        segue_attend(64, qkv, qkv_row, head, heads, steps, past, keys, values, scale, out, out_row, scores);
+        segue_attend(64, qkv, qkv_row, head, heads, steps, from, past, keys, values, scale, out, out_row, scores);
     else
-        segue_attend(head_dim, qkv, qkv_row, head, heads, steps, past, keys, values, scale, out, out_row, scores);
+        segue_attend(head_dim, qkv, qkv_row, head, heads, steps, from, past, keys, values, scale, out, out_row, scores);
 }
 
 #endif

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engine import native_attention
+from engine import last_positions, native_attention
 from engine.machine import cpu_name
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
 from engine.variant_choice import choose_for_gpu, choose_here, needs_measuring_here
@@ -254,6 +254,8 @@ class OnnxDecoder:
         providers = session.get_providers()
         self.device = "cuda" if CUDA in providers else "cpu"
         declared = {i.name for i in session.get_inputs()}
+        # A graph rewritten at load (engine/last_positions.py) can skip what a run's unwanted logits need.
+        self._last_input = last_positions.INPUT in declared
         missing = {"input_ids", "position_ids", *self.past_names} - declared
         if missing:
             raise ModelError(f"{self.folder / MODEL_FILE} lacks the inputs its manifest names: {', '.join(sorted(missing))}")
@@ -294,6 +296,7 @@ class OnnxDecoder:
             feeds: dict[str, np.ndarray] = {"input_ids": np.zeros((1, 1), dtype=np.int64),
                                             "position_ids": np.full((1, 1), position, dtype=np.int64)}
             feeds.update((name, past) for name in self.past_names)
+            feeds.update(self._last_feed(None))
             quiet = ort.RunOptions()
             quiet.log_severity_level = 4  # the failure is the expected answer for the second probe: no error log
             try:
@@ -318,6 +321,7 @@ class OnnxDecoder:
         feeds: dict[str, np.ndarray] = {"input_ids": np.zeros((1, 1), dtype=np.int64),
                                         "position_ids": np.zeros((1, 1), dtype=np.int64)}
         feeds.update((name, past) for name in self.past_names)
+        feeds.update(self._last_feed(None))
         try:
             present = self.session.run(self.present_names[:1], feeds)[0]
         except Exception as exc:  # onnxruntime's own error types
@@ -363,17 +367,24 @@ class OnnxDecoder:
                     options = session_options(session_threads)
                     try:
                         options.register_custom_ops_library(str(native.library))
-                        made = ort.InferenceSession(native.graph, options, providers=chosen)
+                        made = ort.InferenceSession(_last_positions_graph(native.graph, folder, name), options,
+                                                    providers=chosen)
                         attention[made] = f"native ({native.library.name})"
                         return made
                     except Exception as exc:  # onnxruntime's own error types: the node instead, as exported
                         why = f"ONNX Runtime did not take it: {str(exc).splitlines()[0][:300]}"
                 if native_attention.enabled():
                     log.info("%s (%s): ONNX Runtime's GroupQueryAttention, not the native operator: %s", folder, name, why)
-            try:
-                made = ort.InferenceSession(graph, session_options(session_threads), providers=chosen)
-            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-                raise ModelError(f"ONNX Runtime could not load {folder / MODEL_FILE} ({name}): {exc}") from exc
+            slim = _last_positions_graph(graph, folder, name) if chosen == [CPU] else graph
+            for candidate in dict.fromkeys((slim, graph)):  # the rewritten graph, else the exported one
+                try:
+                    made = ort.InferenceSession(candidate, session_options(session_threads), providers=chosen)
+                    break
+                except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                    if candidate is graph:
+                        raise ModelError(f"ONNX Runtime could not load {folder / MODEL_FILE} ({name}): {exc}") from exc
+                    log.warning("%s (%s): ONNX Runtime did not take the graph with last_positions (%s); loading it as "
+                                "exported", folder, name, str(exc).splitlines()[0][:300])
             attention[made] = "GroupQueryAttention"
             return made
 
@@ -456,7 +467,7 @@ class OnnxDecoder:
     def step(self, ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed `ids` [batch, T] after the cached positions. Returns the last position's logits
         [batch, vocab] and the extended cache."""
-        logits, cache = self.forward(ids, cache)
+        logits, cache = self.forward(ids, cache, last=1)
         return logits[:, -1, :], cache
 
     def step_instead(self, ids: np.ndarray, cache: KVCache, discarded: KVCache,
@@ -474,7 +485,7 @@ class OnnxDecoder:
                     store.written = cache.length + ids.shape[1]  # positions stay ours (no other writer can
                     claimed = store  # take them in between), as many as this step writes
         discarded._store, discarded._tensors = None, ()  # its positions are about to be overwritten
-        logits, cache = self.forward(ids, cache, claimed)
+        logits, cache = self.forward(ids, cache, claimed, last=None if every_position else 1)
         return (logits if every_position else logits[:, -1, :]), cache
 
     def shortened(self, cache: KVCache, length: int) -> KVCache:
@@ -496,11 +507,13 @@ class OnnxDecoder:
         return PREFILL_CHUNK if self.shared else 0
 
     def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | None = None,
-                rest_of_prompt: bool = False) -> tuple[np.ndarray, KVCache]:
+                rest_of_prompt: bool = False, last: int | None = None) -> tuple[np.ndarray, KVCache]:
         """As `step`, but the logits of every fed position [batch, T, vocab] (for scoring a sequence).
         `claimed`: the cache's own store, whose positions this step writes already reserved (step_instead).
         `rest_of_prompt`: `ids` end a prompt whose first `cache.length` positions are cached; they run on
-        the session a prefill of the whole prompt would use (see `prefill_chunk`)."""
+        the session a prefill of the whole prompt would use (see `prefill_chunk`).
+        `last`: only the last `last` positions' logits, [batch, min(last, T), vocab]; the graph then skips
+        the work only the others' logits need (engine/last_positions.py), a quarter of a prefill's."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         batch, steps = ids.shape
         start = cache.length
@@ -511,19 +524,33 @@ class OnnxDecoder:
         positions = np.arange(start, start + steps, dtype=np.int64)[None, :]
         if batch > 1:
             positions = np.repeat(positions, batch, axis=0)
+        if last is not None and not 1 <= last:
+            raise ValueError(f"last is {last}: ask for at least one position's logits")
         if self.shared:
-            return self._forward_shared(ids, positions, cache, claimed, start + steps if rest_of_prompt else steps)
+            return self._forward_shared(ids, positions, cache, claimed, start + steps if rest_of_prompt else steps, last)
         if self.kv_cache == "shared-buffer" and steps > 1 and start > 0 and batch > 1:
             # GroupQueryAttention takes several new positions after a history one row at a time.
-            parts = [self.forward(ids[r:r + 1], cache.select([r])) for r in range(batch)]
+            parts = [self.forward(ids[r:r + 1], cache.select([r]), last=last) for r in range(batch)]
             tensors = zip(*(part.tensors for _, part in parts), strict=True)
             return np.concatenate([logits for logits, _ in parts]), KVCache(tuple(np.concatenate(t) for t in tensors))
         if self.device != "cpu":
-            return self._forward_device(ids, positions, cache)
-        feeds = {"input_ids": ids, "position_ids": positions}
+            logits, cache = self._forward_device(ids, positions, cache, last)
+            return self._last_of(logits, last), cache
+        feeds = {"input_ids": ids, "position_ids": positions, **self._last_feed(last)}
         feeds.update(zip(self.past_names, (self._as_cache_type(t) for t in cache.tensors), strict=True))
         outputs = self._session_for(steps).run(self.output_names, feeds)
-        return outputs[0], KVCache(tuple(outputs[1:]))
+        return self._last_of(outputs[0], last), KVCache(tuple(outputs[1:]))
+
+    def _last_feed(self, last: int | None) -> dict[str, np.ndarray]:
+        """The `last_positions` feed where the graph has that input (None: every position)."""
+        if not self._last_input:
+            return {}
+        return {last_positions.INPUT: np.array([last or last_positions.EVERY], dtype=np.int64)}
+
+    @staticmethod
+    def _last_of(logits: np.ndarray, last: int | None) -> np.ndarray:
+        """The last `last` positions of logits a graph without the input computed for every position."""
+        return logits if last is None or logits.shape[1] <= last else logits[:, -last:]
 
     def _as_cache_type(self, tensor: np.ndarray) -> np.ndarray:
         """A history built elsewhere (KVCache(tensors) from float32 arrays) in the graph's element type."""
@@ -533,8 +560,9 @@ class OnnxDecoder:
         return self.prefill_session if self.prefill_session is not None and steps >= PREFILL_MIN_TOKENS else self.session
 
     def _forward_shared(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
-                        claimed: _Store | None = None, run: int = 0) -> tuple[np.ndarray, KVCache]:
-        """`run`: the length that chooses the session (the new positions', or a whole prompt's)."""
+                        claimed: _Store | None = None, run: int = 0, last: int | None = None) -> tuple[np.ndarray, KVCache]:
+        """`run`: the length that chooses the session (the new positions', or a whole prompt's).
+        `last`: as in `forward`."""
         batch, steps = ids.shape
         start = cache.length
         run = run or steps
@@ -546,18 +574,27 @@ class OnnxDecoder:
                 # and several new positions after a history go one row at a time (the node takes them so
                 # only for a batch of one): each row's slice of the buffers is bound on its own (no copy).
                 session = self._session_for(run)
+                wanted = steps if last is None else min(last, steps)
                 rows = []
                 for r in range(batch):
                     binding = store.binding if batch == 1 and session is self.session else \
                         self._binding([b[r:r + 1] for b in store.buffers], session)
-                    rows.append(np.concatenate([
-                        self._run(binding, ids[r:r + 1, s:s + PREFILL_CHUNK], positions[r:r + 1, s:s + PREFILL_CHUNK], session)
-                        for s in range(0, steps, PREFILL_CHUNK)], axis=1))
+                    parts = []
+                    for s in range(0, steps, PREFILL_CHUNK):
+                        end = min(s + PREFILL_CHUNK, steps)
+                        # How many of this run's positions are among the last `wanted`: none, for a prompt's
+                        # earlier runs (one is computed and dropped: a run yields at least one).
+                        kept = max(0, min(end - s, wanted - (steps - end)))
+                        got = self._run(binding, ids[r:r + 1, s:end], positions[r:r + 1, s:end], session,
+                                        None if kept == end - s else max(kept, 1))
+                        if kept:
+                            parts.append(got[:, got.shape[1] - kept:])
+                    rows.append(np.concatenate(parts, axis=1))
                 logits = np.concatenate(rows)
             elif self.prefill_session is not None and run >= PREFILL_MIN_TOKENS:
-                logits = self._run(self._binding(store.buffers, self.prefill_session), ids, positions, self.prefill_session)
+                logits = self._run(self._binding(store.buffers, self.prefill_session), ids, positions, self.prefill_session, last)
             else:
-                logits = self._run(store.binding, ids, positions, self.session)
+                logits = self._run(store.binding, ids, positions, self.session, last)
         except BaseException:
             with store.lock:  # nothing valid was written: let the cache step again without a copy
                 if store.written == start + steps:
@@ -575,26 +612,35 @@ class OnnxDecoder:
             binding.bind_ortvalue_output(present, value)
         return binding
 
-    def _run(self, binding: Any, ids: np.ndarray, positions: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
+    def _run(self, binding: Any, ids: np.ndarray, positions: np.ndarray, session: ort.InferenceSession,
+             last: int | None = None) -> np.ndarray:
+        """One run on the shared buffers; the logits of its last `last` positions (None: all)."""
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+        for name, value in self._last_feed(last).items():
+            binding.bind_cpu_input(name, value)
+        batch, steps = ids.shape
+        computed = min(last, steps) if last is not None and self._last_input else steps
         if self._float_logits:
             # The logits go straight into a fresh array of ours: reading them back through get_outputs()
             # wraps every output, the cache's too, and copies (0.1 ms a step).
-            logits = np.empty((*ids.shape, self.vocab_size), dtype=np.float32)
+            logits = np.empty((batch, computed, self.vocab_size), dtype=np.float32)
             binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
             session.run_with_iobinding(binding)
-            return logits
+            return self._last_of(logits, last)
         binding.bind_output("logits")  # unallocated again: its shape changes with T
         session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()  # a copy: the next run reuses ONNX Runtime's memory
+        return self._last_of(binding.get_outputs()[0].numpy(), last)  # a copy: the next run reuses ONNX Runtime's memory
 
-    def _forward_device(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+    def _forward_device(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
+                        last: int | None = None) -> tuple[np.ndarray, KVCache]:
         """On a GPU: the presents stay on the device and are bound as the next step's pasts (no host copy)."""
         session = self._session_for(ids.shape[1])
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("position_ids", positions)
+        for name, value in self._last_feed(last).items():
+            binding.bind_cpu_input(name, value)
         for name, value in zip(self.past_names, cache._tensors, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, np.ascontiguousarray(self._as_cache_type(value)))
@@ -617,6 +663,20 @@ class OnnxDecoder:
         self.step(np.zeros((2, 1), dtype=np.int64), pair)
         if self.prefill_session is not None:
             self.step(np.zeros((1, PREFILL_MIN_TOKENS), dtype=np.int64), self.empty_cache())
+
+
+def _last_positions_graph(graph: bytes, folder: Path | str, variant: str) -> bytes:
+    """`graph` rewritten so that a run can ask for only its last positions' logits (engine/last_positions.py:
+    a prefill skips a quarter of its work), or as it is, with the reason in the log."""
+    try:
+        rewritten, why = last_positions.rewrite(graph)
+    except ImportError:
+        rewritten, why = graph, "the onnx package is not installed (it rewrites the graph)"
+    except Exception as exc:  # a graph onnx cannot parse is ONNX Runtime's to judge, as before
+        rewritten, why = graph, f"the graph could not be rewritten: {exc}"
+    if why:
+        log.info("%s (%s): every position's logits computed on every run: %s", folder, variant, why)
+    return rewritten
 
 
 def _variant_bytes(folder: Path, manifest: Manifest, variant: str, files: dict[str, bytes] | None) -> bytes:

@@ -307,9 +307,9 @@ def _model_calls(generator, monkeypatch) -> list[int]:
     widths: list[int] = []
     real_forward = type(decoder).forward
 
-    def counting_forward(self, ids, cache, claimed=None):
+    def counting_forward(self, ids, cache, *args, **kwargs):
         widths.append(ids.shape[1])
-        return real_forward(self, ids, cache, claimed)
+        return real_forward(self, ids, cache, *args, **kwargs)
 
     monkeypatch.setattr(type(decoder), "forward", counting_forward)
     return widths

@@ -100,6 +100,32 @@ def test_with_a_past_as_long_as_the_history_it_appends_like_the_node(steps, leng
     assert got[1].shape == (batch, 8, length + steps, 32)
 
 
+@pytest.mark.parametrize("head_dim", [32, 24])
+@pytest.mark.parametrize("steps, last", [(20, 1), (20, 3), (20, 12), (20, 20), (20, 0), (20, 99), (1, 1)])
+def test_asked_for_the_last_positions_it_gives_those_and_writes_every_cache_entry(head_dim, steps, last):
+    """The optional sixth input (engine/last_positions.py): outputs for the last `last` positions only
+    (a query per lane from 8 of them), the keys and values of all; 0 or more than there are: all."""
+    _, native = sessions(4, head_dim)
+    model = onnx.load_from_string(native_attention.rewrite(attention_graph(4, head_dim))[0])
+    model.graph.node[0].input.append("last_positions")
+    model.graph.input.append(helper.make_tensor_value_info("last_positions", TensorProto.INT64, [1]))
+    options = session_options(1)
+    options.register_custom_ops_library(str(native_attention.library()[0]))
+    asking = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(steps + last)
+    feeds = {"qkv": rng.standard_normal((2, steps, 3 * 4 * head_dim), dtype=np.float32),
+             "past_key": rng.standard_normal((2, 4, 40, head_dim), dtype=np.float32),
+             "past_value": rng.standard_normal((2, 4, 40, head_dim), dtype=np.float32),
+             "seqlens_k": np.array([30 + steps - 1] * 2, dtype=np.int32), "total": np.array([30 + steps], dtype=np.int32)}
+    everything = native.run(None, feeds)
+    got = asking.run(None, {**feeds, "last_positions": np.array([last], dtype=np.int64)})
+    kept = last if 1 <= last <= steps else steps
+    assert got[0].shape == (2, kept, 4 * head_dim)
+    np.testing.assert_allclose(got[0], everything[0][:, steps - kept:], atol=2e-6, rtol=0)
+    np.testing.assert_array_equal(got[1], everything[1])
+    np.testing.assert_array_equal(got[2], everything[2])
+
+
 def test_a_length_past_the_buffer_is_an_error_that_names_it():
     _, native = sessions(8, 32)
     feeds = {"qkv": np.zeros((1, 1, 3 * 8 * 32), dtype=np.float32),

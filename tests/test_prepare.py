@@ -477,8 +477,8 @@ def test_the_rest_of_a_prompt_runs_on_the_session_a_whole_prefill_would_use(tiny
     generator.prefill(before, prefills)
     sessions = []
     run = decoder._run
-    monkeypatch.setattr(decoder, "_run", lambda binding, ids, positions, session:
-                        sessions.append((ids.shape[1], session)) or run(binding, ids, positions, session))
+    monkeypatch.setattr(decoder, "_run", lambda binding, ids, positions, session, last=None:
+                        sessions.append((ids.shape[1], session)) or run(binding, ids, positions, session, last))
     warm = generator.prefill(after, prefills)
     rest = len(warm.ids) - warm.prefix_reused
     assert 0 < rest < PREFILL_MIN_TOKENS, "the edit should leave a rest shorter than a prefill"

@@ -360,12 +360,13 @@ def test_the_session_is_built_from_the_bytes_that_were_verified(tiny_model, monk
     generator = Generator.load(tiny_model)
     assert len(seen) == 1 and isinstance(seen[0], bytes)
     verified = (tiny_model / "model.onnx").read_bytes()
-    if generator.decoder.attention.startswith("native"):  # the same bytes, with the attention nodes rewritten
-        from engine import native_attention
+    from engine import last_positions, native_attention
 
-        assert seen[0] == native_attention.rewrite(verified)[0]
-    else:
-        assert seen[0] == verified
+    # The same bytes, rewritten at load: the attention nodes to the native operator (where it builds),
+    # then the last_positions input.
+    expected = native_attention.rewrite(verified)[0] if generator.decoder.attention.startswith("native") else verified
+    assert seen[0] == last_positions.rewrite(expected)[0]
+    assert seen[0] != verified
 
 
 def test_a_cancel_that_found_the_job_just_before_its_finished_went_out_adds_nothing():

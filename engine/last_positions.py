@@ -1,0 +1,116 @@
+"""Logits for only the last positions of a run: a prompt's prefill does not compute what it throws away.
+
+A prefill needs the logits of one position, the prompt's last, and the keys and values of every
+position in every layer. As exported, the graph computes everything for every position: after the
+last layer's attention, its output projection, its feed-forward block, the final norm and the
+vocabulary projection run for all T positions, and T-1 of those rows are thrown away. That is about a
+quarter of a 4-layer model's matrix work on a prompt.
+
+`rewrite(graph)` adds an input, `last_positions` (int64 [1]), and slices the run to its last
+`last_positions` positions right after the last attention node: the attention output and each
+other tensor the rest of the graph reads with a sequence axis (the residual stream). Everything
+before the slice, the caches included, is computed exactly as before, and `logits` has
+min(T, last_positions) positions; EVERY asks for all of them. (A required input, not an initializer
+that a feed may override: ONNX Runtime warns at every load about such an initializer.)
+
+Which tensors have the sequence axis is read from the graph's own value_info (the exporter writes
+it): the attention output's second axis names it. A graph whose tail reads a tensor of unknown shape
+is left as it is, with the reason.
+"""
+
+from __future__ import annotations
+
+INPUT = "last_positions"
+EVERY = 2**62  # the default: more positions than any run has (Slice clamps it to the run)
+ATTENTION_OPS = ("GroupQueryAttention", "CausalAttention")
+NATIVE_DOMAIN = "ai.segue"  # engine/native_attention.py's operator, whose optional sixth input is the count
+
+
+def rewrite(graph: bytes) -> tuple[bytes, str]:
+    """`graph` with the `last_positions` input, or `graph` unchanged and why not (the reason is "" when
+    rewritten)."""
+    import onnx  # only here: a plain load needs no onnx package
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_from_string(graph)
+    body = model.graph
+    if any(i.name == INPUT for i in body.input):
+        return graph, f"the graph already has an input named {INPUT}"
+    last = max((i for i, node in enumerate(body.node) if node.op_type in ATTENTION_OPS), default=None)
+    if last is None:
+        return graph, "the graph has no attention node"
+    attention_out = body.node[last].output[0]
+    shapes = {v.name: v.type.tensor_type.shape for v in [*body.value_info, *body.input, *body.output]
+              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+    def sequence_axis(name: str) -> str | None:
+        shape = shapes.get(name)
+        if shape is None or len(shape.dim) != 3 or not shape.dim[1].dim_param:
+            return None
+        return shape.dim[1].dim_param
+
+    sequence = sequence_axis(attention_out)
+    if sequence is None:
+        return graph, f"the last attention output {attention_out!r} has no [batch, sequence, width] shape in the graph"
+
+    # The tail: every node downstream of the last attention output.
+    produced_in_tail = {attention_out}
+    tail = []
+    for node in body.node[last + 1:]:
+        if any(name in produced_in_tail for name in node.input):
+            tail.append(node)
+            produced_in_tail.update(node.output)
+    # Tensors that change from run to run (they depend on a fed input); the rest (weights, a tied
+    # embedding's transpose) are the same for every position and are not sliced.
+    initializers = {init.name for init in body.initializer}
+    varying = {i.name for i in body.input if i.name not in initializers}
+    for node in body.node:
+        if any(name in varying for name in node.input):
+            varying.update(node.output)
+    outside = {name for node in tail for name in node.input
+               if name in varying and name not in produced_in_tail}
+    for name in sorted(outside):
+        if sequence_axis(name) != sequence:
+            return graph, f"the tail after the last attention reads {name!r}, whose sequence axis is not known"
+    outputs = {o.name for o in body.output}
+    if not (outputs & produced_in_tail) or "logits" not in produced_in_tail:
+        return graph, "the logits are not computed after the last attention"
+    if any(o in produced_in_tail and o != "logits" for o in outputs):
+        return graph, "an output other than the logits depends on the last attention"
+
+    # starts = -last_positions; ends: past the end; axis 1. Slice clamps a start before the first position.
+    body.input.append(helper.make_tensor_value_info(INPUT, TensorProto.INT64, [1]))
+    attention = body.node[last]
+    if attention.domain == NATIVE_DOMAIN and len(attention.input) == 5:
+        # The native operator takes the count too and attends only for those positions (every position's
+        # keys and values are still written); the Slice after it then keeps all it made.
+        attention.input.append(INPUT)
+    body.initializer.append(numpy_helper.from_array(_int64([EVERY]), "last_positions_end"))
+    body.initializer.append(numpy_helper.from_array(_int64([1]), "last_positions_axis"))
+    slicing = [helper.make_node("Neg", [INPUT], ["last_positions_start"], name="last_positions_start")]
+    renamed = {}
+    for name in sorted(outside | {attention_out}):
+        renamed[name] = f"{name}_last_positions"
+        slicing.append(helper.make_node("Slice", [name, "last_positions_start", "last_positions_end", "last_positions_axis"],
+                                        [renamed[name]], name=f"{name}_last_positions"))
+    for node in tail:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    nodes = list(body.node)
+    del body.node[:]
+    body.node.extend([*nodes[:last + 1], *slicing, *nodes[last + 1:]])
+    # The tail's shapes no longer have the sequence's length: drop what the exporter recorded of them.
+    kept = [v for v in body.value_info if v.name not in produced_in_tail]
+    del body.value_info[:]
+    body.value_info.extend(kept)
+    for output in body.output:
+        if output.name == "logits" and output.type.tensor_type.HasField("shape"):
+            output.type.tensor_type.shape.dim[1].dim_param = "last_positions"
+    return model.SerializeToString(), ""
+
+
+def _int64(values: list[int]):
+    import numpy as np
+
+    return np.asarray(values, dtype=np.int64)
