@@ -502,9 +502,9 @@ def continue_for(generator: Generator, clip: Clip, request: ContinuationRequest,
     real_forward = decoder.forward
     fed = [0]
 
-    def counting_forward(ids, cache, *args):  # every model call goes through forward (step, step_instead)
+    def counting_forward(ids, cache, *args, **kwargs):  # every model call goes through forward (step, step_instead)
         fed[0] = cache.length + ids.shape[1] - start
-        return real_forward(ids, cache, *args)
+        return real_forward(ids, cache, *args, **kwargs)
 
     decoder.forward = counting_forward  # type: ignore[method-assign]
     try:

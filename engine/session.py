@@ -19,7 +19,9 @@ Two graph kinds (the manifest's `onnx.kv_cache`, confirmed against the graph at 
 On the CPU, a session of one thread runs the shared-buffer graph with its GroupQueryAttention nodes
 rewritten to the native operator (engine/native_attention.py: the same attention in C, built once per
 machine, 1.6-4.7x faster than the node for a decode step); without a C compiler, or with
-SEGUE_NATIVE_ATTENTION=0, the node runs as exported. `decoder.attention` says which.
+SEGUE_NATIVE_ATTENTION=0, the node runs as exported. `decoder.attention` says which. CPU graphs also
+get a `last_positions` input (engine/last_positions.py): `step` and a prompt's prefill ask for the
+last position's logits only, and the graph then runs the last layer's tail for that position alone.
 
 `KVCache.tensors` is the history as per-layer arrays [batch, heads, length, head_dim] in both
 cases (past_key_0, past_value_0, past_key_1, ...); `KVCache(tensors)` builds a cache from such
