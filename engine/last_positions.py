@@ -55,10 +55,11 @@ def rewrite(graph: bytes) -> tuple[bytes, str]:
 
     # The tail: every node downstream of the last attention output.
     produced_in_tail = {attention_out}
-    tail = []
-    for node in body.node[last + 1:]:
+    tail = set()  # indices into body.node
+    for index in range(last + 1, len(body.node)):
+        node = body.node[index]
         if any(name in produced_in_tail for name in node.input):
-            tail.append(node)
+            tail.add(index)
             produced_in_tail.update(node.output)
     # Tensors that change from run to run (they depend on a fed input); the rest (weights, a tied
     # embedding's transpose) are the same for every position and are not sliced.
@@ -67,13 +68,13 @@ def rewrite(graph: bytes) -> tuple[bytes, str]:
     for node in body.node:
         if any(name in varying for name in node.input):
             varying.update(node.output)
-    outside = {name for node in tail for name in node.input
+    outside = {name for index in tail for name in body.node[index].input
                if name in varying and name not in produced_in_tail}
     for name in sorted(outside):
         if sequence_axis(name) != sequence:
             return graph, f"the tail after the last attention reads {name!r}, whose sequence axis is not known"
     outputs = {o.name for o in body.output}
-    if not (outputs & produced_in_tail) or "logits" not in produced_in_tail:
+    if "logits" not in produced_in_tail:
         return graph, "the logits are not computed after the last attention"
     if any(o in produced_in_tail and o != "logits" for o in outputs):
         return graph, "an output other than the logits depends on the last attention"
@@ -87,19 +88,28 @@ def rewrite(graph: bytes) -> tuple[bytes, str]:
         attention.input.append(INPUT)
     body.initializer.append(numpy_helper.from_array(_int64([EVERY]), "last_positions_end"))
     body.initializer.append(numpy_helper.from_array(_int64([1]), "last_positions_axis"))
-    slicing = [helper.make_node("Neg", [INPUT], ["last_positions_start"], name="last_positions_start")]
-    renamed = {}
-    for name in sorted(outside | {attention_out}):
-        renamed[name] = f"{name}_last_positions"
-        slicing.append(helper.make_node("Slice", [name, "last_positions_start", "last_positions_end", "last_positions_axis"],
-                                        [renamed[name]], name=f"{name}_last_positions"))
-    for node in tail:
-        for i, name in enumerate(node.input):
-            if name in renamed:
-                node.input[i] = renamed[name]
-    nodes = list(body.node)
+    renamed = {name: f"{name}_last_positions" for name in outside | {attention_out}}
+    # Each Slice goes right before the first node that reads it (its tensor is made before that node in
+    # a graph in topological order), the Neg before the first Slice.
+    nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in body.node]
     del body.node[:]
-    body.node.extend([*nodes[:last + 1], *slicing, *nodes[last + 1:]])
+    placed: set[str] = set()
+    ordered = []
+    for index, node in enumerate(nodes):
+        if index in tail:
+            for i, name in enumerate(node.input):
+                if name not in renamed:
+                    continue
+                if not placed:
+                    ordered.append(helper.make_node("Neg", [INPUT], ["last_positions_start"], name="last_positions_start"))
+                if name not in placed:
+                    ordered.append(helper.make_node(
+                        "Slice", [name, "last_positions_start", "last_positions_end", "last_positions_axis"],
+                        [renamed[name]], name=renamed[name]))
+                    placed.add(name)
+                node.input[i] = renamed[name]
+        ordered.append(node)
+    body.node.extend(ordered)
     # The tail's shapes no longer have the sequence's length: drop what the exporter recorded of them.
     kept = [v for v in body.value_info if v.name not in produced_in_tail]
     del body.value_info[:]

@@ -59,6 +59,8 @@ log = logging.getLogger("segue.engine")
 
 PREFILL_MIN_TOKENS = 32  # prompts at least this long may run on the prefill session (SEGUE_PREFILL_THREADS)
 PREFILL_CHUNK = 64  # prompt positions per run on the shared-buffer graph (see OnnxDecoder._forward_shared)
+# The two counts nearly every run feeds, made once (a decode step binds one on every call).
+_LAST_FEEDS = {count: np.array([count], dtype=np.int64) for count in (1, last_positions.EVERY)}
 POOL_BYTES = 256 << 20  # free cache buffers kept per decoder for reuse (already paged in: no page faults)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -547,7 +549,9 @@ class OnnxDecoder:
         """The `last_positions` feed where the graph has that input (None: every position)."""
         if not self._last_input:
             return {}
-        return {last_positions.INPUT: np.array([last or last_positions.EVERY], dtype=np.int64)}
+        count = last or last_positions.EVERY
+        made = _LAST_FEEDS.get(count)
+        return {last_positions.INPUT: made if made is not None else np.array([count], dtype=np.int64)}
 
     @staticmethod
     def _last_of(logits: np.ndarray, last: int | None) -> np.ndarray:
