@@ -20,19 +20,25 @@ is left as it is, with the reason.
 
 from __future__ import annotations
 
+from engine import native_attention
+
 INPUT = "last_positions"
 EVERY = 2**62  # the default: more positions than any run has (Slice clamps it to the run)
-ATTENTION_OPS = ("GroupQueryAttention", "CausalAttention")
-NATIVE_DOMAIN = "ai.segue"  # engine/native_attention.py's operator, whose optional sixth input is the count
+ATTENTION_OPS = ("GroupQueryAttention", native_attention.OP_TYPE)
 
 
 def rewrite(graph: bytes) -> tuple[bytes, str]:
     """`graph` with the `last_positions` input, or `graph` unchanged and why not (the reason is "" when
     rewritten)."""
-    import onnx  # only here: a plain load needs no onnx package
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load_from_string(graph)
+    try:
+        import onnx  # only here: a plain load needs no onnx package
+        from onnx import TensorProto, helper
+    except ImportError:
+        return graph, "the onnx package is not installed (it rewrites the graph)"
+    try:
+        model = onnx.load_from_string(graph)
+    except Exception as exc:  # a graph onnx cannot parse is ONNX Runtime's to judge, as before
+        return graph, f"the graph could not be read: {exc}"
     body = model.graph
     if any(i.name == INPUT for i in body.input):
         return graph, f"the graph already has an input named {INPUT}"
@@ -82,12 +88,12 @@ def rewrite(graph: bytes) -> tuple[bytes, str]:
     # starts = -last_positions; ends: past the end; axis 1. Slice clamps a start before the first position.
     body.input.append(helper.make_tensor_value_info(INPUT, TensorProto.INT64, [1]))
     attention = body.node[last]
-    if attention.domain == NATIVE_DOMAIN and len(attention.input) == 5:
+    if attention.domain == native_attention.DOMAIN and len(attention.input) == 5:
         # The native operator takes the count too and attends only for those positions (every position's
         # keys and values are still written); the Slice after it then keeps all it made.
         attention.input.append(INPUT)
-    body.initializer.append(numpy_helper.from_array(_int64([EVERY]), "last_positions_end"))
-    body.initializer.append(numpy_helper.from_array(_int64([1]), "last_positions_axis"))
+    body.initializer.append(helper.make_tensor("last_positions_end", TensorProto.INT64, [1], [EVERY]))
+    body.initializer.append(helper.make_tensor("last_positions_axis", TensorProto.INT64, [1], [1]))
     renamed = {name: f"{name}_last_positions" for name in outside | {attention_out}}
     # Each Slice goes right before the first node that reads it (its tensor is made before that node in
     # a graph in topological order), the Neg before the first Slice.
@@ -119,8 +125,3 @@ def rewrite(graph: bytes) -> tuple[bytes, str]:
             output.type.tensor_type.shape.dim[1].dim_param = "last_positions"
     return model.SerializeToString(), ""
 
-
-def _int64(values: list[int]):
-    import numpy as np
-
-    return np.asarray(values, dtype=np.int64)

@@ -674,12 +674,7 @@ class OnnxDecoder:
 def _last_positions_graph(graph: bytes, folder: Path | str, variant: str) -> bytes:
     """`graph` rewritten so that a run can ask for only its last positions' logits (engine/last_positions.py:
     a prefill skips a quarter of its work), or as it is, with the reason in the log."""
-    try:
-        rewritten, why = last_positions.rewrite(graph)
-    except ImportError:
-        rewritten, why = graph, "the onnx package is not installed (it rewrites the graph)"
-    except Exception as exc:  # a graph onnx cannot parse is ONNX Runtime's to judge, as before
-        rewritten, why = graph, f"the graph could not be rewritten: {exc}"
+    rewritten, why = last_positions.rewrite(graph)
     if why:
         log.info("%s (%s): every position's logits computed on every run: %s", folder, variant, why)
     return rewritten
