@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "native_attention_kernel.h"
+#include "native_matmul_kernel.h"
 
 #if defined(_WIN32)
 #define SEGUE_CALL __stdcall
@@ -63,7 +64,7 @@ enum { /* indices into struct OrtApi (onnxruntime_c_api.h declares its members i
     API_ReleaseTensorTypeAndShapeInfo = 99,
 };
 
-enum { ELEMENT_FLOAT = 1, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7 }; /* ONNXTensorElementDataType */
+enum { ELEMENT_FLOAT = 1, ELEMENT_INT8 = 3, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7 }; /* ONNXTensorElementDataType */
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };      /* OrtErrorCode */
 enum { REQUIRED = 0, OPTIONAL = 1 };                  /* OrtCustomOpInputOutputCharacteristic */
 
@@ -119,7 +120,7 @@ static OrtStatus *shape_of(const OrtValue *value, int64_t *dims, size_t most, si
 
 static OrtStatus *input(OrtKernelContext *context, size_t index, const OrtValue **value, void **data) {
     CHECK(CALL(KernelContext_GetInput, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t, const OrtValue **))(context, index, value));
-    if (*value == NULL) return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: an input is missing");
+    if (*value == NULL) return FAIL(ORT_INVALID_ARGUMENT, "segue: a native operator's input is missing");
     return CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))((OrtValue *)*value, data);
 }
 
@@ -256,7 +257,86 @@ static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi
     return NULL;
 }
 
-/* --- the operator's description ----------------------------------------------------------------- */
+/* --- segue.QuantizedMatMul ---------------------------------------------------------------------- *
+ * Inputs:  x [..., k] float; weights int8 [blocks * quads * 256], packed by engine/native_matmul.py;
+ *          column_sums int32, scales float and bias float, [blocks * 64] each.
+ * Attributes: k, n (the weight matrix's shape), weight_zero_point.
+ * Output:  y [..., n] float: DynamicQuantizeMatMul's result (engine/native_matmul_kernel.h). */
+
+typedef struct {
+    int64_t k, n, weight_zero;
+    const void *checked; /* the packed weights whose sizes were checked (an initializer: the same every run) */
+} MatMulKernel;
+
+static OrtStatus *expect_elements(const OrtValue *value, int64_t count, const char *message) {
+    int64_t dims[2];
+    size_t rank;
+    CHECK(shape_of(value, dims, 2, &rank));
+    if (rank != 1 || dims[0] != count) return FAIL(ORT_INVALID_ARGUMENT, message);
+    return NULL;
+}
+
+static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *context) {
+    MatMulKernel *kernel = (MatMulKernel *)state;
+    const OrtValue *values[5];
+    void *data[5];
+    for (size_t i = 0; i < 5; i++) CHECK(input(context, i, &values[i], &data[i]));
+    const int64_t k = kernel->k, n = kernel->n;
+    const int64_t quads = (k + 3) / 4, blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
+    if (kernel->checked != data[1]) {
+        CHECK(expect_elements(values[1], blocks * quads * 256, "segue.QuantizedMatMul: the packed weights' size is not k x n's"));
+        for (size_t i = 2; i < 5; i++)
+            CHECK(expect_elements(values[i], blocks * SEGUE_QM_COLUMNS,
+                                  "segue.QuantizedMatMul: column_sums, scales and bias need one entry per packed column"));
+        kernel->checked = data[1];
+    }
+    int64_t dims[8];
+    size_t rank;
+    CHECK(shape_of(values[0], dims, 8, &rank));
+    if (rank < 1 || dims[rank - 1] != k)
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: the input's last dimension is not the weights' k");
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < rank; i++) rows *= dims[i];
+    if (rows > INT32_MAX / (4 * quads)) return FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: the input is too large");
+    dims[rank - 1] = n;
+    void *out;
+    CHECK(output(context, 0, dims, rank, &out));
+    if (rows == 0) return NULL;
+    uint8_t small[4096]; /* a decode step's rows: no allocation */
+    const size_t scratch = (size_t)rows * 4 * (size_t)quads;
+    uint8_t *q = scratch <= sizeof(small) ? small : (uint8_t *)malloc(scratch);
+    if (q == NULL) return FAIL(ORT_FAIL, "segue.QuantizedMatMul: out of memory");
+    segue_quantized_matmul((const float *)data[0], (int)rows, (int)k, (int)n, (const int8_t *)data[1],
+                           (const int32_t *)data[2], (const float *)data[3], (const float *)data[4],
+                           (int)kernel->weight_zero, q, (float *)out);
+    if (q != small) free(q);
+    return NULL;
+}
+
+static OrtStatus *SEGUE_CALL matmul_create(const SegueCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
+                                           void **made) {
+    (void)op;
+    (void)given;
+    MatMulKernel *kernel = (MatMulKernel *)calloc(1, sizeof(MatMulKernel));
+    if (kernel == NULL) return FAIL(ORT_FAIL, "segue.QuantizedMatMul: out of memory");
+    const char *names[3] = {"k", "n", "weight_zero_point"};
+    int64_t *fields[3] = {&kernel->k, &kernel->n, &kernel->weight_zero};
+    OrtStatus *status = NULL;
+    for (int i = 0; i < 3 && status == NULL; i++)
+        status = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
+            info, names[i], fields[i]);
+    if (status == NULL && (kernel->k <= 0 || kernel->n <= 0 || kernel->k > (1 << 20) || kernel->n > (1 << 24) ||
+                           kernel->weight_zero < -128 || kernel->weight_zero > 127))
+        status = FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: k, n or weight_zero_point out of range");
+    if (status != NULL) {
+        free(kernel);
+        return status;
+    }
+    *made = kernel;
+    return NULL;
+}
+
+/* --- the operators' descriptions ---------------------------------------------------------------- */
 
 static const char *SEGUE_CALL op_name(const SegueCustomOp *op) { (void)op; return "CausalAttention"; }
 static const char *SEGUE_CALL op_provider(const SegueCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
@@ -278,6 +358,23 @@ static SegueCustomOp causal_attention = {
     NULL, destroy, input_characteristic, required, default_memory, one, one, one, one, create_kernel, compute,
 };
 
+static const char *SEGUE_CALL matmul_name(const SegueCustomOp *op) { (void)op; return "QuantizedMatMul"; }
+static int SEGUE_CALL matmul_input_type(const SegueCustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 ? ELEMENT_INT8 : index == 2 ? ELEMENT_INT32 : ELEMENT_FLOAT;
+}
+static size_t SEGUE_CALL matmul_input_count(const SegueCustomOp *op) { (void)op; return 5; }
+static size_t SEGUE_CALL matmul_output_count(const SegueCustomOp *op) { (void)op; return 1; }
+
+static SegueCustomOp quantized_matmul = {
+    SEGUE_ORT_API_VERSION, NULL, matmul_name, op_provider, matmul_input_type, matmul_input_count, output_type,
+    matmul_output_count, NULL, destroy, required, required, default_memory, one, one, one, one, matmul_create,
+    matmul_compute,
+};
+
+/* Which of native_matmul_kernel.h's code paths this build took (its tests check each path they build). */
+SEGUE_EXPORT const char *segue_matmul_path(void) { return SEGUE_QM_PATH; }
+
 SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options, const SegueApiBase *base) {
     api = base->GetApi(SEGUE_ORT_API_VERSION);
     if (api == NULL) return NULL; /* an ONNX Runtime older than 1.16 cannot even make an error: the graph's
@@ -285,5 +382,6 @@ SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options,
     OrtCustomOpDomain *domain = NULL;
     CHECK(CALL(CreateCustomOpDomain, OrtStatus *(SEGUE_CALL *)(const char *, OrtCustomOpDomain **))("ai.segue", &domain));
     CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention));
+    CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &quantized_matmul));
     return CALL(AddCustomOpDomain, OrtStatus *(SEGUE_CALL *)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "ai.segue"
 OP_TYPE = "CausalAttention"
-SOURCES = (Path(__file__).with_name("native_attention.c"), Path(__file__).with_name("native_attention_kernel.h"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in
+                ("native_attention.c", "native_attention_kernel.h", "native_matmul_kernel.h"))
 FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 ARCH_FLAGS = (("-march=native",), ())  # this CPU's vector units; a compiler without -march=native gets the default
 BUILD_SECONDS = 120
@@ -49,6 +50,7 @@ class NativeGraph:
     graph: bytes
     library: Path
     nodes: int
+    matmuls: int = 0  # quantized matmuls made segue.QuantizedMatMul (engine/native_matmul.py)
 
 
 def enabled() -> bool:
@@ -138,10 +140,13 @@ def _build(cc: str, key: str) -> Path | None:
     return None
 
 
-def rewrite(graph: bytes) -> tuple[bytes, int]:
+def rewrite(graph: bytes, quantized_matmuls: bool = False) -> tuple[bytes, int, int]:
     """`graph` with each packed-QKV, rotary-free GroupQueryAttention node (as export/gqa.py writes them)
-    replaced by the native operator, and how many were replaced (0: the graph is returned as it was)."""
+    replaced by the native operator, and how many were replaced (0: the graph is returned as it was);
+    with `quantized_matmuls`, its int8 linear layers too (engine/native_matmul.py), and how many."""
     import onnx  # only here: a plain load needs no onnx package
+
+    from engine import native_matmul
 
     model = onnx.load_from_string(graph)
     replaced = 0
@@ -162,23 +167,25 @@ def rewrite(graph: bytes) -> tuple[bytes, int]:
         model.graph.node[index].CopyFrom(native)
         replaced += 1
     if not replaced:
-        return graph, 0
+        return graph, 0, 0
+    matmuls = native_matmul.rewrite_model(model, DOMAIN) if quantized_matmuls else 0
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-    return model.SerializeToString(), replaced
+    return model.SerializeToString(), replaced, matmuls
 
 
-def prepare(graph: bytes) -> tuple[NativeGraph | None, str]:
-    """The graph with the native operator and its library, or None and why the graph stays as it is."""
+def prepare(graph: bytes, quantized_matmuls: bool = False) -> tuple[NativeGraph | None, str]:
+    """The graph with the native operator and its library, or None and why the graph stays as it is.
+    `quantized_matmuls`: the int8 linear layers run natively too (for a session of decode steps)."""
     path, why = library()
     if path is None:
         return None, why
     try:
-        rewritten, nodes = rewrite(graph)
+        rewritten, nodes, matmuls = rewrite(graph, quantized_matmuls)
     except ImportError:
         return None, "the onnx package is not installed (it rewrites the graph)"
     except Exception as exc:  # a graph onnx cannot parse is ONNX Runtime's to judge, as before
         return None, f"the graph could not be rewritten: {exc}"
     if not nodes:
         return None, "the graph has no GroupQueryAttention node of the exported kind"
-    return NativeGraph(rewritten, path, nodes), ""
+    return NativeGraph(rewritten, path, nodes, matmuls), ""

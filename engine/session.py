@@ -58,6 +58,10 @@ from engine.variant_choice import choose_for_gpu, choose_here, needs_measuring_h
 log = logging.getLogger("segue.engine")
 
 PREFILL_MIN_TOKENS = 32  # prompts at least this long may run on the prefill session (SEGUE_PREFILL_THREADS)
+# Runs of more rows (batch x positions) than this go to ONNX Runtime's int8 matmuls, fewer to the native
+# one (engine/native_matmul.py), where the decode session has it: the crossover measured in
+# docs/performance.md, Session 14.
+NATIVE_MATMUL_ROWS = 8
 PREFILL_CHUNK = 64  # prompt positions per run on the shared-buffer graph (see OnnxDecoder._forward_shared)
 # The two counts nearly every run feeds, made once (a decode step binds one on every call).
 _LAST_FEEDS = {count: np.array([count], dtype=np.int64) for count in (1, last_positions.EVERY)}
@@ -233,11 +237,16 @@ def choose_providers(providers: list[str] | None = None) -> list[str]:
 
 class OnnxDecoder:
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession,
-                 prefill_session: ort.InferenceSession | None = None, variant: str = "fp32"):
+                 prefill_session: ort.InferenceSession | None = None, variant: str = "fp32",
+                 prefill_from: int = PREFILL_MIN_TOKENS):
         self.folder = Path(folder)
         self.manifest = manifest
         self.session = session
-        self.prefill_session = prefill_session  # more threads for long prompts, when configured
+        # Runs of `prefill_from` rows or more go here: a session with more threads for long prompts, when
+        # configured, or the graph with ONNX Runtime's int8 matmuls where `session` has the native ones.
+        self.prefill_session = prefill_session
+        self.prefill_from = prefill_from
+        self.native_matmuls = 0  # int8 linear layers of `session` on the native operator (set by from_bytes)
         self.variant = variant
         self.serve_reason = ""  # why this precision is served (from_bytes: the manifest's measurement, or one made here)
         self.attention = "GroupQueryAttention"  # or "native (...)": engine/native_attention.py, set by from_bytes
@@ -362,11 +371,13 @@ class OnnxDecoder:
         chosen = choose_providers(providers)
 
         attention: dict[ort.InferenceSession, str] = {}
+        matmuls: dict[ort.InferenceSession, int] = {}
 
-        def make_session(name: str, session_threads: int) -> ort.InferenceSession:
+        def make_session(name: str, session_threads: int, decode: bool = True) -> ort.InferenceSession:
+            """`decode`: a session for runs of a few rows, which takes the native int8 matmuls too."""
             graph = model if name == "fp32" else _variant_bytes(Path(folder), manifest, name, files)
             if chosen == [CPU] and session_threads == 1:  # the node keeps its thread pool where there is one
-                native, why = native_attention.prepare(graph)
+                native, why = native_attention.prepare(graph, quantized_matmuls=decode and _native_matmuls_enabled())
                 if native is not None:
                     options = session_options(session_threads)
                     try:
@@ -374,6 +385,7 @@ class OnnxDecoder:
                         made = ort.InferenceSession(_last_positions_graph(native.graph, folder, name), options,
                                                     providers=chosen)
                         attention[made] = f"native ({native.library.name})"
+                        matmuls[made] = native.matmuls
                         return made
                     except Exception as exc:  # onnxruntime's own error types: the node instead, as exported
                         why = f"ONNX Runtime did not take it: {str(exc).splitlines()[0][:300]}"
@@ -416,14 +428,21 @@ class OnnxDecoder:
                 variant = served
                 reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
                 session = make_session(variant, threads)
-        prefill = make_session(variant, prefill_threads) if prefill_threads > threads else None
-        decoder = cls(folder, manifest, session, prefill, variant)
+        prefill, prefill_from = None, PREFILL_MIN_TOKENS
+        if prefill_threads > threads or matmuls.get(session):
+            prefill = make_session(variant, max(prefill_threads, threads), decode=False)
+            if matmuls.get(session):  # runs of many rows on ONNX Runtime's int8 matmuls, faster there
+                prefill_from = NATIVE_MATMUL_ROWS + 1
+        decoder = cls(folder, manifest, session, prefill, variant, prefill_from)
         decoder.serve_reason = reason
         decoder.attention = attention.get(session, "GroupQueryAttention")
+        decoder.native_matmuls = matmuls.get(session, 0)
         if for_gpu and decoder.device == "cuda":
             log.info("%s: serving %s %s", folder, variant, reason)
-        log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s, attention: %s)", folder, variant, decoder.kv_cache,
-                 decoder.device, threads, f", prefill {prefill_threads}" if prefill is not None else "", decoder.attention)
+        log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s, attention: %s%s)", folder, variant, decoder.kv_cache,
+                 decoder.device, threads, f", prefill {prefill_threads}" if prefill_threads > threads else "", decoder.attention,
+                 f", {decoder.native_matmuls} int8 matmuls native for runs of up to {NATIVE_MATMUL_ROWS} rows"
+                 if decoder.native_matmuls else "")
         decoder.warm_up()
         return decoder
 
@@ -542,7 +561,7 @@ class OnnxDecoder:
             return self._last_of(logits, last), cache
         feeds = {"input_ids": ids, "position_ids": positions, **self._last_feed(last)}
         feeds.update(zip(self.past_names, (self._as_cache_type(t) for t in cache.tensors), strict=True))
-        outputs = self._session_for(steps).run(self.output_names, feeds)
+        outputs = self._session_for(steps * batch).run(self.output_names, feeds)
         return self._last_of(outputs[0], last), KVCache(tuple(outputs[1:]))
 
     def _last_feed(self, last: int | None) -> dict[str, np.ndarray]:
@@ -562,8 +581,10 @@ class OnnxDecoder:
         """A history built elsewhere (KVCache(tensors) from float32 arrays) in the graph's element type."""
         return tensor if tensor.dtype == self.cache_dtype else tensor.astype(self.cache_dtype)
 
-    def _session_for(self, steps: int) -> ort.InferenceSession:
-        return self.prefill_session if self.prefill_session is not None and steps >= PREFILL_MIN_TOKENS else self.session
+    def _session_for(self, rows: int) -> ort.InferenceSession:
+        """The session for a run of `rows` rows (batch x positions; a prompt's chunks count the whole
+        prompt, so that all its runs go to one session)."""
+        return self.prefill_session if self.prefill_session is not None and rows >= self.prefill_from else self.session
 
     def _forward_shared(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
                         claimed: _Store | None = None, run: int = 0, last: int | None = None) -> tuple[np.ndarray, KVCache]:
@@ -597,8 +618,8 @@ class OnnxDecoder:
                             parts.append(got[:, got.shape[1] - kept:])
                     rows.append(np.concatenate(parts, axis=1))
                 logits = np.concatenate(rows)
-            elif self.prefill_session is not None and run >= PREFILL_MIN_TOKENS:
-                logits = self._run(self._binding(store.buffers, self.prefill_session), ids, positions, self.prefill_session, last)
+            elif (session := self._session_for(run * batch)) is not self.session:
+                logits = self._run(self._binding(store.buffers, session), ids, positions, session, last)
             else:
                 logits = self._run(store.binding, ids, positions, self.session, last)
         except BaseException:
@@ -641,7 +662,7 @@ class OnnxDecoder:
     def _forward_device(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
                         last: int | None = None) -> tuple[np.ndarray, KVCache]:
         """On a GPU: the presents stay on the device and are bound as the next step's pasts (no host copy)."""
-        session = self._session_for(ids.shape[1])
+        session = self._session_for(ids.size)
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("position_ids", positions)
@@ -668,7 +689,12 @@ class OnnxDecoder:
         pair = cache.repeat(2)
         self.step(np.zeros((2, 1), dtype=np.int64), pair)
         if self.prefill_session is not None:
-            self.step(np.zeros((1, PREFILL_MIN_TOKENS), dtype=np.int64), self.empty_cache())
+            self.step(np.zeros((1, max(self.prefill_from, 16)), dtype=np.int64), self.empty_cache())
+
+
+def _native_matmuls_enabled() -> bool:
+    """SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's int8 matmuls for every run (to compare, or to rule it out)."""
+    return os.environ.get("SEGUE_NATIVE_MATMUL", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _last_positions_graph(graph: bytes, folder: Path | str, variant: str) -> bytes:

@@ -1,0 +1,228 @@
+"""The native int8 matmul (segue.QuantizedMatMul, engine/native_matmul_kernel.h) against the arithmetic of
+the chain it replaces (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add), on every code path
+this CPU can run; the graph rewrite; and the engine serving it for decode steps while prompts keep ONNX
+Runtime's matmuls."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from engine import native_attention, native_matmul
+from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, session_options
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+# Each code path, the flags that select it (on top of native_attention.FLAGS) and the CPU flags it needs.
+# The portable path runs everywhere; the others where this CPU has their instructions.
+PATHS = {
+    "portable": ((), set()),
+    "avx2": (("-march=native", "-mno-avx512f", "-mno-avxvnni"), {"avx2"}),
+    "avx-vnni": (("-march=native", "-mno-avx512f"), {"avx2", "avx_vnni"}),
+    "avx512-vnni": (("-march=native",), {"avx512f", "avx512bw", "avx512_vnni"}),
+}
+RUNNABLE = [name for name, (_, needs) in PATHS.items() if needs <= _cpu_flags()]
+
+
+@pytest.fixture(scope="module")
+def libraries(tmp_path_factory) -> dict[str, Path]:
+    """The operator library built once per code path this CPU runs, each checked to have taken its path."""
+    compiler = native_attention.compiler()
+    assert compiler is not None, "the tests need a C compiler (the README's set-up installs gcc)"
+    folder = tmp_path_factory.mktemp("native")
+    built = {}
+    for name in RUNNABLE:
+        target = folder / f"segue-{name}.so"
+        subprocess.run([compiler, *native_attention.FLAGS, *PATHS[name][0], "-o", str(target),
+                        str(native_attention.SOURCES[0]), "-lm"], check=True, capture_output=True, timeout=120)
+        assert native_matmul.code_path(target) == name
+        built[name] = target
+    return built
+
+
+def chain_graph(weights: np.ndarray, weight_scale: np.ndarray, weight_zero: int, bias: np.ndarray | None) -> onnx.ModelProto:
+    """One linear layer as `export-onnx --quantize int8` writes it (onnxruntime's quantize_dynamic)."""
+    k, n = weights.shape
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("Mul", ["xs", "ws"], ["scale"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz", "wz"], ["sums"]),
+             helper.make_node("Cast", ["sums"], ["float_sums"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["float_sums", "scale"], ["y" if bias is None else "product"])]
+    constants = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(weight_scale, "ws"),
+                 numpy_helper.from_array(np.array(weight_zero, np.int8), "wz")]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", ["product", "b"], ["y"]))
+        constants.append(numpy_helper.from_array(bias, "b"))
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "steps", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "steps", n])], constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def reference(x: np.ndarray, weights: np.ndarray, weight_scale: np.ndarray, weight_zero: int, bias: np.ndarray | None):
+    """DynamicQuantizeLinear and the integer product, in numpy: float32 arithmetic, exact integer sums."""
+    low, high = np.float32(min(x.min(), 0)), np.float32(max(x.max(), 0))
+    scale = np.float32(1) if high == low else np.float32((high - low) / np.float32(255))
+    zero = np.float32(np.rint(np.clip(np.float32(0) - low / scale, 0, 255)))
+    q = np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.int64)
+    exact = (q - int(zero)) @ (weights.astype(np.int64) - weight_zero)
+    y = exact.astype(np.float32) * (scale * weight_scale.astype(np.float32))
+    return y + bias if bias is not None else y
+
+
+def native_session(model: onnx.ModelProto, library: Path) -> ort.InferenceSession:
+    rewritten = onnx.ModelProto.FromString(model.SerializeToString())
+    assert native_matmul.rewrite_model(rewritten, native_attention.DOMAIN) == 1
+    assert [node.op_type for node in rewritten.graph.node] == [native_matmul.OP_TYPE]
+    rewritten.opset_import.append(helper.make_opsetid(native_attention.DOMAIN, 1))
+    options = session_options(1)
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def test_packing_puts_four_rows_of_each_column_together():
+    weights = np.arange(-60, 60, dtype=np.int8)[: 10 * 12].reshape(10, 12)  # k = 10: a quad padded; n = 12 < 64
+    packed, sums = native_matmul.pack(weights)
+    quads, blocks = 3, 1
+    assert packed.shape == (blocks * quads * 64 * 4,)
+    for row in range(10):
+        for column in range(12):
+            assert packed[((row // 4) * 64 + column) * 4 + row % 4] == weights[row, column]
+    assert not packed.reshape(quads, 64, 4)[:, 12:].any() and not packed.reshape(quads, 64, 4)[2, :, 2:].any()
+    assert sums.tolist() == weights.astype(np.int32).sum(axis=0).tolist() + [0] * 52
+
+
+@pytest.mark.parametrize("path", RUNNABLE)
+@pytest.mark.parametrize("k, n, rows", [(256, 768, 1), (256, 256, 3), (1024, 256, 1), (30, 70, 5), (32, 96, 9),
+                                        (7, 129, 2), (256, 1024, 8), (64, 64, 4)])
+def test_the_operator_computes_the_quantized_product(libraries, path, k, n, rows):
+    """Rows 1-9 (a step, a batch of variations, a guess), k not a multiple of 4 and n not of 64 (padding),
+    rows past a multiple of four; the exact integer sums and float32 scaling of the reference."""
+    rng = np.random.default_rng(k * n + rows)
+    weights = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
+    weight_scale = np.array(0.004, np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = (rng.standard_normal((1, rows, k)) * 1.5 + 0.4).astype(np.float32)
+    got = native_session(chain_graph(weights, weight_scale, 0, bias), libraries[path]).run(None, {"x": x})[0]
+    want = reference(x, weights, weight_scale, 0, bias)
+    assert got.shape == (1, rows, n)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("path", RUNNABLE)
+def test_zero_points_column_scales_no_bias_and_more_dimensions(libraries, path):
+    rng = np.random.default_rng(3)
+    k, n = 40, 100
+    weights = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+    weight_scale = rng.uniform(0.001, 0.01, n).astype(np.float32)  # one scale per column
+    x = np.abs(rng.standard_normal((3, 2, k))).astype(np.float32)  # all positive: the activation's zero point is 0
+    for weight_zero in (0, 5, -128):
+        got = native_session(chain_graph(weights, weight_scale, weight_zero, None), libraries[path]).run(None, {"x": x})[0]
+        want = reference(x, weights, weight_scale, weight_zero, None)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+        x = -x  # then all negative: the zero point is 255
+
+
+@pytest.mark.parametrize("path", RUNNABLE)
+def test_it_matches_onnx_runtime_on_a_layer_of_the_exported_kind(libraries, path):
+    """Weights as quantize_dynamic makes them from a trained-looking matrix: ONNX Runtime's own result to
+    within a rounding of the last multiply-add (where its CPU kernel cannot saturate, as VNNI's cannot)."""
+    rng = np.random.default_rng(5)
+    k, n = 256, 768
+    floats = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    weight_scale = np.array(np.abs(floats).max() / 127, np.float32)
+    weights = np.clip(np.rint(floats / weight_scale), -127, 127).astype(np.int8)
+    bias = rng.standard_normal(n).astype(np.float32) * 0.1
+    model = chain_graph(weights, weight_scale, 0, bias)
+    plain = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    native = native_session(model, libraries[path])
+    for rows in (1, 2, 5):
+        x = rng.standard_normal((1, rows, k)).astype(np.float32)
+        ours, theirs = native.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]
+        if "avx512_vnni" in _cpu_flags():
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ours, reference(x, weights, weight_scale, 0, bias), rtol=2e-6, atol=1e-6)
+
+
+def test_a_wrong_width_is_a_clear_error(libraries):
+    model = chain_graph(np.ones((16, 8), np.int8), np.array(0.1, np.float32), 0, None)
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "width"  # so that ONNX Runtime lets it through
+    session = native_session(model, libraries["portable"])
+    with pytest.raises(Exception, match="QuantizedMatMul: the input's last dimension is not the weights' k"):
+        session.run(None, {"x": np.ones((1, 1, 12), np.float32)})
+    assert session.run(None, {"x": np.ones((1, 0, 16), np.float32)})[0].shape == (1, 0, 8)  # no rows: no work, no error
+
+
+def test_a_chain_with_an_intermediate_read_elsewhere_is_left_alone():
+    model = chain_graph(np.ones((16, 8), np.int8), np.array(0.1, np.float32), 0, np.zeros(8, np.float32))
+    model.graph.node.append(helper.make_node("Identity", ["xs"], ["scale_seen"]))
+    model.graph.output.append(helper.make_tensor_value_info("scale_seen", TensorProto.FLOAT, []))
+    assert native_matmul.rewrite_model(model, native_attention.DOMAIN) == 0
+    assert "MatMulInteger" in [node.op_type for node in model.graph.node]
+
+
+def test_the_int8_export_is_rewritten_whole_and_computes_the_same(int8_model):
+    graph = (int8_model / "model.int8.onnx").read_bytes()
+    chains = sum(node.op_type == "MatMulInteger" for node in onnx.load_from_string(graph).graph.node)
+    with_matmuls, _ = native_attention.prepare(graph, quantized_matmuls=True)
+    attention_only, _ = native_attention.prepare(graph)
+    assert with_matmuls is not None and attention_only is not None
+    assert with_matmuls.matmuls == chains > 0 and attention_only.matmuls == 0
+    kinds = [node.op_type for node in onnx.load_from_string(with_matmuls.graph).graph.node]
+    assert kinds.count(native_matmul.OP_TYPE) == chains and not {"MatMulInteger", "DynamicQuantizeLinear"} & set(kinds)
+    onnx.checker.check_model(onnx.load_from_string(with_matmuls.graph))  # topologically sorted, every input made
+
+    outputs = []
+    for native in (with_matmuls, attention_only):
+        options = session_options(1)
+        options.register_custom_ops_library(str(native.library))
+        session = ort.InferenceSession(native.graph, options, providers=["CPUExecutionProvider"])
+        feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
+                 for i in session.get_inputs() if i.name.startswith("past_")}
+        feeds.update(input_ids=np.array([[3, 17, 9, 40]]), position_ids=np.arange(4)[None])
+        outputs.append(session.run(None, feeds))
+    for ours, theirs in zip(*outputs, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_decodes_with_it_and_keeps_prompts_on_onnx_runtime(int8_model, monkeypatch):
+    decoder = OnnxDecoder.load(int8_model, variant="int8")
+    assert decoder.attention.startswith("native") and decoder.native_matmuls > 0
+    assert decoder.prefill_session is not None and decoder.prefill_from == NATIVE_MATMUL_ROWS + 1
+    used: list[tuple[int, bool]] = []
+    run = OnnxDecoder._run
+
+    def spy(self, binding, ids, positions, session, last=None):
+        used.append((ids.size, session is self.session))
+        return run(self, binding, ids, positions, session, last)
+
+    monkeypatch.setattr(OnnxDecoder, "_run", spy)
+    prompt = np.arange(3, 43)[None] % decoder.vocab_size
+    logits, cache = decoder.step(prompt, decoder.empty_cache())  # 40 positions: the prompt session
+    step_logits, step_cache = decoder.step(np.array([[5]]), cache)  # a step: the native matmuls
+    guess_logits, _ = decoder.step_instead(np.array([[5, 6, 7]]), cache, step_cache, every_position=True)
+    batch = decoder.empty_cache().repeat(NATIVE_MATMUL_ROWS + 1)
+    decoder.step(np.zeros((NATIVE_MATMUL_ROWS + 1, 1), np.int64), batch)  # more rows than the native way is for
+    assert used == [(40, False), (1, True), (3, True), (NATIVE_MATMUL_ROWS + 1, False)]
+
+    monkeypatch.setenv("SEGUE_NATIVE_MATMUL", "0")
+    plain = OnnxDecoder.load(int8_model, variant="int8")
+    assert plain.native_matmuls == 0 and plain.prefill_session is None
+    plain_logits, plain_cache = plain.step(prompt, plain.empty_cache())
+    np.testing.assert_array_equal(logits, plain_logits)  # the prompt: the same session graph
+    plain_step, plain_step_cache = plain.step(np.array([[5]]), plain_cache)
+    np.testing.assert_allclose(step_logits, plain_step, rtol=1e-4, atol=1e-4)
+    plain_guess, _ = plain.step_instead(np.array([[5, 6, 7]]), plain_cache, plain_step_cache, every_position=True)
+    np.testing.assert_allclose(guess_logits, plain_guess, rtol=1e-4, atol=1e-4)
