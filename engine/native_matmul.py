@@ -2,16 +2,18 @@
 
 `export-onnx --quantize int8` writes every linear layer as DynamicQuantizeLinear -> MatMulInteger ->
 Cast -> Mul (by the two scales) -> Add (the bias), which ONNX Runtime fuses into one
-DynamicQuantizeMatMul node. For a decode step (one row per sequence) that node costs 11-16 us against
-2-4 us for reading its weights: it is a matrix-matrix kernel paying its packing and blocking for a
-vector. `segue.QuantizedMatMul` (engine/native_matmul_kernel.h, in the same library as the native
-attention) computes the same thing a few rows at a time from weights packed here, at load, for the dot
-product instructions.
+DynamicQuantizeMatMul node. For a decode step (one row per sequence) that node costs 11-16 us with its
+weights in cache, where streaming them takes 2-4 us: it is a matrix-matrix kernel paying its packing
+and blocking for a vector. `segue.QuantizedMatMul` (engine/native_matmul_kernel.h, in the same library
+as the native attention) computes the same thing a few rows at a time from weights packed here, at
+load, for the dot product instructions. In a whole step the weights mostly come from L3 (a step's
+weights and cache outgrow L2), which caps the gain: 1.2x a step for the small preset at 512-896
+positions, none measurable for the shipped 4-layer model (docs/performance.md, Session 14).
 
 Prompt chunks (64 rows) stay on ONNX Runtime's node, which is faster there (a blocked GEMM, AMX on
 CPUs that have it): the engine keeps a second session without this rewrite for them
-(engine/session.py). `rewrite_model` changes a parsed graph in place; the attention rewrite
-(engine/native_attention.py) calls it so the graph is parsed once.
+(engine/session.py; its own copy of the int8 weights, a few MB). `rewrite_model` changes a parsed
+graph in place; the attention rewrite (engine/native_attention.py) calls it so the graph is parsed once.
 """
 
 from __future__ import annotations

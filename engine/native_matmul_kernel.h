@@ -8,10 +8,10 @@
  *   y[n] = float(sum_k (q[k] - zero) (w[k][n] - w_zero)) * (scale * w_scale[n]) + bias[n].
  * The sums are exact in int32, so only the last multiply-add may differ from ONNX Runtime's by a rounding.
  *
- * Why: for one row (a decode step) ONNX Runtime's node costs 11-16 us for weights that the caches hand
- * over in 2-4 us; it is built for matrices (packing, blocking) and pays for that on a vector
- * (docs/performance.md, Session 14). Here a row is a stream over weights packed at load for the dot
- * product instructions, nothing else.
+ * Why: for one row (a decode step) ONNX Runtime's node costs 11-16 us for weights that this kernel
+ * streams in 2-4 us from L2 (8-12 us from L3, where a whole step's weights mostly are); it is built for
+ * matrices (packing, blocking) and pays for that on a vector (docs/performance.md, Session 14). Here a
+ * row is a stream over weights packed at load for the dot product instructions, nothing else.
  *
  * Weight layout (engine/native_matmul.py packs it): columns in blocks of 64, and within a block the rows
  * in quads, each quad's 64 columns x 4 rows as 256 consecutive bytes:

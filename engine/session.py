@@ -19,7 +19,11 @@ Two graph kinds (the manifest's `onnx.kv_cache`, confirmed against the graph at 
 On the CPU, a session of one thread runs the shared-buffer graph with its GroupQueryAttention nodes
 rewritten to the native operator (engine/native_attention.py: the same attention in C, built once per
 machine, 1.6-4.7x faster than the node for a decode step); without a C compiler, or with
-SEGUE_NATIVE_ATTENTION=0, the node runs as exported. `decoder.attention` says which. CPU graphs also
+SEGUE_NATIVE_ATTENTION=0, the node runs as exported. `decoder.attention` says which. For the int8
+variant that session also runs its quantized matmuls natively (engine/native_matmul.py: a decode
+step's one-row products, 1.2x faster a step on the small preset), and runs of more than
+NATIVE_MATMUL_ROWS rows (prompts) go to a second session of the same graph with ONNX Runtime's
+matmuls, faster there; SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's for every run. CPU graphs also
 get a `last_positions` input (engine/last_positions.py): `step` and a prompt's prefill ask for the
 last position's logits only, and the graph then runs the last layer's tail for that position alone.
 
@@ -61,7 +65,7 @@ PREFILL_MIN_TOKENS = 32  # prompts at least this long may run on the prefill ses
 # Runs of more rows (batch x positions) than this go to ONNX Runtime's int8 matmuls, fewer to the native
 # one (engine/native_matmul.py), where the decode session has it: the crossover measured in
 # docs/performance.md, Session 14.
-NATIVE_MATMUL_ROWS = 8
+NATIVE_MATMUL_ROWS = 4
 PREFILL_CHUNK = 64  # prompt positions per run on the shared-buffer graph (see OnnxDecoder._forward_shared)
 # The two counts nearly every run feeds, made once (a decode step binds one on every call).
 _LAST_FEEDS = {count: np.array([count], dtype=np.int64) for count in (1, last_positions.EVERY)}
