@@ -283,12 +283,13 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
     for (size_t i = 0; i < 5; i++) CHECK(input(context, i, &values[i], &data[i]));
     const int64_t k = kernel->k, n = kernel->n;
     const int64_t quads = (k + 3) / 4, blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
-    if (kernel->checked != data[1]) {
+    /* Atomic: sessions may run this node from several threads at once (the server's workers). */
+    if (__atomic_load_n(&kernel->checked, __ATOMIC_RELAXED) != data[1]) {
         CHECK(expect_elements(values[1], blocks * quads * 256, "segue.QuantizedMatMul: the packed weights' size is not k x n's"));
         for (size_t i = 2; i < 5; i++)
             CHECK(expect_elements(values[i], blocks * SEGUE_QM_COLUMNS,
                                   "segue.QuantizedMatMul: column_sums, scales and bias need one entry per packed column"));
-        kernel->checked = data[1];
+        __atomic_store_n(&kernel->checked, (const void *)data[1], __ATOMIC_RELAXED);
     }
     int64_t dims[8];
     size_t rank;

@@ -57,7 +57,7 @@ def rewrite_model(model: Any, domain: str) -> int:
     """Each quantized linear layer of `model` (an onnx ModelProto) replaced by `domain`'s QuantizedMatMul,
     in place; returns how many. A chain that is not exactly the exporter's (an intermediate read by
     another node, per-column zero points, weights that are not initializers) is left as it is."""
-    from onnx import NodeProto, helper, numpy_helper
+    from onnx import NodeProto, TensorProto, helper, numpy_helper
 
     graph = model.graph
     # Copies, held in one list: nodes are compared by identity below, which protobuf's wrappers of the
@@ -92,7 +92,9 @@ def rewrite_model(model: Any, domain: str) -> int:
                 or node.input[2] != quantize.output[2]):
             continue
         cast = only_reader(node.output[0])
-        scaled = only_reader(cast.output[0]) if cast is not None and cast.op_type == "Cast" else None
+        to_float = cast is not None and cast.op_type == "Cast" and any(
+            a.name == "to" and a.i == TensorProto.FLOAT for a in cast.attribute)
+        scaled = only_reader(cast.output[0]) if to_float else None
         if scaled is None or scaled.op_type != "Mul":
             continue
         scale_name = next((name for name in scaled.input if name != cast.output[0]), "")
