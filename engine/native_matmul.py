@@ -129,14 +129,18 @@ def rewrite_model(model: Any, domain: str) -> int:
     # The fused node takes the place of its chain's last node: its inputs (the chain's input and
     # constants) are all there by then, so the order stays topological.
     kept = [fused.get(id(node), node) for node in nodes if id(node) not in removed or id(node) in fused]
+    chains_read = {name for node in nodes if id(node) in removed for name in node.input}
     del graph.node[:]
-    graph.node.extend(kept)
-    used = {name for node in graph.node for name in node.input}
-    still = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(still + new_initializers)
+    graph.node.extend(kept)  # our own copies (made above), not wrappers of what was just deleted
+    # The weights, scales and biases only the removed chains read, and the shapes of the tensors they made,
+    # deleted in place (from the end, so that indices stay valid).
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name in chains_read - used:
+            del graph.initializer[index]
+    graph.initializer.extend(new_initializers)
     produced = {out for node in graph.node for out in node.output} | {i.name for i in graph.input}
-    infos = [v for v in graph.value_info if v.name in produced]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)
+    for index in reversed(range(len(graph.value_info))):
+        if graph.value_info[index].name not in produced:
+            del graph.value_info[index]
     return len(fused)
