@@ -53,8 +53,9 @@ class NativeGraph:
     matmuls: int = 0  # quantized matmuls made segue.QuantizedMatMul (engine/native_matmul.py)
 
 
-def enabled() -> bool:
-    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+def enabled(switch: str = SWITCH) -> bool:
+    """Whether the environment leaves `switch` (this operator's, or engine/native_matmul.py's) on."""
+    return os.environ.get(switch, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def cache_dir() -> Path:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 OP_TYPE = "QuantizedMatMul"
+SWITCH = "SEGUE_NATIVE_MATMUL"  # =0: ONNX Runtime's int8 matmuls for every run (to compare, or to rule this out)
 COLUMNS = 64  # columns per packed block (SEGUE_QM_COLUMNS in engine/native_matmul_kernel.h)
 
 

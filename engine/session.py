@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engine import last_positions, native_attention
+from engine import last_positions, native_attention, native_matmul
 from engine.machine import cpu_name
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
 from engine.variant_choice import choose_for_gpu, choose_here, needs_measuring_here
@@ -381,7 +381,7 @@ class OnnxDecoder:
             """`decode`: a session for runs of a few rows, which takes the native int8 matmuls too."""
             graph = model if name == "fp32" else _variant_bytes(Path(folder), manifest, name, files)
             if chosen == [CPU] and session_threads == 1:  # the node keeps its thread pool where there is one
-                native, why = native_attention.prepare(graph, quantized_matmuls=decode and _native_matmuls_enabled())
+                native, why = native_attention.prepare(graph, quantized_matmuls=decode and native_attention.enabled(native_matmul.SWITCH))
                 if native is not None:
                     options = session_options(session_threads)
                     try:
@@ -692,13 +692,9 @@ class OnnxDecoder:
             _, cache = self.step(np.zeros((1, 1), dtype=np.int64), cache)
         pair = cache.repeat(2)
         self.step(np.zeros((2, 1), dtype=np.int64), pair)
-        if self.prefill_session is not None:
-            self.step(np.zeros((1, max(self.prefill_from, 16)), dtype=np.int64), self.empty_cache())
+        if self.prefill_session is not None and self.prefill_from > 16:  # the first step above did not reach it
+            self.step(np.zeros((1, self.prefill_from), dtype=np.int64), self.empty_cache())
 
-
-def _native_matmuls_enabled() -> bool:
-    """SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's int8 matmuls for every run (to compare, or to rule it out)."""
-    return os.environ.get("SEGUE_NATIVE_MATMUL", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _last_positions_graph(graph: bytes, folder: Path | str, variant: str) -> bytes:

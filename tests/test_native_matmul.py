@@ -19,11 +19,7 @@ from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, session_options
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    return set(native_attention._cpu_signature().split())  # /proc/cpuinfo's flags line, as the build key reads it
 
 
 # Each code path, the flags that select it (on top of native_attention.FLAGS) and the CPU flags it needs.
