@@ -129,6 +129,111 @@ def continuation(generator: Generator, clip, request: ContinuationRequest) -> tu
     return (time.perf_counter() - started) * 1000, sum(len(d.tokens) for d in done)
 
 
+class DeviceBufferSteps:
+    """Decode steps at ONNX Runtime's level with the cache in one preallocated device buffer per layer,
+    bound as both past and present (GroupQueryAttention's shared-buffer mode), against the engine's
+    step, which binds a fresh present on the device each step (GroupQueryAttention copies the history
+    into it). `cuda_graph`: the steps replayed as one captured CUDA graph (ONNX Runtime's
+    enable_cuda_graph: every input bound at a fixed device address, new values written in place); the
+    prompt then runs on the plain session into the same buffers. What a next version of the engine's
+    GPU path could do, measured before it is built."""
+
+    def __init__(self, generator: Generator, cuda_graph: bool = False):
+        decoder = self.decoder = generator.decoder
+        self.prompt_session = decoder.session
+        if cuda_graph:
+            manifest, files = read_model_folder(decoder.folder)
+            graph = files[MODEL_FILE] if decoder.variant == "fp32" else files[manifest.variants[decoder.variant].file]
+            self.step_session = ort.InferenceSession(graph, session_options(1),
+                                                     providers=[(CUDA, {"enable_cuda_graph": "1"}), CPU])
+        else:
+            self.step_session = decoder.session
+        self.cuda_graph = cuda_graph
+        shape = (1, decoder.n_head, decoder.max_context, decoder.head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.cache_dtype, "cuda", 0)
+                        for _ in decoder.past_names]
+        self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64), "cuda", 0)
+        self.positions = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64), "cuda", 0)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, decoder.vocab_size), np.float32, "cuda", 0)
+        self.step_binding = self._binding(self.step_session)
+        declared = {i.name for i in self.step_session.get_inputs()}
+        self.last = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64), "cuda", 0) if "last_positions" in declared else None
+        self.step_binding.bind_ortvalue_input("input_ids", self.ids)
+        self.step_binding.bind_ortvalue_input("position_ids", self.positions)
+        if self.last is not None:
+            self.step_binding.bind_ortvalue_input("last_positions", self.last)
+        self.step_binding.bind_ortvalue_output("logits", self.logits)
+
+    def _binding(self, session: ort.InferenceSession):
+        binding = session.io_binding()
+        for past, present, buffer in zip(self.decoder.past_names, self.decoder.present_names, self.buffers, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        return binding
+
+    def prompt(self, ids: np.ndarray) -> None:
+        binding = self._binding(self.prompt_session)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("position_ids", np.arange(ids.shape[1], dtype=np.int64)[None])
+        if "last_positions" in {i.name for i in self.prompt_session.get_inputs()}:
+            binding.bind_cpu_input("last_positions", np.ones(1, np.int64))
+        binding.bind_output("logits", "cpu")
+        self.prompt_session.run_with_iobinding(binding)
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        self.ids.update_inplace(np.array([[token]], np.int64))
+        self.positions.update_inplace(np.array([[position]], np.int64))
+        self.step_session.run_with_iobinding(self.step_binding)
+        return self.logits.numpy()  # to the host, as the engine's logits are
+
+    def decode_ms(self, context: int) -> float:
+        ids = np.random.default_rng(context).integers(0, self.decoder.vocab_size, (1, context + DECODE_STEPS))
+        self.prompt(ids[:, :context])
+        started = time.perf_counter()
+        for i in range(DECODE_STEPS):
+            self.step(int(ids[0, context + i]), context + i)
+        return (time.perf_counter() - started) * 1000 / DECODE_STEPS
+
+    def agrees_with_the_engine(self) -> float:
+        """The largest difference between these steps' logits and the engine's on the same tokens."""
+        decoder = self.decoder
+        ids = np.random.default_rng(5).integers(0, decoder.vocab_size, (1, 80))
+        _, cache = decoder.step(ids[:, :64], decoder.empty_cache())
+        self.prompt(ids[:, :64])
+        worst = 0.0
+        for i in range(64, 80):
+            expected, cache = decoder.step(ids[:, i:i + 1], cache)
+            worst = max(worst, float(np.abs(self.step(int(ids[0, i]), i)[0, -1] - expected[0]).max()))
+        return worst
+
+
+def device_buffer_table(generator: Generator, repeats: int) -> None:
+    """The engine's GPU step against DeviceBufferSteps, plain and as a CUDA graph, alternated in rounds."""
+    sides: dict[str, object] = {"engine (a fresh present each step)": generator}
+    for name, graph in (("one device buffer, bound as past and present", False), ("the same, replayed as a CUDA graph", True)):
+        try:
+            steps = DeviceBufferSteps(generator, cuda_graph=graph)
+            print(f"{name}: largest logit difference from the engine's steps {steps.agrees_with_the_engine():.3g}")
+            sides[name] = steps
+        except Exception as exc:  # onnxruntime's own error types: report and go on with the others
+            print(f"{name}: not run ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})")
+    times: dict[str, dict[int, list[float]]] = {name: collections.defaultdict(list) for name in sides}
+    for round_ in range(repeats):
+        for name, side in (list(sides.items()) if round_ % 2 == 0 else list(reversed(sides.items()))):
+            for context in CONTEXTS:
+                ms = decode_ms(side, context) if isinstance(side, Generator) else side.decode_ms(context)  # type: ignore[attr-defined]
+                times[name][context].append(ms)
+    print()
+    print(f"Decode step on the GPU, ms (median of {repeats}, {DECODE_STEPS} steps each)")
+    print()
+    print("| cache | " + " | ".join(f"ms/token {c}" for c in CONTEXTS) + " |")
+    print("|---|" + "---|" * len(CONTEXTS))
+    base = {c: statistics.median(times["engine (a fresh present each step)"][c]) for c in CONTEXTS}
+    for name in sides:
+        print(f"| {name} | " + " | ".join(
+            f"{statistics.median(times[name][c]):.3g} ({base[c] / statistics.median(times[name][c]):.2f}x)" for c in CONTEXTS) + " |")
+
+
 def gpu_name() -> str:
     try:
         found = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -196,6 +301,9 @@ def main() -> None:
         print(f"| {name} | {generator.decoder.variant} | " + " | ".join(f"{medians[name][label]:.3g}" for label in labels) + " |")
     print(f"| cpu / {args.provider} | | " + " | ".join(
         f"{medians['cpu only'][label] / medians[args.provider][label]:.2f}x" for label in labels) + " |")
+    if accelerated.decoder.device == "cuda":
+        print()
+        device_buffer_table(accelerated, args.repeats)
 
 
 if __name__ == "__main__":

@@ -395,7 +395,7 @@ class OnnxDecoder:
                         why = f"ONNX Runtime did not take it: {str(exc).splitlines()[0][:300]}"
                 if native_attention.enabled():
                     log.info("%s (%s): ONNX Runtime's GroupQueryAttention, not the native operator: %s", folder, name, why)
-            slim = _last_positions_graph(graph, folder, name) if chosen == [CPU] else graph
+            slim = _last_positions_graph(graph, folder, name)  # on a GPU too: a prompt's logits cross the bus
             for candidate in dict.fromkeys((slim, graph)):  # the rewritten graph, else the exported one
                 try:
                     made = ort.InferenceSession(candidate, session_options(session_threads), providers=chosen)
