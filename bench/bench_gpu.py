@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_prefix import first_note_ms  # noqa: E402
 from bench_server import prompt_payload  # noqa: E402
 
+from engine import host_lengths  # noqa: E402
 from engine.generate import ContinuationRequest, Generator, VariationDone  # noqa: E402
 from engine.machine import cpu_name  # noqa: E402
 from engine.manifest import MODEL_FILE, read_model_folder  # noqa: E402
@@ -69,6 +70,8 @@ def placement(folder: Path, variant: str, providers: list[str]) -> dict[str, col
     """Per execution provider, the nodes of `variant`'s graph that ran there, by operator."""
     manifest, files = read_model_folder(folder)
     graph = files[MODEL_FILE] if variant == "fp32" else files[manifest.variants[variant].file]
+    if CUDA in providers:  # as the engine gives it to a GPU
+        graph = host_lengths.rewrite(graph)[0]
     options = session_options(1)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "placement")
@@ -79,9 +82,11 @@ def placement(folder: Path, variant: str, providers: list[str]) -> dict[str, col
     pasts = [np.zeros((1, shape.n_head, 0, shape.head_dim), dtype) for _ in manifest.onnx.past_inputs]
     ids = np.random.default_rng(0).integers(0, shape.vocab_size, (1, 64))
     position = 0
+    declared = {i.name for i in session.get_inputs()}
     for step in (ids, ids[:, :1], ids[:, 1:2], ids[:, 2:5]):  # a prompt, two decode steps, a three-token step
-        feeds = {"input_ids": step, "position_ids": np.arange(position, position + step.shape[1])[None],
-                 **dict(zip(manifest.onnx.past_inputs, pasts, strict=True))}
+        positions = np.arange(position, position + step.shape[1])[None]
+        feeds = {"input_ids": step, "position_ids": positions, **dict(zip(manifest.onnx.past_inputs, pasts, strict=True)),
+                 **{k: v for k, v in host_lengths.feeds(positions).items() if k in declared}}
         outputs = session.run(None, feeds)
         pasts, position = outputs[1:], position + step.shape[1]
     profile = Path(session.end_profiling())
@@ -131,12 +136,12 @@ def continuation(generator: Generator, clip, request: ContinuationRequest) -> tu
 
 class DeviceBufferSteps:
     """Decode steps at ONNX Runtime's level with the cache in one preallocated device buffer per layer,
-    bound as both past and present (GroupQueryAttention's shared-buffer mode), against the engine's
-    step, which binds a fresh present on the device each step (GroupQueryAttention copies the history
-    into it). `cuda_graph`: the steps replayed as one captured CUDA graph (ONNX Runtime's
-    enable_cuda_graph: every input bound at a fixed device address, new values written in place); the
-    prompt then runs on the plain session into the same buffers. What a next version of the engine's
-    GPU path could do, measured before it is built."""
+    bound as both past and present, as the engine does (engine/session.py's _DeviceStore), but with
+    every input bound once at a fixed device address and new values written in place, and the logits
+    left on the device until read: what the engine's Python around a step costs. `cuda_graph`: the
+    steps replayed as one captured CUDA graph (ONNX Runtime's enable_cuda_graph); the prompt then runs
+    on the plain session into the same buffers. What a next version of the engine's GPU path could do,
+    measured before it is built."""
 
     def __init__(self, generator: Generator, cuda_graph: bool = False):
         decoder = self.decoder = generator.decoder
@@ -144,6 +149,7 @@ class DeviceBufferSteps:
         if cuda_graph:
             manifest, files = read_model_folder(decoder.folder)
             graph = files[MODEL_FILE] if decoder.variant == "fp32" else files[manifest.variants[decoder.variant].file]
+            graph = host_lengths.rewrite(graph)[0]
             self.step_session = ort.InferenceSession(graph, session_options(1),
                                                      providers=[(CUDA, {"enable_cuda_graph": "1"}), CPU])
         else:
@@ -158,6 +164,15 @@ class DeviceBufferSteps:
         self.step_binding = self._binding(self.step_session)
         declared = {i.name for i in self.step_session.get_inputs()}
         self.last = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64), "cuda", 0) if "last_positions" in declared else None
+        # seqlens_k on the device, written in place each step; total_sequence_length is read on the host
+        # (and baked into a captured graph), so it stays at the buffer's capacity: the kernels take each
+        # row's length from seqlens_k (onnxruntime-genai's way of capturing GroupQueryAttention).
+        self.lengths = {}
+        if host_lengths.SEQLENS in declared:
+            self.lengths[host_lengths.SEQLENS] = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int32), "cuda", 0)
+            self.step_binding.bind_ortvalue_input(host_lengths.SEQLENS, self.lengths[host_lengths.SEQLENS])
+            self.total = ort.OrtValue.ortvalue_from_numpy(np.array(decoder.max_context, np.int32))
+            self.step_binding.bind_ortvalue_input(host_lengths.TOTAL, self.total)
         self.step_binding.bind_ortvalue_input("input_ids", self.ids)
         self.step_binding.bind_ortvalue_input("position_ids", self.positions)
         if self.last is not None:
@@ -175,14 +190,21 @@ class DeviceBufferSteps:
         binding = self._binding(self.prompt_session)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("position_ids", np.arange(ids.shape[1], dtype=np.int64)[None])
-        if "last_positions" in {i.name for i in self.prompt_session.get_inputs()}:
+        declared = {i.name for i in self.prompt_session.get_inputs()}
+        if "last_positions" in declared:
             binding.bind_cpu_input("last_positions", np.ones(1, np.int64))
+        for name, value in host_lengths.feeds(np.arange(ids.shape[1])[None]).items():
+            if name in declared:
+                binding.bind_cpu_input(name, value)
         binding.bind_output("logits", "cpu")
         self.prompt_session.run_with_iobinding(binding)
 
     def step(self, token: int, position: int) -> np.ndarray:
         self.ids.update_inplace(np.array([[token]], np.int64))
         self.positions.update_inplace(np.array([[position]], np.int64))
+        for name, value in host_lengths.feeds(np.array([[position]])).items():
+            if name in self.lengths:
+                self.lengths[name].update_inplace(value)
         self.step_session.run_with_iobinding(self.step_binding)
         return self.logits.numpy()  # to the host, as the engine's logits are
 
@@ -209,8 +231,8 @@ class DeviceBufferSteps:
 
 def device_buffer_table(generator: Generator, repeats: int) -> None:
     """The engine's GPU step against DeviceBufferSteps, plain and as a CUDA graph, alternated in rounds."""
-    sides: dict[str, object] = {"engine (a fresh present each step)": generator}
-    for name, graph in (("one device buffer, bound as past and present", False), ("the same, replayed as a CUDA graph", True)):
+    sides: dict[str, object] = {"engine (device buffers, engine/session.py)": generator}
+    for name, graph in (("the same, inputs bound once on the device", False), ("the same, replayed as a CUDA graph", True)):
         try:
             steps = DeviceBufferSteps(generator, cuda_graph=graph)
             print(f"{name}: largest logit difference from the engine's steps {steps.agrees_with_the_engine():.3g}")
@@ -228,7 +250,7 @@ def device_buffer_table(generator: Generator, repeats: int) -> None:
     print()
     print("| cache | " + " | ".join(f"ms/token {c}" for c in CONTEXTS) + " |")
     print("|---|" + "---|" * len(CONTEXTS))
-    base = {c: statistics.median(times["engine (a fresh present each step)"][c]) for c in CONTEXTS}
+    base = {c: statistics.median(times["engine (device buffers, engine/session.py)"][c]) for c in CONTEXTS}
     for name in sides:
         print(f"| {name} | " + " | ".join(
             f"{statistics.median(times[name][c]):.3g} ({base[c] / statistics.median(times[name][c]):.2f}x)" for c in CONTEXTS) + " |")

@@ -13,7 +13,9 @@ Two graph kinds (the manifest's `onnx.kv_cache`, confirmed against the graph at 
   bound through IO binding as both the past input and the present output, so a decode step writes
   its one new position and copies nothing. Stepping an older cache of the same buffer (a branch:
   the chord lookahead, "generate again" on a prepared prompt) copies it first, so every `KVCache`
-  keeps meaning what it meant when it was returned.
+  keeps meaning what it meant when it was returned. On a GPU the buffers are device memory
+  (`_DeviceStore`) and the graph takes GroupQueryAttention's lengths from the host
+  (engine/host_lengths.py: CUDA's kernel got them wrong when the graph computed them).
 * "concat" (older folders): presents = pasts + new positions, copied by the graph on every step.
 
 On the CPU, a session of one thread runs the shared-buffer graph with its GroupQueryAttention nodes
@@ -54,7 +56,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engine import last_positions, native_attention, native_matmul
+from engine import host_lengths, last_positions, native_attention, native_matmul
 from engine.machine import cpu_name
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
 from engine.variant_choice import choose_for_gpu, choose_here, needs_measuring_here
@@ -74,21 +76,12 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-class _Store:
-    """One preallocated buffer per layer and key/value [batch, heads, capacity, head_dim], an IO binding
-    of the decode session with every buffer bound once as its past and its present (OrtValues over the
-    same memory), and `written`: how many positions the newest cache over this store holds (the next
-    writer must start there)."""
+class _Written:
+    """`written`: how many positions the newest cache over a store holds (the next writer must start there)."""
 
-    def __init__(self, buffers: list[np.ndarray], binding: Any, pool: _Pool | None):
-        self.buffers = buffers
-        self.binding = binding
+    def __init__(self) -> None:
         self.written = 0
         self.lock = threading.Lock()
-        self.batch = int(buffers[0].shape[0])
-        self.pool = pool
-        if pool is not None:  # the buffers go back to the pool when the last cache over them is gone
-            weakref.finalize(self, pool.give_back, buffers, binding)
 
     def claim(self, length: int, steps: int) -> bool:
         """Reserve positions length..length+steps-1 for one writer; False when a newer cache owns them."""
@@ -97,6 +90,57 @@ class _Store:
                 return False
             self.written = length + steps
             return True
+
+
+class _Store(_Written):
+    """One preallocated buffer per layer and key/value [batch, heads, capacity, head_dim], an IO binding
+    of the decode session with every buffer bound once as its past and its present (OrtValues over the
+    same memory), and `written`: how many positions the newest cache over this store holds (the next
+    writer must start there)."""
+
+    def __init__(self, buffers: list[np.ndarray], binding: Any, pool: _Pool | None):
+        super().__init__()
+        self.buffers = buffers
+        self.binding = binding
+        self.batch = int(buffers[0].shape[0])
+        self.pool = pool
+        if pool is not None:  # the buffers go back to the pool when the last cache over them is gone
+            weakref.finalize(self, pool.give_back, buffers, binding)
+
+
+class _DeviceStore(_Written):
+    """The cache of a GPU session: one buffer per layer and key/value [batch, heads, capacity, head_dim]
+    in device memory (OrtValues), bound as both past and present of every run over it, so that a step
+    writes only its new positions, in place (GroupQueryAttention's shared-buffer mode). Measured on an
+    H200 (session 15): 0.56-0.74 ms a decode step, where a fresh present per step took 40-60 ms.
+    `written` as in _Store. Rows are copied through the host: that happens when variations start or end,
+    not per step."""
+
+    pool = None
+
+    def __init__(self, buffers: list[Any], device: str):
+        super().__init__()
+        self.buffers = buffers
+        self.device = device
+        self.batch = int(buffers[0].shape()[0])
+
+    @classmethod
+    def filled(cls, history: tuple[np.ndarray, ...], capacity: int, dtype: np.dtype, device: str) -> _DeviceStore:
+        """A store holding `history` (host arrays [batch, heads, n, head_dim]); the rest zeros, so that
+        no kernel ever reads uninitialised memory behind the history."""
+        buffers = []
+        for tensor in history:
+            full = np.zeros((tensor.shape[0], tensor.shape[1], capacity, tensor.shape[3]), dtype=dtype)
+            full[:, :, :tensor.shape[2]] = tensor
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(full, device, 0))
+        store = cls(buffers, device)
+        store.written = int(history[0].shape[2])
+        return store
+
+    def history(self, length: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """The first `length` positions of `rows` (default all), on the host."""
+        tensors = (b.numpy() for b in self.buffers)
+        return tuple(np.ascontiguousarray((t if rows is None else t[rows])[:, :, :length]) for t in tensors)
 
 
 class _Pool:
@@ -133,7 +177,7 @@ class KVCache:
 
     __slots__ = ("_tensors", "_store", "_length")
 
-    def __init__(self, tensors: tuple[Any, ...] = (), *, store: _Store | None = None, length: int = 0):
+    def __init__(self, tensors: tuple[Any, ...] = (), *, store: _Store | _DeviceStore | None = None, length: int = 0):
         if store is None and not tensors:
             raise ValueError("a KVCache needs its tensors or a store")
         self._tensors = tuple(tensors)  # numpy arrays, or OrtValues kept on a device
@@ -144,6 +188,8 @@ class KVCache:
     def tensors(self) -> tuple[np.ndarray, ...]:
         """past_key_0, past_value_0, past_key_1, ...: [batch, heads, length, head_dim] host arrays
         (copies for a shared-buffer cache, so they stay valid whatever happens to the buffer)."""
+        if isinstance(self._store, _DeviceStore):
+            return self._store.history(self._length)
         if self._store is not None:
             return tuple(b[:, :, :self._length].copy() for b in self._store.buffers)
         return tuple(t if isinstance(t, np.ndarray) else t.numpy() for t in self._tensors)
@@ -195,6 +241,11 @@ class KVCache:
                 store.written = min(store.written, self._length)
 
     def _copy_rows(self, index: np.ndarray) -> KVCache:
+        if isinstance(self._store, _DeviceStore):
+            history = self._store.history(self._length, index)
+            capacity = int(self._store.buffers[0].shape()[2])
+            return KVCache(store=_DeviceStore.filled(history, capacity, history[0].dtype, self._store.device),
+                           length=self._length)
         assert self._store is not None and self._store.pool is not None, "a shared-buffer cache has its pool"
         store = self._store.pool.take(len(index))
         n = self._length
@@ -273,6 +324,8 @@ class OnnxDecoder:
         declared = {i.name for i in session.get_inputs()}
         # A graph rewritten at load (engine/last_positions.py) can skip what a run's unwanted logits need.
         self._last_input = last_positions.INPUT in declared
+        # A CUDA session's graph takes GroupQueryAttention's lengths from the host (engine/host_lengths.py).
+        self._host_lengths = host_lengths.SEQLENS in declared
         missing = {"input_ids", "position_ids", *self.past_names} - declared
         if missing:
             raise ModelError(f"{self.folder / MODEL_FILE} lacks the inputs its manifest names: {', '.join(sorted(missing))}")
@@ -284,6 +337,8 @@ class OnnxDecoder:
         # The shared buffer lives in host memory; on a GPU the cache stays on the device instead (OrtValues
         # returned by one step and bound as the next step's pasts), through the graph's plain semantics.
         self.shared = self.kv_cache == "shared-buffer" and self.device == "cpu"
+        # On a GPU, the same design in device memory (_DeviceStore), where the graph can be told the lengths.
+        self.device_buffers = self.kv_cache == "shared-buffer" and self.device != "cpu" and self._host_lengths
         self._pool = _Pool(self._new_buffers)
 
     # --- loading -----------------------------------------------------------------------------------
@@ -314,6 +369,7 @@ class OnnxDecoder:
                                             "position_ids": np.full((1, 1), position, dtype=np.int64)}
             feeds.update((name, past) for name in self.past_names)
             feeds.update(self._last_feed(None))
+            feeds.update(self._lengths_feed(feeds["position_ids"]))
             quiet = ort.RunOptions()
             quiet.log_severity_level = 4  # the failure is the expected answer for the second probe: no error log
             try:
@@ -327,7 +383,9 @@ class OnnxDecoder:
             raise ModelError(f"{where}: model.max_context is {self.max_context}, but the graph has no position "
                              f"{self.max_context - 1}; the manifest does not describe this model "
                              f"(ONNX Runtime {ort.__version__}: {failures[-1]})")
-        if runs_at(self.max_context):
+        # The upper probe relies on Gather refusing an index outside the table, which the CPU's kernel
+        # does; CUDA's does not check (seen on an H200: the probe "ran"), so only the CPU asks it.
+        if self.device == "cpu" and runs_at(self.max_context):
             raise ModelError(f"{where}: model.max_context is {self.max_context}, but the graph reads longer contexts; "
                              "the manifest does not describe this model")
 
@@ -339,6 +397,7 @@ class OnnxDecoder:
                                         "position_ids": np.zeros((1, 1), dtype=np.int64)}
         feeds.update((name, past) for name in self.past_names)
         feeds.update(self._last_feed(None))
+        feeds.update(self._lengths_feed(feeds["position_ids"]))
         try:
             present = self.session.run(self.present_names[:1], feeds)[0]
         except Exception as exc:  # onnxruntime's own error types
@@ -396,6 +455,8 @@ class OnnxDecoder:
                 if native_attention.enabled():
                     log.info("%s (%s): ONNX Runtime's GroupQueryAttention, not the native operator: %s", folder, name, why)
             slim = _last_positions_graph(graph, folder, name)  # on a GPU too: a prompt's logits cross the bus
+            if CUDA in chosen:
+                slim = _host_lengths_graph(slim, folder, name)
             for candidate in dict.fromkeys((slim, graph)):  # the rewritten graph, else the exported one
                 try:
                     made = ort.InferenceSession(candidate, session_options(session_threads), providers=chosen)
@@ -474,11 +535,11 @@ class OnnxDecoder:
         """A store whose positions cache.length.. this step may write: the cache's own, unless a newer
         cache already wrote past it (then a copy), or a new one filled from host tensors."""
         store = cache._store
-        if store is not None and store.pool is self._pool:
+        if isinstance(store, _Store) and store.pool is self._pool:
             if store.claim(cache.length, steps):
                 return store
             copied = cache._copy_rows(np.arange(cache.batch))._store
-            assert copied is not None
+            assert isinstance(copied, _Store)
             copied.written = cache.length + steps
             return copied
         fresh = self._pool.take(cache.batch)
@@ -506,7 +567,7 @@ class OnnxDecoder:
         positions). `discarded` is unusable afterwards. `every_position`: the logits of every fed
         position [batch, T, vocab], as `forward` gives them, instead of the last one's."""
         store, claimed = discarded._store, None
-        if store is not None and self.shared and store is cache._store and discarded.length > cache.length:
+        if store is not None and (self.shared or self.device_buffers) and store is cache._store and discarded.length > cache.length:
             with store.lock:
                 if store.written == discarded.length:  # nothing was written after the discarded step: its
                     store.written = cache.length + ids.shape[1]  # positions stay ours (no other writer can
@@ -533,7 +594,7 @@ class OnnxDecoder:
         position in it.) PrefillCache lends kept prompts' first positions on this basis."""
         return PREFILL_CHUNK if self.shared else 0
 
-    def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | None = None,
+    def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | _DeviceStore | None = None,
                 rest_of_prompt: bool = False, last: int | None = None) -> tuple[np.ndarray, KVCache]:
         """As `step`, but the logits of every fed position [batch, T, vocab] (for scoring a sequence).
         `claimed`: the cache's own store, whose positions this step writes already reserved (step_instead).
@@ -554,19 +615,24 @@ class OnnxDecoder:
         if last is not None and not 1 <= last:
             raise ValueError(f"last is {last}: ask for at least one position's logits")
         if self.shared:
+            assert claimed is None or isinstance(claimed, _Store)
             return self._forward_shared(ids, positions, cache, claimed, start + steps if rest_of_prompt else steps, last)
         if self.kv_cache == "shared-buffer" and steps > 1 and start > 0 and batch > 1:
             # GroupQueryAttention takes several new positions after a history one row at a time.
             parts = [self.forward(ids[r:r + 1], cache.select([r]), last=last) for r in range(batch)]
             tensors = zip(*(part.tensors for _, part in parts), strict=True)
             return np.concatenate([logits for logits, _ in parts]), KVCache(tuple(np.concatenate(t) for t in tensors))
-        if self.device != "cpu":
-            logits, cache = self._forward_device(ids, positions, cache, last)
+        if self.device_buffers or self.device != "cpu":
+            logits, cache = self._forward_device(ids, positions, cache, last, claimed)
             return self._last_of(logits, last), cache
         feeds = {"input_ids": ids, "position_ids": positions, **self._last_feed(last)}
         feeds.update(zip(self.past_names, (self._as_cache_type(t) for t in cache.tensors), strict=True))
         outputs = self._session_for(steps * batch).run(self.output_names, feeds)
         return self._last_of(outputs[0], last), KVCache(tuple(outputs[1:]))
+
+    def _lengths_feed(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """GroupQueryAttention's lengths where the graph takes them as inputs (engine/host_lengths.py)."""
+        return host_lengths.feeds(positions) if self._host_lengths else {}
 
     def _last_feed(self, last: int | None) -> dict[str, np.ndarray]:
         """The `last_positions` feed where the graph has that input (None: every position)."""
@@ -663,14 +729,18 @@ class OnnxDecoder:
         session.run_with_iobinding(binding)
         return self._last_of(binding.get_outputs()[0].numpy(), last)  # a copy: the next run reuses ONNX Runtime's memory
 
-    def _forward_device(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
-                        last: int | None = None) -> tuple[np.ndarray, KVCache]:
-        """On a GPU: the presents stay on the device and are bound as the next step's pasts (no host copy)."""
+    def _forward_device(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache, last: int | None = None,
+                        claimed: _Store | _DeviceStore | None = None) -> tuple[np.ndarray, KVCache]:
+        """On a GPU: the cache stays on the device. In device buffers bound as past and present (_DeviceStore)
+        where the graph allows; else each step's presents are bound as the next step's pasts."""
         session = self._session_for(ids.size)
+        if self.device_buffers:
+            return self._forward_device_buffers(ids, positions, cache, last, session,
+                                                claimed if isinstance(claimed, _DeviceStore) else None)
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("position_ids", positions)
-        for name, value in self._last_feed(last).items():
+        for name, value in {**self._last_feed(last), **self._lengths_feed(positions)}.items():
             binding.bind_cpu_input(name, value)
         for name, value in zip(self.past_names, cache._tensors, strict=True):
             if isinstance(value, np.ndarray):
@@ -683,6 +753,36 @@ class OnnxDecoder:
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), KVCache(tuple(outputs[1:]))
+
+    def _forward_device_buffers(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache, last: int | None,
+                                session: ort.InferenceSession, claimed: _DeviceStore | None) -> tuple[np.ndarray, KVCache]:
+        """`claimed`: as in `forward` (the positions already reserved in the cache's own store)."""
+        start, steps = cache.length, ids.shape[1]
+        store = cache._store
+        if claimed is not None:
+            store = claimed
+        elif not (isinstance(store, _DeviceStore) and store.claim(start, steps)):
+            # Host tensors, or a store a newer cache already wrote past: a new store with this history.
+            store = _DeviceStore.filled(cache.tensors, self.max_context, self.cache_dtype, self.device)
+            store.written = start + steps
+        try:
+            binding = session.io_binding()
+            binding.bind_output("logits", "cpu")  # first, so get_outputs()[0] is the logits
+            for past, present, buffer in zip(self.past_names, self.present_names, store.buffers, strict=True):
+                binding.bind_ortvalue_input(past, buffer)
+                binding.bind_ortvalue_output(present, buffer)
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("position_ids", positions)
+            for name, value in {**self._last_feed(last), **self._lengths_feed(positions)}.items():
+                binding.bind_cpu_input(name, value)
+            session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
+        except BaseException:
+            with store.lock:  # nothing valid was written: let the cache step again without a copy
+                if store.written == start + steps:
+                    store.written = start
+            raise
+        return logits, KVCache(store=store, length=start + steps)
 
     def warm_up(self) -> None:
         """One prefill and a few decode steps (and a batch of two), so the first request pays for no lazy
@@ -703,6 +803,15 @@ def _last_positions_graph(graph: bytes, folder: Path | str, variant: str) -> byt
     rewritten, why = last_positions.rewrite(graph)
     if why:
         log.info("%s (%s): every position's logits computed on every run: %s", folder, variant, why)
+    return rewritten
+
+
+def _host_lengths_graph(graph: bytes, folder: Path | str, variant: str) -> bytes:
+    """`graph` with GroupQueryAttention's lengths fed from the host (engine/host_lengths.py), which CUDA's
+    kernel needs, or as it is, with the reason in the log."""
+    rewritten, why = host_lengths.rewrite(graph)
+    if why:
+        log.warning("%s (%s): GroupQueryAttention's lengths stay computed in the graph on the GPU: %s", folder, variant, why)
     return rewritten
 
 

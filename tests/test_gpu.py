@@ -20,11 +20,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from engine import host_lengths
 from engine.generate import ContinuationRequest, Generator, VariationDone
 from engine.manifest import read_model_folder
 from engine.midi_file import read_clip
 from engine.prefill_cache import PrefillCache
-from engine.session import CPU, CUDA, OnnxDecoder, session_options
+from engine.session import CPU, CUDA, OnnxDecoder, _DeviceStore, session_options
 
 pytestmark = pytest.mark.gpu
 
@@ -56,30 +57,36 @@ def prompt(decoder: OnnxDecoder, length: int, seed: int = 0) -> np.ndarray:
 def test_the_gpu_serves_the_fp16_variant_with_every_float_node_on_cuda(gpu_decoder):
     assert gpu_decoder.variant == "fp16" and gpu_decoder.session.get_providers()[0] == CUDA
     assert gpu_decoder._last_input, "a prompt's unwanted logits are skipped on the GPU too (last_positions)"
+    assert gpu_decoder._host_lengths, "GroupQueryAttention's lengths come from the host (engine/host_lengths.py)"
     # Profile the served graph: the attention and the matrix products must run on the GPU, or the cache
     # would cross the bus at every layer of every step.
     manifest, files = read_model_folder(SHIPPED)
     options = session_options(1)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "placement")
-    session = ort.InferenceSession(files[manifest.variants["fp16"].file], options, providers=[CUDA, CPU])
+    graph, why = host_lengths.rewrite(files[manifest.variants["fp16"].file])
+    assert not why
+    session = ort.InferenceSession(graph, options, providers=[CUDA, CPU])
     shape = manifest.model
     pasts = {name: np.zeros((1, shape.n_head, 0, shape.head_dim), np.float16) for name in manifest.onnx.past_inputs}
-    session.run(None, {"input_ids": prompt(gpu_decoder, 8), "position_ids": np.arange(8)[None], **pasts})
+    positions = np.arange(8)[None]
+    session.run(None, {"input_ids": prompt(gpu_decoder, 8), "position_ids": positions, **pasts, **host_lengths.feeds(positions)})
     events = json.loads(Path(session.end_profiling()).read_text())
-    where = {e["args"]["op_name"]: e["args"]["provider"] for e in events
-             if e.get("cat") == "Node" and "provider" in e.get("args", {})}
-    for op in ("GroupQueryAttention", "MatMul", "LayerNormalization", "Softmax"):
-        if op in where:
-            assert where[op] == CUDA, f"{op} ran on {where[op]}"
-    assert where.get("GroupQueryAttention") == CUDA
+    where: dict[str, set[str]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and "provider" in event.get("args", {}):
+            where.setdefault(event["args"]["op_name"], set()).add(event["args"]["provider"])
+    assert where.get("GroupQueryAttention") == {CUDA}
+    floats = {"MatMul", "Gemm", "LayerNormalization", "SkipLayerNormalization", "Gelu", "FastGelu", "Softmax"}
+    assert all(providers == {CUDA} for op, providers in where.items() if op in floats), f"float nodes off the GPU: {where}"
 
 
 def test_the_cache_stays_on_the_gpu_and_cached_steps_match_one_prefill(gpu_decoder):
     ids = prompt(gpu_decoder, 72, seed=1)
     whole, _ = gpu_decoder.step(ids, gpu_decoder.empty_cache())
     logits, cache = gpu_decoder.step(ids[:, :64], gpu_decoder.empty_cache())
-    assert all(not isinstance(t, np.ndarray) and t.device_name().lower() == "cuda" for t in cache._tensors)
+    assert gpu_decoder.device_buffers and isinstance(cache._store, _DeviceStore)
+    assert all(b.device_name().lower() == "cuda" for b in cache._store.buffers)
     for i in range(64, 72):
         logits, cache = gpu_decoder.step(ids[:, i:i + 1], cache)
     assert cache.length == 72
