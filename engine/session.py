@@ -91,6 +91,12 @@ class _Written:
             self.written = length + steps
             return True
 
+    def unclaim(self, length: int, steps: int) -> None:
+        """A claimed step that failed wrote nothing valid: let the cache step again without a copy."""
+        with self.lock:
+            if self.written == length + steps:
+                self.written = length
+
 
 class _Store(_Written):
     """One preallocated buffer per layer and key/value [batch, heads, capacity, head_dim], an IO binding
@@ -693,9 +699,7 @@ class OnnxDecoder:
             else:
                 logits = self._run(store.binding, ids, positions, self.session, last)
         except BaseException:
-            with store.lock:  # nothing valid was written: let the cache step again without a copy
-                if store.written == start + steps:
-                    store.written = start
+            store.unclaim(start, steps)
             raise
         return logits, KVCache(store=store, length=start + steps)
 
@@ -778,9 +782,7 @@ class OnnxDecoder:
             session.run_with_iobinding(binding)
             logits = binding.get_outputs()[0].numpy()
         except BaseException:
-            with store.lock:  # nothing valid was written: let the cache step again without a copy
-                if store.written == start + steps:
-                    store.written = start
+            store.unclaim(start, steps)
             raise
         return logits, KVCache(store=store, length=start + steps)
 
