@@ -498,7 +498,7 @@ class OnnxDecoder:
             if for_gpu and variant != served:  # the GPU's precision, on the CPU after all: the CPU's instead
                 variant = served
                 reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
-                session = make_session(variant, threads)
+            session = make_session(variant, threads)  # the CPU's own graph (the GPU's feeds lengths from the host)
         prefill, prefill_from = None, PREFILL_MIN_TOKENS
         if prefill_threads > threads or matmuls.get(session):
             prefill = make_session(variant, max(prefill_threads, threads), decode=False)

@@ -151,3 +151,15 @@ def test_fp16_is_refused_for_the_older_graph(tiny_build, tmp_path):
     with pytest.raises(ValueError, match="shared-buffer"):
         export_model(tiny_build / "run" / "best.safetensors", tmp_path / "model", kv_cache="concat", fp16=True)
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this machine has CUDA")
+def test_a_gpu_that_does_not_start_serves_the_cpus_own_graph_of_the_same_precision(tiny_model, example_midi, monkeypatch):
+    """The same fallback where the GPU's precision is the CPU's (a folder without fp16): the graph was
+    prepared for CUDA (engine/host_lengths.py), so the CPU gets a session of its own graph, and runs."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    decoder = OnnxDecoder.load(tiny_model, providers=[CUDA, CPU])
+    assert decoder.device == "cpu" and not decoder._host_lengths
+    clip = read_clip(example_midi[0])
+    done = Generator(decoder, Generator.load(tiny_model).tokenizer, "").generate(clip, ContinuationRequest(bars=1, seed=2))
+    assert done and done[0].clip.notes
