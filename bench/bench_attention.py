@@ -59,9 +59,10 @@ LAYOUTS = {"8 x 32 (small, compact)": (8, 32), "8 x 64 (seed)": (8, 64)}
 CALLS = 200
 
 
-def attention_session(heads: int, head_dim: int, capacity: int, native: bool = False) -> ort.InferenceSession:
+def attention_session(heads: int, head_dim: int, capacity: int, native: bool = False, half: bool = False) -> ort.InferenceSession:
     """One GroupQueryAttention node over a [1, heads, capacity, head_dim] buffer, as export/gqa.py writes it;
-    `native`: rewritten to the engine's native operator, as the engine rewrites a model at load."""
+    `native`: rewritten to the engine's native operator, as the engine rewrites a model at load; `half`:
+    its float16-cache form (segue.CausalAttention16)."""
     width = heads * head_dim
     value = helper.make_tensor_value_info
     node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"],
@@ -78,9 +79,11 @@ def attention_session(heads: int, head_dim: int, capacity: int, native: bool = F
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
     options, serialized = session_options(1), model.SerializeToString()
     if native:
-        rewritten, why = native_attention.prepare(serialized)
+        rewritten, why = native_attention.prepare(serialized, half_cache=half)
         if rewritten is None:
             raise SystemExit(f"--native: the native operator is not available here: {why}")
+        if half and not rewritten.half_cache:
+            raise SystemExit("--native: this build of the native operator has no float16 cache (no F16C)")
         options.register_custom_ops_library(str(rewritten.library))
         serialized = rewritten.graph
     return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
@@ -112,8 +115,10 @@ def attention_binding(session: ort.InferenceSession, heads: int, head_dim: int, 
     """An IO binding of `steps` new positions after `context` of history in a shared buffer, its output, and
     the arrays it points into (the binding holds raw pointers: the caller keeps these alive while it runs)."""
     rng = np.random.default_rng(0)
-    keys = rng.standard_normal((1, heads, capacity, head_dim), dtype=np.float32)
-    values = rng.standard_normal((1, heads, capacity, head_dim), dtype=np.float32)
+    half = next(i.type for i in session.get_inputs() if i.name == "past_key") == "tensor(float16)"
+    cache = np.float16 if half else np.float32
+    keys = rng.standard_normal((1, heads, capacity, head_dim), dtype=np.float32).astype(cache)
+    values = rng.standard_normal((1, heads, capacity, head_dim), dtype=np.float32).astype(cache)
     qkv = rng.standard_normal((1, steps, 3 * heads * head_dim), dtype=np.float32)
     out = np.empty((1, steps, heads * head_dim), dtype=np.float32)
     binding = session.io_binding()
@@ -124,7 +129,7 @@ def attention_binding(session: ort.InferenceSession, heads: int, head_dim: int, 
     binding.bind_cpu_input("total", np.array(context + steps, dtype=np.int32))
     binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
     for name, buffer in (("present_key", keys), ("present_value", values)):  # shared: the engine's binding
-        binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        binding.bind_output(name, "cpu", 0, cache, list(buffer.shape), buffer.ctypes.data)
     return binding, out, [keys, values, qkv]
 
 
@@ -326,19 +331,23 @@ def main(argv: list[str] | None = None) -> int:
                 forms = [plain_us(p, heads, head_dim, args.capacity, context, args.repeats) for p in plain]
                 print(f"| {label} | {context} | {node:.1f} | " + " | ".join(f"{t:.1f}" for t in forms) + " |", flush=True)
     if args.native:
-        print("\n| heads x size | context | GroupQueryAttention (us) | native operator (us) | node / native |")
-        print("|---|---|---|---|---|")
+        print("\n| heads x size | context | GroupQueryAttention (us) | native operator (us) | node / native | "
+              "native, float16 cache (us) | float32 / float16 cache |")
+        print("|---|---|---|---|---|---|---|")
         prompts = []
         for label, (heads, head_dim) in LAYOUTS.items():
             node = attention_session(heads, head_dim, args.capacity)
             native = attention_session(heads, head_dim, args.capacity, native=True)
+            half = attention_session(heads, head_dim, args.capacity, native=True, half=True)
             same_output(node, native, heads, head_dim, args.capacity)
             for context in args.contexts:
-                times = [node_us(s, heads, head_dim, args.capacity, context, args.repeats) for s in (node, native)]
-                print(f"| {label} | {context} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f}x |", flush=True)
-            prompts.append((label, [prompt_us(s, heads, head_dim, args.capacity, args.repeats) for s in (node, native)]))
+                times = [node_us(s, heads, head_dim, args.capacity, context, args.repeats) for s in (node, native, half)]
+                print(f"| {label} | {context} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f}x | {times[2]:.1f} | "
+                      f"{times[1] / times[2]:.2f}x |", flush=True)
+            prompts.append((label, [prompt_us(s, heads, head_dim, args.capacity, args.repeats) for s in (node, native, half)]))
         for label, times in prompts:
-            print(f"| {label} | prompt of 256 in runs of 64 | {times[0]:.0f} | {times[1]:.0f} | {times[0] / times[1]:.2f}x |")
+            print(f"| {label} | prompt of 256 in runs of 64 | {times[0]:.0f} | {times[1]:.0f} | {times[0] / times[1]:.2f}x | "
+                  f"{times[2]:.0f} | {times[1] / times[2]:.2f}x |")
     if args.profile is not None:
         variant, shares = op_shares(args.profile)
         print(f"\n{args.profile} ({variant}): share of kernel time by op type (ONNX Runtime's profiler)\n")

@@ -7,6 +7,8 @@
  * Outputs: output [batch, steps, heads * head_dim], present_key and present_value [batch, heads,
  *          max(length, total), head_dim]. Bound to the same memory as the pasts (the engine's shared
  *          buffer), the new positions are written in place; otherwise the pasts are copied first.
+ * segue.CausalAttention16 is the same with float16 pasts and presents (a cache of half the bytes, which
+ * a decode step reads whole); registered only on a CPU with F16C (segue_half_cache()).
  *
  * The C API is used through its table of function pointers (struct OrtApi), which ONNX Runtime only
  * ever appends to: a function is reached by its fixed index, so no ONNX Runtime header is needed to
@@ -64,7 +66,7 @@ enum { /* indices into struct OrtApi (onnxruntime_c_api.h declares its members i
     API_ReleaseTensorTypeAndShapeInfo = 99,
 };
 
-enum { ELEMENT_FLOAT = 1, ELEMENT_INT8 = 3, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7 }; /* ONNXTensorElementDataType */
+enum { ELEMENT_FLOAT = 1, ELEMENT_INT8 = 3, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7, ELEMENT_FLOAT16 = 10 }; /* ONNXTensorElementDataType */
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };      /* OrtErrorCode */
 enum { REQUIRED = 0, OPTIONAL = 1 };                  /* OrtCustomOpInputOutputCharacteristic */
 
@@ -106,6 +108,7 @@ static const OrtApi *api;
 typedef struct {
     int64_t heads;
     float scale; /* 0: 1 / sqrt(head_dim) */
+    int half;    /* CausalAttention16: the pasts and presents hold float16 */
 } Kernel;
 
 static OrtStatus *shape_of(const OrtValue *value, int64_t *dims, size_t most, size_t *count) {
@@ -197,24 +200,32 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
     CHECK(output(context, 2, present_dims, 4, &present_value));
 
     const size_t head_floats = (size_t)head_dim;
+    const size_t entry = kernel->half ? sizeof(segue_half) : sizeof(float); /* bytes of one cache entry */
     if (present_key != data[1] || present_value != data[2]) {
         /* Not the shared buffer: the presents start as copies of the pasts' valid positions. */
         for (int64_t b = 0; b < batch; b++) {
             const size_t past = (size_t)seqlens[b] + 1 - (size_t)steps;
             for (int64_t h = 0; h < heads; h++) {
-                const size_t from = (size_t)(b * heads + h) * (size_t)length * head_floats;
-                const size_t to = (size_t)(b * heads + h) * (size_t)capacity * head_floats;
-                const size_t kept = (past < (size_t)length ? past : (size_t)length) * head_floats;
-                memcpy((float *)present_key + to, (const float *)data[1] + from, kept * sizeof(float));
-                memcpy((float *)present_value + to, (const float *)data[2] + from, kept * sizeof(float));
-                memset((float *)present_key + to + kept, 0, ((size_t)capacity * head_floats - kept) * sizeof(float));
-                memset((float *)present_value + to + kept, 0, ((size_t)capacity * head_floats - kept) * sizeof(float));
+                const size_t from = (size_t)(b * heads + h) * (size_t)length * head_floats * entry;
+                const size_t to = (size_t)(b * heads + h) * (size_t)capacity * head_floats * entry;
+                const size_t kept = (past < (size_t)length ? past : (size_t)length) * head_floats * entry;
+                const size_t rest = (size_t)capacity * head_floats * entry - kept;
+                memcpy((char *)present_key + to, (const char *)data[1] + from, kept);
+                memcpy((char *)present_value + to, (const char *)data[2] + from, kept);
+                memset((char *)present_key + to + kept, 0, rest);
+                memset((char *)present_value + to + kept, 0, rest);
             }
         }
     }
 
     float *scores = (float *)malloc(segue_scores_size((int)steps, (int)longest) * sizeof(float));
-    if (scores == NULL) return FAIL(ORT_FAIL, "segue.CausalAttention: out of memory");
+    const size_t widened_size = segue_widened_size((int)head_dim, (int)steps, (int)from, (int)longest, kernel->half);
+    float *widened = widened_size ? (float *)malloc(widened_size * sizeof(float)) : NULL;
+    if (scores == NULL || (widened_size && widened == NULL)) {
+        free(scores);
+        free(widened);
+        return FAIL(ORT_FAIL, "segue.CausalAttention: out of memory");
+    }
     const float scale = kernel->scale != 0.0f ? kernel->scale : 1.0f / sqrtf((float)head_dim);
     const size_t qkv_row = (size_t)qkv_dims[2], out_row = (size_t)(heads * head_dim);
     for (int64_t b = 0; b < batch; b++) {
@@ -222,22 +233,25 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
         const float *qkv = (const float *)data[0] + (size_t)(b * steps) * qkv_row;
         float *row_out = (float *)out + (size_t)(b * (steps - from)) * out_row;
         for (int64_t h = 0; h < heads; h++) {
-            const size_t offset = (size_t)(b * heads + h) * (size_t)capacity * head_floats;
+            const size_t offset = (size_t)(b * heads + h) * (size_t)capacity * head_floats * entry;
             segue_attend_head((int)head_dim, qkv, qkv_row, (int)h, (int)heads, (int)steps, (int)from, past,
-                              (float *)present_key + offset, (float *)present_value + offset, scale, row_out, out_row,
-                              scores);
+                              (char *)present_key + offset, (char *)present_value + offset, kernel->half, scale,
+                              row_out, out_row, scores, widened);
         }
     }
     free(scores);
+    free(widened);
     return NULL;
 }
 
+static SegueCustomOp causal_attention_half;
+
 static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
                                            void **made) {
-    (void)op;
     (void)given;
     Kernel *kernel = (Kernel *)calloc(1, sizeof(Kernel));
     if (kernel == NULL) return FAIL(ORT_FAIL, "segue.CausalAttention: out of memory");
+    kernel->half = op == &causal_attention_half;
     OrtStatus *status = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
         info, "num_heads", &kernel->heads);
     if (status == NULL && kernel->heads <= 0) status = FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: num_heads must be positive");
@@ -348,6 +362,11 @@ static int SEGUE_CALL input_type(const SegueCustomOp *op, size_t index) {
 static size_t SEGUE_CALL input_count(const SegueCustomOp *op) { (void)op; return 6; }
 static int SEGUE_CALL output_type(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return ELEMENT_FLOAT; }
 static size_t SEGUE_CALL output_count(const SegueCustomOp *op) { (void)op; return 3; }
+static const char *SEGUE_CALL half_name(const SegueCustomOp *op) { (void)op; return "CausalAttention16"; }
+static int SEGUE_CALL half_input_type(const SegueCustomOp *op, size_t index) {
+    return index == 1 || index == 2 ? ELEMENT_FLOAT16 : input_type(op, index);
+}
+static int SEGUE_CALL half_output_type(const SegueCustomOp *op, size_t index) { (void)op; return index == 0 ? ELEMENT_FLOAT : ELEMENT_FLOAT16; }
 static int SEGUE_CALL input_characteristic(const SegueCustomOp *op, size_t index) { (void)op; return index == 5 ? OPTIONAL : REQUIRED; }
 static int SEGUE_CALL required(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return REQUIRED; }
 static int SEGUE_CALL default_memory(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return 0; }
@@ -356,6 +375,11 @@ static void SEGUE_CALL destroy(void *kernel) { free(kernel); }
 
 static SegueCustomOp causal_attention = {
     SEGUE_ORT_API_VERSION, NULL, op_name, op_provider, input_type, input_count, output_type, output_count,
+    NULL, destroy, input_characteristic, required, default_memory, one, one, one, one, create_kernel, compute,
+};
+
+static SegueCustomOp causal_attention_half = {
+    SEGUE_ORT_API_VERSION, NULL, half_name, op_provider, half_input_type, input_count, half_output_type, output_count,
     NULL, destroy, input_characteristic, required, default_memory, one, one, one, one, create_kernel, compute,
 };
 
@@ -376,6 +400,9 @@ static SegueCustomOp quantized_matmul = {
 /* Which of native_matmul_kernel.h's code paths this build took (its tests check each path they build). */
 SEGUE_EXPORT const char *segue_matmul_path(void) { return SEGUE_QM_PATH; }
 
+/* Whether this build offers segue.CausalAttention16 (a CPU with F16C). */
+SEGUE_EXPORT int segue_half_cache(void) { return SEGUE_HALF_CACHE; }
+
 SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options, const SegueApiBase *base) {
     api = base->GetApi(SEGUE_ORT_API_VERSION);
     if (api == NULL) return NULL; /* an ONNX Runtime older than 1.16 cannot even make an error: the graph's
@@ -383,6 +410,8 @@ SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options,
     OrtCustomOpDomain *domain = NULL;
     CHECK(CALL(CreateCustomOpDomain, OrtStatus *(SEGUE_CALL *)(const char *, OrtCustomOpDomain **))("ai.segue", &domain));
     CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention));
+    if (SEGUE_HALF_CACHE)
+        CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention_half));
     CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &quantized_matmul));
     return CALL(AddCustomOpDomain, OrtStatus *(SEGUE_CALL *)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }

@@ -11,6 +11,13 @@ At load, for a CPU session of one thread (the node's own thread pool is what the
 first time only), rewrites the graph's attention nodes to it, and returns the library for the session
 options to register. Without a compiler, or with SEGUE_NATIVE_ATTENTION=0, or if anything fails, the
 graph stays as exported and the log says why: the node is the fallback, never an error.
+
+With `half_cache`, the operator is segue.CausalAttention16 and the graph's pasts and presents become
+float16: the cache takes half the memory, and a decode step, which reads the whole history, reads half
+the bytes (at 512 positions the history is half of what a small model's step reads). The engine asks
+for it for the int8 variant, whose activations are already rounded to 8 bits (engine/session.py);
+SEGUE_HALF_CACHE=0 turns it off. Only where the library offers it: a compiler with _Float16 and a CPU
+that converts halves itself (F16C, AVX512-FP16 or ARMv8).
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "ai.segue"
 OP_TYPE = "CausalAttention"
+HALF_OP_TYPE = "CausalAttention16"  # the same over float16 pasts and presents
 SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("native_attention.c", "native_attention_kernel.h", "native_matmul_kernel.h"))
 FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 ARCH_FLAGS = (("-march=native",), ())  # this CPU's vector units; a compiler without -march=native gets the default
 BUILD_SECONDS = 120
 SWITCH = "SEGUE_NATIVE_ATTENTION"
+HALF_SWITCH = "SEGUE_HALF_CACHE"
 
 _lock = threading.Lock()
 _built: dict[str, Path | None] = {}  # cache key -> library (None: could not build; not retried in this process)
@@ -51,6 +60,7 @@ class NativeGraph:
     library: Path
     nodes: int
     matmuls: int = 0  # quantized matmuls made segue.QuantizedMatMul (engine/native_matmul.py)
+    half_cache: bool = False  # the pasts and presents are float16 (segue.CausalAttention16)
 
 
 def enabled(switch: str = SWITCH) -> bool:
@@ -141,16 +151,29 @@ def _build(cc: str, key: str) -> Path | None:
     return None
 
 
-def rewrite(graph: bytes, quantized_matmuls: bool = False) -> tuple[bytes, int, int]:
+def offers_half_cache(path: Path) -> bool:
+    """Whether the built library registers segue.CausalAttention16 (see native_attention_kernel.h)."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(str(path)).segue_half_cache())
+    except (OSError, AttributeError):
+        return False
+
+
+def rewrite(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False) -> tuple[bytes, int, int, bool]:
     """`graph` with each packed-QKV, rotary-free GroupQueryAttention node (as export/gqa.py writes them)
     replaced by the native operator, and how many were replaced (0: the graph is returned as it was);
-    with `quantized_matmuls`, its int8 linear layers too (engine/native_matmul.py), and how many."""
+    with `quantized_matmuls`, its int8 linear layers too (engine/native_matmul.py), and how many; with
+    `half_cache`, float16 pasts and presents where every one of them belongs to a replaced node alone
+    (the last value says whether they were made so)."""
     import onnx  # only here: a plain load needs no onnx package
 
     from engine import native_matmul
 
     model = onnx.load_from_string(graph)
     replaced = 0
+    native_nodes = []
     for index, node in enumerate(model.graph.node):
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
             continue
@@ -166,27 +189,56 @@ def rewrite(graph: bytes, quantized_matmuls: bool = False) -> tuple[bytes, int, 
             OP_TYPE, [inputs[0], inputs[3], inputs[4], inputs[5], inputs[6]], list(node.output), name=node.name,
             domain=DOMAIN, num_heads=int(attributes["num_heads"]), scale=float(attributes.get("scale", 0.0)))
         model.graph.node[index].CopyFrom(native)
+        native_nodes.append(model.graph.node[index])
         replaced += 1
     if not replaced:
-        return graph, 0, 0
+        return graph, 0, 0, False
+    halved = half_cache and _halve_cache(model, native_nodes)
     matmuls = native_matmul.rewrite_model(model, DOMAIN) if quantized_matmuls else 0
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-    return model.SerializeToString(), replaced, matmuls
+    return model.SerializeToString(), replaced, matmuls, halved
 
 
-def prepare(graph: bytes, quantized_matmuls: bool = False) -> tuple[NativeGraph | None, str]:
+def _halve_cache(model, native_nodes: list) -> bool:
+    """Make the native nodes' pasts and presents float16 (graph inputs and outputs) and the nodes
+    CausalAttention16, if every cache tensor is a float graph input or output that only those nodes
+    touch; else change nothing and say so."""
+    from onnx import TensorProto
+
+    body = model.graph
+    pasts = {name for node in native_nodes for name in node.input[1:3]}
+    presents = {name for node in native_nodes for name in node.output[1:3]}
+    inputs = {i.name: i for i in body.input}
+    outputs = {o.name: o for o in body.output}
+    natives = {id(node) for node in native_nodes}
+    touched_elsewhere = {name for node in body.node if id(node) not in natives for name in [*node.input, *node.output]}
+    if (not pasts <= inputs.keys() or not presents <= outputs.keys() or touched_elsewhere & (pasts | presents)
+            or any(inputs[name].type.tensor_type.elem_type != TensorProto.FLOAT for name in pasts)):
+        return False
+    for name in pasts:
+        inputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+    for name in presents:
+        outputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+    for node in native_nodes:
+        node.op_type = HALF_OP_TYPE
+    return True
+
+
+def prepare(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False) -> tuple[NativeGraph | None, str]:
     """The graph with the native operator and its library, or None and why the graph stays as it is.
-    `quantized_matmuls`: the int8 linear layers run natively too (for a session of decode steps)."""
+    `quantized_matmuls`: the int8 linear layers run natively too (for a session of decode steps).
+    `half_cache`: a float16 cache, where the library offers it and SEGUE_HALF_CACHE is not 0."""
     path, why = library()
     if path is None:
         return None, why
+    half_cache = half_cache and enabled(HALF_SWITCH) and offers_half_cache(path)
     try:
-        rewritten, nodes, matmuls = rewrite(graph, quantized_matmuls)
+        rewritten, nodes, matmuls, halved = rewrite(graph, quantized_matmuls, half_cache)
     except ImportError:
         return None, "the onnx package is not installed (it rewrites the graph)"
     except Exception as exc:  # a graph onnx cannot parse is ONNX Runtime's to judge, as before
         return None, f"the graph could not be rewritten: {exc}"
     if not nodes:
         return None, "the graph has no GroupQueryAttention node of the exported kind"
-    return NativeGraph(rewritten, path, nodes, matmuls), ""
+    return NativeGraph(rewritten, path, nodes, matmuls, halved), ""

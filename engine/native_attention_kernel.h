@@ -22,6 +22,11 @@
  * kernels alternated in one process; docs/performance.md, Session 13). Below eight queries most lanes
  * would be idle and the per-query way is faster.
  *
+ * The key and value buffers hold floats, or IEEE halves (`half`, on a CPU with F16C): a decode step's
+ * attention reads the whole history from memory, so halves make it about half the bytes; they are
+ * widened to floats as they are loaded (vcvtph2ps), and every sum stays in floats. `half` is a constant
+ * wherever the functions below are inlined, like head_dim.
+ *
  * GCC 12+ or Clang (vector extensions, __builtin_shufflevector).
  */
 #ifndef SEGUE_NATIVE_ATTENTION_KERNEL_H
@@ -39,6 +44,71 @@
  * (gathers over dimensions instead of positions) and kept accumulators in memory. */
 typedef float segue_lanes __attribute__((vector_size(SEGUE_BLOCK * sizeof(float))));
 typedef int32_t segue_ints __attribute__((vector_size(SEGUE_BLOCK * sizeof(int32_t))));
+
+#if defined(__F16C__)
+/* Halves only where the CPU converts them itself, with F16C's vector instructions (GCC turned a
+ * _Float16 vector's conversion into one scalar instruction per lane, which doubled the step). */
+#include <immintrin.h>
+#define SEGUE_HALF_CACHE 1
+typedef uint16_t segue_half; /* IEEE binary16 bits */
+
+static inline __attribute__((always_inline)) segue_lanes segue_widen(const segue_half *from) {
+    segue_lanes x;
+#if defined(__AVX512F__)
+    const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)from));
+    memcpy(&x, &wide, sizeof x);
+#else
+    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)from));
+    const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(from + 8)));
+    memcpy(&x, &low, sizeof low);
+    memcpy((char *)&x + sizeof low, &high, sizeof high);
+#endif
+    return x;
+}
+
+static inline __attribute__((always_inline)) void segue_narrow(segue_half *to, const float *from, const int count) {
+    int i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm_storeu_si128((__m128i *)(to + i), _mm256_cvtps_ph(_mm256_loadu_ps(from + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < count; i++) to[i] = _cvtss_sh(from[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#else /* only float buffers (native_attention.c then offers no half operator) */
+#define SEGUE_HALF_CACHE 0
+typedef uint16_t segue_half;
+#endif
+
+/* Sixteen entries of a key or value buffer from `index` on, as floats. */
+static inline __attribute__((always_inline)) segue_lanes segue_load(const void *buffer, const size_t index, const int half) {
+    segue_lanes x;
+#if SEGUE_HALF_CACHE
+    if (half) return segue_widen((const segue_half *)buffer + index);
+#endif
+    (void)half;
+    memcpy(&x, (const float *)buffer + index, sizeof x);
+    return x;
+}
+
+/* One entry of a key or value buffer, as a float. */
+static inline __attribute__((always_inline)) float segue_load_one(const void *buffer, const size_t index, const int half) {
+#if SEGUE_HALF_CACHE
+    if (half) return _cvtsh_ss(((const segue_half *)buffer)[index]);
+#endif
+    (void)half;
+    return ((const float *)buffer)[index];
+}
+
+/* `count` floats written into a key or value buffer from `index` on (rounded to the nearest half). */
+static inline __attribute__((always_inline)) void segue_store(void *buffer, const size_t index, const float *from,
+                                                              const int count, const int half) {
+#if SEGUE_HALF_CACHE
+    if (half) {
+        segue_narrow((segue_half *)buffer + index, from, count);
+        return;
+    }
+#endif
+    (void)half;
+    memcpy((float *)buffer + index, from, (size_t)count * sizeof(float));
+}
 
 static inline segue_lanes segue_max(segue_lanes a, segue_lanes b) {
     const segue_ints a_wins = a > b;
@@ -98,18 +168,14 @@ static inline segue_lanes segue_sums(const segue_lanes *p) {
 
 /* Scores of query q against positions t0..t0+width-1 (head_dim a multiple of SEGUE_BLOCK, at most 64). */
 static inline __attribute__((always_inline)) segue_lanes segue_dots(const int head_dim, const segue_lanes *q,
-                                                                    const float *restrict keys, const int t0,
-                                                                    const int width) {
+                                                                    const void *restrict keys, const int half,
+                                                                    const int t0, const int width) {
     segue_lanes p[SEGUE_BLOCK];
     for (int i = 0; i < SEGUE_BLOCK; i++) {
         const int j = segue_bit_reversed[i];
-        const float *k = keys + (size_t)(t0 + (j < width ? j : width - 1)) * head_dim;
+        const size_t k = (size_t)(t0 + (j < width ? j : width - 1)) * head_dim;
         segue_lanes sum = {0};
-        for (int v = 0; v < head_dim / SEGUE_BLOCK; v++) {
-            segue_lanes x;
-            memcpy(&x, k + v * SEGUE_BLOCK, sizeof x);
-            sum += q[v] * x;
-        }
+        for (int v = 0; v < head_dim / SEGUE_BLOCK; v++) sum += q[v] * segue_load(keys, k + v * SEGUE_BLOCK, half);
         p[i] = sum;
     }
     return segue_sums(p);
@@ -201,27 +267,46 @@ static inline __attribute__((always_inline)) void segue_attend_queries(
     }
 }
 
+/* Whether a run of `steps` new positions, outputs wanted from `from` on, goes a query per lane. */
+static inline int segue_queries_per_lane(const int head_dim, const int steps, const int from) {
+    return steps - from >= SEGUE_QUERIES_FROM && head_dim % SEGUE_BLOCK == 0 && head_dim <= 64;
+}
+
 /* One head. The keys and values of all `steps` new positions are written; outputs are made for positions
  * from..steps-1 only (a prefill wants its last one's), from `out` on. `scores` holds
- * segue_scores_size(steps - from, past + steps) floats. head_dim is a constant where this is inlined
- * (see segue_attend_head), so the loops over it unroll and vectorise. */
+ * segue_scores_size(steps - from, past + steps) floats; with halves and a run that goes a query per lane,
+ * `widened` holds 2 * (past + steps) * head_dim floats: the history widened once for the whole run
+ * (each key and value is read once per sixteen queries there, and widening at every read cost a prompt
+ * 12 %). head_dim is a constant where this is inlined (see segue_attend_head), so the loops over it
+ * unroll and vectorise. */
 static inline __attribute__((always_inline)) void segue_attend(
     const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int heads,
-    const int steps, const int from, const int past, float *restrict keys, float *restrict values, const float scale,
-    float *restrict out, const size_t out_row, float *restrict scores) {
+    const int steps, const int from, const int past, void *restrict keys, void *restrict values, const int half,
+    const float scale, float *restrict out, const size_t out_row, float *restrict scores, float *restrict widened) {
     const int total = past + steps;
     const size_t scores_row = (size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK;
     for (int s = 0; s < steps; s++) {
-        memcpy(keys + (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(heads + head) * head_dim,
-               head_dim * sizeof(float));
-        memcpy(values + (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(2 * heads + head) * head_dim,
-               head_dim * sizeof(float));
+        segue_store(keys, (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(heads + head) * head_dim, head_dim, half);
+        segue_store(values, (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(2 * heads + head) * head_dim,
+                    head_dim, half);
     }
 
-    if (steps - from >= SEGUE_QUERIES_FROM && head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
+    if (segue_queries_per_lane(head_dim, steps, from)) {
+        const float *key_floats = (const float *)keys, *value_floats = (const float *)values;
+        if (half) {
+            const size_t floats = (size_t)total * head_dim;
+            for (size_t i = 0; i < floats; i += SEGUE_BLOCK) { /* head_dim is a multiple of SEGUE_BLOCK here */
+                const segue_lanes k = segue_load(keys, i, half), v = segue_load(values, i, half);
+                memcpy(widened + i, &k, sizeof k);
+                memcpy(widened + floats + i, &v, sizeof v);
+            }
+            key_floats = widened;
+            value_floats = widened + floats;
+        }
         for (int first = from; first < steps; first += SEGUE_BLOCK)
             segue_attend_queries(head_dim, qkv, qkv_row, head, first, steps - first < SEGUE_BLOCK ? steps - first : SEGUE_BLOCK,
-                                 past, keys, values, scale, out + (size_t)(first - from) * out_row, out_row, scores);
+                                 past, key_floats, value_floats, scale, out + (size_t)(first - from) * out_row, out_row,
+                                 scores);
         return;
     }
 
@@ -235,13 +320,13 @@ static inline __attribute__((always_inline)) void segue_attend(
             memcpy(qv, q, head_dim * sizeof(float));
             for (int t0 = 0; t0 < seen; t0 += SEGUE_BLOCK) {
                 const int width = seen - t0 < SEGUE_BLOCK ? seen - t0 : SEGUE_BLOCK;
-                const segue_lanes dots = segue_dots(head_dim, qv, keys, t0, width) * scale;
+                const segue_lanes dots = segue_dots(head_dim, qv, keys, half, t0, width) * scale;
                 memcpy(row + t0, &dots, sizeof dots); /* rows are padded to whole blocks */
             }
         } else { /* any other head size: plain loops */
             for (int t = 0; t < seen; t++) {
                 float dot = 0.0f;
-                for (int d = 0; d < head_dim; d++) dot += q[d] * keys[(size_t)t * head_dim + d];
+                for (int d = 0; d < head_dim; d++) dot += q[d] * segue_load_one(keys, (size_t)t * head_dim + d, half);
                 row[t] = dot * scale;
             }
         }
@@ -281,12 +366,7 @@ static inline __attribute__((always_inline)) void segue_attend(
             const int vectors = head_dim / SEGUE_BLOCK;
             for (int t = 0; t < seen; t++) {
                 const float w = row[t];
-                const float *v = values + (size_t)t * head_dim;
-                for (int i = 0; i < vectors; i++) {
-                    segue_lanes x;
-                    memcpy(&x, v + i * SEGUE_BLOCK, sizeof x);
-                    acc[i] += w * x;
-                }
+                for (int i = 0; i < vectors; i++) acc[i] += w * segue_load(values, (size_t)t * head_dim + i * SEGUE_BLOCK, half);
             }
             for (int i = 0; i < vectors; i++) {
                 acc[i] *= inverse;
@@ -295,11 +375,16 @@ static inline __attribute__((always_inline)) void segue_attend(
         } else {
             for (int d = 0; d < head_dim; d++) {
                 float sum = 0.0f;
-                for (int t = 0; t < seen; t++) sum += row[t] * values[(size_t)t * head_dim + d];
+                for (int t = 0; t < seen; t++) sum += row[t] * segue_load_one(values, (size_t)t * head_dim + d, half);
                 o[d] = sum * inverse;
             }
         }
     }
+}
+
+/* Floats of the widened history one head needs for a run of `steps` new positions over `total` (0: none). */
+static inline size_t segue_widened_size(int head_dim, int steps, int from, int total, int half) {
+    return half && segue_queries_per_lane(head_dim, steps, from) ? 2 * (size_t)total * (size_t)head_dim : 0;
 }
 
 /* Floats of scratch one head needs for `steps` queries over `total` positions. */
@@ -309,15 +394,28 @@ static inline size_t segue_scores_size(int steps, int total) {
 }
 
 /* The head sizes the presets use get their own unrolled copies; any other size runs the general one. */
+#define SEGUE_ATTEND_SIZES(HALF)                                                                                  \
+    do {                                                                                                          \
+        if (head_dim == 32)                                                                                       \
+            segue_attend(32, qkv, qkv_row, head, heads, steps, from, past, keys, values, HALF, scale, out, out_row, scores, \
+                         widened);                                                                                \
+        else if (head_dim == 64)                                                                                  \
+            segue_attend(64, qkv, qkv_row, head, heads, steps, from, past, keys, values, HALF, scale, out, out_row, scores, \
+                         widened);                                                                                \
+        else                                                                                                      \
+            segue_attend(head_dim, qkv, qkv_row, head, heads, steps, from, past, keys, values, HALF, scale, out, out_row,   \
+                         scores, widened);                                                                        \
+    } while (0)
+
+/* `half`: the buffers hold halves (only where SEGUE_HALF_CACHE; the caller checks), and `widened` is
+ * segue_widened_size floats (see segue_attend). */
 static void segue_attend_head(int head_dim, const float *qkv, size_t qkv_row, int head, int heads, int steps,
-                              int from, int past, float *keys, float *values, float scale, float *out, size_t out_row,
-                              float *scores) {
-    if (head_dim == 32)
-        segue_attend(32, qkv, qkv_row, head, heads, steps, from, past, keys, values, scale, out, out_row, scores);
-    else if (head_dim == 64)
-        segue_attend(64, qkv, qkv_row, head, heads, steps, from, past, keys, values, scale, out, out_row, scores);
+                              int from, int past, void *keys, void *values, int half, float scale, float *out,
+                              size_t out_row, float *scores, float *widened) {
+    if (half && SEGUE_HALF_CACHE)
+        SEGUE_ATTEND_SIZES(1);
     else
-        segue_attend(head_dim, qkv, qkv_row, head, heads, steps, from, past, keys, values, scale, out, out_row, scores);
+        SEGUE_ATTEND_SIZES(0);
 }
 
 #endif

@@ -322,9 +322,9 @@ class OnnxDecoder:
         self.output_names = list(manifest.onnx.outputs)
         # fp32 logits can be written straight into an array of ours at each decode step (`_run`).
         self._float_logits = next((o.type for o in session.get_outputs() if o.name == "logits"), "") == "tensor(float)"
-        # The cache's element type is the graph's: float32, or float16 for the fp16 variant (GPU).
-        cache_type = next((i.type for i in session.get_inputs() if i.name == manifest.onnx.past_inputs[0]), "tensor(float)")
-        self.cache_dtype = np.dtype(np.float16) if cache_type == "tensor(float16)" else np.dtype(np.float32)
+        # The cache's element type is the graph's: float32, or float16 for the fp16 variant (GPU) and for
+        # the int8 variant on the native operator (engine/native_attention.py).
+        self.cache_dtype = np.dtype(np.float16) if _cache_type(session, manifest) == "tensor(float16)" else np.dtype(np.float32)
         providers = session.get_providers()
         self.device = "cuda" if CUDA in providers else "cpu"
         declared = {i.name for i in session.get_inputs()}
@@ -441,19 +441,24 @@ class OnnxDecoder:
 
         attention: dict[ort.InferenceSession, str] = {}
         matmuls: dict[ort.InferenceSession, int] = {}
+        # The int8 variant keeps its cache in float16 on the native operator (engine/native_attention.py):
+        # a decode step reads the whole history, so half the bytes. Not where a prefill session of more
+        # threads keeps ONNX Runtime's node, whose cache is float32 (both sessions write the same buffers).
+        half_cache = prefill_threads <= threads
 
         def make_session(name: str, session_threads: int, decode: bool = True) -> ort.InferenceSession:
             """`decode`: a session for runs of a few rows, which takes the native int8 matmuls too."""
             graph = model if name == "fp32" else _variant_bytes(Path(folder), manifest, name, files)
             if chosen == [CPU] and session_threads == 1:  # the node keeps its thread pool where there is one
-                native, why = native_attention.prepare(graph, quantized_matmuls=decode and native_attention.enabled(native_matmul.SWITCH))
+                native, why = native_attention.prepare(graph, quantized_matmuls=decode and native_attention.enabled(native_matmul.SWITCH),
+                                                       half_cache=half_cache and name == "int8")
                 if native is not None:
                     options = session_options(session_threads)
                     try:
                         options.register_custom_ops_library(str(native.library))
                         made = ort.InferenceSession(_last_positions_graph(native.graph, folder, name), options,
                                                     providers=chosen)
-                        attention[made] = f"native ({native.library.name})"
+                        attention[made] = f"native ({native.library.name}{', float16 cache' if native.half_cache else ''})"
                         matmuls[made] = native.matmuls
                         return made
                     except Exception as exc:  # onnxruntime's own error types: the node instead, as exported
@@ -504,6 +509,10 @@ class OnnxDecoder:
             prefill = make_session(variant, max(prefill_threads, threads), decode=False)
             if matmuls.get(session):  # runs of many rows on ONNX Runtime's int8 matmuls, faster there
                 prefill_from = NATIVE_MATMUL_ROWS + 1
+            if _cache_type(prefill, manifest) != _cache_type(session, manifest):  # one fell back to the node
+                log.warning("%s: the prefill session's cache is %s and the decode session's %s; prompts run on the "
+                            "decode session", folder, _cache_type(prefill, manifest), _cache_type(session, manifest))
+                prefill, prefill_from = None, PREFILL_MIN_TOKENS
         decoder = cls(folder, manifest, session, prefill, variant, prefill_from)
         decoder.serve_reason = reason
         decoder.attention = attention.get(session, "GroupQueryAttention")
@@ -797,6 +806,11 @@ class OnnxDecoder:
         if self.prefill_session is not None and self.prefill_from > 16:  # the first step above did not reach it
             self.step(np.zeros((1, self.prefill_from), dtype=np.int64), self.empty_cache())
 
+
+
+def _cache_type(session: ort.InferenceSession, manifest: Manifest) -> str:
+    """The element type of `session`'s first past input, as ONNX Runtime names it ("tensor(float)")."""
+    return next((i.type for i in session.get_inputs() if i.name == manifest.onnx.past_inputs[0]), "tensor(float)")
 
 
 def _last_positions_graph(graph: bytes, folder: Path | str, variant: str) -> bytes:
