@@ -35,7 +35,8 @@ other work, CPU time does not count the time the process waited for a core (ever
 one thread, so CPU time is the time the work took). Each figure is followed by its ratio to the
 floor of this machine: the larger of the compute time (matmul FLOPs at the fp32 or int8 matmul
 rate measured here on one core) and the memory time (weights and KV cache read once, at the read
-bandwidth measured here for a working set that size).
+bandwidth measured here for a working set that size; the cache counted in the element type the row
+keeps it in: float16 for the engine's int8 row where the native operator runs).
 """
 
 from __future__ import annotations
@@ -173,14 +174,15 @@ class Shape:
     def head_weights(self) -> int:  # the tied output projection stays fp32
         return self.vocab * self.d_model
 
-    def kv_bytes(self, context: int) -> int:
-        return 2 * self.n_layer * context * self.d_model * 4
+    def kv_bytes(self, context: int, entry: int = 4) -> int:
+        return 2 * self.n_layer * context * self.d_model * entry
 
 
-def decode_floor(shape: Shape, ceilings: Ceilings, context: int, int8: bool) -> float:
-    """Milliseconds: one token at `context`, weights and cache read once, or the matmul work, whichever is longer."""
+def decode_floor(shape: Shape, ceilings: Ceilings, context: int, int8: bool, cache_entry: int = 4) -> float:
+    """Milliseconds: one token at `context`, weights and cache read once, or the matmul work, whichever is longer.
+    `cache_entry`: bytes per cached number (2 where the engine keeps the int8 variant's cache in float16)."""
     weight_bytes = shape.block_weights * (1 if int8 else 4) + shape.head_weights * 4
-    nbytes = weight_bytes + shape.kv_bytes(context)
+    nbytes = weight_bytes + shape.kv_bytes(context, cache_entry)
     memory = nbytes / ceilings.read_gbs(nbytes) / 1e9
     attention = 4 * shape.n_layer * context * shape.d_model
     compute = (2 * shape.block_weights / (ceilings.int8_gops if int8 else ceilings.fp32_gflops)
@@ -404,6 +406,11 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
         "engine int8": EngineRow(OnnxDecoder.load(shared_folder, threads=1, variant="int8"), tokenizer),
     }
     int8_rows = {"engine int8"}
+    # Bytes per cached number: the int8 engine's cache is float16 where the native operator runs.
+    entry = {name: row.decoder.cache_dtype.itemsize for name, row in rows.items() if isinstance(row, EngineRow)}
+    for name, row in rows.items():
+        if isinstance(row, EngineRow):
+            print(f"  {name}: attention {row.decoder.attention}, {row.decoder.cache_dtype} cache", flush=True)
     rng = np.random.default_rng(1)
     result: dict[str, dict[str, float]] = {row: {} for row in rows}
     floors: dict[str, dict[str, float]] = {row: {} for row in rows}
@@ -425,7 +432,7 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
                 tasks[row_name] = decode
         for row_name, value in rounds(tasks, args.repeats).items():
             result[row_name][f"@{context}"] = value
-            floors[row_name][f"@{context}"] = decode_floor(shape, ceilings, context, row_name in int8_rows)
+            floors[row_name][f"@{context}"] = decode_floor(shape, ceilings, context, row_name in int8_rows, entry.get(row_name, 4))
         print(f"  decode @{context}: " + ", ".join(f"{r} {result[r][f'@{context}']:.2f}" for r in rows), flush=True)
 
     for tokens in PREFILLS:
@@ -455,7 +462,7 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
         result[row_name]["first note"] = value
         int8 = row_name in int8_rows
         floors[row_name]["first note"] = (prefill_floor(shape, ceilings, prompt_tokens, int8)
-                                          + first_steps * decode_floor(shape, ceilings, prompt_tokens, int8))
+                                          + first_steps * decode_floor(shape, ceilings, prompt_tokens, int8, entry.get(row_name, 4)))
     # Prepared: the clip prefilled before the request (Generator.prefill into a PrefillCache, as the server's
     # `prepare` message does); only the engine has this.
     prepared = {}
@@ -469,7 +476,8 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
             prepared[row_name] = lambda g=generator, c=prefills: first_note_ms(g, clip, request, c)[0]
     for row_name in rows:
         result[row_name]["prepared"] = float("nan")
-        floors[row_name]["prepared"] = first_steps * decode_floor(shape, ceilings, prompt_tokens, row_name in int8_rows)
+        floors[row_name]["prepared"] = first_steps * decode_floor(shape, ceilings, prompt_tokens, row_name in int8_rows,
+                                                                 entry.get(row_name, 4))
     for row_name, value in rounds(prepared, args.repeats).items():
         result[row_name]["prepared"] = value
     # The engine rows ask for as many bars as a request may, so that the grammar never ends a row before
@@ -486,7 +494,8 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
         result[row_name][f"{args.bars} bars"] = value
         result[row_name]["per token"] = value / continuation
         floors[row_name][f"{args.bars} bars"] = (prefill_floor(shape, ceilings, prompt_tokens, int8) + continuation
-                                                 * decode_floor(shape, ceilings, prompt_tokens + continuation // 2, int8))
+                                                 * decode_floor(shape, ceilings, prompt_tokens + continuation // 2, int8,
+                                                                              entry.get(row_name, 4)))
         floors[row_name]["per token"] = floors[row_name][f"{args.bars} bars"] / continuation
     generated = {"reference": continuation}
     reference_tokens = continuation

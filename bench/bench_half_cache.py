@@ -1,0 +1,108 @@
+"""The int8 variant with its KV cache in float16 (segue.CausalAttention16) against the same variant with a
+float32 cache (SEGUE_HALF_CACHE=0), in the engine, in one process.
+
+    python bench/bench_half_cache.py models/default
+    python bench/bench_half_cache.py FOLDER --contexts 64 256 512 896 --repeats 9
+    python bench/bench_half_cache.py models/default --val-data ~/.cache/segue/default-v3-data   # + perplexity
+
+Two decoders over the same int8 graph, loaded side by side, alternating inside each round: for each
+context the median ms of a decode step (32 steps after a prefill of the rest, process CPU time, one
+thread) and the ratio; then prefills of 256 and 512 tokens; then how far apart their logits are along
+the way (max |difference| and how often the argmax agrees). With --val-data, the perplexity of both
+(and of fp32) on the validation files as `export-onnx` chooses them: what the rounding costs.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine import native_attention  # noqa: E402
+from engine.machine import cpu_name  # noqa: E402
+from engine.session import OnnxDecoder  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="a model folder with an int8 variant")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 512, 896])
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per sample")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--val-data", type=Path, help="a folder of MIDI files: also the perplexity of each cache")
+    args = parser.parse_args(argv)
+
+    half = OnnxDecoder.load(args.folder, variant="int8")
+    os.environ[native_attention.HALF_SWITCH] = "0"
+    full = OnnxDecoder.load(args.folder, variant="int8")
+    del os.environ[native_attention.HALF_SWITCH]
+    if half.cache_dtype != np.float16:
+        print(f"no float16 cache here ({half.attention}): nothing to compare")
+        return 1
+    contexts = [c for c in args.contexts if args.steps < c < half.max_context]
+    print(f"{cpu_name()}; {args.folder} int8, {half.attention}; median of {args.repeats} rounds, process CPU time\n")
+    ids = np.random.default_rng(0).integers(0, half.vocab_size, size=(1, max([*contexts, 512])))
+    logits: dict[str, list[np.ndarray]] = {"half": [], "full": []}
+
+    def decode_ms(decoder: OnnxDecoder, context: int, keep: list[np.ndarray]) -> float:
+        _, cache = decoder.step(ids[:, :context - args.steps], decoder.empty_cache())
+        token = np.zeros((1, 1), dtype=np.int64)
+        started = time.process_time()
+        for _ in range(args.steps):
+            got, cache = decoder.step(token, cache)
+            keep.append(got)
+        return (time.process_time() - started) / args.steps * 1e3
+
+    def prefill_ms(decoder: OnnxDecoder, tokens: int, keep: list[np.ndarray]) -> float:
+        started = time.process_time()
+        got, _ = decoder.step(ids[:, :tokens], decoder.empty_cache())
+        keep.append(got)
+        return (time.process_time() - started) * 1e3
+
+    print("| run | float16 cache (ms) | float32 cache (ms) | float32 / float16 |")
+    print("|---|---|---|---|")
+    cases = [(f"decode step at {c}", lambda d, k, c=c: decode_ms(d, c, k)) for c in contexts]
+    cases += [(f"prefill {n}", lambda d, k, n=n: prefill_ms(d, n, k)) for n in (256, 512)]
+    for name, measure in cases:
+        mine, theirs = [], []
+        for round_ in range(args.repeats):
+            keep_half: list[np.ndarray] = []
+            keep_full: list[np.ndarray] = []
+            mine.append(measure(half, keep_half))
+            theirs.append(measure(full, keep_full))
+            if round_ == 0:
+                logits["half"] += keep_half
+                logits["full"] += keep_full
+        a, b = statistics.median(mine), statistics.median(theirs)
+        print(f"| {name} | {a:.3f} | {b:.3f} | {b / a:.2f}x |", flush=True)
+    got, want = np.concatenate(logits["half"]), np.concatenate(logits["full"])
+    print(f"\nlogits over those runs: max |float16 cache - float32 cache| {np.abs(got - want).max():.4f}, "
+          f"argmax the same for {(got.argmax(-1) == want.argmax(-1)).mean() * 100:.1f} % of {len(got)} positions")
+
+    if args.val_data is not None:
+        from engine.manifest import TOKENIZER_FILE
+        from engine.tokens import ClipTokenizer
+        from export.quantize import perplexity, validation_pieces
+
+        pieces = validation_pieces(args.val_data, args.folder / TOKENIZER_FILE, 0.05, 50_000)
+        kinds = ClipTokenizer.from_file(args.folder / TOKENIZER_FILE).kinds
+        fp32 = OnnxDecoder.load(args.folder, variant="fp32")
+        print(f"\nperplexity on {args.val_data} (validation files at fraction 0.05, as export-onnx picks them):")
+        for name, decoder in (("int8, float16 cache", half), ("int8, float32 cache", full), ("fp32", fp32)):
+            ppl, tokens = perplexity(decoder, pieces, kinds.bos, kinds.eos)
+            print(f"  {name}: {ppl:.5f} over {tokens} tokens", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
