@@ -148,6 +148,23 @@ def test_stepping_instead_of_a_discarded_step_writes_over_it_without_a_copy(shar
 
 
 
+def test_decode_steps_between_runs_of_other_shapes_read_their_own_inputs(shared, plain):
+    """A decode step keeps its ids, positions and logits bound at fixed addresses for the next step of the
+    same shape (OnnxDecoder._run). Runs of other shapes in between (several tokens, every position's
+    logits) rebind them; each run's logits are its own, and stay what they were after later runs."""
+    ids = random_ids(shared, (1, 30), seed=8)
+    _, cache = shared.step(ids[:, :10], shared.empty_cache(1))
+    _, p_cache = plain.step(ids[:, :10], plain.empty_cache(1))
+    kept = []
+    for start, stop, last in [(10, 11, 1), (11, 12, 1), (12, 15, 1), (15, 16, 1), (16, 17, None), (17, 18, 1),
+                              (18, 19, 1), (19, 23, None), (23, 24, 1)]:
+        got, cache = shared.forward(ids[:, start:stop], cache, last=last)
+        want, p_cache = plain.forward(ids[:, start:stop], p_cache, last=last)
+        assert np.array_equal(got, want), (start, stop, last)
+        kept.append((got, got.copy()))
+    assert all(np.array_equal(got, copy) for got, copy in kept)
+
+
 def test_host_tensors_and_several_new_positions_after_a_history(shared, plain):
     """KVCache(tensors) built by a caller steps on any decoder; several tokens after a history in a batch
     (GroupQueryAttention takes those one row at a time) equal the plain path."""
