@@ -407,10 +407,10 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
     }
     int8_rows = {"engine int8"}
     # Bytes per cached number: the int8 engine's cache is float16 where the native operator runs.
-    entry = {name: row.decoder.cache_dtype.itemsize for name, row in rows.items() if isinstance(row, EngineRow)}
-    for name, row in rows.items():
+    entry = {row_name: row.decoder.cache_dtype.itemsize for row_name, row in rows.items() if isinstance(row, EngineRow)}
+    for row_name, row in rows.items():
         if isinstance(row, EngineRow):
-            print(f"  {name}: attention {row.decoder.attention}, {row.decoder.cache_dtype} cache", flush=True)
+            print(f"  {row_name}: attention {row.decoder.attention}, {row.decoder.cache_dtype} cache", flush=True)
     rng = np.random.default_rng(1)
     result: dict[str, dict[str, float]] = {row: {} for row in rows}
     floors: dict[str, dict[str, float]] = {row: {} for row in rows}
