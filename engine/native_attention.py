@@ -16,8 +16,8 @@ With `half_cache`, the operator is segue.CausalAttention16 and the graph's pasts
 float16: the cache takes half the memory, and a decode step, which reads the whole history, reads half
 the bytes (at 512 positions the history is half of what a small model's step reads). The engine asks
 for it for the int8 variant, whose activations are already rounded to 8 bits (engine/session.py);
-SEGUE_HALF_CACHE=0 turns it off. Only where the library offers it: a compiler with _Float16 and a CPU
-that converts halves itself (F16C, AVX512-FP16 or ARMv8).
+SEGUE_HALF_CACHE=0 turns it off. Only where the library offers it (`offers_half_cache`): built for an
+x86 CPU with F16C, which converts halves in vector registers; elsewhere the cache stays float32.
 """
 
 from __future__ import annotations
