@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from engine import native_attention
 from engine.session import OnnxDecoder, session_options
-from tests.test_native_attention import attention_graph
+from tests.test_native_attention import attention_graph, run_shared
 
 pytestmark = pytest.mark.skipif(not native_attention.enabled() or native_attention.library()[0] is None
                                 or not native_attention.offers_half_cache(native_attention.library()[0]),
@@ -37,23 +37,6 @@ def operators(heads: int, head_dim: int) -> tuple[ort.InferenceSession, ort.Infe
         options.register_custom_ops_library(str(native.library))
         made.append(ort.InferenceSession(native.graph, options, providers=["CPUExecutionProvider"]))
     return made[0], made[1]
-
-
-def run_shared(session: ort.InferenceSession, qkv: np.ndarray, keys: np.ndarray, values: np.ndarray,
-               lengths: list[int]) -> np.ndarray:
-    """One run with `keys` and `values` bound as both past and present (the engine's way)."""
-    steps = qkv.shape[1]
-    binding = session.io_binding()
-    binding.bind_output("out")
-    binding.bind_cpu_input("qkv", qkv)
-    for past, present, buffer in (("past_key", "present_key", keys), ("past_value", "present_value", values)):
-        shared = ort.OrtValue.ortvalue_from_numpy(buffer)
-        binding.bind_ortvalue_input(past, shared)
-        binding.bind_ortvalue_output(present, shared)
-    binding.bind_cpu_input("seqlens_k", np.array([n + steps - 1 for n in lengths], dtype=np.int32))
-    binding.bind_cpu_input("total", np.array([max(lengths) + steps], dtype=np.int32))
-    session.run_with_iobinding(binding)
-    return binding.get_outputs()[0].numpy()
 
 
 @pytest.mark.parametrize("heads, head_dim", [(8, 32), (8, 64), (3, 24)])

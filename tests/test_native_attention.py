@@ -48,6 +48,23 @@ def sessions(heads: int, head_dim: int) -> tuple[ort.InferenceSession, ort.Infer
             ort.InferenceSession(native.graph, options, providers=["CPUExecutionProvider"]))
 
 
+def run_shared(session: ort.InferenceSession, qkv: np.ndarray, keys: np.ndarray, values: np.ndarray,
+               lengths: list[int]) -> np.ndarray:
+    """One run with `keys` and `values` bound as both past and present (the engine's way); its output."""
+    steps = qkv.shape[1]
+    binding = session.io_binding()
+    binding.bind_output("out")
+    binding.bind_cpu_input("qkv", qkv)
+    for past, present, buffer in (("past_key", "present_key", keys), ("past_value", "present_value", values)):
+        shared = ort.OrtValue.ortvalue_from_numpy(buffer)
+        binding.bind_ortvalue_input(past, shared)
+        binding.bind_ortvalue_output(present, shared)
+    binding.bind_cpu_input("seqlens_k", np.array([n + steps - 1 for n in lengths], dtype=np.int32))
+    binding.bind_cpu_input("total", np.array([max(lengths) + steps], dtype=np.int32))
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()
+
+
 @pytest.mark.parametrize("heads, head_dim", [(8, 32), (8, 64), (2, 16), (3, 24), (2, 48)])
 @pytest.mark.parametrize("steps, lengths", [(1, [0]), (1, [300]), (3, [257]), (64, [0]), (64, [192]), (1, [10, 40]),
                                             (17, [33]), (7, [100]), (8, [100]), (12, [0, 0])])
@@ -63,17 +80,7 @@ def test_in_the_shared_buffer_it_matches_the_node(heads, head_dim, steps, length
     results = []
     for session in (node, native):
         keys, values = history[0].copy(), history[1].copy()
-        binding = session.io_binding()
-        binding.bind_output("out")
-        binding.bind_cpu_input("qkv", qkv)
-        for past, present, buffer in (("past_key", "present_key", keys), ("past_value", "present_value", values)):
-            shared = ort.OrtValue.ortvalue_from_numpy(buffer)
-            binding.bind_ortvalue_input(past, shared)
-            binding.bind_ortvalue_output(present, shared)
-        binding.bind_cpu_input("seqlens_k", np.array([n + steps - 1 for n in lengths], dtype=np.int32))
-        binding.bind_cpu_input("total", np.array([max(lengths) + steps], dtype=np.int32))
-        session.run_with_iobinding(binding)
-        results.append((binding.get_outputs()[0].numpy(), keys, values))
+        results.append((run_shared(session, qkv, keys, values, lengths), keys, values))
     (out_node, keys_node, values_node), (out_native, keys_native, values_native) = results
     assert out_native.shape == (batch, steps, heads * head_dim)
     np.testing.assert_allclose(out_native, out_node, atol=2e-6, rtol=0)
