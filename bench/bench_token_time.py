@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     recorded = []
     real_run = OnnxDecoder._run
 
-    def recording_run(self, binding, ids, positions, session):
-        logits = real_run(self, binding, ids, positions, session)
+    def recording_run(self, binding, ids, positions, session, *rest):  # rest: whatever else _run takes (last)
+        logits = real_run(self, binding, ids, positions, session, *rest)
         recorded.append(logits.copy())
         return logits
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     del decoder._run  # the class's method again
     guessed = {kind: getattr(rows[-1], f"{kind.lower()}_guesses") for kind in ("Velocity", "Duration", "Position")} if rows else {}
 
-    def replaying_run(self, binding, ids, positions, session):
+    def replaying_run(self, binding, ids, positions, session, *rest):
         return replayed.pop(0).copy()
 
     timed = TimedSession(decoder.session)
