@@ -166,17 +166,33 @@ static inline segue_lanes segue_sums(const segue_lanes *p) {
     return SEGUE_ROUND(two[0], two[1], SEGUE_LO4, SEGUE_HI4);
 }
 
-/* Scores of query q against positions t0..t0+width-1 (head_dim a multiple of SEGUE_BLOCK, at most 64). */
+/* The lane-wise products of query q and the key at `k` (its first entry's index). */
+static inline __attribute__((always_inline)) segue_lanes segue_products(const int head_dim, const segue_lanes *q,
+                                                                        const void *restrict keys, const int half,
+                                                                        const size_t k) {
+    segue_lanes sum = q[0] * segue_load(keys, k, half);
+    for (int v = 1; v < head_dim / SEGUE_BLOCK; v++) sum += q[v] * segue_load(keys, k + v * SEGUE_BLOCK, half);
+    return sum;
+}
+
+/* Scores of query q against positions t0..t0+width-1 (head_dim a multiple of SEGUE_BLOCK, at most 64).
+ * A whole block is unrolled, so each key's address is the block's plus a constant: no index
+ * arithmetic per key (which kept the scalar ports as busy as the vector ones, 10-15 % of a decode
+ * step's attention, docs/performance.md "Session 17"); the last, partial block repeats its last key. */
 static inline __attribute__((always_inline)) segue_lanes segue_dots(const int head_dim, const segue_lanes *q,
                                                                     const void *restrict keys, const int half,
                                                                     const int t0, const int width) {
     segue_lanes p[SEGUE_BLOCK];
-    for (int i = 0; i < SEGUE_BLOCK; i++) {
-        const int j = segue_bit_reversed[i];
-        const size_t k = (size_t)(t0 + (j < width ? j : width - 1)) * head_dim;
-        segue_lanes sum = {0};
-        for (int v = 0; v < head_dim / SEGUE_BLOCK; v++) sum += q[v] * segue_load(keys, k + v * SEGUE_BLOCK, half);
-        p[i] = sum;
+    const size_t base = (size_t)t0 * head_dim;
+    if (width == SEGUE_BLOCK) {
+#pragma GCC unroll 16
+        for (int i = 0; i < SEGUE_BLOCK; i++)
+            p[i] = segue_products(head_dim, q, keys, half, base + (size_t)segue_bit_reversed[i] * head_dim);
+    } else {
+        for (int i = 0; i < SEGUE_BLOCK; i++) {
+            const int j = segue_bit_reversed[i];
+            p[i] = segue_products(head_dim, q, keys, half, base + (size_t)(j < width ? j : width - 1) * head_dim);
+        }
     }
     return segue_sums(p);
 }
@@ -362,15 +378,23 @@ static inline __attribute__((always_inline)) void segue_attend(
         const float inverse = 1.0f / segue_lanes_sum(sums);
         float *o = out + (size_t)(s - from) * out_row + (size_t)head * head_dim;
         if (head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
-            segue_lanes acc[4] = {{0}};
+            /* Even and odd positions into separate sums: one chain of multiply-adds per output vector
+             * waited on its own latency (two vectors of a 32-wide head left the FMA units mostly idle). */
+            segue_lanes even[4] = {{0}}, odd[4] = {{0}};
             const int vectors = head_dim / SEGUE_BLOCK;
-            for (int t = 0; t < seen; t++) {
-                const float w = row[t];
-                for (int i = 0; i < vectors; i++) acc[i] += w * segue_load(values, (size_t)t * head_dim + i * SEGUE_BLOCK, half);
+            int t = 0;
+            for (; t + 1 < seen; t += 2) {
+                const float w = row[t], next = row[t + 1];
+                for (int i = 0; i < vectors; i++) {
+                    even[i] += w * segue_load(values, (size_t)t * head_dim + i * SEGUE_BLOCK, half);
+                    odd[i] += next * segue_load(values, (size_t)(t + 1) * head_dim + i * SEGUE_BLOCK, half);
+                }
             }
+            if (t < seen)
+                for (int i = 0; i < vectors; i++) even[i] += row[t] * segue_load(values, (size_t)t * head_dim + i * SEGUE_BLOCK, half);
             for (int i = 0; i < vectors; i++) {
-                acc[i] *= inverse;
-                memcpy(o + i * SEGUE_BLOCK, &acc[i], sizeof acc[i]);
+                const segue_lanes x = (even[i] + odd[i]) * inverse;
+                memcpy(o + i * SEGUE_BLOCK, &x, sizeof x);
             }
         } else {
             for (int d = 0; d < head_dim; d++) {
