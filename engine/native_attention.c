@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "native_attention_kernel.h"
+#include "native_layer_kernel.h"
 #include "native_matmul_kernel.h"
 
 #if defined(_WIN32)
@@ -273,12 +274,20 @@ static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi
 
 /* --- segue.QuantizedMatMul ---------------------------------------------------------------------- *
  * Inputs:  x [..., k] float; weights int8 [blocks * quads * 256], packed by engine/native_matmul.py;
- *          column_sums int32, scales float and bias float, [blocks * 64] each.
- * Attributes: k, n (the weight matrix's shape), weight_zero_point.
- * Output:  y [..., n] float: DynamicQuantizeMatMul's result (engine/native_matmul_kernel.h). */
+ *          column_sums int32, scales float and bias float, [blocks * 64] each;
+ *          optional: residual [..., n] float (x's shape but n), norm_scale and norm_bias [k] float.
+ * Attributes: k, n (the weight matrix's shape), weight_zero_point; optional: activation (0 none, 1 the
+ *          exact GELU), epsilon (the norm's; default 1e-5).
+ * Output:  y [..., n] float: DynamicQuantizeMatMul's result (engine/native_matmul_kernel.h) of x, or of x
+ *          layer-normalised with norm_scale and norm_bias when they are given; then the activation; then
+ *          + residual. The folded neighbours are engine/native_layer_kernel.h's. */
+
+enum { ACTIVATION_NONE = 0, ACTIVATION_GELU = 1 };
+#define SEGUE_QM_STACK_FLOATS 4096 /* a decode step's normalised rows: no allocation */
 
 typedef struct {
-    int64_t k, n, weight_zero;
+    int64_t k, n, weight_zero, activation;
+    float epsilon;
     const void *checked; /* the packed weights whose sizes were checked (an initializer: the same every run) */
 } MatMulKernel;
 
@@ -290,19 +299,36 @@ static OrtStatus *expect_elements(const OrtValue *value, int64_t count, const ch
     return NULL;
 }
 
+/* Optional input `index`: its value and data, or NULL for both where the node leaves it out. */
+static OrtStatus *optional_input(OrtKernelContext *context, size_t count, size_t index, const OrtValue **value, void **data) {
+    *value = NULL;
+    *data = NULL;
+    if (index >= count) return NULL;
+    CHECK(CALL(KernelContext_GetInput, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t, const OrtValue **))(context, index, value));
+    if (*value == NULL) return NULL;
+    return CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))((OrtValue *)*value, data);
+}
+
 static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *context) {
     MatMulKernel *kernel = (MatMulKernel *)state;
-    const OrtValue *values[5];
-    void *data[5];
+    const OrtValue *values[8];
+    void *data[8];
     for (size_t i = 0; i < 5; i++) CHECK(input(context, i, &values[i], &data[i]));
+    size_t count = 5;
+    CHECK(CALL(KernelContext_GetInputCount, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t *))(context, &count));
+    for (size_t i = 5; i < 8; i++) CHECK(optional_input(context, count, i, &values[i], &data[i]));
     const int64_t k = kernel->k, n = kernel->n;
     const int64_t quads = (k + 3) / 4, blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
+    if ((values[6] == NULL) != (values[7] == NULL))
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: norm_scale and norm_bias come together");
     /* Atomic: sessions may run this node from several threads at once (the server's workers). */
     if (__atomic_load_n(&kernel->checked, __ATOMIC_RELAXED) != data[1]) {
         CHECK(expect_elements(values[1], blocks * quads * 256, "segue.QuantizedMatMul: the packed weights' size is not k x n's"));
         for (size_t i = 2; i < 5; i++)
             CHECK(expect_elements(values[i], blocks * SEGUE_QM_COLUMNS,
                                   "segue.QuantizedMatMul: column_sums, scales and bias need one entry per packed column"));
+        for (size_t i = 6; i < 8 && values[6] != NULL; i++)
+            CHECK(expect_elements(values[i], k, "segue.QuantizedMatMul: norm_scale and norm_bias need k entries"));
         __atomic_store_n(&kernel->checked, (const void *)data[1], __ATOMIC_RELAXED);
     }
     int64_t dims[8];
@@ -312,20 +338,65 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
         return FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: the input's last dimension is not the weights' k");
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < rank; i++) rows *= dims[i];
-    if (rows > INT32_MAX / (4 * quads)) return FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: the input is too large");
+    if (rows > INT32_MAX / (4 * quads) || rows > INT32_MAX / k)
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: the input is too large");
     dims[rank - 1] = n;
+    if (values[5] != NULL) {
+        int64_t residual_dims[8];
+        size_t residual_rank;
+        CHECK(shape_of(values[5], residual_dims, 8, &residual_rank));
+        if (residual_rank != rank || memcmp(residual_dims, dims, sizeof(int64_t) * rank) != 0)
+            return FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: the residual's shape is not the output's");
+    }
     void *out;
     CHECK(output(context, 0, dims, rank, &out));
     if (rows == 0) return NULL;
     uint8_t small[4096]; /* a decode step's rows: no allocation */
-    const size_t scratch = (size_t)rows * 4 * (size_t)quads;
+    float small_normed[SEGUE_QM_STACK_FLOATS];
+    const size_t scratch = (size_t)rows * 4 * (size_t)quads, normed_floats = values[6] != NULL ? (size_t)rows * (size_t)k : 0;
     uint8_t *q = scratch <= sizeof(small) ? small : (uint8_t *)malloc(scratch);
-    if (q == NULL) return FAIL(ORT_FAIL, "segue.QuantizedMatMul: out of memory");
-    segue_quantized_matmul((const float *)data[0], (int)rows, (int)k, (int)n, (const int8_t *)data[1],
-                           (const int32_t *)data[2], (const float *)data[3], (const float *)data[4],
-                           (int)kernel->weight_zero, q, (float *)out);
+    float *normed = normed_floats <= SEGUE_QM_STACK_FLOATS ? small_normed : (float *)malloc(normed_floats * sizeof(float));
+    if (q == NULL || normed == NULL) {
+        if (q != small) free(q);
+        if (normed != small_normed) free(normed);
+        return FAIL(ORT_FAIL, "segue.QuantizedMatMul: out of memory");
+    }
+    const float *x = (const float *)data[0];
+    if (normed_floats) {
+        segue_layer_norm(x, (int)rows, (int)k, (const float *)data[6], (const float *)data[7], kernel->epsilon, normed);
+        x = normed;
+    }
+    float *y = (float *)out;
+    segue_quantized_matmul(x, (int)rows, (int)k, (int)n, (const int8_t *)data[1], (const int32_t *)data[2],
+                           (const float *)data[3], (const float *)data[4], (int)kernel->weight_zero, q, y);
+    const size_t outputs = (size_t)rows * (size_t)n;
+    if (kernel->activation == ACTIVATION_GELU) segue_gelu(y, outputs);
+    if (values[5] != NULL) {
+        const float *residual = (const float *)data[5];
+        for (size_t i = 0; i < outputs; i++) y[i] += residual[i];
+    }
     if (q != small) free(q);
+    if (normed != small_normed) free(normed);
     return NULL;
+}
+
+/* An optional attribute: `fallback` where the node does not have it. */
+static void optional_int(const OrtKernelInfo *info, const char *name, int64_t *value, int64_t fallback) {
+    OrtStatus *absent = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
+        info, name, value);
+    if (absent != NULL) {
+        *value = fallback;
+        CALL(ReleaseStatus, void (SEGUE_CALL *)(OrtStatus *))(absent);
+    }
+}
+
+static void optional_float(const OrtKernelInfo *info, const char *name, float *value, float fallback) {
+    OrtStatus *absent = CALL(KernelInfoGetAttribute_float, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, float *))(
+        info, name, value);
+    if (absent != NULL) {
+        *value = fallback;
+        CALL(ReleaseStatus, void (SEGUE_CALL *)(OrtStatus *))(absent);
+    }
 }
 
 static OrtStatus *SEGUE_CALL matmul_create(const SegueCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
@@ -340,9 +411,17 @@ static OrtStatus *SEGUE_CALL matmul_create(const SegueCustomOp *op, const OrtApi
     for (int i = 0; i < 3 && status == NULL; i++)
         status = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
             info, names[i], fields[i]);
+    if (status == NULL) {
+        optional_int(info, "activation", &kernel->activation, ACTIVATION_NONE);
+        optional_float(info, "epsilon", &kernel->epsilon, 1e-5f);
+    }
     if (status == NULL && (kernel->k <= 0 || kernel->n <= 0 || kernel->k > (1 << 20) || kernel->n > (1 << 24) ||
                            kernel->weight_zero < -128 || kernel->weight_zero > 127))
         status = FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: k, n or weight_zero_point out of range");
+    if (status == NULL && kernel->activation != ACTIVATION_NONE && kernel->activation != ACTIVATION_GELU)
+        status = FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: activation must be 0 (none) or 1 (GELU)");
+    if (status == NULL && !(kernel->epsilon > 0.0f))
+        status = FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: epsilon must be positive");
     if (status != NULL) {
         free(kernel);
         return status;
@@ -388,12 +467,13 @@ static int SEGUE_CALL matmul_input_type(const SegueCustomOp *op, size_t index) {
     (void)op;
     return index == 1 ? ELEMENT_INT8 : index == 2 ? ELEMENT_INT32 : ELEMENT_FLOAT;
 }
-static size_t SEGUE_CALL matmul_input_count(const SegueCustomOp *op) { (void)op; return 5; }
+static size_t SEGUE_CALL matmul_input_count(const SegueCustomOp *op) { (void)op; return 8; }
+static int SEGUE_CALL matmul_input_characteristic(const SegueCustomOp *op, size_t index) { (void)op; return index >= 5 ? OPTIONAL : REQUIRED; }
 static size_t SEGUE_CALL matmul_output_count(const SegueCustomOp *op) { (void)op; return 1; }
 
 static SegueCustomOp quantized_matmul = {
     SEGUE_ORT_API_VERSION, NULL, matmul_name, op_provider, matmul_input_type, matmul_input_count, output_type,
-    matmul_output_count, NULL, destroy, required, required, default_memory, one, one, one, one, matmul_create,
+    matmul_output_count, NULL, destroy, matmul_input_characteristic, required, default_memory, one, one, one, one, matmul_create,
     matmul_compute,
 };
 

@@ -41,7 +41,7 @@ DOMAIN = "ai.segue"
 OP_TYPE = "CausalAttention"
 HALF_OP_TYPE = "CausalAttention16"  # the same over float16 pasts and presents
 SOURCES = tuple(Path(__file__).with_name(name) for name in
-                ("native_attention.c", "native_attention_kernel.h", "native_matmul_kernel.h"))
+                ("native_attention.c", "native_attention_kernel.h", "native_layer_kernel.h", "native_matmul_kernel.h"))
 FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 ARCH_FLAGS = (("-march=native",), ())  # this CPU's vector units; a compiler without -march=native gets the default
 BUILD_SECONDS = 120
@@ -164,7 +164,8 @@ def offers_half_cache(path: Path) -> bool:
 def rewrite(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False) -> tuple[bytes, int, int, bool]:
     """`graph` with each packed-QKV, rotary-free GroupQueryAttention node (as export/gqa.py writes them)
     replaced by the native operator, and how many were replaced (0: the graph is returned as it was);
-    with `quantized_matmuls`, its int8 linear layers too (engine/native_matmul.py), and how many; with
+    with `quantized_matmuls`, its int8 linear layers too (engine/native_matmul.py), and how many (and their
+    norms, GELUs and residual adds folded into them, unless SEGUE_FOLD_LAYERS is 0); with
     `half_cache`, float16 pasts and presents where every one of them belongs to a replaced node alone
     (the last value says whether they were made so)."""
     import onnx  # only here: a plain load needs no onnx package
@@ -195,6 +196,8 @@ def rewrite(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = Fa
         return graph, 0, 0, False
     halved = half_cache and _halve_cache(model, native_nodes)
     matmuls = native_matmul.rewrite_model(model, DOMAIN) if quantized_matmuls else 0
+    if matmuls and enabled(native_matmul.FOLD_SWITCH):
+        native_matmul.fold_neighbours(model, DOMAIN)
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return model.SerializeToString(), replaced, matmuls, halved

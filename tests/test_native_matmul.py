@@ -169,19 +169,27 @@ def test_a_chain_with_an_intermediate_read_elsewhere_is_left_alone():
     assert "MatMulInteger" in [node.op_type for node in model.graph.node]
 
 
-def test_the_int8_export_is_rewritten_whole_and_computes_the_same(int8_model):
+def test_the_int8_export_is_rewritten_whole_and_computes_the_same(int8_model, monkeypatch):
     graph = (int8_model / "model.int8.onnx").read_bytes()
-    chains = sum(node.op_type == "MatMulInteger" for node in onnx.load_from_string(graph).graph.node)
+    exported = [node.op_type for node in onnx.load_from_string(graph).graph.node]
+    chains, layers = exported.count("MatMulInteger"), exported.count("Gelu")
     with_matmuls, _ = native_attention.prepare(graph, quantized_matmuls=True)
     attention_only, _ = native_attention.prepare(graph)
-    assert with_matmuls is not None and attention_only is not None
+    monkeypatch.setenv(native_matmul.FOLD_SWITCH, "0")
+    unfolded, _ = native_attention.prepare(graph, quantized_matmuls=True)
+    assert with_matmuls is not None and attention_only is not None and unfolded is not None
     assert with_matmuls.matmuls == chains > 0 and attention_only.matmuls == 0
     kinds = [node.op_type for node in onnx.load_from_string(with_matmuls.graph).graph.node]
     assert kinds.count(native_matmul.OP_TYPE) == chains and not {"MatMulInteger", "DynamicQuantizeLinear"} & set(kinds)
-    onnx.checker.check_model(onnx.load_from_string(with_matmuls.graph))  # topologically sorted, every input made
+    # Each layer's two norms, its GELU and its two residual adds are folded in: the final norm, the
+    # embeddings' add and the lengths' arithmetic stay ONNX Runtime's.
+    assert layers > 0 and "Gelu" not in kinds and kinds.count("LayerNormalization") == 1
+    assert len(kinds) == len(onnx.load_from_string(unfolded.graph).graph.node) - 5 * layers
+    for native in (with_matmuls, unfolded):
+        onnx.checker.check_model(onnx.load_from_string(native.graph))  # topologically sorted, every input made
 
     outputs = []
-    for native in (with_matmuls, attention_only):
+    for native in (with_matmuls, attention_only, unfolded):
         options = session_options(1)
         options.register_custom_ops_library(str(native.library))
         session = ort.InferenceSession(native.graph, options, providers=["CPUExecutionProvider"])
@@ -189,8 +197,9 @@ def test_the_int8_export_is_rewritten_whole_and_computes_the_same(int8_model):
                  for i in session.get_inputs() if i.name.startswith("past_")}
         feeds.update(input_ids=np.array([[3, 17, 9, 40]]), position_ids=np.arange(4)[None])
         outputs.append(session.run(None, feeds))
-    for ours, theirs in zip(*outputs, strict=True):
+    for ours, theirs, unfolded_ones in zip(*outputs, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ours, unfolded_ones, rtol=1e-4, atol=1e-4)
 
 
 def test_the_engine_decodes_with_it_and_keeps_prompts_on_onnx_runtime(int8_model, monkeypatch):
@@ -222,3 +231,97 @@ def test_the_engine_decodes_with_it_and_keeps_prompts_on_onnx_runtime(int8_model
     np.testing.assert_allclose(step_logits, plain_step, rtol=1e-4, atol=1e-4)
     plain_guess, _ = plain.step_instead(np.array([[5, 6, 7]]), plain_cache, plain_step_cache, every_position=True)
     np.testing.assert_allclose(guess_logits, plain_guess, rtol=1e-4, atol=1e-4)
+
+
+# --- the neighbours folded into the operator (engine/native_layer_kernel.h) ---------------------------------
+
+def folded_graph(k: int, n: int, before: str, after: str, rng: np.random.Generator) -> onnx.ModelProto:
+    """One quantized linear layer with a LayerNormalization before it (`before` = "norm") and a GELU or a
+    residual Add after it (`after` = "gelu" / "residual"), as the exporter writes a transformer layer's."""
+    floats = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    weight_scale = np.array(np.abs(floats).max() / 127, np.float32)
+    weights = np.clip(np.rint(floats / weight_scale), -127, 127).astype(np.int8)
+    model = chain_graph(weights, weight_scale, 0, rng.standard_normal(n).astype(np.float32) * 0.1)
+    graph = model.graph
+    if before == "norm":
+        for node in graph.node:
+            node.input[:] = ["normed" if name == "x" else name for name in node.input]
+        graph.node.insert(0, helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normed"], axis=-1, epsilon=1e-5))
+        graph.initializer.extend([numpy_helper.from_array((1 + 0.3 * rng.standard_normal(k)).astype(np.float32), "gamma"),
+                                  numpy_helper.from_array((0.2 * rng.standard_normal(k)).astype(np.float32), "beta")])
+    if after:
+        graph.node[-1].output[0] = "product_y"
+        graph.value_info.append(helper.make_tensor_value_info("product_y", TensorProto.FLOAT, ["batch", "steps", n]))
+    if after == "gelu":
+        graph.node.append(helper.make_node("Gelu", ["product_y"], ["y"], approximate="none"))
+    elif after == "residual":
+        graph.node.append(helper.make_node("Add", ["stream", "product_y"], ["y"]))
+        graph.input.append(helper.make_tensor_value_info("stream", TensorProto.FLOAT, ["batch", "steps", n]))
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 20))  # Gelu
+    return model
+
+
+def folded_session(model: onnx.ModelProto, library: Path, expect_folded: int) -> ort.InferenceSession:
+    rewritten = onnx.ModelProto.FromString(model.SerializeToString())
+    assert native_matmul.rewrite_model(rewritten, native_attention.DOMAIN) == 1
+    assert native_matmul.fold_neighbours(rewritten, native_attention.DOMAIN) == expect_folded
+    assert [node.op_type for node in rewritten.graph.node] == [native_matmul.OP_TYPE]
+    rewritten.opset_import.append(helper.make_opsetid(native_attention.DOMAIN, 1))
+    onnx.checker.check_model(rewritten)
+    options = session_options(1)
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("path", RUNNABLE)
+@pytest.mark.parametrize("before, after, folded", [("norm", "", 1), ("", "gelu", 1), ("", "residual", 1),
+                                                   ("norm", "gelu", 2), ("norm", "residual", 2)])
+def test_folded_norms_gelus_and_residuals_compute_what_the_nodes_did(libraries, path, before, after, folded):
+    """Against ONNX Runtime running the same nodes unfolded. A norm's output may differ from ONNX Runtime's in
+    its last bit, which can move the int8 rounding of that value by one step: the bound is two such steps,
+    far below what a lost scale, bias, epsilon or GELU side would cost (the small-variance row makes the
+    epsilon count)."""
+    rng = np.random.default_rng(len(before) * 7 + len(after))
+    k, n = 256, 768 if after != "residual" else 256
+    model = folded_graph(k, n, before, after, rng)
+    plain = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    native = folded_session(model, libraries[path], folded)
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for rows in (1, 3, 9):
+        x = (rng.standard_normal((1, rows, k)) * 2 + 0.5).astype(np.float32)
+        x[0, 0] *= 1e-3  # a row whose variance (4e-6) is of the epsilon's order
+        feeds = {"x": x}
+        if after == "residual":
+            feeds["stream"] = rng.standard_normal((1, rows, n)).astype(np.float32)
+        ours, theirs = native.run(None, feeds)[0], plain.run(None, feeds)[0]
+        quantized = x.astype(np.float64)
+        if before:
+            centred = quantized - quantized.mean(-1, keepdims=True)
+            quantized = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * constants["gamma"] + constants["beta"]
+        spread = max(quantized.max(), 0) - min(quantized.min(), 0)
+        one_rounding = spread / 255 * float(constants["ws"]) * np.abs(constants["w"]).max()  # one input moved one int8 step
+        assert ours.shape == theirs.shape == (1, rows, n)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2 * one_rounding)
+        assert np.abs(ours - theirs).mean() < 0.05 * one_rounding  # most values agree to float rounding
+
+
+def test_the_gelu_is_the_exact_one_on_both_sides(libraries):
+    """The operator's GELU against x erfc(-x / sqrt 2) / 2 (= x (1 + erf(x / sqrt 2)) / 2) in float64, from -12 to
+    12: relative accuracy on the negative side too, where the result is tiny."""
+    import math
+
+    values = np.concatenate([np.linspace(-12, 12, 4001), [0.0, 1e-6, -1e-6, 3.0e-3]]).astype(np.float32)
+    k, n = 4, len(values)
+    model = folded_graph(k, n, "", "gelu", np.random.default_rng(0))
+    # Weights of zero and the values as the bias: the product is exactly the bias, the GELU's input.
+    for index, init in enumerate(model.graph.initializer):
+        if init.name in ("w", "b"):
+            model.graph.initializer[index].CopyFrom(
+                numpy_helper.from_array(np.zeros((k, n), np.int8) if init.name == "w" else values, init.name))
+    session = folded_session(model, libraries[RUNNABLE[-1]], 1)
+    got = session.run(None, {"x": np.ones((1, 1, k), np.float32)})[0].ravel().astype(np.float64)
+    want = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in values.astype(np.float64)])  # = 1 + erf, no cancelling
+    middle = np.abs(values) <= 4  # where the products of a trained model fall; past it the exponent's own
+    np.testing.assert_allclose(got[middle], want[middle], rtol=2e-6, atol=1e-37)  # rounding (x^2 / 2 up to 72)
+    np.testing.assert_allclose(got[~middle], want[~middle], rtol=5e-5, atol=1e-37)  # grows the relative error

@@ -1,15 +1,19 @@
-"""The int8 variant with its KV cache in float16 (segue.CausalAttention16) against the same variant with a
-float32 cache (SEGUE_HALF_CACHE=0), in the engine, in one process.
+"""One of the engine's switches on against off, in the engine, in one process: the int8 variant loaded twice,
+once as the engine serves it and once with the switch at 0.
 
-    python bench/bench_half_cache.py models/default
-    python bench/bench_half_cache.py FOLDER --contexts 64 256 512 896 --repeats 9
-    python bench/bench_half_cache.py models/default --val-data ~/.cache/segue/default-v3-data   # + perplexity
+    python bench/bench_switch.py models/default                                 # SEGUE_HALF_CACHE
+    python bench/bench_switch.py FOLDER --switch SEGUE_FOLD_LAYERS --contexts 64 256 512 896 --repeats 9
+    python bench/bench_switch.py models/default --val-data ~/.cache/segue/default-v3-data   # + perplexity
 
-Two decoders over the same int8 graph, loaded side by side, alternating inside each round: for each
-context the median ms of a decode step (32 steps after a prefill of the rest, process CPU time, one
-thread) and the ratio; then prefills of 256 and 512 tokens; then how far apart their logits are along
-the way (max |difference| and how often the argmax agrees). With --val-data, the perplexity of both
-(and of fp32) on the validation files as `export-onnx` chooses them: what the rounding costs.
+Switches: SEGUE_HALF_CACHE (the int8 variant's KV cache in float16, segue.CausalAttention16),
+SEGUE_FOLD_LAYERS (norms, GELUs and residual adds folded into the native int8 matmuls),
+SEGUE_NATIVE_MATMUL (the native int8 matmuls themselves; bench/bench_native_matmul.py adds batches).
+
+The two decoders alternate inside each round: for each context the median ms of a decode step (32
+steps after a prefill of the rest, process CPU time, one thread) and the ratio; then prefills of 256
+and 512 tokens; then how far apart their logits are along the way (max |difference| and how often the
+argmax agrees). With --val-data, the perplexity of both (and of fp32) on the validation files as
+`export-onnx` chooses them: what the change costs in quality.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import native_attention  # noqa: E402
+from engine import native_attention, native_matmul  # noqa: E402
 from engine.machine import cpu_name  # noqa: E402
 from engine.session import OnnxDecoder  # noqa: E402
+
+SWITCHES = (native_attention.HALF_SWITCH, native_matmul.FOLD_SWITCH, native_matmul.SWITCH)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,20 +45,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 512, 896])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per sample")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--val-data", type=Path, help="a folder of MIDI files: also the perplexity of each cache")
+    parser.add_argument("--switch", default=native_attention.HALF_SWITCH, choices=SWITCHES)
+    parser.add_argument("--val-data", type=Path, help="a folder of MIDI files: also the perplexity of both")
     args = parser.parse_args(argv)
 
-    half = OnnxDecoder.load(args.folder, variant="int8")
-    os.environ[native_attention.HALF_SWITCH] = "0"
-    full = OnnxDecoder.load(args.folder, variant="int8")
-    del os.environ[native_attention.HALF_SWITCH]
-    if half.cache_dtype != np.float16:
-        print(f"no float16 cache here ({half.attention}): nothing to compare")
+    os.environ.pop(args.switch, None)
+    on = OnnxDecoder.load(args.folder, variant="int8")
+    os.environ[args.switch] = "0"
+    off = OnnxDecoder.load(args.folder, variant="int8")
+    del os.environ[args.switch]
+    if args.switch == native_attention.HALF_SWITCH and on.cache_dtype != np.float16:
+        print(f"no float16 cache here ({on.attention}): nothing to compare")
         return 1
-    contexts = [c for c in args.contexts if args.steps < c < half.max_context]
-    print(f"{cpu_name()}; {args.folder} int8, {half.attention}; median of {args.repeats} rounds, process CPU time\n")
-    ids = np.random.default_rng(0).integers(0, half.vocab_size, size=(1, max([*contexts, 512])))
-    logits: dict[str, list[np.ndarray]] = {"half": [], "full": []}
+    if args.switch != native_attention.HALF_SWITCH and not on.native_matmuls:
+        print(f"no native int8 matmuls here ({on.attention}): nothing to compare")
+        return 1
+    contexts = [c for c in args.contexts if args.steps < c < on.max_context]
+    print(f"{cpu_name()}; {args.folder} int8, {on.attention}; {args.switch} on against 0; median of {args.repeats} "
+          "rounds, process CPU time\n")
+    ids = np.random.default_rng(0).integers(0, on.vocab_size, size=(1, max([*contexts, 512])))
+    logits: dict[str, list[np.ndarray]] = {"on": [], "off": []}
 
     def decode_ms(decoder: OnnxDecoder, context: int, keep: list[np.ndarray]) -> float:
         _, cache = decoder.step(ids[:, :context - args.steps], decoder.empty_cache())
@@ -69,24 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         keep.append(got)
         return (time.process_time() - started) * 1e3
 
-    print("| run | float16 cache (ms) | float32 cache (ms) | float32 / float16 |")
+    print(f"| run | on (ms) | {args.switch}=0 (ms) | off / on |")
     print("|---|---|---|---|")
     cases = [(f"decode step at {c}", lambda d, k, c=c: decode_ms(d, c, k)) for c in contexts]
     cases += [(f"prefill {n}", lambda d, k, n=n: prefill_ms(d, n, k)) for n in (256, 512)]
     for name, measure in cases:
         mine, theirs = [], []
         for round_ in range(args.repeats):
-            keep_half: list[np.ndarray] = []
-            keep_full: list[np.ndarray] = []
-            mine.append(measure(half, keep_half))
-            theirs.append(measure(full, keep_full))
+            keep_on: list[np.ndarray] = []
+            keep_off: list[np.ndarray] = []
+            mine.append(measure(on, keep_on))
+            theirs.append(measure(off, keep_off))
             if round_ == 0:
-                logits["half"] += keep_half
-                logits["full"] += keep_full
+                logits["on"] += keep_on
+                logits["off"] += keep_off
         a, b = statistics.median(mine), statistics.median(theirs)
         print(f"| {name} | {a:.3f} | {b:.3f} | {b / a:.2f}x |", flush=True)
-    got, want = np.concatenate(logits["half"]), np.concatenate(logits["full"])
-    print(f"\nlogits over those runs: max |float16 cache - float32 cache| {np.abs(got - want).max():.4f}, "
+    got, want = np.concatenate(logits["on"]), np.concatenate(logits["off"])
+    print(f"\nlogits over those runs: max |on - off| {np.abs(got - want).max():.2e}, "
           f"argmax the same for {(got.argmax(-1) == want.argmax(-1)).mean() * 100:.1f} % of {len(got)} positions")
 
     if args.val_data is not None:
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds = ClipTokenizer.from_file(args.folder / TOKENIZER_FILE).kinds
         fp32 = OnnxDecoder.load(args.folder, variant="fp32")
         print(f"\nperplexity on {args.val_data} (validation files at fraction 0.05, as export-onnx picks them):")
-        for name, decoder in (("int8, float16 cache", half), ("int8, float32 cache", full), ("fp32", fp32)):
+        for name, decoder in (("int8", on), (f"int8, {args.switch}=0", off), ("fp32", fp32)):
             ppl, tokens = perplexity(decoder, pieces, kinds.bos, kinds.eos)
             print(f"  {name}: {ppl:.5f} over {tokens} tokens", flush=True)
     return 0
