@@ -18,6 +18,7 @@ graph in place; the attention rewrite (engine/native_attention.py) calls it so t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +57,13 @@ def _padded(values: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def rewrite_model(model: Any, domain: str) -> int:
-    """Each quantized linear layer of `model` (an onnx ModelProto) replaced by `domain`'s QuantizedMatMul,
-    in place; returns how many. A chain that is not exactly the exporter's (an intermediate read by
-    another node, per-column zero points, weights that are not initializers) is left as it is."""
-    from onnx import NodeProto, TensorProto, helper, numpy_helper
+def _index(graph: Any) -> tuple[list[Any], dict[str, Any], dict[str, Any], Callable[[str], Any]]:
+    """A graph's nodes as copies, its initializers by name, each tensor's producer, and `only_reader(tensor)`:
+    the one node that reads it, or None (several, none, or a graph output)."""
+    from onnx import NodeProto
 
-    graph = model.graph
-    # Copies, held in one list: nodes are compared by identity below, which protobuf's wrappers of the
-    # graph's own repeated field do not promise from one access to the next.
+    # Copies, held in one list: nodes are compared by identity, which protobuf's wrappers of the graph's
+    # own repeated field do not promise from one access to the next.
     nodes = [NodeProto.FromString(node.SerializeToString()) for node in graph.node]
     initializers = {i.name: i for i in graph.initializer}
     producer = {out: node for node in nodes for out in node.output}
@@ -77,6 +76,18 @@ def rewrite_model(model: Any, domain: str) -> int:
     def only_reader(tensor: str) -> Any:
         found = readers.get(tensor, [])
         return found[0] if len(found) == 1 and tensor not in outputs else None
+
+    return nodes, initializers, producer, only_reader
+
+
+def rewrite_model(model: Any, domain: str) -> int:
+    """Each quantized linear layer of `model` (an onnx ModelProto) replaced by `domain`'s QuantizedMatMul,
+    in place; returns how many. A chain that is not exactly the exporter's (an intermediate read by
+    another node, per-column zero points, weights that are not initializers) is left as it is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    nodes, initializers, producer, only_reader = _index(graph)
 
     def constant(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(initializers[name]) if name in initializers else None
@@ -156,23 +167,12 @@ def fold_neighbours(model: Any, domain: str) -> int:
     away. A decode step of the small preset then runs 30 nodes fewer. Only where the graph says enough to
     be sure: a norm over the last axis with constant [k] scale and bias, a residual whose recorded shape
     is the Add's output's."""
-    from onnx import NodeProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = model.graph
-    nodes = [NodeProto.FromString(node.SerializeToString()) for node in graph.node]  # see rewrite_model
-    initializers = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in nodes for out in node.output}
-    readers: dict[str, list[Any]] = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
+    nodes, initializers, producer, only_reader = _index(graph)
     shapes = {v.name: v.type.tensor_type.shape for v in [*graph.value_info, *graph.input, *graph.output]
               if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-
-    def only_reader(tensor: str) -> Any:
-        found = readers.get(tensor, [])
-        return found[0] if len(found) == 1 and tensor not in outputs else None
 
     def attributes(node: Any) -> dict[str, Any]:
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
