@@ -208,6 +208,8 @@ def fold_neighbours(model: Any, domain: str) -> int:
             removed.add(id(norm))
         last = node
         after = only_reader(node.output[0])
+        if after is not None and id(after) in removed:  # an Add of two matmuls' outputs, taken by the first
+            after = None
         if after is not None and after.op_type == "Gelu" and after.domain in ("", "ai.onnx", "com.microsoft") \
                 and attributes(after).get("approximate", b"none") in (b"none", "none"):
             extra["activation"] = GELU

@@ -325,3 +325,39 @@ def test_the_gelu_is_the_exact_one_on_both_sides(libraries):
     middle = np.abs(values) <= 4  # where the products of a trained model fall; past it the exponent's own
     np.testing.assert_allclose(got[middle], want[middle], rtol=2e-6, atol=1e-37)  # rounding (x^2 / 2 up to 72)
     np.testing.assert_allclose(got[~middle], want[~middle], rtol=5e-5, atol=1e-37)  # grows the relative error
+
+
+def test_an_add_of_two_matmuls_is_folded_into_one_of_them_only(libraries):
+    """Add(matmul a, matmul b), each output read by the Add alone: the first takes the Add (the second's output
+    as its residual); the second stays as it is, and the graph still computes the same."""
+    rng = np.random.default_rng(11)
+    k = n = 64
+    parts = [folded_graph(k, n, "", "", rng) for _ in range(2)]
+    nodes, initializers = [], []
+    for tag, part in zip("ab", parts, strict=True):
+        renamed = {name: f"{name}_{tag}" for node in part.graph.node for name in [*node.input, *node.output] if name != "x"}
+        for node in part.graph.node:
+            node.input[:] = [renamed.get(name, name) for name in node.input]
+            node.output[:] = [renamed.get(name, name) for name in node.output]
+            nodes.append(node)
+        for init in part.graph.initializer:
+            init.name = renamed[init.name]
+            initializers.append(init)
+    nodes.append(helper.make_node("Add", ["y_a", "y_b"], ["sum"]))
+    shape = ["batch", "steps", n]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "steps", k])],
+                              [helper.make_tensor_value_info("sum", TensorProto.FLOAT, shape)], initializers,
+                              value_info=[helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("y_a", "y_b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    rewritten = onnx.ModelProto.FromString(model.SerializeToString())
+    assert native_matmul.rewrite_model(rewritten, native_attention.DOMAIN) == 2
+    assert native_matmul.fold_neighbours(rewritten, native_attention.DOMAIN) == 1
+    assert [node.op_type for node in rewritten.graph.node] == [native_matmul.OP_TYPE] * 2
+    rewritten.opset_import.append(helper.make_opsetid(native_attention.DOMAIN, 1))
+    onnx.checker.check_model(rewritten)
+    options = session_options(1)
+    options.register_custom_ops_library(str(libraries[RUNNABLE[-1]]))
+    native = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    np.testing.assert_allclose(native.run(None, {"x": x})[0], plain.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
