@@ -135,6 +135,35 @@ static OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t 
     return CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))(value, data);
 }
 
+/* Optional input `index`: its value and data, or NULL for both where the node leaves it out. */
+static OrtStatus *optional_input(OrtKernelContext *context, size_t count, size_t index, const OrtValue **value, void **data) {
+    *value = NULL;
+    *data = NULL;
+    if (index >= count) return NULL;
+    CHECK(CALL(KernelContext_GetInput, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t, const OrtValue **))(context, index, value));
+    if (*value == NULL) return NULL;
+    return CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))((OrtValue *)*value, data);
+}
+
+/* An optional attribute: `fallback` where the node does not have it. */
+static void optional_int(const OrtKernelInfo *info, const char *name, int64_t *value, int64_t fallback) {
+    OrtStatus *absent = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
+        info, name, value);
+    if (absent != NULL) {
+        *value = fallback;
+        CALL(ReleaseStatus, void (SEGUE_CALL *)(OrtStatus *))(absent);
+    }
+}
+
+static void optional_float(const OrtKernelInfo *info, const char *name, float *value, float fallback) {
+    OrtStatus *absent = CALL(KernelInfoGetAttribute_float, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, float *))(
+        info, name, value);
+    if (absent != NULL) {
+        *value = fallback;
+        CALL(ReleaseStatus, void (SEGUE_CALL *)(OrtStatus *))(absent);
+    }
+}
+
 static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
     const Kernel *kernel = (const Kernel *)state;
     const OrtValue *values[5];
@@ -148,19 +177,16 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
     size_t inputs = 5;
     CHECK(CALL(KernelContext_GetInputCount, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t *))(context, &inputs));
     int64_t last = 0;
-    if (inputs > 5) {
-        const OrtValue *wanted = NULL;
-        CHECK(CALL(KernelContext_GetInput, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t, const OrtValue **))(context, 5, &wanted));
-        if (wanted != NULL) {
-            int64_t wanted_dims[2];
-            size_t wanted_rank;
-            void *wanted_data;
-            CHECK(shape_of(wanted, wanted_dims, 2, &wanted_rank));
-            if (wanted_rank > 1 || (wanted_rank == 1 && wanted_dims[0] != 1))
-                return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: last_positions must be one number");
-            CHECK(CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))((OrtValue *)wanted, &wanted_data));
-            last = *(const int64_t *)wanted_data;
-        }
+    const OrtValue *wanted;
+    void *wanted_data;
+    CHECK(optional_input(context, inputs, 5, &wanted, &wanted_data));
+    if (wanted != NULL) {
+        int64_t wanted_dims[2];
+        size_t wanted_rank;
+        CHECK(shape_of(wanted, wanted_dims, 2, &wanted_rank));
+        if (wanted_rank > 1 || (wanted_rank == 1 && wanted_dims[0] != 1))
+            return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: last_positions must be one number");
+        last = *(const int64_t *)wanted_data;
     }
     CHECK(shape_of(values[0], qkv_dims, 4, &qkv_rank));
     CHECK(shape_of(values[1], past_dims, 5, &past_rank));
@@ -256,14 +282,7 @@ static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi
     OrtStatus *status = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
         info, "num_heads", &kernel->heads);
     if (status == NULL && kernel->heads <= 0) status = FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: num_heads must be positive");
-    if (status == NULL) {
-        OrtStatus *no_scale = CALL(KernelInfoGetAttribute_float, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, float *))(
-            info, "scale", &kernel->scale);
-        if (no_scale != NULL) { /* optional */
-            kernel->scale = 0.0f;
-            CALL(ReleaseStatus, void (SEGUE_CALL *)(OrtStatus *))(no_scale);
-        }
-    }
+    if (status == NULL) optional_float(info, "scale", &kernel->scale, 0.0f);
     if (status != NULL) {
         free(kernel);
         return status;
@@ -297,16 +316,6 @@ static OrtStatus *expect_elements(const OrtValue *value, int64_t count, const ch
     CHECK(shape_of(value, dims, 2, &rank));
     if (rank != 1 || dims[0] != count) return FAIL(ORT_INVALID_ARGUMENT, message);
     return NULL;
-}
-
-/* Optional input `index`: its value and data, or NULL for both where the node leaves it out. */
-static OrtStatus *optional_input(OrtKernelContext *context, size_t count, size_t index, const OrtValue **value, void **data) {
-    *value = NULL;
-    *data = NULL;
-    if (index >= count) return NULL;
-    CHECK(CALL(KernelContext_GetInput, OrtStatus *(SEGUE_CALL *)(const OrtKernelContext *, size_t, const OrtValue **))(context, index, value));
-    if (*value == NULL) return NULL;
-    return CALL(GetTensorMutableData, OrtStatus *(SEGUE_CALL *)(OrtValue *, void **))((OrtValue *)*value, data);
 }
 
 static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *context) {
@@ -378,25 +387,6 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
     if (q != small) free(q);
     if (normed != small_normed) free(normed);
     return NULL;
-}
-
-/* An optional attribute: `fallback` where the node does not have it. */
-static void optional_int(const OrtKernelInfo *info, const char *name, int64_t *value, int64_t fallback) {
-    OrtStatus *absent = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
-        info, name, value);
-    if (absent != NULL) {
-        *value = fallback;
-        CALL(ReleaseStatus, void (SEGUE_CALL *)(OrtStatus *))(absent);
-    }
-}
-
-static void optional_float(const OrtKernelInfo *info, const char *name, float *value, float fallback) {
-    OrtStatus *absent = CALL(KernelInfoGetAttribute_float, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, float *))(
-        info, name, value);
-    if (absent != NULL) {
-        *value = fallback;
-        CALL(ReleaseStatus, void (SEGUE_CALL *)(OrtStatus *))(absent);
-    }
 }
 
 static OrtStatus *SEGUE_CALL matmul_create(const SegueCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
