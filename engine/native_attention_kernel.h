@@ -37,6 +37,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #define SEGUE_BLOCK 16 /* positions per block of scores: one AVX-512 register of floats */
 #define SEGUE_QUERIES_FROM 8 /* runs of at least this many new positions go a query per lane (segue_attend_queries) */
 
@@ -125,9 +129,19 @@ static inline segue_lanes segue_exp(segue_lanes x) {
      * (a negative value). A floorf per lane, which GCC made two 256-bit rounds stored to the stack and
      * read back as one vector, stalled every call on the failed store forwarding: 13 % of a prompt. */
     const segue_lanes shifted = x * 1.44269504088896341f + 0.5f;
+#if defined(__AVX512F__)
+    /* AVX-512 rounds down and scales by 2^n in one instruction each (the same results, fewer of them:
+     * a prompt's softmax is a quarter of its attention) */
+    __m512 wide;
+    memcpy(&wide, &shifted, sizeof wide);
+    wide = _mm512_roundscale_ps(wide, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    segue_lanes n;
+    memcpy(&n, &wide, sizeof n);
+#else
     segue_ints whole = __builtin_convertvector(shifted, segue_ints);
     whole += __builtin_convertvector(whole, segue_lanes) > shifted; /* true is -1 */
     const segue_lanes n = __builtin_convertvector(whole, segue_lanes);
+#endif
     const segue_lanes r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
     segue_lanes p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
@@ -136,8 +150,16 @@ static inline segue_lanes segue_exp(segue_lanes x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
+#if defined(__AVX512F__)
+    __m512 power;
+    memcpy(&power, &p, sizeof power);
+    power = _mm512_scalef_ps(power, wide);
+    memcpy(&p, &power, sizeof p);
+    return p;
+#else
     const segue_ints bits = (whole + 127) << 23;
     return p * (segue_lanes)bits;
+#endif
 }
 
 /* The sum of a vector's lanes, in a fixed order (the same result on every machine that runs this code). */
@@ -204,40 +226,72 @@ static inline __attribute__((always_inline)) segue_lanes segue_dots(const int he
 
 /* Sixteen queries at once, one per lane: how a prompt's run of new positions attends. Keys stay as
  * they are (a key's coordinates are broadcast, the queries' are a lane each), so scores come out as
- * rows of sixteen queries' scores for one position: eight positions at a time, each query vector read
- * once per coordinate for all eight, no horizontal sums at all. The softmax then runs down the lanes,
- * and the weighted sum of values goes four queries at a time, each value read once for the four.
- * Queries first..first+count-1 (count <= SEGUE_BLOCK), their outputs from `out` on; `scores` holds
- * (past + first + count) rows of SEGUE_BLOCK floats. */
-static inline __attribute__((always_inline)) void segue_attend_queries(
-    const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int first,
-    const int count, const int past, const float *restrict keys, const float *restrict values, const float scale,
-    float *restrict out, const size_t out_row, float *restrict scores) {
-    enum { POSITIONS = 8, GROUP = 4 };
-    segue_lanes queries[64];
-    for (int d = 0; d < head_dim; d++) {
-        segue_lanes lane = {0};
-        for (int j = 0; j < count; j++) lane[j] = qkv[(size_t)(first + j) * qkv_row + (size_t)head * head_dim + d];
-        queries[d] = lane;
-    }
-    const int seen_by_all = past + first + 1; /* positions every query of the run sees */
-    const int seen = past + first + count;   /* positions the last one sees */
+ * rows of sixteen queries' scores for one position, no horizontal sums at all. The softmax then runs
+ * down the lanes, and the weighted sum of values goes several queries at a time, each value read once
+ * for them all.
+ *
+ * Two sets of sixteen queries share the scores' pass over the keys (segue_lane_scores): each key
+ * coordinate is broadcast once for both, a load per two multiply-adds where one set alone needs a load
+ * per multiply-add, and the load ports, not the multiply-add units, bounded that loop. */
+enum { SEGUE_POSITIONS = 8 };
 
-    /* Scores: row t holds the sixteen queries' scores for position t. */
-    for (int t0 = 0; t0 < seen; t0 += POSITIONS) {
-        segue_lanes acc[POSITIONS] = {{0}};
-        const float *k[POSITIONS];
-        for (int i = 0; i < POSITIONS; i++) k[i] = keys + (size_t)(t0 + i < seen ? t0 + i : seen - 1) * head_dim;
-        for (int d = 0; d < head_dim; d++)
-            for (int i = 0; i < POSITIONS; i++) acc[i] += k[i][d] * queries[d];
-        const int rows = seen - t0 < POSITIONS ? seen - t0 : POSITIONS;
-        for (int i = 0; i < rows; i++) {
-            const segue_lanes row = acc[i] * scale;
-            memcpy(scores + (size_t)(t0 + i) * SEGUE_BLOCK, &row, sizeof row);
+/* Row t of scores + v * set_floats: set v's sixteen queries' scores for position t (t < seen), for
+ * `sets` (1 or 2, a constant where inlined) sets of queries, queries[v * 64 + d] their coordinate d. */
+/* Scores of SEGUE_POSITIONS positions, their keys from `k0` on, `key_stride` floats apart (head_dim for a
+ * whole block: constant offsets; 0 repeats one key, for the positions past the last). */
+static inline __attribute__((always_inline)) void segue_lane_block(
+    const int head_dim, const int sets, const segue_lanes *restrict queries, const float *const *restrict k,
+    segue_lanes acc[SEGUE_POSITIONS][2]) {
+    for (int d = 0; d < head_dim; d++) {
+        const segue_lanes first = queries[d], second = queries[64 + d];
+        for (int i = 0; i < SEGUE_POSITIONS; i++) {
+            if (sets == 1) {
+                acc[i][0] += k[i][d] * first;
+            } else {
+#if defined(__AVX512F__)
+                /* The coordinate broadcast into a register once for both sets: left to itself GCC folds
+                 * the broadcast into both multiply-adds, two loads again. */
+                __m512 wide = _mm512_set1_ps(k[i][d]);
+                __asm__("" : "+v"(wide));
+                segue_lanes coordinate;
+                memcpy(&coordinate, &wide, sizeof coordinate);
+#else
+                const float coordinate = k[i][d];
+#endif
+                acc[i][0] += coordinate * first;
+                acc[i][1] += coordinate * second;
+            }
         }
     }
+}
 
-    /* Softmax down the lanes. Query j sees position t when t < seen_by_all + j. */
+static inline __attribute__((always_inline)) void segue_lane_scores(
+    const int head_dim, const int sets, const segue_lanes *restrict queries, const int seen,
+    const float *restrict keys, const float scale, float *restrict scores, const size_t set_floats) {
+    for (int t0 = 0; t0 < seen; t0 += SEGUE_POSITIONS) {
+        segue_lanes acc[SEGUE_POSITIONS][2] = {{{0}}};
+        const float *k[SEGUE_POSITIONS];
+        if (t0 + SEGUE_POSITIONS <= seen) { /* a whole block: each key at the block's address plus a constant */
+            for (int i = 0; i < SEGUE_POSITIONS; i++) k[i] = keys + (size_t)t0 * head_dim + (size_t)i * head_dim;
+        } else {
+            for (int i = 0; i < SEGUE_POSITIONS; i++) k[i] = keys + (size_t)(t0 + i < seen ? t0 + i : seen - 1) * head_dim;
+        }
+        segue_lane_block(head_dim, sets, queries, k, acc);
+        const int rows = seen - t0 < SEGUE_POSITIONS ? seen - t0 : SEGUE_POSITIONS;
+        for (int v = 0; v < sets; v++)
+            for (int i = 0; i < rows; i++) {
+                const segue_lanes row = acc[i][v] * scale;
+                memcpy(scores + v * set_floats + (size_t)(t0 + i) * SEGUE_BLOCK, &row, sizeof row);
+            }
+    }
+}
+
+/* Softmax down the lanes for one set of `count` (<= SEGUE_BLOCK) queries, the first of which sees positions
+ * 0..seen_by_all-1 (query j one more per j): `scores` (as segue_lane_scores leaves them) become the
+ * unscaled weights, 0 past what a query sees; returns each lane's 1 / (sum of its weights). */
+static inline __attribute__((always_inline)) segue_lanes segue_lane_softmax(const int count, const int seen_by_all,
+                                                                            float *restrict scores) {
+    const int seen = seen_by_all + count - 1; /* positions the last one sees */
     segue_ints lane_index;
     for (int j = 0; j < SEGUE_BLOCK; j++) lane_index[j] = j;
     segue_lanes best;
@@ -262,28 +316,84 @@ static inline __attribute__((always_inline)) void segue_attend_queries(
         memcpy(scores + (size_t)t * SEGUE_BLOCK, &e, sizeof e);
         sums += e;
     }
-    const segue_lanes inverse = 1.0f / sums;
+    return 1.0f / sums;
+}
 
-    /* Weighted sums of values, GROUP queries at a time (a query's weights past what it sees are 0). */
+/* Weighted sums of values over positions from..to-1 for `group` queries (8 of a 32-wide head, 4 of a
+ * 64-wide: sixteen vectors of sums either way, so they stay in registers), their weights from lane j0 of
+ * the rows of `weights`, their running sums in `sums` (64 floats a query). */
+static inline __attribute__((always_inline)) void segue_lane_values(
+    const int head_dim, const int group, const int from, const int to, const float *restrict values,
+    const float *restrict weights, const int j0, float *restrict sums) {
+    enum { MOST = 8 };
     const int vectors = head_dim / SEGUE_BLOCK;
-    for (int j0 = 0; j0 < count; j0 += GROUP) {
-        const int end = seen_by_all + (j0 + GROUP < count ? j0 + GROUP : count) - 1;
-        segue_lanes acc[GROUP][4] = {{{0}}};
-        for (int t = 0; t < end; t++) {
-            const float *v = values + (size_t)t * head_dim;
-            const float *w = scores + (size_t)t * SEGUE_BLOCK + j0;
-            for (int i = 0; i < vectors; i++) {
-                segue_lanes x;
-                memcpy(&x, v + i * SEGUE_BLOCK, sizeof x);
-                for (int r = 0; r < GROUP; r++) acc[r][i] += w[r] * x;
-            }
+    segue_lanes acc[MOST][4];
+    for (int r = 0; r < group; r++)
+        for (int i = 0; i < vectors; i++) memcpy(&acc[r][i], sums + r * 64 + i * SEGUE_BLOCK, sizeof acc[r][i]);
+    for (int t = from; t < to; t++) {
+        const float *v = values + (size_t)t * head_dim;
+        const float *w = weights + (size_t)t * SEGUE_BLOCK + j0;
+        for (int i = 0; i < vectors; i++) {
+            segue_lanes x;
+            memcpy(&x, v + i * SEGUE_BLOCK, sizeof x);
+            for (int r = 0; r < group; r++) acc[r][i] += w[r] * x;
         }
-        for (int r = 0; r < GROUP && j0 + r < count; r++) {
-            float *o = out + (size_t)(j0 + r) * out_row + (size_t)head * head_dim;
-            for (int i = 0; i < vectors; i++) {
-                const segue_lanes x = acc[r][i] * inverse[j0 + r];
-                memcpy(o + i * SEGUE_BLOCK, &x, sizeof x);
-            }
+    }
+    for (int r = 0; r < group; r++)
+        for (int i = 0; i < vectors; i++) memcpy(sums + r * 64 + i * SEGUE_BLOCK, &acc[r][i], sizeof acc[r][i]);
+}
+
+/* Queries first..first+count-1 (count <= 2 * SEGUE_BLOCK), their outputs from `out` on; `scores` holds
+ * 2 * (past + first + count) rows of SEGUE_BLOCK floats. */
+static inline __attribute__((always_inline)) void segue_attend_queries(
+    const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int first,
+    const int count, const int past, const float *restrict keys, const float *restrict values, const float scale,
+    float *restrict out, const size_t out_row, float *restrict scores) {
+    segue_lanes queries[2 * 64];
+    for (int v = 0; v < 2; v++)
+        for (int d = 0; d < head_dim; d++) {
+            segue_lanes lane = {0};
+            for (int j = 0; j < SEGUE_BLOCK && v * SEGUE_BLOCK + j < count; j++)
+                lane[j] = qkv[(size_t)(first + v * SEGUE_BLOCK + j) * qkv_row + (size_t)head * head_dim + d];
+            queries[v * 64 + d] = lane;
+        }
+    const int seen = past + first + count; /* positions the last query sees */
+    const size_t set_floats = (size_t)seen * SEGUE_BLOCK;
+    const int sets = count > SEGUE_BLOCK ? 2 : 1;
+    if (sets == 2)
+        segue_lane_scores(head_dim, 2, queries, seen, keys, scale, scores, set_floats);
+    else
+        segue_lane_scores(head_dim, 1, queries, seen, keys, scale, scores, set_floats);
+    segue_lanes inverse[2];
+    for (int v = 0; v < sets; v++) {
+        const int taken = count - v * SEGUE_BLOCK < SEGUE_BLOCK ? count - v * SEGUE_BLOCK : SEGUE_BLOCK;
+        inverse[v] = segue_lane_softmax(taken, past + first + v * SEGUE_BLOCK + 1, scores + v * set_floats);
+    }
+
+    /* The weighted sums a tile of positions at a time, every group of queries over the tile before the
+     * next (the tile's values and weights stay in L1: a pass over the whole history per group streamed
+     * them from L2 again for each, and that bounded the loop). A query's weights past what it sees are 0,
+     * so a group stops at the last position its last query sees. */
+    enum { TILE = 64 };
+    const int group = head_dim <= 32 ? 8 : 4;
+    float sums[2 * SEGUE_BLOCK * 64];
+    memset(sums, 0, sizeof(float) * (size_t)count * 64);
+    for (int t0 = 0; t0 < seen; t0 += TILE)
+        for (int j = 0; j < count; j += group) {
+            const int v = j / SEGUE_BLOCK, j0 = j % SEGUE_BLOCK;
+            const int last = j + group < count ? j + group : count; /* the group's queries j..last-1 */
+            const int end = past + first + last, to = t0 + TILE < end ? t0 + TILE : end;
+            if (to > t0)
+                segue_lane_values(head_dim, group, t0, to, values, scores + v * set_floats, j0, sums + (size_t)j * 64);
+        }
+    for (int j = 0; j < count; j++) {
+        float *o = out + (size_t)j * out_row + (size_t)head * head_dim;
+        const float factor = inverse[j / SEGUE_BLOCK][j % SEGUE_BLOCK];
+        for (int i = 0; i < head_dim / SEGUE_BLOCK; i++) {
+            segue_lanes x;
+            memcpy(&x, sums + (size_t)j * 64 + i * SEGUE_BLOCK, sizeof x);
+            x *= factor;
+            memcpy(o + i * SEGUE_BLOCK, &x, sizeof x);
         }
     }
 }
@@ -324,8 +434,9 @@ static inline __attribute__((always_inline)) void segue_attend(
             key_floats = widened;
             value_floats = widened + floats;
         }
-        for (int first = from; first < steps; first += SEGUE_BLOCK)
-            segue_attend_queries(head_dim, qkv, qkv_row, head, first, steps - first < SEGUE_BLOCK ? steps - first : SEGUE_BLOCK,
+        for (int first = from; first < steps; first += 2 * SEGUE_BLOCK)
+            segue_attend_queries(head_dim, qkv, qkv_row, head, first,
+                                 steps - first < 2 * SEGUE_BLOCK ? steps - first : 2 * SEGUE_BLOCK,
                                  past, key_floats, value_floats, scale, out + (size_t)(first - from) * out_row, out_row,
                                  scores);
         return;
@@ -419,7 +530,7 @@ static inline size_t segue_widened_size(int head_dim, int steps, int from, int t
 /* Floats of scratch one head needs for `steps` queries over `total` positions. */
 static inline size_t segue_scores_size(int steps, int total) {
     const size_t padded = (size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK;
-    return padded * (size_t)(steps > SEGUE_BLOCK ? steps : SEGUE_BLOCK);
+    return padded * (size_t)(steps > 2 * SEGUE_BLOCK ? steps : 2 * SEGUE_BLOCK); /* a query per lane: two sets */
 }
 
 /* The head sizes the presets use get their own unrolled copies; any other size runs the general one. */

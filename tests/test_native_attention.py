@@ -67,11 +67,12 @@ def run_shared(session: ort.InferenceSession, qkv: np.ndarray, keys: np.ndarray,
 
 @pytest.mark.parametrize("heads, head_dim", [(8, 32), (8, 64), (2, 16), (3, 24), (2, 48)])
 @pytest.mark.parametrize("steps, lengths", [(1, [0]), (1, [300]), (3, [257]), (64, [0]), (64, [192]), (1, [10, 40]),
-                                            (17, [33]), (7, [100]), (8, [100]), (12, [0, 0])])
+                                            (17, [33]), (7, [100]), (8, [100]), (12, [0, 0]), (30, [5]), (40, [70])])
 def test_in_the_shared_buffer_it_matches_the_node(heads, head_dim, steps, lengths):
     """The engine's way: one buffer bound as past and present, the history's length from seqlens_k; a
     prompt chunk, decode steps, a guess's few positions, rows of different lengths, the last position;
-    runs of new positions either side of SEGUE_QUERIES_FROM (8: from there a query per vector lane)."""
+    runs of new positions either side of SEGUE_QUERIES_FROM (8: from there a query per vector lane), and
+    runs that end in a part of a set of sixteen queries or of a pair of sets (which share the scores' pass)."""
     node, native = sessions(heads, head_dim)
     rng = np.random.default_rng(steps * 1000 + sum(lengths))
     batch, capacity = len(lengths), 512
