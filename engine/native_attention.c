@@ -470,6 +470,10 @@ static SegueCustomOp quantized_matmul = {
 /* Which of native_matmul_kernel.h's code paths this build took (its tests check each path they build). */
 SEGUE_EXPORT const char *segue_matmul_path(void) { return SEGUE_QM_PATH; }
 
+/* Floats per vector in native_attention_kernel.h's attention (16 with AVX-512, else 8; its tests check
+ * each build they make). */
+SEGUE_EXPORT int segue_attention_lanes(void) { return SEGUE_BLOCK; }
+
 /* Whether this build offers segue.CausalAttention16 (a CPU with F16C). */
 SEGUE_EXPORT int segue_half_cache(void) { return SEGUE_HALF_CACHE; }
 

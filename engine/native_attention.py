@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,7 @@ HALF_OP_TYPE = "CausalAttention16"  # the same over float16 pasts and presents
 SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("native_attention.c", "native_attention_kernel.h", "native_layer_kernel.h", "native_matmul_kernel.h"))
 FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
-ARCH_FLAGS = (("-march=native",), ())  # this CPU's vector units; a compiler without -march=native gets the default
+ARCH_SWITCH = "SEGUE_NATIVE_ARCH"  # the -march to build for: this CPU's (native) unless it names another
 BUILD_SECONDS = 120
 SWITCH = "SEGUE_NATIVE_ATTENTION"
 HALF_SWITCH = "SEGUE_HALF_CACHE"
@@ -89,13 +90,17 @@ def library() -> tuple[Path | None, str]:
     if cc is None:
         return None, "no C compiler found (cc, gcc, clang or $CC)"
     try:
-        key = _cache_key(cc)
+        arch = target_arch()
+    except ValueError as exc:
+        return None, str(exc)
+    try:
+        key = _cache_key(cc, arch)
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"{cc} did not run: {exc}"
     with _lock:
         if key not in _built:
             try:
-                _built[key] = _build(cc, key)
+                _built[key] = _build(cc, key, arch)
             except OSError as exc:  # an unwritable cache folder, a full disk: the node serves instead
                 log.warning("could not build the native attention operator in %s: %s", cache_dir(), exc)
                 _built[key] = None
@@ -103,8 +108,17 @@ def library() -> tuple[Path | None, str]:
     return (built, "") if built is not None else (None, f"{cc} could not build {SOURCES[0].name} (see the log)")
 
 
+def target_arch() -> str:
+    """The CPU the library is built for: `native` (this one's vector units), or what SEGUE_NATIVE_ARCH
+    names, e.g. `haswell` for the AVX2 code on a machine that has AVX-512 (the tests build it so)."""
+    arch = os.environ.get(ARCH_SWITCH, "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", arch):
+        raise ValueError(f"{ARCH_SWITCH} is {arch!r}: name a CPU as the compiler's -march takes it (native, haswell, ...)")
+    return arch
+
+
 @functools.cache
-def _cache_key(cc: str) -> str:
+def _cache_key(cc: str, arch: str) -> str:
     """The library's name in the cache: the sources, the compiler, its flags and this machine. Worked out
     once per compiler in a process (it runs the compiler and reads the sources), not at every load."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -112,7 +126,7 @@ def _cache_key(cc: str) -> str:
     for source in SOURCES:
         digest.update(source.read_bytes())
     # -march=native builds for this CPU: the key names the machine too, so a copied cache is not reused.
-    for part in (cc, version, " ".join(FLAGS), platform.machine(), platform.system(), _cpu_signature()):
+    for part in (cc, version, " ".join(FLAGS), arch, platform.machine(), platform.system(), _cpu_signature()):
         digest.update(part.encode())
     return digest.hexdigest()[:24]
 
@@ -125,17 +139,18 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build(cc: str, key: str) -> Path | None:
+def _build(cc: str, key: str, arch: str) -> Path | None:
     suffix = ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
     target = cache_dir() / f"segue-attention-{key}{suffix}"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for arch in ARCH_FLAGS:
+    # The named CPU's vector units; a compiler that takes no -march gets its default.
+    for arch_flags in ((f"-march={arch}",), ()):
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            command = [cc, *FLAGS, *arch, "-o", str(built), str(SOURCES[0]), *([] if sys.platform == "win32" else ["-lm"])]
+            command = [cc, *FLAGS, *arch_flags, "-o", str(built), str(SOURCES[0]), *([] if sys.platform == "win32" else ["-lm"])]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
             except (OSError, subprocess.SubprocessError) as exc:
@@ -149,6 +164,13 @@ def _build(cc: str, key: str) -> Path | None:
     log.warning("could not build the native attention operator; using ONNX Runtime's GroupQueryAttention:\n%s",
                 "\n".join(errors))
     return None
+
+
+def attention_lanes(path: Path) -> int:
+    """Floats per vector in the built library's attention: 16 where it was built for AVX-512, else 8."""
+    import ctypes
+
+    return int(ctypes.CDLL(str(path)).segue_attention_lanes())
 
 
 def offers_half_cache(path: Path) -> bool:

@@ -27,6 +27,9 @@
  * widened to floats as they are loaded (vcvtph2ps), and every sum stays in floats. `half` is a constant
  * wherever the functions below are inlined, like head_dim.
  *
+ * "Sixteen" below is a vector's lanes with AVX-512; without it a vector is eight floats (SEGUE_BLOCK), and
+ * every "sixteen" reads "eight".
+ *
  * GCC 12+ or Clang (vector extensions, __builtin_shufflevector).
  */
 #ifndef SEGUE_NATIVE_ATTENTION_KERNEL_H
@@ -41,7 +44,18 @@
 #include <immintrin.h>
 #endif
 
-#define SEGUE_BLOCK 16 /* positions per block of scores: one AVX-512 register of floats */
+/* Positions per block of scores: one vector register of floats. Eight without AVX-512: sixteen-float
+ * vectors as pairs of AVX2 registers ran out of the sixteen registers, and their shuffles went through
+ * the stack (a decode step's attention 6x, a prompt's 17x slower than AVX-512's, where 2x is the
+ * vector width's share; docs/performance.md, Session 18). */
+#if defined(__AVX512F__)
+#define SEGUE_BLOCK 16
+#define SEGUE_SUMS_HELD 16 /* vectors of running sums the weighted sums keep in registers (of 32) */
+#else
+#define SEGUE_BLOCK 8
+#define SEGUE_SUMS_HELD 8 /* of 16 */
+#endif
+#define SEGUE_VECTORS (64 / SEGUE_BLOCK) /* vectors of the widest head taken (64) */
 #define SEGUE_QUERIES_FROM 8 /* runs of at least this many new positions go a query per lane (segue_attend_queries) */
 
 /* GCC/Clang vector types, not plain loops: left to itself the compiler vectorised the wrong loops
@@ -63,9 +77,7 @@ static inline __attribute__((always_inline)) segue_lanes segue_widen(const segue
     memcpy(&x, &wide, sizeof x);
 #else
     const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)from));
-    const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(from + 8)));
     memcpy(&x, &low, sizeof low);
-    memcpy((char *)&x + sizeof low, &high, sizeof high);
 #endif
     return x;
 }
@@ -162,22 +174,24 @@ static inline segue_lanes segue_exp(segue_lanes x) {
 #endif
 }
 
-/* The sum of a vector's lanes, in a fixed order (the same result on every machine that runs this code). */
+/* The sum of a vector's lanes, in a fixed order (halves added lane by lane until one is left: the same
+ * result on every machine with the same vector width). */
 static inline float segue_lanes_sum(const segue_lanes lanes) {
-    float half[SEGUE_BLOCK / 2];
-    for (int j = 0; j < SEGUE_BLOCK / 2; j++) half[j] = lanes[j] + lanes[j + SEGUE_BLOCK / 2];
-    float quarter[SEGUE_BLOCK / 4];
-    for (int j = 0; j < SEGUE_BLOCK / 4; j++) quarter[j] = half[j] + half[j + SEGUE_BLOCK / 4];
-    return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
+    float part[SEGUE_BLOCK];
+    memcpy(part, &lanes, sizeof part);
+    for (int width = SEGUE_BLOCK / 2; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) part[j] += part[j + width];
+    return part[0];
 }
 
 /* Sixteen dot products at once without sixteen horizontal sums: p[i] holds the lane-wise products of
  * the key at position segue_bit_reversed[i]; four rounds of pairing halves and adding leave lane j
  * holding the whole sum for position j (the bit-reversed order undoes the rounds' interleaving). */
+#define SEGUE_ROUND(x, y, LO, HI) (__builtin_shufflevector(x, y, LO) + __builtin_shufflevector(x, y, HI))
+#if SEGUE_BLOCK == 16
 static const int segue_bit_reversed[SEGUE_BLOCK] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 
 static inline segue_lanes segue_sums(const segue_lanes *p) {
-#define SEGUE_ROUND(x, y, LO, HI) (__builtin_shufflevector(x, y, LO) + __builtin_shufflevector(x, y, HI))
 #define SEGUE_LO1 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
 #define SEGUE_HI1 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
 #define SEGUE_LO2 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
@@ -192,6 +206,22 @@ static inline segue_lanes segue_sums(const segue_lanes *p) {
     for (int i = 0; i < 2; i++) two[i] = SEGUE_ROUND(four[2 * i], four[2 * i + 1], SEGUE_LO3, SEGUE_HI3);
     return SEGUE_ROUND(two[0], two[1], SEGUE_LO4, SEGUE_HI4);
 }
+#else /* eight lanes: the same in three rounds */
+static const int segue_bit_reversed[SEGUE_BLOCK] = {0, 4, 2, 6, 1, 5, 3, 7};
+
+static inline segue_lanes segue_sums(const segue_lanes *p) {
+#define SEGUE_LO1 0, 1, 2, 3, 8, 9, 10, 11
+#define SEGUE_HI1 4, 5, 6, 7, 12, 13, 14, 15
+#define SEGUE_LO2 0, 1, 8, 9, 4, 5, 12, 13
+#define SEGUE_HI2 2, 3, 10, 11, 6, 7, 14, 15
+#define SEGUE_LO3 0, 8, 2, 10, 4, 12, 6, 14
+#define SEGUE_HI3 1, 9, 3, 11, 5, 13, 7, 15
+    segue_lanes four[4], two[2];
+    for (int i = 0; i < 4; i++) four[i] = SEGUE_ROUND(p[2 * i], p[2 * i + 1], SEGUE_LO1, SEGUE_HI1);
+    for (int i = 0; i < 2; i++) two[i] = SEGUE_ROUND(four[2 * i], four[2 * i + 1], SEGUE_LO2, SEGUE_HI2);
+    return SEGUE_ROUND(two[0], two[1], SEGUE_LO3, SEGUE_HI3);
+}
+#endif
 
 /* The lane-wise products of query q and the key at `k` (its first entry's index). */
 static inline __attribute__((always_inline)) segue_lanes segue_products(const int head_dim, const segue_lanes *q,
@@ -233,7 +263,7 @@ static inline __attribute__((always_inline)) segue_lanes segue_dots(const int he
  * Two sets of sixteen queries share the scores' pass over the keys (segue_lane_scores): each key
  * coordinate is broadcast once for both, a load per two multiply-adds where one set alone needs a load
  * per multiply-add, and the load ports, not the multiply-add units, bounded that loop. */
-enum { SEGUE_POSITIONS = 8 };
+enum { SEGUE_POSITIONS = SEGUE_BLOCK / 2 }; /* positions a pass: their sums and the queries fill the registers */
 
 /* Row t of scores + v * set_floats: set v's sixteen queries' scores for position t (t < seen), for
  * `sets` (1 or 2, a constant where inlined) sets of queries, queries[v * 64 + d] their coordinate d. */
@@ -319,15 +349,16 @@ static inline __attribute__((always_inline)) segue_lanes segue_lane_softmax(cons
     return 1.0f / sums;
 }
 
-/* Weighted sums of values over positions from..to-1 for `group` queries (8 of a 32-wide head, 4 of a
- * 64-wide: sixteen vectors of sums either way, so they stay in registers), their weights from lane j0 of
+/* Weighted sums of values over positions from..to-1 for `group` queries (as many as SEGUE_SUMS_HELD
+ * vectors of sums take, so they stay in registers: with AVX-512 8 of a 32-wide head, 4 of a 64-wide; with
+ * AVX2 2 and 1), their weights from lane j0 of
  * the rows of `weights`, their running sums in `sums` (64 floats a query). */
 static inline __attribute__((always_inline)) void segue_lane_values(
     const int head_dim, const int group, const int from, const int to, const float *restrict values,
     const float *restrict weights, const int j0, float *restrict sums) {
     enum { MOST = 8 };
     const int vectors = head_dim / SEGUE_BLOCK;
-    segue_lanes acc[MOST][4];
+    segue_lanes acc[MOST][SEGUE_VECTORS];
     for (int r = 0; r < group; r++)
         for (int i = 0; i < vectors; i++) memcpy(&acc[r][i], sums + r * 64 + i * SEGUE_BLOCK, sizeof acc[r][i]);
     for (int t = from; t < to; t++) {
@@ -375,7 +406,8 @@ static inline __attribute__((always_inline)) void segue_attend_queries(
      * them from L2 again for each, and that bounded the loop). A query's weights past what it sees are 0,
      * so a group stops at the last position its last query sees. */
     enum { TILE = 64 };
-    const int group = head_dim <= 32 ? 8 : 4;
+    int group = 8; /* a power of two, so that groups never straddle two sets of queries */
+    while (group * (head_dim / SEGUE_BLOCK) > SEGUE_SUMS_HELD) group /= 2;
     float sums[2 * SEGUE_BLOCK * 64];
     memset(sums, 0, sizeof(float) * (size_t)count * 64);
     for (int t0 = 0; t0 < seen; t0 += TILE)
@@ -448,7 +480,7 @@ static inline __attribute__((always_inline)) void segue_attend(
         float *row = scores + (size_t)(s - from) * scores_row;
         const int seen = past + s + 1;
         if (head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
-            segue_lanes qv[4];
+            segue_lanes qv[SEGUE_VECTORS];
             memcpy(qv, q, head_dim * sizeof(float));
             for (int t0 = 0; t0 < seen; t0 += SEGUE_BLOCK) {
                 const int width = seen - t0 < SEGUE_BLOCK ? seen - t0 : SEGUE_BLOCK;
@@ -496,7 +528,7 @@ static inline __attribute__((always_inline)) void segue_attend(
         if (head_dim % SEGUE_BLOCK == 0 && head_dim <= 64) {
             /* Even and odd positions into separate sums: one chain of multiply-adds per output vector
              * waited on its own latency (two vectors of a 32-wide head left the FMA units mostly idle). */
-            segue_lanes even[4] = {{0}}, odd[4] = {{0}};
+            segue_lanes even[SEGUE_VECTORS] = {{0}}, odd[SEGUE_VECTORS] = {{0}};
             const int vectors = head_dim / SEGUE_BLOCK;
             int t = 0;
             for (; t + 1 < seen; t += 2) {

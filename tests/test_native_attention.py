@@ -5,6 +5,7 @@ where a C compiler is, and the node as the fallback, with the reason logged, whe
 from __future__ import annotations
 
 import logging
+import subprocess
 
 import numpy as np
 import onnx
@@ -36,14 +37,35 @@ def attention_graph(heads: int, head_dim: int) -> bytes:
     return model.SerializeToString()
 
 
-def sessions(heads: int, head_dim: int) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+def _cpu_flags() -> set[str]:
+    return set(native_attention._cpu_signature().split())
+
+
+# The attention's two vector widths: this machine's build, and where it has AVX-512 the eight-lane code
+# every CPU without it runs (AVX2 laptops), built here with AVX-512 turned off.
+BUILDS = ["native"] + (["avx2"] if {"avx2", "avx512f"} <= _cpu_flags() else [])
+
+
+@pytest.fixture(scope="module")
+def avx2_library(tmp_path_factory):
+    compiler = native_attention.compiler()
+    assert compiler is not None, "the tests need a C compiler (the README's set-up installs gcc)"
+    target = tmp_path_factory.mktemp("avx2") / "segue-avx2.so"
+    subprocess.run([compiler, *native_attention.FLAGS, "-march=native", "-mno-avx512f", "-o", str(target),
+                    str(native_attention.SOURCES[0]), "-lm"], check=True, capture_output=True, timeout=120)
+    assert native_attention.attention_lanes(target) == 8
+    return target
+
+
+def sessions(heads: int, head_dim: int, library=None) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+    """ONNX Runtime's node and the native operator (this machine's build, or `library`)."""
     graph = attention_graph(heads, head_dim)
     native, why = native_attention.prepare(graph)
     assert native is not None, why
     assert native.nodes == 1
     assert [n.op_type for n in onnx.load_from_string(native.graph).graph.node] == [native_attention.OP_TYPE]
     options = session_options(1)
-    options.register_custom_ops_library(str(native.library))
+    options.register_custom_ops_library(str(library or native.library))
     return (ort.InferenceSession(graph, session_options(1), providers=["CPUExecutionProvider"]),
             ort.InferenceSession(native.graph, options, providers=["CPUExecutionProvider"]))
 
@@ -68,12 +90,13 @@ def run_shared(session: ort.InferenceSession, qkv: np.ndarray, keys: np.ndarray,
 @pytest.mark.parametrize("heads, head_dim", [(8, 32), (8, 64), (2, 16), (3, 24), (2, 48)])
 @pytest.mark.parametrize("steps, lengths", [(1, [0]), (1, [300]), (3, [257]), (64, [0]), (64, [192]), (1, [10, 40]),
                                             (17, [33]), (7, [100]), (8, [100]), (12, [0, 0]), (30, [5]), (40, [70])])
-def test_in_the_shared_buffer_it_matches_the_node(heads, head_dim, steps, lengths):
+@pytest.mark.parametrize("build", BUILDS)
+def test_in_the_shared_buffer_it_matches_the_node(heads, head_dim, steps, lengths, build, request):
     """The engine's way: one buffer bound as past and present, the history's length from seqlens_k; a
     prompt chunk, decode steps, a guess's few positions, rows of different lengths, the last position;
     runs of new positions either side of SEGUE_QUERIES_FROM (8: from there a query per vector lane), and
     runs that end in a part of a set of sixteen queries or of a pair of sets (which share the scores' pass)."""
-    node, native = sessions(heads, head_dim)
+    node, native = sessions(heads, head_dim, request.getfixturevalue("avx2_library") if build == "avx2" else None)
     rng = np.random.default_rng(steps * 1000 + sum(lengths))
     batch, capacity = len(lengths), 512
     qkv = rng.standard_normal((batch, steps, 3 * heads * head_dim), dtype=np.float32)
@@ -209,6 +232,27 @@ def test_the_library_is_built_once_per_machine_and_source(monkeypatch, tmp_path)
     assert again == first and again.stat().st_mtime_ns == built_at
     monkeypatch.setenv(native_attention.SWITCH, "0")
     assert native_attention.library() == (None, f"{native_attention.SWITCH}=0")
+
+
+def test_the_library_can_be_built_for_another_cpu(monkeypatch, tmp_path):
+    """SEGUE_NATIVE_ARCH names the -march: haswell builds the eight-lane attention and the AVX2 matmul in a
+    cache entry of its own; a value that is not a CPU's name is refused with the reason, and the node serves."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native_attention._built.clear()
+    here, why = native_attention.library()
+    assert here is not None, why
+    monkeypatch.setenv(native_attention.ARCH_SWITCH, "haswell")
+    haswell, why = native_attention.library()
+    assert haswell is not None, why
+    assert haswell != here and haswell.parent == here.parent
+    if "avx2" in _cpu_flags():  # the build is loaded to ask it: only where this CPU runs its code
+        from engine import native_matmul
+
+        assert native_attention.attention_lanes(haswell) == 8
+        assert native_matmul.code_path(haswell) == "avx2"
+    monkeypatch.setenv(native_attention.ARCH_SWITCH, "native -o /tmp/x")
+    missing, why = native_attention.library()
+    assert missing is None and native_attention.ARCH_SWITCH in why and "native -o /tmp/x" in why
 
 
 def test_an_unwritable_cache_leaves_the_node(tiny_model, monkeypatch, tmp_path):
