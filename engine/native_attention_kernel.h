@@ -46,8 +46,8 @@
 
 /* Positions per block of scores: one vector register of floats. Eight without AVX-512: sixteen-float
  * vectors as pairs of AVX2 registers ran out of the sixteen registers, and their shuffles went through
- * the stack (a decode step's attention 6x, a prompt's 17x slower than AVX-512's, where 2x is the
- * vector width's share; docs/performance.md, Session 18). */
+ * the stack (on one CPU, a decode step's attention 6x and a prompt's 17x slower than the AVX-512
+ * build's, where 2x is the vector width's share; docs/performance.md, Session 18). */
 #if defined(__AVX512F__)
 #define SEGUE_BLOCK 16
 #define SEGUE_SUMS_HELD 16 /* vectors of running sums the weighted sums keep in registers (of 32) */
@@ -265,10 +265,8 @@ static inline __attribute__((always_inline)) segue_lanes segue_dots(const int he
  * per multiply-add, and the load ports, not the multiply-add units, bounded that loop. */
 enum { SEGUE_POSITIONS = SEGUE_BLOCK / 2 }; /* positions a pass: their sums and the queries fill the registers */
 
-/* Row t of scores + v * set_floats: set v's sixteen queries' scores for position t (t < seen), for
- * `sets` (1 or 2, a constant where inlined) sets of queries, queries[v * 64 + d] their coordinate d. */
-/* Scores of SEGUE_POSITIONS positions, their keys from `k0` on, `key_stride` floats apart (head_dim for a
- * whole block: constant offsets; 0 repeats one key, for the positions past the last). */
+/* Scores of SEGUE_POSITIONS positions, position i's key at k[i], added into acc[i][v] for set v of
+ * `sets` sets of queries (see segue_lane_scores). */
 static inline __attribute__((always_inline)) void segue_lane_block(
     const int head_dim, const int sets, const segue_lanes *restrict queries, const float *const *restrict k,
     segue_lanes acc[SEGUE_POSITIONS][2]) {
@@ -295,6 +293,8 @@ static inline __attribute__((always_inline)) void segue_lane_block(
     }
 }
 
+/* Row t of scores + v * set_floats: set v's sixteen queries' scores for position t (t < seen), for
+ * `sets` (1 or 2, a constant where inlined) sets of queries, queries[v * 64 + d] their coordinate d. */
 static inline __attribute__((always_inline)) void segue_lane_scores(
     const int head_dim, const int sets, const segue_lanes *restrict queries, const int seen,
     const float *restrict keys, const float scale, float *restrict scores, const size_t set_floats) {
