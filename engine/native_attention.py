@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,17 @@ def _cache_key(cc: str, arch: str) -> str:
     return digest.hexdigest()[:24]
 
 
+def build_command(cc: str, arch_flags: Sequence[str], output: Path) -> list[str]:
+    """The compiler's command line for the library at `output`, built with `arch_flags` (the tests build
+    each code path with its own)."""
+    return [cc, *FLAGS, *arch_flags, "-o", str(output), str(SOURCES[0]), *([] if sys.platform == "win32" else ["-lm"])]
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo's flags line, as the cache key reads it)."""
+    return set(_cpu_signature().split())
+
+
 def _cpu_signature() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -150,7 +162,7 @@ def _build(cc: str, key: str, arch: str) -> Path | None:
     for arch_flags in ((f"-march={arch}",), ()):
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            command = [cc, *FLAGS, *arch_flags, "-o", str(built), str(SOURCES[0]), *([] if sys.platform == "win32" else ["-lm"])]
+            command = build_command(cc, arch_flags, built)
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
             except (OSError, subprocess.SubprocessError) as exc:

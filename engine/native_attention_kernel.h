@@ -351,8 +351,8 @@ static inline __attribute__((always_inline)) segue_lanes segue_lane_softmax(cons
 
 /* Weighted sums of values over positions from..to-1 for `group` queries (as many as SEGUE_SUMS_HELD
  * vectors of sums take, so they stay in registers: with AVX-512 8 of a 32-wide head, 4 of a 64-wide; with
- * AVX2 2 and 1), their weights from lane j0 of
- * the rows of `weights`, their running sums in `sums` (64 floats a query). */
+ * AVX2 2 and 1), their weights from lane j0 of the rows of `weights`, their running sums in `sums` (64
+ * floats a query). */
 static inline __attribute__((always_inline)) void segue_lane_values(
     const int head_dim, const int group, const int from, const int to, const float *restrict values,
     const float *restrict weights, const int j0, float *restrict sums) {

@@ -37,13 +37,9 @@ def attention_graph(heads: int, head_dim: int) -> bytes:
     return model.SerializeToString()
 
 
-def _cpu_flags() -> set[str]:
-    return set(native_attention._cpu_signature().split())
-
-
 # The attention's two vector widths: this machine's build, and where it has AVX-512 the eight-lane code
 # every CPU without it runs (AVX2 laptops), built here with AVX-512 turned off.
-BUILDS = ["native"] + (["avx2"] if {"avx2", "avx512f"} <= _cpu_flags() else [])
+BUILDS = ["native"] + (["avx2"] if {"avx2", "avx512f"} <= native_attention.cpu_flags() else [])
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +47,8 @@ def avx2_library(tmp_path_factory):
     compiler = native_attention.compiler()
     assert compiler is not None, "the tests need a C compiler (the README's set-up installs gcc)"
     target = tmp_path_factory.mktemp("avx2") / "segue-avx2.so"
-    subprocess.run([compiler, *native_attention.FLAGS, "-march=native", "-mno-avx512f", "-o", str(target),
-                    str(native_attention.SOURCES[0]), "-lm"], check=True, capture_output=True, timeout=120)
+    subprocess.run(native_attention.build_command(compiler, ("-march=native", "-mno-avx512f"), target), check=True,
+                   capture_output=True, timeout=120)
     assert native_attention.attention_lanes(target) == 8
     return target
 
@@ -245,7 +241,7 @@ def test_the_library_can_be_built_for_another_cpu(monkeypatch, tmp_path):
     haswell, why = native_attention.library()
     assert haswell is not None, why
     assert haswell != here and haswell.parent == here.parent
-    if "avx2" in _cpu_flags():  # the build is loaded to ask it: only where this CPU runs its code
+    if "avx2" in native_attention.cpu_flags():  # the build is loaded to ask it: only where this CPU runs its code
         from engine import native_matmul
 
         assert native_attention.attention_lanes(haswell) == 8

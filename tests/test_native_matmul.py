@@ -17,12 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from engine import native_attention, native_matmul
 from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, session_options
 
-
-def _cpu_flags() -> set[str]:
-    return set(native_attention._cpu_signature().split())  # /proc/cpuinfo's flags line, as the build key reads it
-
-
-# Each code path, the flags that select it (on top of native_attention.FLAGS) and the CPU flags it needs.
+# Each code path, the -march flags that select it (native_attention.build_command adds the rest) and the CPU flags it needs.
 # The portable path runs everywhere; the others where this CPU has their instructions.
 PATHS = {
     "portable": ((), set()),
@@ -30,7 +25,7 @@ PATHS = {
     "avx-vnni": (("-march=native", "-mno-avx512f"), {"avx2", "avx_vnni"}),
     "avx512-vnni": (("-march=native",), {"avx512f", "avx512bw", "avx512_vnni"}),
 }
-RUNNABLE = [name for name, (_, needs) in PATHS.items() if needs <= _cpu_flags()]
+RUNNABLE = [name for name, (_, needs) in PATHS.items() if needs <= native_attention.cpu_flags()]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +37,8 @@ def libraries(tmp_path_factory) -> dict[str, Path]:
     built = {}
     for name in RUNNABLE:
         target = folder / f"segue-{name}.so"
-        subprocess.run([compiler, *native_attention.FLAGS, *PATHS[name][0], "-o", str(target),
-                        str(native_attention.SOURCES[0]), "-lm"], check=True, capture_output=True, timeout=120)
+        subprocess.run(native_attention.build_command(compiler, PATHS[name][0], target), check=True, capture_output=True,
+                       timeout=120)
         assert native_matmul.code_path(target) == name
         built[name] = target
     return built
@@ -147,7 +142,7 @@ def test_it_matches_onnx_runtime_on_a_layer_of_the_exported_kind(libraries, path
     for rows in (1, 2, 5):
         x = rng.standard_normal((1, rows, k)).astype(np.float32)
         ours, theirs = native.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]
-        if "avx512_vnni" in _cpu_flags():
+        if "avx512_vnni" in native_attention.cpu_flags():
             np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ours, reference(x, weights, weight_scale, 0, bias), rtol=2e-6, atol=1e-6)
 
