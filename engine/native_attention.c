@@ -360,9 +360,9 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
     void *out;
     CHECK(output(context, 0, dims, rank, &out));
     if (rows == 0) return NULL;
-    uint8_t small[4096]; /* a decode step's rows: no allocation */
+    _Alignas(64) uint8_t small[4096]; /* a decode step's rows: no allocation (aligned for their int32 sums) */
     float small_normed[SEGUE_QM_STACK_FLOATS];
-    const size_t scratch = (size_t)rows * 4 * (size_t)quads, normed_floats = values[6] != NULL ? (size_t)rows * (size_t)k : 0;
+    const size_t scratch = segue_quantized_matmul_scratch((size_t)rows, (int)k), normed_floats = values[6] != NULL ? (size_t)rows * (size_t)k : 0;
     uint8_t *q = scratch <= sizeof(small) ? small : (uint8_t *)malloc(scratch);
     float *normed = normed_floats <= SEGUE_QM_STACK_FLOATS ? small_normed : (float *)malloc(normed_floats * sizeof(float));
     if (q == NULL || normed == NULL) {

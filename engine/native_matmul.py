@@ -10,14 +10,18 @@ load, for the dot product instructions. In a whole step the weights mostly come 
 weights and cache outgrow L2), which caps the gain: 1.2x a step for the small preset at 512-896
 positions, none measurable for the shipped 4-layer model (docs/performance.md, Session 14).
 
-Prompt chunks (64 rows) stay on ONNX Runtime's node, which is faster there (a blocked GEMM, AMX on
-CPUs that have it): the engine keeps a second session without this rewrite for them
-(engine/session.py; its own copy of the int8 weights, a few MB). `rewrite_model` changes a parsed
-graph in place; the attention rewrite (engine/native_attention.py) calls it so the graph is parsed once.
+A prompt's runs (64 rows) take the same operator where its AVX-512 VNNI path runs and the CPU has no
+AMX: six rows at a time over each block of columns, 1.5-2x ONNX Runtime's node there, the norms, GELUs
+and residuals folded in as for a step (docs/performance.md, Session 19). Elsewhere they stay on ONNX
+Runtime's node (a blocked GEMM, AMX on CPUs that have it; the AVX2 paths were never measured against it
+on an AVX2 CPU): the engine then keeps a second session without this rewrite for them (engine/session.py;
+its own copy of the int8 weights, a few MB). `rewrite_model` changes a parsed graph in place; the
+attention rewrite (engine/native_attention.py) calls it so the graph is parsed once.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,12 @@ import numpy as np
 
 OP_TYPE = "QuantizedMatMul"
 SWITCH = "SEGUE_NATIVE_MATMUL"  # =0: ONNX Runtime's int8 matmuls for every run (to compare, or to rule this out)
+PROMPTS_SWITCH = "SEGUE_NATIVE_PROMPTS"  # =0: prompts on ONNX Runtime's int8 matmuls even where PROMPT_PATHS has the path
+# The kernel's code paths that take a prompt's runs (64 rows) faster than ONNX Runtime's matmuls, measured
+# (docs/performance.md, Session 19), on a CPU without AMX (ONNX Runtime's int8 GEMM uses AMX's tiles where
+# the CPU has them, several times VNNI's rate). The AVX2 paths are not measured on a CPU of their own:
+# there prompts keep ONNX Runtime's kernels, as before.
+PROMPT_PATHS = frozenset({"avx512-vnni"})
 FOLD_SWITCH = "SEGUE_FOLD_LAYERS"  # =0: the norms, GELUs and residual adds stay ONNX Runtime's nodes
 GELU = 1  # QuantizedMatMul's activation attribute
 COLUMNS = 64  # columns per packed block (SEGUE_QM_COLUMNS in engine/native_matmul_kernel.h)
@@ -38,6 +48,16 @@ def code_path(library: Path) -> str:
     function = ctypes.CDLL(str(library)).segue_matmul_path
     function.restype = ctypes.c_char_p
     return function().decode()
+
+
+def takes_prompts(library: Path) -> bool:
+    """Whether the decode session runs prompts as well, on `library`'s int8 matmuls (and the engine
+    keeps no second session for them): its code path is in PROMPT_PATHS, the CPU has no AMX, and
+    SEGUE_NATIVE_PROMPTS is not 0."""
+    from engine.native_attention import cpu_flags  # here: native_attention imports this module
+
+    return (os.environ.get(PROMPTS_SWITCH, "1").strip() != "0" and code_path(library) in PROMPT_PATHS
+            and "amx_int8" not in cpu_flags())
 
 
 def pack(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -35,12 +35,62 @@
 #endif
 
 #define SEGUE_QM_COLUMNS 64 /* columns per packed block */
-#define SEGUE_QM_ROWS 4     /* rows of x per pass over a block: each block is read once per four rows */
+/* Rows of x per pass over a block. With AVX-512, six rows' sums of a block's 64 columns are 24 of the 32
+ * vector registers, and each quad's 4 weight loads and 6 broadcasts feed 24 vpdpbusd: the loads no longer
+ * bound the loop for a prompt's runs (four rows: 8 loads for 16). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SEGUE_QM_ROWS 6
+#else
+#define SEGUE_QM_ROWS 4
+#endif
 
-/* DynamicQuantizeLinear's parameters for `count` floats (ONNX Runtime's GetQuantizationParameter). */
+/* DynamicQuantizeLinear's parameters for `count` floats (ONNX Runtime's GetQuantizationParameter). The
+ * range in vectors: written as one comparison per float, GCC kept it scalar (a NaN-safe float reduction
+ * is not vectorised without -ffast-math), and for a prompt's 64 rows that was a fifth of the matmul's time.
+ * min/max of the vector units return their second operand when the first is NaN, so a NaN is skipped as
+ * the comparisons skip it. */
 static inline void segue_quantization(const float *x, size_t count, float *scale, uint8_t *zero) {
     float low = 0.0f, high = 0.0f; /* the range always holds zero */
-    for (size_t i = 0; i < count; i++) {
+    size_t i = 0;
+#if defined(__AVX512F__)
+    __m512 lows = _mm512_setzero_ps(), highs = _mm512_setzero_ps(), lows2 = lows, highs2 = highs;
+    for (; i + 32 <= count; i += 32) { /* two chains each: a min's latency is four of its issue slots */
+        const __m512 v = _mm512_loadu_ps(x + i), w = _mm512_loadu_ps(x + i + 16);
+        lows = _mm512_min_ps(v, lows);
+        highs = _mm512_max_ps(v, highs);
+        lows2 = _mm512_min_ps(w, lows2);
+        highs2 = _mm512_max_ps(w, highs2);
+    }
+    lows = _mm512_min_ps(lows2, lows); /* no NaN in either: every lane started at zero */
+    highs = _mm512_max_ps(highs2, highs);
+    for (; i + 16 <= count; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        lows = _mm512_min_ps(v, lows);
+        highs = _mm512_max_ps(v, highs);
+    }
+    float lanes[2][16];
+    _mm512_storeu_ps(lanes[0], lows);
+    _mm512_storeu_ps(lanes[1], highs);
+    for (int lane = 0; lane < 16; lane++) {
+        low = lanes[0][lane] < low ? lanes[0][lane] : low;
+        high = lanes[1][lane] > high ? lanes[1][lane] : high;
+    }
+#elif defined(__AVX2__)
+    __m256 lows = _mm256_setzero_ps(), highs = _mm256_setzero_ps();
+    for (; i + 8 <= count; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        lows = _mm256_min_ps(v, lows);
+        highs = _mm256_max_ps(v, highs);
+    }
+    float lanes[2][8];
+    _mm256_storeu_ps(lanes[0], lows);
+    _mm256_storeu_ps(lanes[1], highs);
+    for (int lane = 0; lane < 8; lane++) {
+        low = lanes[0][lane] < low ? lanes[0][lane] : low;
+        high = lanes[1][lane] > high ? lanes[1][lane] : high;
+    }
+#endif
+    for (; i < count; i++) {
         low = x[i] < low ? x[i] : low;
         high = x[i] > high ? x[i] : high;
     }
@@ -50,24 +100,91 @@ static inline void segue_quantization(const float *x, size_t count, float *scale
     *zero = (uint8_t)nearbyintf(initial); /* the default rounding: half to even */
 }
 
-/* One row of x as uint8, `padded` bytes (zero past k: the packed weights are zero there too). */
-static inline void segue_quantize_row(const float *x, int k, int padded, float scale, uint8_t zero, uint8_t *q) {
-    for (int i = 0; i < k; i++) {
-        float v = nearbyintf(x[i] / scale) + (float)zero; /* x / scale, as ONNX Runtime's QuantizeLinear divides */
+/* One row of x as uint8, `padded` bytes (zero past k: the packed weights are zero there too); returns
+ * the row's sum. x / scale is the division's correctly rounded quotient, as ONNX Runtime's QuantizeLinear
+ * divides. With AVX-512 it comes from the reciprocal and one correction (Markstein's: q = x r, then
+ * q + (x - q scale) r with the residual exact in an FMA): the same quotient, bit for bit, for the 330
+ * million quotients checked (half of them within an ulp of a rounding tie), at a third of a vdivps's
+ * cost, which was a sixth of a prompt's 64-row matmul. */
+static inline int32_t segue_quantize_row(const float *x, int k, int padded, float scale, uint8_t zero, uint8_t *q) {
+    int i = 0;
+    int32_t sum = 0;
+#if defined(__AVX512F__)
+    const float reciprocal = 1.0f / scale;
+    if (isfinite(reciprocal)) { /* else (a subnormal scale) the plain loop below, which divides */
+        const __m512 scales = _mm512_set1_ps(scale), inverse = _mm512_set1_ps(reciprocal);
+        const __m512i zeros = _mm512_set1_epi32(zero), none = _mm512_setzero_si512(), most = _mm512_set1_epi32(255);
+        __m512i sums = none;
+        for (; i < k; i += 16) {
+            const __mmask16 mask = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1u);
+            const __m512 in = _mm512_maskz_loadu_ps(mask, x + i);
+            const __m512 guess = _mm512_mul_ps(in, inverse);
+            const __m512 quotient = _mm512_fmadd_ps(_mm512_fnmadd_ps(guess, scales, in), inverse, guess);
+            /* |x / scale| <= 255 (the range holds every x), so the conversion (to nearest, ties to even: the
+             * default rounding) cannot overflow, and integers clamp as the floats would. */
+            const __m512i whole = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(quotient), zeros), none), most);
+            sums = _mm512_add_epi32(sums, _mm512_maskz_mov_epi32(mask, whole));
+            _mm512_mask_cvtepi32_storeu_epi8(q + i, mask, whole);
+        }
+        sum = _mm512_reduce_add_epi32(sums);
+    }
+#endif
+    for (; i < k; i++) {
+        float v = nearbyintf(x[i] / scale) + (float)zero;
         v = v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v;
         q[i] = (uint8_t)v;
+        sum += q[i];
     }
-    for (int i = k; i < padded; i++) q[i] = 0;
+    for (i = k; i < padded; i++) q[i] = 0;
+    return sum;
 }
 
-/* acc[r][c] = sum over the block's rows of q_r[k] * w[k][c], for `rows` (1..SEGUE_QM_ROWS) quantized rows
- * `stride` bytes apart and one packed block of `quads` quads. */
+/* What turns a block's exact int32 sums into outputs: y = (sum - offsets[c] + fixed[r]) * combined[c] + bias[c]
+ * (the identity at the top of this file: offsets = zero * column sums, fixed = k zero w_zero - w_zero * the
+ * row's sum of q, combined = scale * w_scale). */
+typedef struct {
+    float combined[SEGUE_QM_COLUMNS];
+    int32_t offsets[SEGUE_QM_COLUMNS];
+    const float *bias; /* the block's first column's; padded to a whole block */
+    int columns;       /* the matrix's columns in this block: 64 but in the last */
+} segue_block_terms;
+
+/* Rows `rows` of outputs from sums held in acc (the paths without AVX-512); `out` is the first row's
+ * first column of the block, rows `n` floats apart. */
+static inline void segue_block_store(int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS], int rows, const int32_t *fixed,
+                                     const segue_block_terms *terms, float *out, size_t n) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < terms->columns; c++)
+            out[(size_t)r * n + c] = (float)(acc[r][c] - terms->offsets[c] + fixed[r]) * terms->combined[c] + terms->bias[c];
+}
+
+/* segue_block: the outputs of one packed block of `quads` quads (64 columns) for `rows` (1..SEGUE_QM_ROWS)
+ * quantized rows `stride` bytes apart: the exact sums of q_r[k] * w[k][c], then `terms`' arithmetic. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+/* Rows of outputs from their sums in acc, in whole vectors: a prompt's 64-row runs write 64 x n floats,
+ * and the plain loop (segue_block_store), which GCC vectorised at half width, took a third of the matmul.
+ * (The sums go through acc, in L1: kept in registers to here, GCC spilled them inside the loop above.) */
+static inline void segue_block_out(int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS], int rows, const int32_t *fixed,
+                                   const segue_block_terms *terms, float *out, size_t n) {
+    for (int v = 0; v < 4; v++) {
+        const int left = terms->columns - 16 * v;
+        if (left <= 0) break;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+        const __m512i offsets = _mm512_loadu_si512(terms->offsets + 16 * v);
+        const __m512 combined = _mm512_loadu_ps(terms->combined + 16 * v), bias = _mm512_loadu_ps(terms->bias + 16 * v);
+        for (int r = 0; r < rows; r++) {
+            const __m512i exact = _mm512_add_epi32(_mm512_sub_epi32(_mm512_loadu_si512(acc[r] + 16 * v), offsets),
+                                                   _mm512_set1_epi32(fixed[r]));
+            _mm512_mask_storeu_ps(out + (size_t)r * n + 16 * v, mask, _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), combined, bias));
+        }
+    }
+}
 
 static inline __attribute__((always_inline)) void segue_block_rows(const uint8_t *q, size_t stride, const int rows,
                                                                    int quads, const int8_t *block,
                                                                    int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
-    __m512i sums[SEGUE_QM_ROWS][4];
+    __m512i sums[4][4];
     for (int r = 0; r < rows; r++)
         for (int v = 0; v < 4; v++) sums[r][v] = _mm512_setzero_si512();
     for (int quad = 0; quad < quads; quad++) {
@@ -86,6 +203,39 @@ static inline __attribute__((always_inline)) void segue_block_rows(const uint8_t
     }
     for (int r = 0; r < rows; r++)
         for (int v = 0; v < 4; v++) _mm512_storeu_si512(acc[r] + 16 * v, sums[r][v]);
+}
+
+/* Six rows: 24 sums, each its own variable. (As an array of six rows, or two of three, GCC kept most of
+ * them on the stack through the loop, which ran at a third of the speed.) */
+#define SEGUE_SIX(macro) macro(0) macro(1) macro(2) macro(3) macro(4) macro(5)
+#define SEGUE_SUMS_DECLARE(r)                                                                                        \
+    __m512i s##r##a = _mm512_setzero_si512(), s##r##b = s##r##a, s##r##c = s##r##a, s##r##d = s##r##a;
+#define SEGUE_SUMS_ADD(r)                                                                                            \
+    {                                                                                                                \
+        int32_t four;                                                                                                \
+        memcpy(&four, q + (r) * stride + 4 * (size_t)quad, 4);                                                       \
+        const __m512i a = _mm512_set1_epi32(four);                                                                   \
+        s##r##a = _mm512_dpbusd_epi32(s##r##a, a, w0);                                                               \
+        s##r##b = _mm512_dpbusd_epi32(s##r##b, a, w1);                                                               \
+        s##r##c = _mm512_dpbusd_epi32(s##r##c, a, w2);                                                               \
+        s##r##d = _mm512_dpbusd_epi32(s##r##d, a, w3);                                                               \
+    }
+#define SEGUE_SUMS_STORE(r)                                                                                          \
+    _mm512_storeu_si512(acc[r], s##r##a);                                                                            \
+    _mm512_storeu_si512(acc[r] + 16, s##r##b);                                                                       \
+    _mm512_storeu_si512(acc[r] + 32, s##r##c);                                                                       \
+    _mm512_storeu_si512(acc[r] + 48, s##r##d);
+
+static void segue_block_six(const uint8_t *q, size_t stride, int quads, const int8_t *block,
+                            int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
+    SEGUE_SIX(SEGUE_SUMS_DECLARE)
+    for (int quad = 0; quad < quads; quad++) {
+        const int8_t *w = block + (size_t)quad * 256;
+        const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
+        const __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
+        SEGUE_SIX(SEGUE_SUMS_ADD)
+    }
+    SEGUE_SIX(SEGUE_SUMS_STORE)
 }
 
 /* One row: two sets of sums (even and odd quads), so eight chains of vpdpbusd hide its latency. */
@@ -114,13 +264,20 @@ static inline void segue_block_row(const uint8_t *q, int quads, const int8_t *bl
 }
 
 static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
-                               int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
+                               const int32_t *fixed, const segue_block_terms *terms, float *out, size_t n) {
+    int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
     switch (rows) { /* a constant row count each, so the sums stay in registers */
     case 1: segue_block_row(q, quads, block, acc[0]); break;
     case 2: segue_block_rows(q, stride, 2, quads, block, acc); break;
     case 3: segue_block_rows(q, stride, 3, quads, block, acc); break;
-    default: segue_block_rows(q, stride, 4, quads, block, acc); break;
+    case 4: segue_block_rows(q, stride, 4, quads, block, acc); break;
+    case 5:
+        segue_block_rows(q, stride, 4, quads, block, acc);
+        segue_block_row(q + 4 * stride, quads, block, acc[4]);
+        break;
+    default: segue_block_six(q, stride, quads, block, acc); break;
     }
+    segue_block_out(acc, rows, fixed, terms, out, n);
 }
 
 #define SEGUE_QM_PATH "avx512-vnni"
@@ -164,11 +321,13 @@ static inline void segue_half_row(const uint8_t *q, int quads, const int8_t *hal
 }
 
 static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
-                               int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
+                               const int32_t *fixed, const segue_block_terms *terms, float *out, size_t n) {
+    int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
     for (int r = 0; r < rows; r++) {
         segue_half_row(q + r * stride, quads, block, acc[r]);
         segue_half_row(q + r * stride, quads, block + 128, acc[r] + 32);
     }
+    segue_block_store(acc, rows, fixed, terms, out, n);
 }
 
 #if defined(__AVXVNNI__)
@@ -180,7 +339,8 @@ static inline void segue_block(const uint8_t *q, size_t stride, int rows, int qu
 #else
 
 static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
-                               int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
+                               const int32_t *fixed, const segue_block_terms *terms, float *out, size_t n) {
+    int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
     for (int r = 0; r < rows; r++) {
         for (int c = 0; c < SEGUE_QM_COLUMNS; c++) acc[r][c] = 0;
         for (int quad = 0; quad < quads; quad++) {
@@ -190,47 +350,49 @@ static inline void segue_block(const uint8_t *q, size_t stride, int rows, int qu
                 acc[r][c] += x[0] * w[4 * c] + x[1] * w[4 * c + 1] + x[2] * w[4 * c + 2] + x[3] * w[4 * c + 3];
         }
     }
+    segue_block_store(acc, rows, fixed, terms, out, n);
 }
 
 #define SEGUE_QM_PATH "portable"
 
 #endif
 
+/* Scratch bytes segue_quantized_matmul needs for `rows` rows of k: the quantized rows, then a number per row. */
+static inline size_t segue_quantized_matmul_scratch(size_t rows, int k) {
+    return rows * 4 * (size_t)((k + 3) / 4) + rows * sizeof(int32_t);
+}
+
 /* y [rows, n] = the quantized product of x [rows, k] (see the top of this file). `column_sums`,
- * `scales` and `bias` have one entry per packed column (a multiple of 64); `q` is scratch for rows *
- * 4 * quads bytes. */
+ * `scales` and `bias` have one entry per packed column (a multiple of 64); `scratch` holds
+ * segue_quantized_matmul_scratch(rows, k) bytes. Every row is quantized first; then each block of
+ * columns takes all the rows, SEGUE_QM_ROWS at a time, so a prompt's runs read the block's weights from
+ * L1 or L2 once per pass instead of the whole matrix from L2 or L3 once per few rows. */
 static void segue_quantized_matmul(const float *x, int rows, int k, int n, const int8_t *packed,
                                    const int32_t *column_sums, const float *scales, const float *bias,
-                                   int weight_zero, uint8_t *q, float *y) {
+                                   int weight_zero, uint8_t *scratch, float *y) {
     const int quads = (k + 3) / 4, blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
     const size_t stride = 4 * (size_t)quads;
+    uint8_t *q = scratch;
+    int32_t *fixed = (int32_t *)(scratch + (size_t)rows * stride); /* stride is a multiple of 4 */
     float scale;
     uint8_t zero;
     segue_quantization(x, (size_t)rows * (size_t)k, &scale, &zero);
-    int32_t row_sums[SEGUE_QM_ROWS];
-    for (int from = 0; from < rows; from += SEGUE_QM_ROWS) {
-        const int taken = rows - from < SEGUE_QM_ROWS ? rows - from : SEGUE_QM_ROWS;
-        for (int r = 0; r < taken; r++) {
-            uint8_t *row = q + (size_t)(from + r) * stride;
-            segue_quantize_row(x + (size_t)(from + r) * (size_t)k, k, (int)stride, scale, zero, row);
-            int32_t sum = 0;
-            for (int i = 0; i < k; i++) sum += row[i];
-            row_sums[r] = sum;
+    for (int r = 0; r < rows; r++) {
+        const int32_t sum = segue_quantize_row(x + (size_t)r * (size_t)k, k, (int)stride, scale, zero, q + (size_t)r * stride);
+        fixed[r] = k * (int32_t)zero * weight_zero - weight_zero * sum; /* see segue_block_terms */
+    }
+    for (int b = 0; b < blocks; b++) {
+        const int8_t *block = packed + (size_t)b * quads * 256;
+        const int first = b * SEGUE_QM_COLUMNS;
+        segue_block_terms terms = {.bias = bias + first, .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
+        for (int c = 0; c < SEGUE_QM_COLUMNS; c++) {
+            terms.combined[c] = scale * scales[first + c];
+            terms.offsets[c] = (int32_t)zero * column_sums[first + c];
         }
-        for (int b = 0; b < blocks; b++) {
-            int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
-            segue_block(q + (size_t)from * stride, stride, taken, quads, packed + (size_t)b * quads * 256, acc);
-            const int first = b * SEGUE_QM_COLUMNS;
-            const int columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS;
-            for (int r = 0; r < taken; r++) {
-                /* sum (q - zero)(w - w_zero) = sum q w - zero sum w - w_zero sum q + k zero w_zero */
-                const int32_t fixed = k * (int32_t)zero * weight_zero - weight_zero * row_sums[r];
-                float *out = y + (size_t)(from + r) * (size_t)n + first;
-                for (int c = 0; c < columns; c++) {
-                    const int32_t exact = acc[r][c] - (int32_t)zero * column_sums[first + c] + fixed;
-                    out[c] = (float)exact * (scale * scales[first + c]) + bias[first + c];
-                }
-            }
+        for (int from = 0; from < rows; from += SEGUE_QM_ROWS) {
+            const int taken = rows - from < SEGUE_QM_ROWS ? rows - from : SEGUE_QM_ROWS;
+            segue_block(q + (size_t)from * stride, stride, taken, quads, block, fixed + from, &terms,
+                        y + (size_t)from * (size_t)n + first, (size_t)n);
         }
     }
 }

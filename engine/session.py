@@ -66,7 +66,7 @@ log = logging.getLogger("segue.engine")
 PREFILL_MIN_TOKENS = 32  # prompts at least this long may run on the prefill session (SEGUE_PREFILL_THREADS)
 # Runs of more rows (batch x positions) than this go to ONNX Runtime's int8 matmuls, fewer to the native
 # one (engine/native_matmul.py), where the decode session has it: the crossover measured in
-# docs/performance.md, Session 14.
+# docs/performance.md, Session 14. Not where the native kernel takes prompts too (native_matmul.PROMPT_PATHS).
 NATIVE_MATMUL_ROWS = 4
 PREFILL_CHUNK = 64  # prompt positions per run on the shared-buffer graph (see OnnxDecoder._forward_shared)
 # The two counts nearly every run feeds, made once (a decode step binds one on every call).
@@ -308,6 +308,7 @@ class OnnxDecoder:
         self.prefill_session = prefill_session
         self.prefill_from = prefill_from
         self.native_matmuls = 0  # int8 linear layers of `session` on the native operator (set by from_bytes)
+        self.native_prompts = False  # and prompts run on them too, with no second session (set by from_bytes)
         self.variant = variant
         self.serve_reason = ""  # why this precision is served (from_bytes: the manifest's measurement, or one made here)
         self.attention = "GroupQueryAttention"  # or "native (...)": engine/native_attention.py, set by from_bytes
@@ -441,6 +442,7 @@ class OnnxDecoder:
 
         attention: dict[ort.InferenceSession, str] = {}
         matmuls: dict[ort.InferenceSession, int] = {}
+        prompts: dict[ort.InferenceSession, bool] = {}  # its native matmuls are the faster way for a prompt's runs too
         # The int8 variant keeps its cache in float16 on the native operator (engine/native_attention.py):
         # a decode step reads the whole history, so half the bytes. Not where a prefill session of more
         # threads keeps ONNX Runtime's node, whose cache is float32 (both sessions write the same buffers).
@@ -460,6 +462,7 @@ class OnnxDecoder:
                                                     providers=chosen)
                         attention[made] = f"native ({native.library.name}{', float16 cache' if native.half_cache else ''})"
                         matmuls[made] = native.matmuls
+                        prompts[made] = native.matmuls > 0 and native_matmul.takes_prompts(native.library)
                         return made
                     except Exception as exc:  # onnxruntime's own error types: the node instead, as exported
                         why = f"ONNX Runtime did not take it: {str(exc).splitlines()[0][:300]}"
@@ -505,7 +508,7 @@ class OnnxDecoder:
                 reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
             session = make_session(variant, threads)  # the CPU's own graph (the GPU's feeds lengths from the host)
         prefill, prefill_from = None, PREFILL_MIN_TOKENS
-        if prefill_threads > threads or matmuls.get(session):
+        if prefill_threads > threads or (matmuls.get(session) and not prompts.get(session)):
             prefill = make_session(variant, max(prefill_threads, threads), decode=False)
             if matmuls.get(session):  # runs of many rows on ONNX Runtime's int8 matmuls, faster there
                 prefill_from = NATIVE_MATMUL_ROWS + 1
@@ -517,11 +520,13 @@ class OnnxDecoder:
         decoder.serve_reason = reason
         decoder.attention = attention.get(session, "GroupQueryAttention")
         decoder.native_matmuls = matmuls.get(session, 0)
+        decoder.native_prompts = bool(decoder.native_matmuls and prefill is None)
         if for_gpu and decoder.device == "cuda":
             log.info("%s: serving %s %s", folder, variant, reason)
         log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s, attention: %s%s)", folder, variant, decoder.kv_cache,
                  decoder.device, threads, f", prefill {prefill_threads}" if prefill_threads > threads else "", decoder.attention,
-                 f", {decoder.native_matmuls} int8 matmuls native for runs of up to {NATIVE_MATMUL_ROWS} rows"
+                 f", {decoder.native_matmuls} int8 matmuls native for "
+                 f"{'every run' if decoder.native_prompts else f'runs of up to {NATIVE_MATMUL_ROWS} rows'}"
                  if decoder.native_matmuls else "")
         decoder.warm_up()
         return decoder

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from engine import native_attention
+from engine import native_attention, native_matmul
 from engine.session import OnnxDecoder, session_options
 from tests.test_native_attention import attention_graph, run_shared
 
@@ -104,15 +104,17 @@ def test_a_cache_another_node_reads_stays_float():
 
 
 def test_the_engine_keeps_the_int8_variants_cache_in_halves(int8_model, monkeypatch):
-    """The int8 variant on one thread: a float16 cache on both its sessions, the last-positions rewrite
-    still applied, and logits within half rounding of the float32 cache's, greedy tokens the same."""
+    """The int8 variant on one thread: a float16 cache on its sessions (the prompts' too, where it has one:
+    native_matmul.takes_prompts), the last-positions rewrite still applied, and logits within half
+    rounding of the float32 cache's, greedy tokens the same."""
     half = OnnxDecoder.load(int8_model, variant="int8")
     monkeypatch.setenv(native_attention.HALF_SWITCH, "0")
     full = OnnxDecoder.load(int8_model, variant="int8")
     assert half.cache_dtype == np.float16 and "float16 cache" in half.attention
     assert full.cache_dtype == np.float32 and "float16" not in full.attention
-    assert half._last_input and half.prefill_session is not None  # the prompt's session shares the buffers
-    assert {i.type for i in half.prefill_session.get_inputs() if i.name.startswith("past")} == {"tensor(float16)"}
+    assert half._last_input and (half.prefill_session is None) == half.native_prompts
+    for session in (half.session, half.prefill_session):  # a prompt's session shares the buffers
+        assert session is None or {i.type for i in session.get_inputs() if i.name.startswith("past")} == {"tensor(float16)"}
     assert half.empty_cache().tensors[0].dtype == np.float16
 
     ids = np.random.default_rng(1).integers(4, half.vocab_size, size=(1, 120))
@@ -153,6 +155,7 @@ def test_elsewhere_the_cache_stays_float32(int8_model, monkeypatch, why):
 def test_sessions_that_disagree_on_the_cache_leave_prompts_on_the_decode_session(int8_model, monkeypatch, caplog):
     """Should the prompt session's graph fall back to ONNX Runtime's node (float32 only) while the decode
     session has halves, prompts go to the decode session rather than write floats into a half buffer."""
+    monkeypatch.setenv(native_matmul.PROMPTS_SWITCH, "0")  # a second session for prompts, on any CPU
     real = native_attention.prepare
 
     def only_for_decode(graph, quantized_matmuls=False, half_cache=False):

@@ -97,10 +97,12 @@ def test_packing_puts_four_rows_of_each_column_together():
 
 @pytest.mark.parametrize("path", RUNNABLE)
 @pytest.mark.parametrize("k, n, rows", [(256, 768, 1), (256, 256, 3), (1024, 256, 1), (30, 70, 5), (32, 96, 9),
-                                        (7, 129, 2), (256, 1024, 8), (64, 64, 4)])
+                                        (7, 129, 2), (256, 1024, 8), (64, 64, 4), (256, 768, 64), (1024, 256, 64),
+                                        (40, 130, 11), (33, 65, 13), (17, 64, 6)])
 def test_the_operator_computes_the_quantized_product(libraries, path, k, n, rows):
-    """Rows 1-9 (a step, a batch of variations, a guess), k not a multiple of 4 and n not of 64 (padding),
-    rows past a multiple of four; the exact integer sums and float32 scaling of the reference."""
+    """Rows 1-9 (a step, a batch of variations, a guess) and a prompt's run of 64, k not a multiple of 4 or
+    of 16 and n not of 64 (padding), rows past a multiple of four and of six (the AVX-512 path's passes of
+    six rows, then four, then one); the exact integer sums and float32 scaling of the reference."""
     rng = np.random.default_rng(k * n + rows)
     weights = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
     weight_scale = np.array(0.004, np.float32)
@@ -109,6 +111,21 @@ def test_the_operator_computes_the_quantized_product(libraries, path, k, n, rows
     got = native_session(chain_graph(weights, weight_scale, 0, bias), libraries[path]).run(None, {"x": x})[0]
     want = reference(x, weights, weight_scale, 0, bias)
     assert got.shape == (1, rows, n)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("path", RUNNABLE)
+def test_a_value_quantized_past_255_is_clamped_as_dynamic_quantize_linear_clamps_it(libraries, path):
+    """x from -1.5 to 253.5: scale 1, zero point round(1.5) = 2, and 253.5 rounds to 254 (ties to even), so
+    254 + 2 = 256 must clamp to 255, in every one of a prompt's 64 rows and in the rows' sums."""
+    rng = np.random.default_rng(11)
+    k, n = 48, 64
+    weights = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
+    weight_scale = np.array(0.01, np.float32)
+    x = rng.uniform(-1.5, 253.5, size=(1, 64, k)).astype(np.float32)
+    x[0, :, 0], x[0, :, 1] = -1.5, 253.5
+    got = native_session(chain_graph(weights, weight_scale, 0, None), libraries[path]).run(None, {"x": x})[0]
+    want = reference(x, weights, weight_scale, 0, None)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
 
 
@@ -139,7 +156,7 @@ def test_it_matches_onnx_runtime_on_a_layer_of_the_exported_kind(libraries, path
     model = chain_graph(weights, weight_scale, 0, bias)
     plain = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
     native = native_session(model, libraries[path])
-    for rows in (1, 2, 5):
+    for rows in (1, 2, 5, 64):
         x = rng.standard_normal((1, rows, k)).astype(np.float32)
         ours, theirs = native.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]
         if "avx512_vnni" in native_attention.cpu_flags():
@@ -197,9 +214,12 @@ def test_the_int8_export_is_rewritten_whole_and_computes_the_same(int8_model, mo
         np.testing.assert_allclose(ours, unfolded_ones, rtol=1e-4, atol=1e-4)
 
 
-def test_the_engine_decodes_with_it_and_keeps_prompts_on_onnx_runtime(int8_model, monkeypatch):
+def test_the_engine_decodes_with_it_and_keeps_prompts_on_onnx_runtime_when_told(int8_model, monkeypatch):
+    """SEGUE_NATIVE_PROMPTS=0, or a CPU whose kernel path is not in PROMPT_PATHS: prompts on a second session
+    with ONNX Runtime's int8 matmuls, steps of a few rows on the native ones."""
+    monkeypatch.setenv(native_matmul.PROMPTS_SWITCH, "0")
     decoder = OnnxDecoder.load(int8_model, variant="int8")
-    assert decoder.attention.startswith("native") and decoder.native_matmuls > 0
+    assert decoder.attention.startswith("native") and decoder.native_matmuls > 0 and not decoder.native_prompts
     assert decoder.prefill_session is not None and decoder.prefill_from == NATIVE_MATMUL_ROWS + 1
     used: list[tuple[int, bool]] = []
     run = OnnxDecoder._run
@@ -226,6 +246,56 @@ def test_the_engine_decodes_with_it_and_keeps_prompts_on_onnx_runtime(int8_model
     np.testing.assert_allclose(step_logits, plain_step, rtol=1e-4, atol=1e-4)
     plain_guess, _ = plain.step_instead(np.array([[5, 6, 7]]), plain_cache, plain_step_cache, every_position=True)
     np.testing.assert_allclose(guess_logits, plain_guess, rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_run_on_the_native_matmuls_where_that_path_is_the_faster(int8_model, monkeypatch):
+    """On a CPU whose kernel path takes prompts (AVX-512 VNNI without AMX), every run goes to the one
+    session, a 130-token prompt too (runs of 64, 64 and 2), and its logits and cache are what ONNX Runtime's
+    int8 matmuls make of it; elsewhere the second session stays."""
+    decoder = OnnxDecoder.load(int8_model, variant="int8")
+    library = native_attention.library()[0]
+    assert library is not None and decoder.native_matmuls > 0
+    if not native_matmul.takes_prompts(library):
+        assert decoder.prefill_session is not None and not decoder.native_prompts
+        return
+    assert decoder.prefill_session is None and decoder.native_prompts
+    sessions: list[bool] = []
+    run = OnnxDecoder._run
+
+    def spy(self, binding, ids, positions, session, last=None):
+        sessions.append(session is self.session)
+        return run(self, binding, ids, positions, session, last)
+
+    monkeypatch.setattr(OnnxDecoder, "_run", spy)
+    prompt = (np.arange(130)[None] * 7 + 3) % decoder.vocab_size
+    logits, cache = decoder.step(prompt, decoder.empty_cache())
+    assert sessions == [True, True, True]
+    monkeypatch.setenv(native_matmul.PROMPTS_SWITCH, "0")
+    theirs = OnnxDecoder.load(int8_model, variant="int8")
+    their_logits, their_cache = theirs.step(prompt, theirs.empty_cache())
+    # Not bit for bit: the folded norms and GELU are the ONNX operators' arithmetic, not ONNX Runtime's
+    # instructions, and a last bit can move an int8 rounding (engine/native_layer_kernel.h).
+    np.testing.assert_allclose(logits, their_logits, rtol=1e-3, atol=2e-3)
+    assert logits.argmax(-1).tolist() == their_logits.argmax(-1).tolist()
+    for ours, reference in zip(cache.tensors, their_cache.tensors, strict=True):
+        np.testing.assert_allclose(ours.astype(np.float32), reference.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_which_kernels_take_prompts(monkeypatch, tmp_path):
+    """Only the measured path, only without AMX (ONNX Runtime's matmuls use its tiles), and not when told no."""
+    library = tmp_path / "segue.so"
+    for path, flags, switch, expected in [("avx512-vnni", {"avx512_vnni"}, None, True),
+                                          ("avx512-vnni", {"avx512_vnni", "amx_int8"}, None, False),
+                                          ("avx512-vnni", {"avx512_vnni"}, "0", False),
+                                          ("avx-vnni", {"avx_vnni"}, None, False), ("avx2", {"avx2"}, None, False),
+                                          ("portable", set(), None, False)]:
+        monkeypatch.setattr(native_matmul, "code_path", lambda _library, path=path: path)
+        monkeypatch.setattr(native_attention, "cpu_flags", lambda flags=flags: flags)
+        if switch is None:
+            monkeypatch.delenv(native_matmul.PROMPTS_SWITCH, raising=False)
+        else:
+            monkeypatch.setenv(native_matmul.PROMPTS_SWITCH, switch)
+        assert native_matmul.takes_prompts(library) is expected, (path, flags, switch)
 
 
 # --- the neighbours folded into the operator (engine/native_layer_kernel.h) ---------------------------------
