@@ -7,7 +7,9 @@ once as the engine serves it and once with the switch at 0.
 
 Switches: SEGUE_HALF_CACHE (the int8 variant's KV cache in float16, segue.CausalAttention16),
 SEGUE_FOLD_LAYERS (norms, GELUs and residual adds folded into the native int8 matmuls),
-SEGUE_NATIVE_MATMUL (the native int8 matmuls themselves; bench/bench_native_matmul.py adds batches).
+SEGUE_NATIVE_MATMUL (the native int8 matmuls themselves; bench/bench_native_matmul.py adds batches),
+SEGUE_NATIVE_PROMPTS (prompts on the native int8 matmuls too, where native_matmul.takes_prompts; at 0 on
+a second session with ONNX Runtime's: compare the prefill rows).
 
 The two decoders alternate inside each round: for each context the median ms of a decode step (32
 steps after a prefill of the rest, process CPU time, one thread) and the ratio; then prefills of 256
@@ -36,7 +38,7 @@ from engine import native_attention, native_matmul  # noqa: E402
 from engine.machine import cpu_name  # noqa: E402
 from engine.session import OnnxDecoder  # noqa: E402
 
-SWITCHES = (native_attention.HALF_SWITCH, native_matmul.FOLD_SWITCH, native_matmul.SWITCH)
+SWITCHES = (native_attention.HALF_SWITCH, native_matmul.FOLD_SWITCH, native_matmul.SWITCH, native_matmul.PROMPTS_SWITCH)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.switch != native_attention.HALF_SWITCH and not on.native_matmuls:
         print(f"no native int8 matmuls here ({on.attention}): nothing to compare")
+        return 1
+    if args.switch == native_matmul.PROMPTS_SWITCH and not on.native_prompts:
+        print("prompts stay on ONNX Runtime's int8 matmuls on this CPU (native_matmul.takes_prompts): nothing to compare")
         return 1
     contexts = [c for c in args.contexts if args.steps < c < on.max_context]
     print(f"{cpu_name()}; {args.folder} int8, {on.attention}; {args.switch} on against 0; median of {args.repeats} "
