@@ -23,9 +23,10 @@ rewritten to the native operator (engine/native_attention.py: the same attention
 machine, 1.6-4.7x faster than the node for a decode step); without a C compiler, or with
 SEGUE_NATIVE_ATTENTION=0, the node runs as exported. `decoder.attention` says which. For the int8
 variant that session also runs its quantized matmuls natively (engine/native_matmul.py: a decode
-step's one-row products, 1.2x faster a step on the small preset), and runs of more than
-NATIVE_MATMUL_ROWS rows (prompts) go to a second session of the same graph with ONNX Runtime's
-matmuls, faster there; SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's for every run. CPU graphs also
+step's one-row products, 1.2x faster a step on the small preset). Prompts run on it too where the
+kernel's path is the faster for them (AVX-512 VNNI without AMX: native_matmul.takes_prompts); elsewhere,
+or with SEGUE_NATIVE_PROMPTS=0, runs of more than NATIVE_MATMUL_ROWS rows go to a second session of the
+same graph with ONNX Runtime's matmuls; SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's for every run. CPU graphs also
 get a `last_positions` input (engine/last_positions.py): `step` and a prompt's prefill ask for the
 last position's logits only, and the graph then runs the last layer's tail for that position alone.
 
