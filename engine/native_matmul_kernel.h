@@ -2,11 +2,16 @@
  * segue.QuantizedMatMul (engine/native_attention.c), kept apart from ONNX Runtime's C API.
  *
  * It computes what ONNX Runtime's DynamicQuantizeMatMul computes (the int8 export's DynamicQuantizeLinear,
- * MatMulInteger, Cast, Mul and Add, which ONNX Runtime fuses into that node), with the same arithmetic:
- *   x is quantized to uint8 over the whole input (every row together): scale = (max(x, 0) - min(x, 0)) / 255,
+ * MatMulInteger, Cast, Mul and Add, which ONNX Runtime fuses into that node), with the same arithmetic,
+ * except that each row of x is quantized on its own:
+ *   row x is quantized to uint8: scale = (max(x, 0) - min(x, 0)) / 255,
  *   zero = round-half-even(-min(x, 0) / scale), q = saturate(round-half-even(x / scale) + zero);
  *   y[n] = float(sum_k (q[k] - zero) (w[k][n] - w_zero)) * (scale * w_scale[n]) + bias[n].
- * The sums are exact in int32, so only the last multiply-add may differ from ONNX Runtime's by a rounding.
+ * The sums are exact in int32, so for one row (a decode step) only the last multiply-add may differ from
+ * ONNX Runtime's by a rounding. For several rows DynamicQuantizeLinear takes one scale for them all; one
+ * a row is finer, and it makes a row's result its own: the same whatever else shares the call (the other
+ * variations of a batch, the other positions of a prompt's run), so a prompt can go in runs of any size
+ * and a kept prompt's positions stand in for a fresh prefill's bit for bit (engine/session.py).
  *
  * Why: for one row (a decode step) ONNX Runtime's node costs 11-16 us for weights that this kernel
  * streams in 2-4 us from L2 (8-12 us from L3, where a whole step's weights mostly are); it is built for
@@ -140,23 +145,31 @@ static inline int32_t segue_quantize_row(const float *x, int k, int padded, floa
     return sum;
 }
 
-/* What turns a block's exact int32 sums into outputs: y = (sum - offsets[c] + fixed[r]) * combined[c] + bias[c]
- * (the identity at the top of this file: offsets = zero * column sums, fixed = k zero w_zero - w_zero * the
- * row's sum of q, combined = scale * w_scale). */
+/* What turns a block's exact int32 sums into outputs, for row r and column c:
+ *   y = (sum - zero[r] column_sums[c] + fixed[r]) * (scale[r] * weight_scales[c]) + bias[c]
+ * (the identity at the top of this file: fixed = k zero w_zero - w_zero * the row's sum of q). The
+ * columns' terms are the block's (padded to a whole block); the rows' are per quantized row. */
 typedef struct {
-    float combined[SEGUE_QM_COLUMNS];
-    int32_t offsets[SEGUE_QM_COLUMNS];
-    const float *bias; /* the block's first column's; padded to a whole block */
-    int columns;       /* the matrix's columns in this block: 64 but in the last */
+    const int32_t *column_sums;
+    const float *weight_scales;
+    const float *bias;
+    int columns; /* the matrix's columns in this block: 64 but in the last */
 } segue_block_terms;
+
+typedef struct {
+    int32_t fixed;
+    int32_t zero;
+    float scale;
+} segue_row_terms;
 
 /* Rows `rows` of outputs from sums held in acc (the paths without AVX-512); `out` is the first row's
  * first column of the block, rows `n` floats apart. */
-static inline void segue_block_store(int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS], int rows, const int32_t *fixed,
+static inline void segue_block_store(int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS], int rows, const segue_row_terms *row,
                                      const segue_block_terms *terms, float *out, size_t n) {
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < terms->columns; c++)
-            out[(size_t)r * n + c] = (float)(acc[r][c] - terms->offsets[c] + fixed[r]) * terms->combined[c] + terms->bias[c];
+            out[(size_t)r * n + c] = (float)(acc[r][c] - row[r].zero * terms->column_sums[c] + row[r].fixed) *
+                                         (row[r].scale * terms->weight_scales[c]) + terms->bias[c];
 }
 
 /* Each path's segue_block: the outputs of one packed block of `quads` quads (64 columns) for `rows`
@@ -168,17 +181,19 @@ static inline void segue_block_store(int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS
 /* Rows of outputs from their sums in acc, in whole vectors with a masked store for a last partial block
  * (GCC made segue_block_store's loop half-width vectors and tails). acc is in L1: going through it costs
  * little next to a block's multiply-adds. */
-static inline void segue_block_out(int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS], int rows, const int32_t *fixed,
+static inline void segue_block_out(int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS], int rows, const segue_row_terms *row,
                                    const segue_block_terms *terms, float *out, size_t n) {
     for (int v = 0; v < 4; v++) {
         const int left = terms->columns - 16 * v;
         if (left <= 0) break;
         const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-        const __m512i offsets = _mm512_loadu_si512(terms->offsets + 16 * v);
-        const __m512 combined = _mm512_loadu_ps(terms->combined + 16 * v), bias = _mm512_loadu_ps(terms->bias + 16 * v);
+        const __m512i sums = _mm512_loadu_si512(terms->column_sums + 16 * v);
+        const __m512 scales = _mm512_loadu_ps(terms->weight_scales + 16 * v), bias = _mm512_loadu_ps(terms->bias + 16 * v);
         for (int r = 0; r < rows; r++) {
+            const __m512i offsets = _mm512_mullo_epi32(sums, _mm512_set1_epi32(row[r].zero));
             const __m512i exact = _mm512_add_epi32(_mm512_sub_epi32(_mm512_loadu_si512(acc[r] + 16 * v), offsets),
-                                                   _mm512_set1_epi32(fixed[r]));
+                                                   _mm512_set1_epi32(row[r].fixed));
+            const __m512 combined = _mm512_mul_ps(_mm512_set1_ps(row[r].scale), scales);
             _mm512_mask_storeu_ps(out + (size_t)r * n + 16 * v, mask, _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), combined, bias));
         }
     }
@@ -267,7 +282,7 @@ static inline void segue_block_row(const uint8_t *q, int quads, const int8_t *bl
 }
 
 static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
-                               const int32_t *fixed, const segue_block_terms *terms, float *out, size_t n) {
+                               const segue_row_terms *row, const segue_block_terms *terms, float *out, size_t n) {
     int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
     switch (rows) { /* a constant row count each, so the sums stay in registers */
     case 1: segue_block_row(q, quads, block, acc[0]); break;
@@ -280,7 +295,7 @@ static inline void segue_block(const uint8_t *q, size_t stride, int rows, int qu
         break;
     default: segue_block_six(q, stride, quads, block, acc); break;
     }
-    segue_block_out(acc, rows, fixed, terms, out, n);
+    segue_block_out(acc, rows, row, terms, out, n);
 }
 
 #define SEGUE_QM_PATH "avx512-vnni"
@@ -324,13 +339,13 @@ static inline void segue_half_row(const uint8_t *q, int quads, const int8_t *hal
 }
 
 static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
-                               const int32_t *fixed, const segue_block_terms *terms, float *out, size_t n) {
+                               const segue_row_terms *row, const segue_block_terms *terms, float *out, size_t n) {
     int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
     for (int r = 0; r < rows; r++) {
         segue_half_row(q + r * stride, quads, block, acc[r]);
         segue_half_row(q + r * stride, quads, block + 128, acc[r] + 32);
     }
-    segue_block_store(acc, rows, fixed, terms, out, n);
+    segue_block_store(acc, rows, row, terms, out, n);
 }
 
 #if defined(__AVXVNNI__)
@@ -342,7 +357,7 @@ static inline void segue_block(const uint8_t *q, size_t stride, int rows, int qu
 #else
 
 static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
-                               const int32_t *fixed, const segue_block_terms *terms, float *out, size_t n) {
+                               const segue_row_terms *row, const segue_block_terms *terms, float *out, size_t n) {
     int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
     for (int r = 0; r < rows; r++) {
         for (int c = 0; c < SEGUE_QM_COLUMNS; c++) acc[r][c] = 0;
@@ -353,16 +368,16 @@ static inline void segue_block(const uint8_t *q, size_t stride, int rows, int qu
                 acc[r][c] += x[0] * w[4 * c] + x[1] * w[4 * c + 1] + x[2] * w[4 * c + 2] + x[3] * w[4 * c + 3];
         }
     }
-    segue_block_store(acc, rows, fixed, terms, out, n);
+    segue_block_store(acc, rows, row, terms, out, n);
 }
 
 #define SEGUE_QM_PATH "portable"
 
 #endif
 
-/* Scratch bytes segue_quantized_matmul needs for `rows` rows of k: the quantized rows, then a number per row. */
+/* Scratch bytes segue_quantized_matmul needs for `rows` rows of k: the quantized rows, then each row's terms. */
 static inline size_t segue_quantized_matmul_scratch(size_t rows, int k) {
-    return rows * 4 * (size_t)((k + 3) / 4) + rows * sizeof(int32_t);
+    return rows * 4 * (size_t)((k + 3) / 4) + rows * sizeof(segue_row_terms);
 }
 
 /* y [rows, n] = the quantized product of x [rows, k] (see the top of this file). `column_sums`,
@@ -376,25 +391,24 @@ static void segue_quantized_matmul(const float *x, int rows, int k, int n, const
     const int quads = (k + 3) / 4, blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
     const size_t stride = 4 * (size_t)quads;
     uint8_t *q = scratch;
-    int32_t *fixed = (int32_t *)(scratch + (size_t)rows * stride); /* stride is a multiple of 4 */
-    float scale;
-    uint8_t zero;
-    segue_quantization(x, (size_t)rows * (size_t)k, &scale, &zero);
+    segue_row_terms *row = (segue_row_terms *)(scratch + (size_t)rows * stride); /* stride is a multiple of 4 */
     for (int r = 0; r < rows; r++) {
-        const int32_t sum = segue_quantize_row(x + (size_t)r * (size_t)k, k, (int)stride, scale, zero, q + (size_t)r * stride);
-        fixed[r] = k * (int32_t)zero * weight_zero - weight_zero * sum; /* see segue_block_terms */
+        const float *in = x + (size_t)r * (size_t)k;
+        uint8_t zero;
+        segue_quantization(in, (size_t)k, &row[r].scale, &zero);
+        const int32_t sum = segue_quantize_row(in, k, (int)stride, row[r].scale, zero, q + (size_t)r * stride);
+        row[r].zero = zero;
+        row[r].fixed = k * (int32_t)zero * weight_zero - weight_zero * sum; /* see segue_block_terms */
     }
     for (int b = 0; b < blocks; b++) {
         const int8_t *block = packed + (size_t)b * quads * 256;
         const int first = b * SEGUE_QM_COLUMNS;
-        segue_block_terms terms = {.bias = bias + first, .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
-        for (int c = 0; c < SEGUE_QM_COLUMNS; c++) {
-            terms.combined[c] = scale * scales[first + c];
-            terms.offsets[c] = (int32_t)zero * column_sums[first + c];
-        }
+        const segue_block_terms terms = {.column_sums = column_sums + first, .weight_scales = scales + first,
+                                         .bias = bias + first,
+                                         .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
         for (int from = 0; from < rows; from += SEGUE_QM_ROWS) {
             const int taken = rows - from < SEGUE_QM_ROWS ? rows - from : SEGUE_QM_ROWS;
-            segue_block(q + (size_t)from * stride, stride, taken, quads, block, fixed + from, &terms,
+            segue_block(q + (size_t)from * stride, stride, taken, quads, block, row + from, &terms,
                         y + (size_t)from * (size_t)n + first, (size_t)n);
         }
     }

@@ -70,6 +70,12 @@ PREFILL_MIN_TOKENS = 32  # prompts at least this long may run on the prefill ses
 # docs/performance.md, Session 14. Not where the native kernel takes prompts too (native_matmul.PROMPT_PATHS).
 NATIVE_MATMUL_ROWS = 4
 PREFILL_CHUNK = 64  # prompt positions per run on the shared-buffer graph (see OnnxDecoder._forward_shared)
+# Where the native int8 matmuls take prompts (native_prompts): each row is quantized on its own there, so a
+# position's result does not depend on which run it goes in, and a prompt goes in runs of 256 positions
+# (a 256-token prefill of the small preset 1.2-1.3x faster than in runs of 64: docs/performance.md,
+# "Session 20") while a kept prompt still lends its first positions in steps of 16.
+NATIVE_PROMPT_RUN = 256
+NATIVE_LEND_STEP = 16  # at least the attention's SEGUE_QUERIES_FROM (8): see OnnxDecoder._runs
 # The two counts nearly every run feeds, made once (a decode step binds one on every call).
 _LAST_FEEDS = {count: np.array([count], dtype=np.int64) for count in (1, last_positions.EVERY)}
 POOL_BYTES = 256 << 20  # free cache buffers kept per decoder for reuse (already paged in: no page faults)
@@ -606,14 +612,40 @@ class OnnxDecoder:
 
     @property
     def prefill_chunk(self) -> int:
-        """Positions per run of a long prompt, counted from its first (0: a prompt goes in one run, and no
-        other prompt's positions may stand in for part of it). Feed the positions after the first
-        k * prefill_chunk with `forward(..., rest_of_prompt=True)`, after a cache of those positions
-        computed for another prompt that begins with the same tokens, and they come out bit for bit as a
-        prefill of the whole prompt writes them: the same runs of the same positions, on the same session.
-        (The int8 graph quantizes each run's activations as a whole, so a run's result depends on every
-        position in it.) PrefillCache lends kept prompts' first positions on this basis."""
-        return PREFILL_CHUNK if self.shared else 0
+        """The step in which another prompt's positions may stand in for a prompt's first ones (0: none may).
+        Feed the positions after the first k * prefill_chunk with `forward(..., rest_of_prompt=True)`,
+        after a cache of those positions computed for another prompt that begins with the same tokens, and
+        they come out bit for bit as a prefill of the whole prompt writes them (see `_runs`). PrefillCache
+        lends kept prompts' first positions on this basis."""
+        if not self.shared:
+            return 0
+        return NATIVE_LEND_STEP if self.native_prompts else PREFILL_CHUNK
+
+    def _runs(self, start: int, end: int, prompt: bool) -> list[tuple[int, int]]:
+        """The runs [a, b) in which positions start..end-1 go to the shared-buffer graph.
+
+        A prompt's (`prompt`: from its first position, or the rest of one after lent positions) are cut at
+        the multiples of the run size, counted from the prompt's first position, and at the last multiple
+        of `prefill_chunk` before its end, so that a prefill of the whole prompt and one of its rest after
+        k * prefill_chunk lent positions compute every position alike:
+        - ONNX Runtime's int8 matmuls quantize a run's activations as a whole, so a position's result
+          depends on the run it is in: there the run size is prefill_chunk itself, and the rest's runs are
+          the whole prompt's;
+        - where the native matmuls take prompts, each row is quantized on its own and the native attention
+          computes each query alike in any run of at least SEGUE_QUERIES_FROM positions (a query per lane)
+          and alike in any shorter one (a query at a time): every run but the last then holds at least
+          prefill_chunk (>= 8) positions in both prefills, and the last is the same run in both.
+        Other runs of several positions (a guess after a history) go in runs of the run size from `start`."""
+        size = NATIVE_PROMPT_RUN if self.native_prompts else PREFILL_CHUNK
+        if not prompt:
+            return [(first, min(first + size, end)) for first in range(start, end, size)]
+        step = self.prefill_chunk
+        cuts = set(range((start // size + 1) * size, end, size))
+        last_lendable = (end - 1) // step * step
+        if last_lendable > start:
+            cuts.add(last_lendable)
+        edges = [start, *sorted(cuts), end]
+        return list(zip(edges, edges[1:], strict=False))
 
     def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | _DeviceStore | None = None,
                 rest_of_prompt: bool = False, last: int | None = None) -> tuple[np.ndarray, KVCache]:
@@ -637,7 +669,8 @@ class OnnxDecoder:
             raise ValueError(f"last is {last}: ask for at least one position's logits")
         if self.shared:
             assert claimed is None or isinstance(claimed, _Store)
-            return self._forward_shared(ids, positions, cache, claimed, start + steps if rest_of_prompt else steps, last)
+            return self._forward_shared(ids, positions, cache, claimed, start + steps if rest_of_prompt else steps, last,
+                                        prompt=start == 0 or rest_of_prompt)
         if self.kv_cache == "shared-buffer" and steps > 1 and start > 0 and batch > 1:
             # GroupQueryAttention takes several new positions after a history one row at a time.
             parts = [self.forward(ids[r:r + 1], cache.select([r]), last=last) for r in range(batch)]
@@ -677,20 +710,22 @@ class OnnxDecoder:
         prompt, so that all its runs go to one session)."""
         return self.prefill_session if self.prefill_session is not None and rows >= self.prefill_from else self.session
 
-    def _forward_shared(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
-                        claimed: _Store | None = None, run: int = 0, last: int | None = None) -> tuple[np.ndarray, KVCache]:
+    def _forward_shared(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache, claimed: _Store | None = None,
+                        run: int = 0, last: int | None = None, prompt: bool = False) -> tuple[np.ndarray, KVCache]:
         """`run`: the length that chooses the session (the new positions', or a whole prompt's).
-        `last`: as in `forward`."""
+        `last`: as in `forward`. `prompt`: the positions are a prompt's, or the rest of one (see `_runs`)."""
         batch, steps = ids.shape
         start = cache.length
         run = run or steps
+        runs = self._runs(start, start + steps, prompt) if steps > 1 else [(start, start + 1)]
         store = claimed if claimed is not None else self._writable(cache, steps)
         try:
-            if steps > PREFILL_CHUNK or (steps > 1 and start > 0 and batch > 1):
-                # A long prompt goes in chunks (ONNX Runtime's GroupQueryAttention is 1.5-2x faster on a
-                # prompt fed 64 positions at a time than whole, measured in bench/bench_engine.py's way),
-                # and several new positions after a history go one row at a time (the node takes them so
-                # only for a batch of one): each row's slice of the buffers is bound on its own (no copy).
+            if len(runs) > 1 or (steps > 1 and start > 0 and batch > 1):
+                # A long prompt goes in runs (ONNX Runtime's GroupQueryAttention is 1.5-2x faster on a
+                # prompt fed 64 positions at a time than whole, measured in bench/bench_engine.py's way; the
+                # native operators' best run is longer: NATIVE_PROMPT_RUN), and several new positions after
+                # a history go one row at a time (the node takes them so only for a batch of one): each
+                # row's slice of the buffers is bound on its own (no copy).
                 session = self._session_for(run)
                 wanted = steps if last is None else min(last, steps)
                 rows = []
@@ -698,8 +733,8 @@ class OnnxDecoder:
                     binding = store.binding if batch == 1 and session is self.session else \
                         self._binding([b[r:r + 1] for b in store.buffers], session)
                     parts = []
-                    for s in range(0, steps, PREFILL_CHUNK):
-                        end = min(s + PREFILL_CHUNK, steps)
+                    for first, after in runs:
+                        s, end = first - start, after - start
                         # How many of this run's positions are among the last `wanted`: none, for a prompt's
                         # earlier runs (one is computed and dropped: a run yields at least one).
                         kept = max(0, min(end - s, wanted - (steps - end)))
