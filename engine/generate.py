@@ -294,8 +294,8 @@ class Generator:
                  promote: bool = False) -> Prefilled:
         """One prefill of `ids` from an empty cache (batch 1), or the same from `prefills` (`lease`, `promote`:
         see PrefillCache.fetch; the caller then calls the result's `release()` when it is done decoding).
-        With `prefills`, a prompt that begins like a kept one is computed from where they differ (whole
-        runs of the decoder's `prefill_chunk`): the same logits and cache, bit for bit."""
+        With `prefills`, a prompt that begins like a kept one is computed from where they differ (in whole
+        steps of the decoder's `prefill_chunk`): the same logits and cache, bit for bit."""
         def run() -> tuple[np.ndarray, KVCache]:
             return self.decoder.step(np.asarray([ids]), self.decoder.empty_cache(1))
 
@@ -307,7 +307,8 @@ class Generator:
             in_buffer = getattr(self.decoder, "in_buffer", None) if promote else None
             align = getattr(self.decoder, "prefill_chunk", 0)
             return prefills.fetch(self.cache_identity, ids, run, lease=lease, promote=in_buffer,
-                                  extend=rest if align else None, align=align)
+                                  extend=rest if align else None, align=align,
+                                  rest=getattr(self.decoder, "prefill_rest", 1))
         logits, cache = run()
         return Prefilled(tuple(ids), logits, cache, 0.0)
 

@@ -191,15 +191,16 @@ class PrefillCache:
 
     def fetch(self, model: str, ids: Sequence[int], compute: Callable[[], tuple[np.ndarray, KVCache]],
               lease: bool = False, promote: Callable[[KVCache], KVCache] | None = None,
-              extend: Callable[[KVCache], tuple[np.ndarray, KVCache]] | None = None, align: int = 0) -> Prefilled:
+              extend: Callable[[KVCache], tuple[np.ndarray, KVCache]] | None = None, align: int = 0,
+              rest: int = 1) -> Prefilled:
         """The prefill of `ids` under `model`: the kept one (`reused`), else `compute()`'s, which is kept.
 
         `extend` and `align` (> 0): on a miss, a kept prompt of the same model that begins with the same
-        tokens lends its first positions, a multiple of `align` of them (at least `align`, and fewer
-        than `ids`), and `extend(cache of those positions)` computes the rest (`prefix_reused`): a clip
-        whose last bars were edited, or that grew while it was recorded, is prefilled from where it
-        changed. The caller's model must compute a prompt in runs of `align` positions from its first
-        (OnnxDecoder.prefill_chunk), so that the result is bit for bit what `compute()` gives.
+        tokens lends its first positions, a multiple of `align` of them (at least `align`, and at least
+        `rest` fewer than `ids`), and `extend(cache of those positions)` computes the rest
+        (`prefix_reused`): a clip whose last bars were edited, or that grew while it was recorded, is
+        prefilled from where it changed. The caller's model must compute such a rest bit for bit as
+        `compute()` computes those positions (OnnxDecoder.prefill_chunk and prefill_rest).
 
         `lease`: the caller decodes from the result and calls its `release()` when done; it gets the
         prefill's own decode buffer when that is free (see the module docstring), else what others get.
@@ -243,7 +244,7 @@ class PrefillCache:
             prefix = None
             if extend is not None and align > 0:
                 with self._lock:
-                    prefix = self._kept_prefix(key, align)
+                    prefix = self._kept_prefix(key, align, rest)
             started = time.perf_counter()
             if prefix is not None:
                 assert extend is not None
@@ -266,12 +267,13 @@ class PrefillCache:
                 del self._computing[key]
             done.set()
 
-    def _kept_prefix(self, key: tuple[str, tuple[int, ...]], align: int) -> KVCache | None:
+    def _kept_prefix(self, key: tuple[str, tuple[int, ...]], align: int, rest: int = 1) -> KVCache | None:
         """(Under the lock.) The first positions of the kept prompt of `key`'s model that shares the most
         runs of `align` tokens with `key`'s ids, from the first, as a cache (read-only views); None when
-        none shares a whole run. Fewer positions than the ids: the last one's logits are computed."""
+        none shares a whole run. At least `rest` (>= 1) fewer positions than the ids: the last one's
+        logits are computed."""
         model, ids = key
-        limit = (len(ids) - 1) // align * align
+        limit = (len(ids) - max(rest, 1)) // align * align
         best: tuple[tuple[str, tuple[int, ...]], int] | None = None
         if limit < align:
             return None

@@ -75,7 +75,8 @@ PREFILL_CHUNK = 64  # prompt positions per run on the shared-buffer graph (see O
 # (a 256-token prefill of the small preset 1.2-1.3x faster than in runs of 64: docs/performance.md,
 # "Session 20") while a kept prompt still lends its first positions in steps of 16.
 NATIVE_PROMPT_RUN = 256
-NATIVE_LEND_STEP = 16  # at least the attention's SEGUE_QUERIES_FROM (8): see OnnxDecoder._runs
+NATIVE_LEND_STEP = 16  # at least the attention's SEGUE_QUERIES_FROM: see OnnxDecoder._runs
+NATIVE_LEND_REST = 8  # the attention's SEGUE_QUERIES_FROM (engine/native_attention_kernel.h)
 # The two counts nearly every run feeds, made once (a decode step binds one on every call).
 _LAST_FEEDS = {count: np.array([count], dtype=np.int64) for count in (1, last_positions.EVERY)}
 POOL_BYTES = 256 << 20  # free cache buffers kept per decoder for reuse (already paged in: no page faults)
@@ -613,38 +614,38 @@ class OnnxDecoder:
     @property
     def prefill_chunk(self) -> int:
         """The step in which another prompt's positions may stand in for a prompt's first ones (0: none may).
-        Feed the positions after the first k * prefill_chunk with `forward(..., rest_of_prompt=True)`,
-        after a cache of those positions computed for another prompt that begins with the same tokens, and
-        they come out bit for bit as a prefill of the whole prompt writes them (see `_runs`). PrefillCache
-        lends kept prompts' first positions on this basis."""
+        Feed the positions after the first k * prefill_chunk, at least `prefill_rest` of them, with
+        `forward(..., rest_of_prompt=True)` after a cache of those positions computed for another prompt
+        that begins with the same tokens, and they come out bit for bit as a prefill of the whole prompt
+        writes them (see `_runs`). PrefillCache lends kept prompts' first positions on this basis."""
         if not self.shared:
             return 0
         return NATIVE_LEND_STEP if self.native_prompts else PREFILL_CHUNK
+
+    @property
+    def prefill_rest(self) -> int:
+        """The fewest positions of a prompt left to compute after lent ones (see `prefill_chunk`)."""
+        return NATIVE_LEND_REST if self.native_prompts else 1
 
     def _runs(self, start: int, end: int, prompt: bool) -> list[tuple[int, int]]:
         """The runs [a, b) in which positions start..end-1 go to the shared-buffer graph.
 
         A prompt's (`prompt`: from its first position, or the rest of one after lent positions) are cut at
-        the multiples of the run size, counted from the prompt's first position, and at the last multiple
-        of `prefill_chunk` before its end, so that a prefill of the whole prompt and one of its rest after
-        k * prefill_chunk lent positions compute every position alike:
+        the multiples of the run size counted from the prompt's first position, so that a prefill of the
+        whole prompt and one of its rest after k * prefill_chunk lent positions (leaving prefill_rest)
+        compute every position alike:
         - ONNX Runtime's int8 matmuls quantize a run's activations as a whole, so a position's result
           depends on the run it is in: there the run size is prefill_chunk itself, and the rest's runs are
           the whole prompt's;
-        - where the native matmuls take prompts, each row is quantized on its own and the native attention
-          computes each query alike in any run of at least SEGUE_QUERIES_FROM positions (a query per lane)
-          and alike in any shorter one (a query at a time): every run but the last then holds at least
-          prefill_chunk (>= 8) positions in both prefills, and the last is the same run in both.
+        - where the native matmuls take prompts, each row is quantized on its own, and the native attention
+          computes a query alike in any run of at least SEGUE_QUERIES_FROM (8) positions (a query per lane)
+          and alike in any shorter one (a query at a time), not alike across the two: the rest's first run
+          is the tail of one of the whole prompt's, and holds at least 8 positions (prefill_chunk >= 8
+          where it ends on a multiple of the run size, prefill_rest where it ends the prompt).
         Other runs of several positions (a guess after a history) go in runs of the run size from `start`."""
         size = NATIVE_PROMPT_RUN if self.native_prompts else PREFILL_CHUNK
-        if not prompt:
-            return [(first, min(first + size, end)) for first in range(start, end, size)]
-        step = self.prefill_chunk
-        cuts = set(range((start // size + 1) * size, end, size))
-        last_lendable = (end - 1) // step * step
-        if last_lendable > start:
-            cuts.add(last_lendable)
-        edges = [start, *sorted(cuts), end]
+        first_cut = (start // size + 1) * size if prompt else start + size
+        edges = [start, *range(first_cut, end, size), end]
         return list(zip(edges, edges[1:], strict=False))
 
     def forward(self, ids: np.ndarray, cache: KVCache, claimed: _Store | _DeviceStore | None = None,

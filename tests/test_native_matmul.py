@@ -272,8 +272,7 @@ def test_the_engine_decodes_with_it_and_keeps_prompts_on_onnx_runtime_when_told(
 
 def test_prompts_run_on_the_native_matmuls_where_that_path_is_the_faster(int8_model, monkeypatch):
     """On a CPU whose kernel path takes prompts (AVX-512 VNNI without AMX), every run goes to the one
-    session, a 130-token prompt too (runs of 128 and 2: cut at the last step of 16 that a kept prompt may lend,
-    see OnnxDecoder._runs), and its logits and cache are what ONNX Runtime's
+    session, a 130-token prompt too (in one run: OnnxDecoder._runs), and its logits and cache are what ONNX Runtime's
     int8 matmuls make of it; elsewhere the second session stays."""
     decoder = OnnxDecoder.load(int8_model, variant="int8")
     library = native_attention.library()[0]
@@ -292,7 +291,7 @@ def test_prompts_run_on_the_native_matmuls_where_that_path_is_the_faster(int8_mo
     monkeypatch.setattr(OnnxDecoder, "_run", spy)
     prompt = (np.arange(130)[None] * 7 + 3) % decoder.vocab_size
     logits, cache = decoder.step(prompt, decoder.empty_cache())
-    assert sessions == [True, True]
+    assert sessions == [True]
     monkeypatch.setenv(native_matmul.PROMPTS_SWITCH, "0")
     theirs = OnnxDecoder.load(int8_model, variant="int8")
     their_logits, their_cache = theirs.step(prompt, theirs.empty_cache())
@@ -307,20 +306,23 @@ def test_prompts_run_on_the_native_matmuls_where_that_path_is_the_faster(int8_mo
 @pytest.mark.parametrize("run", [64, session.NATIVE_PROMPT_RUN])
 def test_a_prompt_after_any_whole_step_of_lent_positions_is_computed_as_the_whole_prompt_is(int8_model, monkeypatch, run):
     """Where the native matmuls take prompts (each row quantized on its own), a prompt goes in long runs and
-    a kept prompt may lend its first positions in steps of 16: whatever was lent, the rest computes every
-    position bit for bit as a prefill of the whole prompt does. 245 positions: runs of 64 (the run size
-    patched down to the tiny model's context) or one of 240, then the 5 after the last step of 16, a run
-    short enough to go a query at a time in the attention, as the rest after 240 lent positions does."""
+    a kept prompt may lend its first positions in steps of 16, leaving at least 8: whatever was lent, the
+    rest computes every position bit for bit as a prefill of the whole prompt does. 245 positions: in runs
+    of 64 (the run size patched down to the tiny model's context; the rest's first run is then the tail of
+    one of them) or in one; 240 lent would leave 5, which the attention takes a query at a time, where the
+    whole prompt's run of 245 went a query per lane (another order of sums)."""
     decoder = OnnxDecoder.load(int8_model, variant="int8")
     if not decoder.native_prompts:
         pytest.skip("this CPU keeps prompts on ONNX Runtime's int8 matmuls (native_matmul.takes_prompts)")
     monkeypatch.setattr(session, "NATIVE_PROMPT_RUN", run)
-    step = decoder.prefill_chunk
-    assert step == session.NATIVE_LEND_STEP
+    step, rest = decoder.prefill_chunk, decoder.prefill_rest
+    assert (step, rest) == (session.NATIVE_LEND_STEP, session.NATIVE_LEND_REST)
     ids = (np.arange(245)[None] * 11 + 5) % decoder.vocab_size
     whole_logits, whole = decoder.forward(ids, decoder.empty_cache(), last=1)
-    assert decoder._runs(0, 245, prompt=True)[-2:] == [(240 // run * run, 240), (240, 245)]
-    for lent in (step, 48, 64, 112, 192, 224, 240):
+    assert decoder._runs(0, 245, prompt=True) == ([(0, 64), (64, 128), (128, 192), (192, 245)] if run == 64 else [(0, 245)])
+    lendable = range(step, 245 - rest + 1, step)
+    assert lendable[-1] == 224
+    for lent in lendable:
         logits, cache = decoder.forward(ids[:, lent:], decoder.shortened(whole, lent), rest_of_prompt=True, last=1)
         assert np.array_equal(logits, whole_logits), lent
         for ours, theirs in zip(cache.tensors, whole.tensors, strict=True):
