@@ -282,7 +282,7 @@ class PrefillCache:
             other_model, other = other_key
             if other_model != model or other[:align] != head:
                 continue
-            shared = align  # whole runs only: a shorter kept prompt's last slice is short, so never equal
+            shared = align  # whole steps only: a shorter kept prompt's last slice is short, so never equal
             while shared < limit and other[shared:shared + align] == ids[shared:shared + align]:
                 shared += align
             if best is None or shared > best[1]:
