@@ -221,11 +221,11 @@ def test_the_int8_export_is_rewritten_whole_and_computes_the_same(int8_model, mo
         sessions.append(ort.InferenceSession(native.graph, options, providers=["CPUExecutionProvider"]))
     for ids in ([3], [3, 17, 9, 40]):
         outputs = []
-        for session in sessions:
+        for graph in sessions:
             feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
-                     for i in session.get_inputs() if i.name.startswith("past_")}
+                     for i in graph.get_inputs() if i.name.startswith("past_")}
             feeds.update(input_ids=np.array([ids]), position_ids=np.arange(len(ids))[None])
-            outputs.append(session.run(None, feeds))
+            outputs.append(graph.run(None, feeds))
         # One position: one row, quantized alike on both sides. Several: ONNX Runtime's chain takes one scale
         # for them all and the operator one a row, so the two differ by int8 roundings (a few 1e-3 here).
         tolerance = 1e-4 if len(ids) == 1 else 2e-2
