@@ -326,6 +326,23 @@ def fake_prefill(tokens: int, fill: float = 1.0, layers: int = 2) -> tuple[np.nd
     return np.full((1, 10), fill, dtype=np.float32), KVCache(tensors)
 
 
+@pytest.mark.parametrize("rest, lent", [(1, 48), (8, 32), (3, 32), (2, 48)])
+def test_a_kept_prompt_lends_whole_steps_and_leaves_the_rest_the_model_needs(rest, lent):
+    """A 50-token prompt whose first 48 tokens are a kept one's, lent in steps of 16: 48 positions when the
+    model can take any rest (ONNX Runtime's runs), 32 when it must compute at least 3 or 8 itself (the
+    native path's attention: OnnxDecoder.prefill_rest)."""
+    cache = PrefillCache()
+    cache.fetch("m", range(48), lambda: fake_prefill(48))
+    seen: list[int] = []
+
+    def extend(prefix: KVCache) -> tuple[np.ndarray, KVCache]:
+        seen.append(prefix.length)
+        return fake_prefill(50, fill=2.0)
+
+    got = cache.fetch("m", [*range(48), 7, 7], lambda: fake_prefill(50, fill=3.0), extend=extend, align=16, rest=rest)
+    assert seen == [lent] and got.prefix_reused == lent
+
+
 def test_lru_eviction_under_a_byte_bound_and_entries_larger_than_the_bound_are_not_kept():
     one = Prefilled.kept(list(range(8)), *fake_prefill(8), 0.0).nbytes
     cache = PrefillCache(max_bytes=int(2.5 * one))
