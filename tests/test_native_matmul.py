@@ -1,7 +1,7 @@
 """The native int8 matmul (segue.QuantizedMatMul, engine/native_matmul_kernel.h) against the arithmetic of
-the chain it replaces (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add), on every code path
-this CPU can run; the graph rewrite; and the engine serving it for decode steps while prompts keep ONNX
-Runtime's matmuls."""
+the chain it replaces (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add) applied to each row on
+its own, on every code path this CPU can run; the graph rewrite; and the engine serving it for decode steps,
+and for prompts where that path is the faster (in long runs, lent in short steps, bit for bit)."""
 
 from __future__ import annotations
 
