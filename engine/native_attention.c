@@ -297,7 +297,8 @@ static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi
  *          optional: residual [..., n] float (x's shape but n), norm_scale and norm_bias [k] float.
  * Attributes: k, n (the weight matrix's shape), weight_zero_point; optional: activation (0 none, 1 the
  *          exact GELU), epsilon (the norm's; default 1e-5).
- * Output:  y [..., n] float: DynamicQuantizeMatMul's result (engine/native_matmul_kernel.h) of x, or of x
+ * Output:  y [..., n] float: DynamicQuantizeMatMul's result for each row of x on its own
+ *          (engine/native_matmul_kernel.h), or of x
  *          layer-normalised with norm_scale and norm_bias when they are given; then the activation; then
  *          + residual. The folded neighbours are engine/native_layer_kernel.h's. */
 

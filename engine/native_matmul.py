@@ -10,10 +10,12 @@ load, for the dot product instructions. In a whole step the weights mostly come 
 weights and cache outgrow L2), which caps the gain: 1.2x a step for the small preset at 512-896
 positions, none measurable for the shipped 4-layer model (docs/performance.md, Session 14).
 
-A prompt's runs (64 rows) take the same operator where its AVX-512 VNNI path runs and the CPU has no
-AMX: six rows at a time over each block of columns (1.4-2.8x session 18's kernel on a 64-row run), the
-norms, GELUs and residuals folded in as for a step: a whole prefill 1.09-1.13x faster than with ONNX
-Runtime's node for the matmuls (docs/performance.md, Session 19). Elsewhere they stay on ONNX
+A prompt's runs take the same operator where its AVX-512 VNNI path runs and the CPU has no AMX: six
+rows at a time over each block of columns (1.4-2.8x session 18's kernel on a 64-row run), the norms,
+GELUs and residuals folded in as for a step (docs/performance.md, Session 19). The operator quantizes
+each row on its own (the chain it replaces takes one scale for the whole input), so a row's result does
+not depend on its run: prompts there go in runs of 256 positions, a whole prefill 1.3-1.4x faster than
+with ONNX Runtime's node in runs of 64 (Session 20). Elsewhere they stay on ONNX
 Runtime's node (a blocked GEMM, AMX on CPUs that have it; the AVX2 paths were never measured against it
 on an AVX2 CPU): the engine then keeps a second session without this rewrite for them (engine/session.py;
 its own copy of the int8 weights, a few MB). `rewrite_model` changes a parsed graph in place; the
