@@ -5,7 +5,7 @@
 
 A musician prepares or continues a clip, changes its last bar (or records one more, or accepts a
 continuation into it) and presses Continue again. The new prompt begins like the kept one, and
-`PrefillCache` lends it the positions they share, in whole runs of the decoder's `prefill_chunk`
+`PrefillCache` lends it the positions they share, in whole steps of the decoder's `prefill_chunk`
 (engine/prefill_cache.py): only the rest is prefilled. For each clip (the bundled examples cut to
 4 bars, and bench_prepare's 4-bar ostinato of 48 notes a bar) and each change, in one process on one
 thread, it times the `continue` of the changed clip from the request to its first streamed note
