@@ -329,6 +329,23 @@ def test_a_prompt_after_any_whole_step_of_lent_positions_is_computed_as_the_whol
             assert np.array_equal(ours, theirs), lent
 
 
+def test_each_row_of_a_batched_step_is_what_it_is_alone(int8_model):
+    """The variations of a request decode as one batch; on the native matmuls each row is quantized on its
+    own, so a row's logits are bit for bit those of the same step taken alone (with one scale for the
+    batch, as ONNX Runtime's chain quantizes, they moved with the other rows)."""
+    decoder = OnnxDecoder.load(int8_model, variant="int8")
+    assert decoder.native_matmuls > 0
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(0, decoder.vocab_size, size=(1, 70))
+    tokens = rng.integers(0, decoder.vocab_size, size=(3, 1))
+    _, cache = decoder.step(prompt, decoder.empty_cache())
+    together, _ = decoder.step(tokens, cache.repeat(3))
+    for row in range(3):
+        _, alone_cache = decoder.step(prompt, decoder.empty_cache())
+        alone, _ = decoder.step(tokens[row:row + 1], alone_cache)
+        assert np.array_equal(together[row], alone[0]), row
+
+
 def test_which_kernels_take_prompts(monkeypatch, tmp_path):
     """Only the measured path, only without AMX (ONNX Runtime's matmuls use its tiles), and not when told no."""
     library = tmp_path / "segue.so"
