@@ -49,6 +49,14 @@
 #define SEGUE_QM_ROWS 4
 #endif
 
+/* [low, high] widened to hold `count` floats, one comparison each (a NaN fails both: skipped). */
+static inline void segue_widen_range(const float *x, size_t count, float *low, float *high) {
+    for (size_t i = 0; i < count; i++) {
+        *low = x[i] < *low ? x[i] : *low;
+        *high = x[i] > *high ? x[i] : *high;
+    }
+}
+
 /* DynamicQuantizeLinear's parameters for `count` floats (ONNX Runtime's GetQuantizationParameter). The
  * range in vectors: written as one comparison per float, GCC kept it scalar (a NaN-safe float reduction
  * is not vectorised without -ffast-math), and for a prompt's 64 rows that was a fifth of the matmul's time.
@@ -57,6 +65,8 @@
 static inline void segue_quantization(const float *x, size_t count, float *scale, uint8_t *zero) {
     float low = 0.0f, high = 0.0f; /* the range always holds zero */
     size_t i = 0;
+    /* The vector paths fold their lanes' lows and highs in through segue_widen_range: every low lane is
+     * <= 0 <= every high lane, so each only moves its own end of the range. */
 #if defined(__AVX512F__)
     __m512 lows = _mm512_setzero_ps(), highs = _mm512_setzero_ps(), lows2 = lows, highs2 = highs;
     for (; i + 32 <= count; i += 32) { /* two chains each: a min's latency is four of its issue slots */
@@ -73,13 +83,10 @@ static inline void segue_quantization(const float *x, size_t count, float *scale
         lows = _mm512_min_ps(v, lows);
         highs = _mm512_max_ps(v, highs);
     }
-    float lanes[2][16];
-    _mm512_storeu_ps(lanes[0], lows);
-    _mm512_storeu_ps(lanes[1], highs);
-    for (int lane = 0; lane < 16; lane++) {
-        low = lanes[0][lane] < low ? lanes[0][lane] : low;
-        high = lanes[1][lane] > high ? lanes[1][lane] : high;
-    }
+    float lanes[32];
+    _mm512_storeu_ps(lanes, lows);
+    _mm512_storeu_ps(lanes + 16, highs);
+    segue_widen_range(lanes, 32, &low, &high);
 #elif defined(__AVX2__)
     __m256 lows = _mm256_setzero_ps(), highs = _mm256_setzero_ps();
     for (; i + 8 <= count; i += 8) {
@@ -87,18 +94,12 @@ static inline void segue_quantization(const float *x, size_t count, float *scale
         lows = _mm256_min_ps(v, lows);
         highs = _mm256_max_ps(v, highs);
     }
-    float lanes[2][8];
-    _mm256_storeu_ps(lanes[0], lows);
-    _mm256_storeu_ps(lanes[1], highs);
-    for (int lane = 0; lane < 8; lane++) {
-        low = lanes[0][lane] < low ? lanes[0][lane] : low;
-        high = lanes[1][lane] > high ? lanes[1][lane] : high;
-    }
+    float lanes[16];
+    _mm256_storeu_ps(lanes, lows);
+    _mm256_storeu_ps(lanes + 8, highs);
+    segue_widen_range(lanes, 16, &low, &high);
 #endif
-    for (; i < count; i++) {
-        low = x[i] < low ? x[i] : low;
-        high = x[i] > high ? x[i] : high;
-    }
+    segue_widen_range(x + i, count - i, &low, &high);
     *scale = high == low ? 1.0f : (high - low) / 255.0f;
     float initial = 0.0f - low / *scale;
     initial = initial < 0.0f ? 0.0f : initial > 255.0f ? 255.0f : initial;
