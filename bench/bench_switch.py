@@ -9,7 +9,8 @@ Switches: SEGUE_HALF_CACHE (the int8 variant's KV cache in float16, segue.Causal
 SEGUE_FOLD_LAYERS (norms, GELUs and residual adds folded into the native int8 matmuls),
 SEGUE_NATIVE_MATMUL (the native int8 matmuls themselves; bench/bench_native_matmul.py adds batches),
 SEGUE_NATIVE_PROMPTS (prompts on the native int8 matmuls too, where native_matmul.takes_prompts; at 0 on
-a second session with ONNX Runtime's: compare the prefill rows).
+a second session with ONNX Runtime's: compare the prefill rows), SEGUE_MATMUL_STREAMS (a decode step's
+row reads four blocks of weights at once; at 0 one after another).
 
 The two decoders alternate inside each round: for each context the median ms of a decode step (32
 steps after a prefill of the rest, process CPU time, one thread) and the ratio; then prefills of 256
@@ -38,7 +39,8 @@ from engine import native_attention, native_matmul  # noqa: E402
 from engine.machine import cpu_name  # noqa: E402
 from engine.session import OnnxDecoder  # noqa: E402
 
-SWITCHES = (native_attention.HALF_SWITCH, native_matmul.FOLD_SWITCH, native_matmul.SWITCH, native_matmul.PROMPTS_SWITCH)
+SWITCHES = (native_attention.HALF_SWITCH, native_matmul.FOLD_SWITCH, native_matmul.SWITCH, native_matmul.PROMPTS_SWITCH,
+            native_matmul.STREAMS_SWITCH)
 
 
 def main(argv: list[str] | None = None) -> int:

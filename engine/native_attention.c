@@ -296,7 +296,8 @@ static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi
  *          column_sums int32, scales float and bias float, [blocks * 64] each;
  *          optional: residual [..., n] float (x's shape but n), norm_scale and norm_bias [k] float.
  * Attributes: k, n (the weight matrix's shape), weight_zero_point; optional: activation (0 none, 1 the
- *          exact GELU), epsilon (the norm's; default 1e-5).
+ *          exact GELU), epsilon (the norm's; default 1e-5), streams (blocks of weights a one-row call reads
+ *          at once, where the code path can: engine/native_matmul_kernel.h; default 1).
  * Output:  y [..., n] float: DynamicQuantizeMatMul's result for each row of x on its own
  *          (engine/native_matmul_kernel.h), or of x
  *          layer-normalised with norm_scale and norm_bias when they are given; then the activation; then
@@ -306,7 +307,7 @@ enum { ACTIVATION_NONE = 0, ACTIVATION_GELU = 1 };
 #define SEGUE_QM_STACK_FLOATS 4096 /* a decode step's normalised rows: no allocation */
 
 typedef struct {
-    int64_t k, n, weight_zero, activation;
+    int64_t k, n, weight_zero, activation, streams;
     float epsilon;
     const void *checked; /* the packed weights whose sizes were checked (an initializer: the same every run) */
 } MatMulKernel;
@@ -378,7 +379,8 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
     }
     float *y = (float *)out;
     segue_quantized_matmul(x, (int)rows, (int)k, (int)n, (const int8_t *)data[1], (const int32_t *)data[2],
-                           (const float *)data[3], (const float *)data[4], (int)kernel->weight_zero, q, y);
+                           (const float *)data[3], (const float *)data[4], (int)kernel->weight_zero,
+                           (int)kernel->streams, q, y);
     const size_t outputs = (size_t)rows * (size_t)n;
     if (kernel->activation == ACTIVATION_GELU) segue_gelu(y, outputs);
     if (values[5] != NULL) {
@@ -404,6 +406,7 @@ static OrtStatus *SEGUE_CALL matmul_create(const SegueCustomOp *op, const OrtApi
             info, names[i], fields[i]);
     if (status == NULL) {
         optional_int(info, "activation", &kernel->activation, ACTIVATION_NONE);
+        optional_int(info, "streams", &kernel->streams, 1);
         optional_float(info, "epsilon", &kernel->epsilon, 1e-5f);
     }
     if (status == NULL && (kernel->k <= 0 || kernel->n <= 0 || kernel->k > (1 << 20) || kernel->n > (1 << 24) ||

@@ -15,7 +15,9 @@ rows at a time over each block of columns (1.4-2.8x session 18's kernel on a 64-
 GELUs and residuals folded in as for a step (docs/performance.md, Session 19). The operator quantizes
 each row on its own (the chain it replaces takes one scale for the whole input), so a row's result does
 not depend on its run: prompts there go in runs of 256 positions, a whole prefill 1.3-1.4x faster than
-with ONNX Runtime's node in runs of 64 (Session 20). Elsewhere they stay on ONNX
+with ONNX Runtime's node in runs of 64 (Session 20). On that path a decode step's row reads four blocks of
+columns at once, four streams of weights through memory, which DRAM serves faster than one (1.1x a step of the
+seed preset, whose weights come from DRAM; Session 21). Elsewhere prompts stay on ONNX
 Runtime's node (a blocked GEMM, AMX on CPUs that have it; the AVX2 paths were never measured against it
 on an AVX2 CPU): the engine then keeps a second session without this rewrite for them (engine/session.py;
 its own copy of the int8 weights, a few MB). `rewrite_model` changes a parsed graph in place; the
@@ -40,6 +42,8 @@ PROMPTS_SWITCH = "SEGUE_NATIVE_PROMPTS"  # =0: prompts on ONNX Runtime's int8 ma
 # there prompts keep ONNX Runtime's kernels, as before.
 PROMPT_PATHS = frozenset({"avx512-vnni"})
 FOLD_SWITCH = "SEGUE_FOLD_LAYERS"  # =0: the norms, GELUs and residual adds stay ONNX Runtime's nodes
+STREAMS_SWITCH = "SEGUE_MATMUL_STREAMS"  # =0: a decode step reads one block of weights after another
+STREAMS = 4  # blocks of weights a decode step's row reads at once (SEGUE_QM_STREAMS, AVX-512 VNNI's path)
 GELU = 1  # QuantizedMatMul's activation attribute
 COLUMNS = 64  # columns per packed block (SEGUE_QM_COLUMNS in engine/native_matmul_kernel.h)
 
@@ -115,6 +119,7 @@ def rewrite_model(model: Any, domain: str) -> int:
     def constant(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(initializers[name]) if name in initializers else None
 
+    streams = 1 if os.environ.get(STREAMS_SWITCH, "1").strip() == "0" else STREAMS
     fused: dict[int, Any] = {}  # id of the chain's last node -> the fused node
     removed: set[int] = set()
     new_initializers = []
@@ -159,7 +164,7 @@ def rewrite_model(model: Any, domain: str) -> int:
         new_initializers += tensors
         fused[id(last)] = helper.make_node(
             OP_TYPE, [quantize.input[0], *(t.name for t in tensors)], [last.output[0]], name=stem, domain=domain,
-            k=int(k), n=int(n), weight_zero_point=int(weight_zero.reshape(-1)[0]))
+            k=int(k), n=int(n), weight_zero_point=int(weight_zero.reshape(-1)[0]), streams=streams)
         removed.update(id(part) for part in (quantize, scales, node, cast, scaled, last))
     if not fused:
         return 0

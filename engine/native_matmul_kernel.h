@@ -282,6 +282,43 @@ static inline void segue_block_row(const uint8_t *q, int quads, const int8_t *bl
     for (int v = 0; v < 4; v++) _mm512_storeu_si512(acc + 16 * v, _mm512_add_epi32(even[v], odd[v]));
 }
 
+/* One row against SEGUE_QM_STREAMS neighbouring blocks at once: each block is its own stream of weights
+ * through memory, all advancing a quad at a time. Why: where the weights come from DRAM (the seed preset's
+ * 38 MB, or any model's after other work pushed them out of the caches), one core of the Ice Lake Xeon
+ * read one sequential stream at 9.9-10.3 GB/s and four interleaved ones at 12.0-13.4; from L3 it made no
+ * difference (docs/performance.md, "Session 21"). Sixteen sums: 64 columns x 4 blocks, one broadcast of
+ * the row's quad for all of them. The sums are exact integers, so the result is the one-block path's. */
+#define SEGUE_QM_STREAMS 4
+static void segue_blocks_row(const uint8_t *q, int quads, const int8_t *first, size_t block_bytes,
+                             int32_t acc[SEGUE_QM_STREAMS][SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
+    __m512i s0a = _mm512_setzero_si512(), s0b = s0a, s0c = s0a, s0d = s0a, s1a = s0a, s1b = s0a, s1c = s0a, s1d = s0a;
+    __m512i s2a = s0a, s2b = s0a, s2c = s0a, s2d = s0a, s3a = s0a, s3b = s0a, s3c = s0a, s3d = s0a;
+    const int8_t *w1 = first + block_bytes, *w2 = w1 + block_bytes, *w3 = w2 + block_bytes;
+    for (int quad = 0; quad < quads; quad++) {
+        int32_t four;
+        memcpy(&four, q + 4 * (size_t)quad, 4);
+        const __m512i a = _mm512_set1_epi32(four);
+        const size_t at = (size_t)quad * 256;
+#define SEGUE_STREAM(i, w)                                                                                          \
+    s##i##a = _mm512_dpbusd_epi32(s##i##a, a, _mm512_loadu_si512(w + at));                                            \
+    s##i##b = _mm512_dpbusd_epi32(s##i##b, a, _mm512_loadu_si512(w + at + 64));                                       \
+    s##i##c = _mm512_dpbusd_epi32(s##i##c, a, _mm512_loadu_si512(w + at + 128));                                      \
+    s##i##d = _mm512_dpbusd_epi32(s##i##d, a, _mm512_loadu_si512(w + at + 192));
+        SEGUE_STREAM(0, first)
+        SEGUE_STREAM(1, w1)
+        SEGUE_STREAM(2, w2)
+        SEGUE_STREAM(3, w3)
+#undef SEGUE_STREAM
+    }
+#define SEGUE_STREAM_STORE(i)                                                                                       \
+    _mm512_storeu_si512(acc[i][0], s##i##a);                                                                          \
+    _mm512_storeu_si512(acc[i][0] + 16, s##i##b);                                                                     \
+    _mm512_storeu_si512(acc[i][0] + 32, s##i##c);                                                                     \
+    _mm512_storeu_si512(acc[i][0] + 48, s##i##d);
+    SEGUE_STREAM_STORE(0) SEGUE_STREAM_STORE(1) SEGUE_STREAM_STORE(2) SEGUE_STREAM_STORE(3)
+#undef SEGUE_STREAM_STORE
+}
+
 static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
                                const segue_row_terms *row, const segue_block_terms *terms, float *out, size_t n) {
     int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
@@ -385,10 +422,12 @@ static inline size_t segue_quantized_matmul_scratch(size_t rows, int k) {
  * `scales` and `bias` have one entry per packed column (a multiple of 64); `scratch` holds
  * segue_quantized_matmul_scratch(rows, k) bytes. Every row is quantized first; then each block of
  * columns takes all the rows, SEGUE_QM_ROWS at a time, so a prompt's runs read the block's weights from
- * L1 or L2 once per pass instead of the whole matrix from L2 or L3 once per few rows. */
+ * L1 or L2 once per pass instead of the whole matrix from L2 or L3 once per few rows. `streams` > 1: a
+ * single row reads the blocks in groups of SEGUE_QM_STREAMS at once, where the path has that (AVX-512
+ * VNNI; 1 reads one block after another, as every path does for several rows). */
 static void segue_quantized_matmul(const float *x, int rows, int k, int n, const int8_t *packed,
                                    const int32_t *column_sums, const float *scales, const float *bias,
-                                   int weight_zero, uint8_t *scratch, float *y) {
+                                   int weight_zero, int streams, uint8_t *scratch, float *y) {
     const int quads = (k + 3) / 4, blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
     const size_t stride = 4 * (size_t)quads;
     uint8_t *q = scratch;
@@ -401,7 +440,22 @@ static void segue_quantized_matmul(const float *x, int rows, int k, int n, const
         row[r].zero = zero;
         row[r].fixed = k * (int32_t)zero * weight_zero - weight_zero * sum; /* see segue_block_terms */
     }
-    for (int b = 0; b < blocks; b++) {
+    int b = 0;
+#if defined(SEGUE_QM_STREAMS)
+    if (rows == 1 && streams >= SEGUE_QM_STREAMS) /* a decode step: whole groups of blocks as streams */
+        for (; b + SEGUE_QM_STREAMS <= blocks; b += SEGUE_QM_STREAMS) {
+            int32_t acc[SEGUE_QM_STREAMS][SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]; /* row 0 of each block's */
+            segue_blocks_row(q, quads, packed + (size_t)b * quads * 256, (size_t)quads * 256, acc);
+            for (int i = 0; i < SEGUE_QM_STREAMS; i++) {
+                const int first = (b + i) * SEGUE_QM_COLUMNS;
+                const segue_block_terms terms = {.column_sums = column_sums + first, .weight_scales = scales + first,
+                                                 .bias = bias + first,
+                                                 .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
+                segue_block_out(acc[i], 1, row, &terms, y + first, (size_t)n);
+            }
+        }
+#endif
+    for (; b < blocks; b++) {
         const int8_t *block = packed + (size_t)b * quads * 256;
         const int first = b * SEGUE_QM_COLUMNS;
         const segue_block_terms terms = {.column_sums = column_sums + first, .weight_scales = scales + first,

@@ -110,7 +110,7 @@ def test_packing_puts_four_rows_of_each_column_together():
 @pytest.mark.parametrize("path", RUNNABLE)
 @pytest.mark.parametrize("k, n, rows", [(256, 768, 1), (256, 256, 3), (1024, 256, 1), (30, 70, 5), (32, 96, 9),
                                         (7, 129, 2), (256, 1024, 8), (64, 64, 4), (256, 768, 64), (1024, 256, 64),
-                                        (40, 130, 11), (33, 65, 13), (17, 64, 6)])
+                                        (40, 130, 11), (33, 65, 13), (17, 64, 6), (40, 330, 1), (32, 200, 1)])
 def test_the_operator_computes_the_quantized_product(libraries, path, k, n, rows):
     """Rows 1-9 (a step, a batch of variations, a guess) and a prompt's run of 64, k not a multiple of 4 or
     of 16 and n not of 64 (padding), rows past a multiple of four and of six (the AVX-512 path's passes of
@@ -124,6 +124,30 @@ def test_the_operator_computes_the_quantized_product(libraries, path, k, n, rows
     want = reference(x, weights, weight_scale, 0, bias)
     assert got.shape == (1, rows, n)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("path", RUNNABLE)
+@pytest.mark.parametrize("k, n", [(256, 768), (1024, 256), (40, 330), (32, 200), (64, 1000), (16, 64)])
+def test_a_step_reads_its_weights_in_streams_with_the_same_result(libraries, path, k, n, monkeypatch):
+    """A one-row call reads four blocks of 64 columns at once where the path can (AVX-512 VNNI): groups of
+    four, then the blocks left one by one; a partial last block inside a group (n 200, 1000) or after
+    one (330); fewer blocks than a group (64). Bit for bit what reading them one after another gives."""
+    rng = np.random.default_rng(k + n)
+    weights, scale = rng.integers(-127, 128, size=(k, n), dtype=np.int8), np.array(0.003, np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    model = chain_graph(weights, scale, 0, bias)
+    x = (rng.standard_normal((1, 1, k)) * 2 + 0.3).astype(np.float32)
+    results = {}
+    for streams in (native_matmul.STREAMS, 1):
+        if streams == 1:
+            monkeypatch.setenv(native_matmul.STREAMS_SWITCH, "0")
+        rewritten = onnx.ModelProto.FromString(model.SerializeToString())
+        native_matmul.rewrite_model(rewritten, native_attention.DOMAIN)
+        assert {a.name: a.i for a in rewritten.graph.node[0].attribute}["streams"] == streams
+        results[streams] = native_session(model, libraries[path]).run(None, {"x": x})[0]
+    assert np.array_equal(results[native_matmul.STREAMS], results[1])
+    want = reference(x, weights, scale, 0, bias)
+    np.testing.assert_allclose(results[1], want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("path", RUNNABLE)
