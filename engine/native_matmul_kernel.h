@@ -282,41 +282,52 @@ static inline void segue_block_row(const uint8_t *q, int quads, const int8_t *bl
     for (int v = 0; v < 4; v++) _mm512_storeu_si512(acc + 16 * v, _mm512_add_epi32(even[v], odd[v]));
 }
 
-/* One row against SEGUE_QM_STREAMS neighbouring blocks at once: each block is its own stream of weights
- * through memory, all advancing a quad at a time. Why: where the weights come from DRAM (the seed preset's
- * 38 MB, or any model's after other work pushed them out of the caches), one core of the Ice Lake Xeon
- * read one sequential stream at 9.9-10.3 GB/s and four interleaved ones at 12.0-13.4; from L3 it made no
- * difference (docs/performance.md, "Session 21"). Sixteen sums: 64 columns x 4 blocks, one broadcast of
- * the row's quad for all of them. The sums are exact integers, so the result is the one-block path's. */
-#define SEGUE_QM_STREAMS 4
+/* One row against SEGUE_QM_BLOCKS neighbouring blocks at once, each block read from two places at once
+ * (its first half of quads and its second): eight streams of weights through memory, all advancing a quad
+ * a turn. Why: where the weights come from DRAM (the seed preset's 38 MB, or any model's after other work
+ * pushed them out of the caches), one core of the Ice Lake Xeon read one sequential stream at 10 GB/s,
+ * four interleaved ones at 13 and eight at 14; from L3 it made no difference (bench/bench_streams.py,
+ * docs/performance.md "Session 21"). Sixteen sums (64 columns x 4 blocks), each taking two multiply-adds
+ * a turn, one from each half; the sums are exact integers, so the result is the one-block path's. */
+#define SEGUE_QM_BLOCKS 4
 static void segue_blocks_row(const uint8_t *q, int quads, const int8_t *first, size_t block_bytes,
-                             int32_t acc[SEGUE_QM_STREAMS][SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
+                             int32_t acc[SEGUE_QM_BLOCKS][SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
     __m512i s0a = _mm512_setzero_si512(), s0b = s0a, s0c = s0a, s0d = s0a, s1a = s0a, s1b = s0a, s1c = s0a, s1d = s0a;
     __m512i s2a = s0a, s2b = s0a, s2c = s0a, s2d = s0a, s3a = s0a, s3b = s0a, s3c = s0a, s3d = s0a;
     const int8_t *w1 = first + block_bytes, *w2 = w1 + block_bytes, *w3 = w2 + block_bytes;
-    for (int quad = 0; quad < quads; quad++) {
-        int32_t four;
+/* Block i's four sums take quad-row `x` times the quad at byte `at` of the block at `w`. */
+#define SEGUE_QUAD(i, w, x, at)                                                                              \
+    s##i##a = _mm512_dpbusd_epi32(s##i##a, x, _mm512_loadu_si512((w) + (at)));                                  \
+    s##i##b = _mm512_dpbusd_epi32(s##i##b, x, _mm512_loadu_si512((w) + (at) + 64));                             \
+    s##i##c = _mm512_dpbusd_epi32(s##i##c, x, _mm512_loadu_si512((w) + (at) + 128));                            \
+    s##i##d = _mm512_dpbusd_epi32(s##i##d, x, _mm512_loadu_si512((w) + (at) + 192));
+#define SEGUE_FOUR_BLOCKS(x, at) SEGUE_QUAD(0, first, x, at) SEGUE_QUAD(1, w1, x, at) SEGUE_QUAD(2, w2, x, at) SEGUE_QUAD(3, w3, x, at)
+    const int half = quads / 2;
+    const size_t second = (size_t)half * 256; /* where each block's second half starts */
+    for (int quad = 0; quad < half; quad++) {
+        int32_t four, later;
         memcpy(&four, q + 4 * (size_t)quad, 4);
-        const __m512i a = _mm512_set1_epi32(four);
+        memcpy(&later, q + 4 * (size_t)(quad + half), 4);
+        const __m512i a = _mm512_set1_epi32(four), c = _mm512_set1_epi32(later);
         const size_t at = (size_t)quad * 256;
-#define SEGUE_STREAM(i, w)                                                                                          \
-    s##i##a = _mm512_dpbusd_epi32(s##i##a, a, _mm512_loadu_si512(w + at));                                            \
-    s##i##b = _mm512_dpbusd_epi32(s##i##b, a, _mm512_loadu_si512(w + at + 64));                                       \
-    s##i##c = _mm512_dpbusd_epi32(s##i##c, a, _mm512_loadu_si512(w + at + 128));                                      \
-    s##i##d = _mm512_dpbusd_epi32(s##i##d, a, _mm512_loadu_si512(w + at + 192));
-        SEGUE_STREAM(0, first)
-        SEGUE_STREAM(1, w1)
-        SEGUE_STREAM(2, w2)
-        SEGUE_STREAM(3, w3)
-#undef SEGUE_STREAM
+        SEGUE_FOUR_BLOCKS(a, at)
+        SEGUE_FOUR_BLOCKS(c, second + at)
     }
-#define SEGUE_STREAM_STORE(i)                                                                                       \
-    _mm512_storeu_si512(acc[i][0], s##i##a);                                                                          \
-    _mm512_storeu_si512(acc[i][0] + 16, s##i##b);                                                                     \
-    _mm512_storeu_si512(acc[i][0] + 32, s##i##c);                                                                     \
+    if (quads % 2) { /* an odd count: the last quad */
+        int32_t four;
+        memcpy(&four, q + 4 * (size_t)(quads - 1), 4);
+        const __m512i a = _mm512_set1_epi32(four);
+        SEGUE_FOUR_BLOCKS(a, (size_t)(quads - 1) * 256)
+    }
+#undef SEGUE_FOUR_BLOCKS
+#undef SEGUE_QUAD
+#define SEGUE_SUMS_OUT(i)                                                                                     \
+    _mm512_storeu_si512(acc[i][0], s##i##a);                                                                    \
+    _mm512_storeu_si512(acc[i][0] + 16, s##i##b);                                                               \
+    _mm512_storeu_si512(acc[i][0] + 32, s##i##c);                                                               \
     _mm512_storeu_si512(acc[i][0] + 48, s##i##d);
-    SEGUE_STREAM_STORE(0) SEGUE_STREAM_STORE(1) SEGUE_STREAM_STORE(2) SEGUE_STREAM_STORE(3)
-#undef SEGUE_STREAM_STORE
+    SEGUE_SUMS_OUT(0) SEGUE_SUMS_OUT(1) SEGUE_SUMS_OUT(2) SEGUE_SUMS_OUT(3)
+#undef SEGUE_SUMS_OUT
 }
 
 static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
@@ -423,8 +434,8 @@ static inline size_t segue_quantized_matmul_scratch(size_t rows, int k) {
  * segue_quantized_matmul_scratch(rows, k) bytes. Every row is quantized first; then each block of
  * columns takes all the rows, SEGUE_QM_ROWS at a time, so a prompt's runs read the block's weights from
  * L1 or L2 once per pass instead of the whole matrix from L2 or L3 once per few rows. `streams` > 1: a
- * single row reads the blocks in groups of SEGUE_QM_STREAMS at once, where the path has that (AVX-512
- * VNNI; 1 reads one block after another, as every path does for several rows). */
+ * single row reads the blocks in groups of SEGUE_QM_BLOCKS, as eight streams, where the path has that
+ * (AVX-512 VNNI); 1: one block after another, as every path reads them for several rows. */
 static void segue_quantized_matmul(const float *x, int rows, int k, int n, const int8_t *packed,
                                    const int32_t *column_sums, const float *scales, const float *bias,
                                    int weight_zero, int streams, uint8_t *scratch, float *y) {
@@ -441,12 +452,12 @@ static void segue_quantized_matmul(const float *x, int rows, int k, int n, const
         row[r].fixed = k * (int32_t)zero * weight_zero - weight_zero * sum; /* see segue_block_terms */
     }
     int b = 0;
-#if defined(SEGUE_QM_STREAMS)
-    if (rows == 1 && streams >= SEGUE_QM_STREAMS) /* a decode step: whole groups of blocks as streams */
-        for (; b + SEGUE_QM_STREAMS <= blocks; b += SEGUE_QM_STREAMS) {
-            int32_t acc[SEGUE_QM_STREAMS][SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]; /* row 0 of each block's */
+#if defined(SEGUE_QM_BLOCKS)
+    if (rows == 1 && streams > 1) /* a decode step: whole groups of blocks, read as eight streams */
+        for (; b + SEGUE_QM_BLOCKS <= blocks; b += SEGUE_QM_BLOCKS) {
+            int32_t acc[SEGUE_QM_BLOCKS][SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]; /* row 0 of each block's */
             segue_blocks_row(q, quads, packed + (size_t)b * quads * 256, (size_t)quads * 256, acc);
-            for (int i = 0; i < SEGUE_QM_STREAMS; i++) {
+            for (int i = 0; i < SEGUE_QM_BLOCKS; i++) {
                 const int first = (b + i) * SEGUE_QM_COLUMNS;
                 const segue_block_terms terms = {.column_sums = column_sums + first, .weight_scales = scales + first,
                                                  .bias = bias + first,

@@ -127,11 +127,13 @@ def test_the_operator_computes_the_quantized_product(libraries, path, k, n, rows
 
 
 @pytest.mark.parametrize("path", RUNNABLE)
-@pytest.mark.parametrize("k, n", [(256, 768), (1024, 256), (40, 330), (32, 200), (64, 1000), (16, 64)])
-def test_a_step_reads_its_weights_in_streams_with_the_same_result(libraries, path, k, n, monkeypatch):
-    """A one-row call reads four blocks of 64 columns at once where the path can (AVX-512 VNNI): groups of
-    four, then the blocks left one by one; a partial last block inside a group (n 200, 1000) or after
-    one (330); fewer blocks than a group (64). Bit for bit what reading them one after another gives."""
+@pytest.mark.parametrize("k, n", [(256, 768), (1024, 256), (40, 330), (32, 200), (64, 1000), (16, 64), (20, 256),
+                                  (4, 256)])
+def test_a_step_reads_its_weights_as_streams_with_the_same_result(libraries, path, k, n, monkeypatch):
+    """A one-row call reads four blocks of 64 columns at once, each from its first and its second half of
+    quads, where the path can (AVX-512 VNNI): groups of four, then the blocks left one by one; a partial
+    last block inside a group (n 200, 1000) or after one (330); fewer blocks than a group (64); an odd
+    count of quads (k 20) and a single one (k 4). Bit for bit what reading them one by one gives."""
     rng = np.random.default_rng(k + n)
     weights, scale = rng.integers(-127, 128, size=(k, n), dtype=np.int8), np.array(0.003, np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
