@@ -453,7 +453,10 @@ static void segue_quantized_matmul(const float *x, int rows, int k, int n, const
     }
     int b = 0;
 #if defined(SEGUE_QM_BLOCKS)
-    if (rows == 1 && streams > 1) /* a decode step: whole groups of blocks, read as eight streams */
+    /* A decode step of one sequence: whole groups of blocks, read as eight streams. Several rows (a step of a
+     * few variations) keep one stream: their step is not bound by the weights' reads alone (the attention
+     * reads the cache once a row), and reading each block from both halves at once gained nothing there. */
+    if (rows == 1 && streams > 1)
         for (; b + SEGUE_QM_BLOCKS <= blocks; b += SEGUE_QM_BLOCKS) {
             int32_t acc[SEGUE_QM_BLOCKS][SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]; /* row 0 of each block's */
             segue_blocks_row(q, quads, packed + (size_t)b * quads * 256, (size_t)quads * 256, acc);
