@@ -296,8 +296,9 @@ static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi
  *          column_sums int32, scales float and bias float, [blocks * 64] each;
  *          optional: residual [..., n] float (x's shape but n), norm_scale and norm_bias [k] float.
  * Attributes: k, n (the weight matrix's shape), weight_zero_point; optional: activation (0 none, 1 the
- *          exact GELU), epsilon (the norm's; default 1e-5), streams (blocks of weights a one-row call reads
- *          at once, where the code path can: engine/native_matmul_kernel.h; default 1).
+ *          exact GELU), epsilon (the norm's; default 1e-5), streams (above 1: a one-row call reads its
+ *          weights as several streams at once where the code path can, engine/native_matmul_kernel.h;
+ *          default 1).
  * Output:  y [..., n] float: DynamicQuantizeMatMul's result for each row of x on its own
  *          (engine/native_matmul_kernel.h), or of x
  *          layer-normalised with norm_scale and norm_bias when they are given; then the activation; then

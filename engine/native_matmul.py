@@ -17,10 +17,10 @@ each row on its own (the chain it replaces takes one scale for the whole input),
 not depend on its run: prompts there go in runs of 256 positions, a whole prefill 1.3-1.4x faster than
 with ONNX Runtime's node in runs of 64 (Session 20). On that path a decode step's row reads four blocks of
 columns at once, each from two places, eight streams of weights through memory, which DRAM serves faster
-than one (a decode step of the seed preset, whose weights come from DRAM, 1.1x; Session 21). Elsewhere prompts stay on ONNX
-Runtime's node (a blocked GEMM, AMX on CPUs that have it; the AVX2 paths were never measured against it
-on an AVX2 CPU): the engine then keeps a second session without this rewrite for them (engine/session.py;
-its own copy of the int8 weights, a few MB). `rewrite_model` changes a parsed graph in place; the
+than one (a decode step of the seed preset, whose weights come from DRAM, 1.1x; Session 21). Elsewhere
+prompts stay on ONNX Runtime's node (a blocked GEMM, AMX on CPUs that have it; the AVX2 paths were never
+measured against it on an AVX2 CPU): the engine then keeps a second session without this rewrite for them
+(engine/session.py; its own copy of the int8 weights, a few MB). `rewrite_model` changes a parsed graph in place; the
 attention rewrite (engine/native_attention.py) calls it so the graph is parsed once.
 """
 

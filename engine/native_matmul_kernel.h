@@ -292,8 +292,10 @@ static inline void segue_block_row(const uint8_t *q, int quads, const int8_t *bl
 #define SEGUE_QM_BLOCKS 4
 static void segue_blocks_row(const uint8_t *q, int quads, const int8_t *first, size_t block_bytes,
                              int32_t acc[SEGUE_QM_BLOCKS][SEGUE_QM_ROWS][SEGUE_QM_COLUMNS]) {
-    __m512i s0a = _mm512_setzero_si512(), s0b = s0a, s0c = s0a, s0d = s0a, s1a = s0a, s1b = s0a, s1c = s0a, s1d = s0a;
-    __m512i s2a = s0a, s2b = s0a, s2c = s0a, s2d = s0a, s3a = s0a, s3b = s0a, s3c = s0a, s3d = s0a;
+    __m512i s0a = _mm512_setzero_si512(), s0b = s0a, s0c = s0a, s0d = s0a;
+    __m512i s1a = s0a, s1b = s0a, s1c = s0a, s1d = s0a;
+    __m512i s2a = s0a, s2b = s0a, s2c = s0a, s2d = s0a;
+    __m512i s3a = s0a, s3b = s0a, s3c = s0a, s3d = s0a;
     const int8_t *w1 = first + block_bytes, *w2 = w1 + block_bytes, *w3 = w2 + block_bytes;
 /* Block i's four sums take quad-row `x` times the quad at byte `at` of the block at `w`. */
 #define SEGUE_QUAD(i, w, x, at)                                                                              \
@@ -301,7 +303,8 @@ static void segue_blocks_row(const uint8_t *q, int quads, const int8_t *first, s
     s##i##b = _mm512_dpbusd_epi32(s##i##b, x, _mm512_loadu_si512((w) + (at) + 64));                             \
     s##i##c = _mm512_dpbusd_epi32(s##i##c, x, _mm512_loadu_si512((w) + (at) + 128));                            \
     s##i##d = _mm512_dpbusd_epi32(s##i##d, x, _mm512_loadu_si512((w) + (at) + 192));
-#define SEGUE_FOUR_BLOCKS(x, at) SEGUE_QUAD(0, first, x, at) SEGUE_QUAD(1, w1, x, at) SEGUE_QUAD(2, w2, x, at) SEGUE_QUAD(3, w3, x, at)
+#define SEGUE_FOUR_BLOCKS(x, at)                                                                             \
+    SEGUE_QUAD(0, first, x, at) SEGUE_QUAD(1, w1, x, at) SEGUE_QUAD(2, w2, x, at) SEGUE_QUAD(3, w3, x, at)
     const int half = quads / 2;
     const size_t second = (size_t)half * 256; /* where each block's second half starts */
     for (int quad = 0; quad < half; quad++) {
@@ -462,9 +465,9 @@ static void segue_quantized_matmul(const float *x, int rows, int k, int n, const
             segue_blocks_row(q, quads, packed + (size_t)b * quads * 256, (size_t)quads * 256, acc);
             for (int i = 0; i < SEGUE_QM_BLOCKS; i++) {
                 const int first = (b + i) * SEGUE_QM_COLUMNS;
-                const segue_block_terms terms = {.column_sums = column_sums + first, .weight_scales = scales + first,
-                                                 .bias = bias + first,
-                                                 .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
+                const segue_block_terms terms = {
+                    .column_sums = column_sums + first, .weight_scales = scales + first, .bias = bias + first,
+                    .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
                 segue_block_out(acc[i], 1, row, &terms, y + first, (size_t)n);
             }
         }
