@@ -32,28 +32,22 @@ the share of kernel time each kind of node takes.
 
 from __future__ import annotations
 
-import os
+import bench_setup  # noqa: F401  (first: one thread, this checkout on sys.path)
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # one core for the bandwidth probe too, before numpy starts its threads
+# isort: split
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from engine import native_attention  # noqa: E402
-from engine.machine import cpu_name, vector_extensions  # noqa: E402
-from engine.session import session_options  # noqa: E402
+from engine import native_attention
+from engine.machine import cpu_name, vector_extensions
+from engine.session import session_options
 
 LAYOUTS = {"8 x 32 (small, compact)": (8, 32), "8 x 64 (seed)": (8, 64)}
 CALLS = 200

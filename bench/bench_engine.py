@@ -41,37 +41,33 @@ keeps it in: float16 for the engine's int8 row where the native operator runs).
 
 from __future__ import annotations
 
+from bench_setup import ROOT  # first: one thread, this checkout on sys.path (bench/bench_setup.py)
+
+# isort: split
+import argparse
+import json
 import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # before numpy and torch start their thread pools
+import numpy as np
+import onnxruntime as ort
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from engine.clip import Clip  # noqa: E402
-from engine.generate import ContinuationRequest, Generator, NoteEvent  # noqa: E402
-from engine.machine import cpu_name, vector_extensions  # noqa: E402
-from engine.manifest import INT8_MODEL_FILE, MODEL_FILE, TOKENIZER_FILE, Parity, Variant, sha256_file  # noqa: E402
-from engine.midi_file import read_clip  # noqa: E402
-from engine.request import MAX_BARS  # noqa: E402
-from engine.session import OnnxDecoder, session_options  # noqa: E402
-from engine.tokens import ClipTokenizer  # noqa: E402
-from training.model import GPT, preset  # noqa: E402
+from engine.clip import Clip
+from engine.generate import ContinuationRequest, Generator, NoteEvent
+from engine.machine import cpu_name, vector_extensions
+from engine.manifest import INT8_MODEL_FILE, MODEL_FILE, TOKENIZER_FILE, Parity, Variant, sha256_file
+from engine.midi_file import read_clip
+from engine.request import MAX_BARS
+from engine.session import OnnxDecoder, session_options
+from engine.tokens import ClipTokenizer
+from training.model import GPT, preset
 
 CONTEXTS = (256, 512, 896)
 PREFILLS = (256, 512)

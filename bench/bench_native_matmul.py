@@ -14,22 +14,19 @@ thread.
 
 from __future__ import annotations
 
+import bench_setup  # noqa: F401  (first: one thread, this checkout on sys.path)
+
+# isort: split
+import argparse
 import os
+import statistics
+import time
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.machine import cpu_name  # noqa: E402
-from engine.session import OnnxDecoder  # noqa: E402
+from engine.machine import cpu_name
+from engine.session import OnnxDecoder
 
 
 def main(argv: list[str] | None = None) -> int:

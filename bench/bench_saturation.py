@@ -23,24 +23,20 @@ windows of the model's context sliding by half) on the validation files `export-
 
 from __future__ import annotations
 
-import os
+import bench_setup  # noqa: F401  (first: one thread, this checkout on sys.path)
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# isort: split
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.machine import cpu_name  # noqa: E402
-from engine.manifest import TOKENIZER_FILE  # noqa: E402
-from engine.tokens import ClipTokenizer  # noqa: E402
+from engine.machine import cpu_name
+from engine.manifest import TOKENIZER_FILE
+from engine.tokens import ClipTokenizer
 
 INT16_MAX, INT16_MIN = 32767, -32768
 PAIR_LIMIT = INT16_MAX / 255  # |w0| + |w1| at or below this cannot saturate whatever the uint8 activations

@@ -17,16 +17,16 @@ Medians of 31 passes, the variants alternating pass by pass, in one process.
 
 from __future__ import annotations
 
+from bench_setup import ROOT  # first: this checkout on sys.path (bench/bench_setup.py)
+
+# isort: split
 import argparse
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from engine import native_attention  # noqa: E402
-from engine.machine import cpu_name  # noqa: E402
+from engine import native_attention
+from engine.machine import cpu_name
 
 
 def build(folder: Path) -> Path:
