@@ -6,12 +6,14 @@ places: eight streams).
     python bench/bench_streams.py --read-mb 64 --shapes 512x12
 
 Builds bench/streams_probe.c with the compiler and flags the engine builds its native library with, for
-this CPU (AVX-512 needed: the streams path is AVX-512 VNNI's), and prints two tables:
+this CPU (or --arch="-march=native -mno-avx512f": the AVX2 path, on an AVX-512 CPU), and prints
+two tables:
 - read rate (GB/s) of one core over 1, 2, 4 and 8 interleaved streams, the data coming from DRAM (256 MB
   of other memory read before each pass, as after other work) or just read (L2/L3 where it fits);
 - the matmuls of a decode step of a transformer of width D and L layers (D x 3D, D x D, D x 4D, 4D x D a
-  layer; the small preset 256x6, the shipped default 256x4, the seed 512x12), weights read as eight
-  streams against one block after another, from DRAM and warm.
+  layer; the small preset 256x6, the shipped default 256x4, the seed 512x12), weights read as streams
+  (eight on the AVX-512 VNNI path, two on the AVX2 ones) against one block after another, from DRAM and
+  warm.
 Medians of 31 passes, the variants alternating pass by pass, in one process.
 """
 
@@ -29,40 +31,47 @@ from engine import native_attention
 from engine.machine import cpu_name
 
 
-def build(folder: Path) -> Path:
+def build(folder: Path, arch: list[str]) -> Path:
     compiler = native_attention.compiler()
     if compiler is None:
         raise SystemExit("no C compiler (cc, gcc or clang) on PATH")
-    if "avx512f" not in native_attention.cpu_flags():
-        raise SystemExit("this CPU has no AVX-512: the streams path is AVX-512 VNNI's, nothing to compare")
+    if "avx2" not in native_attention.cpu_flags():
+        raise SystemExit("this CPU has no AVX2: the kernel's streams are its AVX2 and AVX-512 paths'")
     target = folder / "streams_probe"
     flags = [flag for flag in native_attention.FLAGS if flag not in ("-shared", "-fPIC")]
-    subprocess.run([compiler, *flags, "-march=native", "-o", str(target), str(ROOT / "bench" / "streams_probe.c"), "-lm"],
-                   check=True)
+    subprocess.run([compiler, *flags, *arch, "-o", str(target), str(ROOT / "bench" / "streams_probe.c"), "-lm"], check=True)
     return target
 
 
 def run(probe: Path, *args: object) -> dict[int, float]:
     out = subprocess.run([str(probe), *map(str, args)], check=True, capture_output=True, text=True, timeout=900).stdout
-    return {int(line.split()[1]): float(line.split()[2]) for line in out.splitlines()}
+    return {int(line.split()[1]): float(line.split()[2]) for line in out.splitlines() if not line.startswith("path ")}
+
+
+def code_path(probe: Path) -> str:
+    out = subprocess.run([str(probe), "matmul", "16", "1", "0"], check=True, capture_output=True, text=True, timeout=120).stdout
+    return next(line.split()[1] for line in out.splitlines() if line.startswith("path "))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--read-mb", type=int, nargs="+", default=[40, 8])
     parser.add_argument("--shapes", nargs="+", default=["256x6", "256x4", "512x12"], help="WIDTHxLAYERS")
+    parser.add_argument("--arch", default="-march=native",
+                        help='the build\'s target flags: --arch="-march=native -mno-avx512f" measures the AVX2 path here')
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as folder:
-        probe = build(Path(folder))
-        print(f"{cpu_name()}, one core\n")
+        probe = build(Path(folder), args.arch.split())
+        path = code_path(probe)
+        print(f"{cpu_name()}, one core; the kernel's {path} path ({args.arch})\n")
         print("| data | from | 1 stream (GB/s) | 2 | 4 | 8 | 4 / 1 | 8 / 1 |\n|---|---|---|---|---|---|---|---|")
         for megabytes in args.read_mb:
             for cold in (1, 0):
                 rates = run(probe, "read", megabytes, cold)
                 print(f"| {megabytes} MB | {'DRAM' if cold else 'just read'} | {rates[1]:.1f} | {rates[2]:.1f} | "
                       f"{rates[4]:.1f} | {rates[8]:.1f} | {rates[4] / rates[1]:.2f}x | {rates[8] / rates[1]:.2f}x |", flush=True)
-        print("\n| decode step's matmuls | int8 weights | from | 8 streams (ms) | one block at a time (ms) | ratio |")
+        print(f"\n| decode step's matmuls | int8 weights | from | as streams (ms, {path}) | one block at a time (ms) | ratio |")
         print("|---|---|---|---|---|---|")
         for shape in args.shapes:
             width, layers = (int(part) for part in shape.split("x"))

@@ -1,9 +1,10 @@
 /* One core's read rate over one sequential stream against several interleaved ones, and the native int8
- * matmul's one-row path with its weights read a block at a time against eight streams at once
- * (engine/native_matmul_kernel.h's `streams`). Built and run by bench/bench_streams.py.
+ * matmul's one-row path reading its weights as streams (eight on the AVX-512 VNNI path, two on the AVX2
+ * ones: engine/native_matmul_kernel.h's `streams`) against one block at a time, on the code path the
+ * build's flags choose. Built and run by bench/bench_streams.py.
  *
  *   streams_probe read MB COLD          -> one line per stream count: "read S GBs"
- *   streams_probe matmul D LAYERS COLD  -> "matmul STREAMS ms" for streams 8 and 1
+ *   streams_probe matmul D LAYERS COLD  -> "matmul STREAMS ms" for streams 8 and 1, and "path NAME"
  *
  * COLD 1: before each timed pass, 256 MB of other memory is read, so the pass's data comes from DRAM (as a
  * decode step's after other work); 0: the pass reads data it read just before (L2/L3 where it fits).
@@ -16,8 +17,8 @@
 
 #include "../engine/native_matmul_kernel.h"
 
-#if !defined(__AVX512F__)
-#error "the probe reads with AVX-512 loads; the streams path is AVX-512 VNNI's"
+#if !defined(__AVX2__)
+#error "the probe reads with AVX2 or AVX-512 loads"
 #endif
 
 enum { PASSES = 31, EVICT_BYTES = 256 << 20 };
@@ -48,8 +49,9 @@ static void evict(uint8_t *other) {
 
 /* `bytes` read as `streams` equal parts, each advancing 256 bytes a turn. */
 static void read_streams(const uint8_t *data, size_t bytes, int streams) {
-    __m512i a = _mm512_setzero_si512(), b = a;
     const size_t part = bytes / (size_t)streams;
+#if defined(__AVX512F__)
+    __m512i a = _mm512_setzero_si512(), b = a;
     for (size_t at = 0; at + 256 <= part; at += 256)
         for (int s = 0; s < streams; s++) {
             const uint8_t *p = data + (size_t)s * part + at;
@@ -57,6 +59,20 @@ static void read_streams(const uint8_t *data, size_t bytes, int streams) {
             b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_loadu_si512(p + 64), _mm512_loadu_si512(p + 192)));
         }
     sink += _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+#else
+    __m256i a = _mm256_setzero_si256(), b = a;
+    for (size_t at = 0; at + 256 <= part; at += 256)
+        for (int s = 0; s < streams; s++) {
+            const __m256i *p = (const __m256i *)(data + (size_t)s * part + at);
+            for (int i = 0; i < 8; i += 2) {
+                a = _mm256_add_epi32(a, _mm256_loadu_si256(p + i));
+                b = _mm256_add_epi32(b, _mm256_loadu_si256(p + i + 1));
+            }
+        }
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi32(a, b));
+    for (int i = 0; i < 8; i++) sink += lanes[i];
+#endif
 }
 
 static int probe_read(size_t megabytes, int cold, uint8_t *other) {
@@ -124,6 +140,7 @@ static int probe_matmul(int d, int layers, int cold, uint8_t *other) {
             sink += (int64_t)y[0];
         }
     for (int v = 0; v < 2; v++) printf("matmul %d %.4f\n", variants[v], median(seconds[v], PASSES) * 1e3);
+    printf("path %s\n", SEGUE_QM_PATH);
     return 0;
 }
 

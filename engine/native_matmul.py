@@ -17,11 +17,12 @@ each row on its own (the chain it replaces takes one scale for the whole input),
 not depend on its run: prompts there go in runs of 256 positions, a whole prefill 1.3-1.4x faster than
 with ONNX Runtime's node in runs of 64 (Session 20). On that path a decode step's row reads four blocks of
 columns at once, each from two places, eight streams of weights through memory, which DRAM serves faster
-than one (a decode step of the seed preset, whose weights come from DRAM, 1.1x; Session 21). Elsewhere
-prompts stay on ONNX Runtime's node (a blocked GEMM, AMX on CPUs that have it; the AVX2 paths were never
-measured against it on an AVX2 CPU): the engine then keeps a second session without this rewrite for them
-(engine/session.py; its own copy of the int8 weights, a few MB). `rewrite_model` changes a parsed graph in place; the
-attention rewrite (engine/native_attention.py) calls it so the graph is parsed once.
+than one (a decode step of the seed preset, whose weights come from DRAM, 1.1x; Session 21); the AVX2
+paths read each block from both halves, two streams. Elsewhere prompts stay on ONNX Runtime's node (a
+blocked GEMM, AMX on CPUs that have it; the AVX2 paths were never measured against it on an AVX2 CPU): the
+engine then keeps a second session without this rewrite for them (engine/session.py; its own copy of the
+int8 weights, a few MB). `rewrite_model` changes a parsed graph in place; the attention rewrite
+(engine/native_attention.py) calls it so the graph is parsed once.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ PROMPTS_SWITCH = "SEGUE_NATIVE_PROMPTS"  # =0: prompts on ONNX Runtime's int8 ma
 PROMPT_PATHS = frozenset({"avx512-vnni"})
 FOLD_SWITCH = "SEGUE_FOLD_LAYERS"  # =0: the norms, GELUs and residual adds stay ONNX Runtime's nodes
 STREAMS_SWITCH = "SEGUE_MATMUL_STREAMS"  # =0: a decode step reads one block of weights after another
-STREAMS = 8  # streams of weights a decode step's row reads at once (4 blocks x 2 halves, AVX-512 VNNI's path)
+STREAMS = 8  # a decode step's row reads its weights as streams: 8 on the AVX-512 VNNI path, 2 on the AVX2 ones
 GELU = 1  # QuantizedMatMul's activation attribute
 COLUMNS = 64  # columns per packed block (SEGUE_QM_COLUMNS in engine/native_matmul_kernel.h)
 

@@ -333,8 +333,9 @@ static void segue_blocks_row(const uint8_t *q, int quads, const int8_t *first, s
 #undef SEGUE_SUMS_OUT
 }
 
-static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
+static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block, int streams,
                                const segue_row_terms *row, const segue_block_terms *terms, float *out, size_t n) {
+    (void)streams; /* a decode step's row reads groups of blocks as streams before it comes here */
     int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
     switch (rows) { /* a constant row count each, so the sums stay in registers */
     case 1: segue_block_row(q, quads, block, acc[0]); break;
@@ -354,48 +355,59 @@ static inline void segue_block(const uint8_t *q, size_t stride, int rows, int qu
 
 #elif defined(__AVX2__)
 
-/* Half a block (32 columns) for one row. With AVX-VNNI, vpdpbusd on 8 columns x 4 rows per 32 bytes;
- * without it, each 16 bytes (4 columns x 4 rows) widened to int16 and multiplied pairwise (vpmaddwd:
- * exact, where vpmaddubsw's int16 sums of two u8 x s8 products could saturate), leaving two partial
- * sums per column, added at the end. */
-static inline void segue_half_row(const uint8_t *q, int quads, const int8_t *half, int32_t acc[32]) {
+/* One quad of half a block (32 columns) for one row, added into its sums. With AVX-VNNI, vpdpbusd on 8
+ * columns x 4 rows per 32 bytes; without it, each 16 bytes (4 columns x 4 rows) widened to int16 and
+ * multiplied pairwise (vpmaddwd: exact, where vpmaddubsw's int16 sums of two u8 x s8 products could
+ * saturate), leaving two partial sums per column, added at the end. */
+static inline __attribute__((always_inline)) void segue_half_quad(const uint8_t *x, const int8_t *w, __m256i sums[8]) {
 #if defined(__AVXVNNI__)
-    __m256i sums[4];
-    for (int v = 0; v < 4; v++) sums[v] = _mm256_setzero_si256();
-    for (int quad = 0; quad < quads; quad++) {
-        int32_t four;
-        memcpy(&four, q + 4 * (size_t)quad, 4);
-        const __m256i a = _mm256_set1_epi32(four);
-        const int8_t *w = half + (size_t)quad * 256;
-        for (int v = 0; v < 4; v++)
-            sums[v] = _mm256_dpbusd_avx_epi32(sums[v], a, _mm256_loadu_si256((const __m256i *)(w + 32 * v)));
-    }
-    for (int v = 0; v < 4; v++) _mm256_storeu_si256((__m256i *)(acc + 8 * v), sums[v]);
+    int32_t four;
+    memcpy(&four, x, 4);
+    const __m256i a = _mm256_set1_epi32(four);
+    for (int v = 0; v < 4; v++)
+        sums[v] = _mm256_dpbusd_avx_epi32(sums[v], a, _mm256_loadu_si256((const __m256i *)(w + 32 * v)));
 #else
+    const int64_t four = (int64_t)x[0] | (int64_t)x[1] << 16 | (int64_t)x[2] << 32 | (int64_t)x[3] << 48;
+    const __m256i a = _mm256_set1_epi64x(four); /* the quad as int16, once per 4 columns */
+    for (int v = 0; v < 8; v++) {
+        const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * v)));
+        sums[v] = _mm256_add_epi32(sums[v], _mm256_madd_epi16(wide, a));
+    }
+#endif
+}
+
+/* Half a block (32 columns) for one row. `halves`: read from the block's first and second half of quads
+ * at once, two streams through memory (as the AVX-512 path's eight, for weights that come from DRAM);
+ * the same exact sums either way. */
+static inline void segue_half_row(const uint8_t *q, int quads, const int8_t *half, int halves, int32_t acc[32]) {
     __m256i sums[8];
     for (int v = 0; v < 8; v++) sums[v] = _mm256_setzero_si256();
-    for (int quad = 0; quad < quads; quad++) {
-        const uint8_t *x = q + 4 * (size_t)quad;
-        const int64_t four = (int64_t)x[0] | (int64_t)x[1] << 16 | (int64_t)x[2] << 32 | (int64_t)x[3] << 48;
-        const __m256i a = _mm256_set1_epi64x(four); /* the quad as int16, once per 4 columns */
-        const int8_t *w = half + (size_t)quad * 256;
-        for (int v = 0; v < 8; v++) {
-            const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * v)));
-            sums[v] = _mm256_add_epi32(sums[v], _mm256_madd_epi16(wide, a));
+    int quad = 0;
+    if (halves) {
+        const int middle = quads / 2;
+        for (; quad < middle; quad++) {
+            segue_half_quad(q + 4 * (size_t)quad, half + (size_t)quad * 256, sums);
+            segue_half_quad(q + 4 * (size_t)(quad + middle), half + (size_t)(quad + middle) * 256, sums);
         }
+        quad = 2 * middle; /* an odd count leaves the last quad */
     }
+    for (; quad < quads; quad++) segue_half_quad(q + 4 * (size_t)quad, half + (size_t)quad * 256, sums);
+#if defined(__AVXVNNI__)
+    for (int v = 0; v < 4; v++) _mm256_storeu_si256((__m256i *)(acc + 8 * v), sums[v]);
+#else
     int32_t pairs[64];
     for (int v = 0; v < 8; v++) _mm256_storeu_si256((__m256i *)(pairs + 8 * v), sums[v]);
     for (int c = 0; c < 32; c++) acc[c] = pairs[2 * c] + pairs[2 * c + 1];
 #endif
 }
 
-static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
+static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block, int streams,
                                const segue_row_terms *row, const segue_block_terms *terms, float *out, size_t n) {
     int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
+    const int halves = rows == 1 && streams > 1; /* a decode step's row; several rows find the block in cache */
     for (int r = 0; r < rows; r++) {
-        segue_half_row(q + r * stride, quads, block, acc[r]);
-        segue_half_row(q + r * stride, quads, block + 128, acc[r] + 32);
+        segue_half_row(q + r * stride, quads, block, halves, acc[r]);
+        segue_half_row(q + r * stride, quads, block + 128, halves, acc[r] + 32);
     }
     segue_block_store(acc, rows, row, terms, out, n);
 }
@@ -408,8 +420,9 @@ static inline void segue_block(const uint8_t *q, size_t stride, int rows, int qu
 
 #else
 
-static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block,
+static inline void segue_block(const uint8_t *q, size_t stride, int rows, int quads, const int8_t *block, int streams,
                                const segue_row_terms *row, const segue_block_terms *terms, float *out, size_t n) {
+    (void)streams; /* the portable path reads one block after another */
     int32_t acc[SEGUE_QM_ROWS][SEGUE_QM_COLUMNS];
     for (int r = 0; r < rows; r++) {
         for (int c = 0; c < SEGUE_QM_COLUMNS; c++) acc[r][c] = 0;
@@ -437,8 +450,9 @@ static inline size_t segue_quantized_matmul_scratch(size_t rows, int k) {
  * segue_quantized_matmul_scratch(rows, k) bytes. Every row is quantized first; then each block of
  * columns takes all the rows, SEGUE_QM_ROWS at a time, so a prompt's runs read the block's weights from
  * L1 or L2 once per pass instead of the whole matrix from L2 or L3 once per few rows. `streams` > 1: a
- * single row reads the blocks in groups of SEGUE_QM_BLOCKS, as eight streams, where the path has that
- * (AVX-512 VNNI); 1: one block after another, as every path reads them for several rows. */
+ * single row reads its weights as several streams, the AVX-512 VNNI path groups of SEGUE_QM_BLOCKS blocks
+ * as eight, the AVX2 paths each block from both halves as two; 1: one block after another, as every path
+ * reads them for several rows. */
 static void segue_quantized_matmul(const float *x, int rows, int k, int n, const int8_t *packed,
                                    const int32_t *column_sums, const float *scales, const float *bias,
                                    int weight_zero, int streams, uint8_t *scratch, float *y) {
@@ -480,7 +494,7 @@ static void segue_quantized_matmul(const float *x, int rows, int k, int n, const
                                          .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
         for (int from = 0; from < rows; from += SEGUE_QM_ROWS) {
             const int taken = rows - from < SEGUE_QM_ROWS ? rows - from : SEGUE_QM_ROWS;
-            segue_block(q + (size_t)from * stride, stride, taken, quads, block, row + from, &terms,
+            segue_block(q + (size_t)from * stride, stride, taken, quads, block, streams, row + from, &terms,
                         y + (size_t)from * (size_t)n + first, (size_t)n);
         }
     }
