@@ -4,8 +4,9 @@
 
 Writes OUT/midi/*.mid (real MIDI files written with mido: melodies over bass lines in 4/4, 3/4
 and 6/8, one track of piano; every fourth piece is a band instead: piano melody, electric bass and
-a drum kit on three tracks, so the model has heard instruments told apart), trains the `tiny` preset on them for a few dozen steps with `segue train`,
-and exports OUT/model with `export-onnx`. Used by the test session; takes a few seconds.
+a drum kit on three tracks, so the model has heard instruments told apart), trains the `tiny` preset on
+them for a few dozen steps with `segue train`, and exports OUT/model with `export-onnx`. Used by the test
+session; takes a few seconds.
 """
 
 from __future__ import annotations

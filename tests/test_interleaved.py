@@ -7,11 +7,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from engine.assembler import NoteAssembler
 from engine.clip import Arrangement, Clip, Note
 from engine.constraints import Constraints
 from engine.grammar import ContinuationGrammar, Vocabulary
 from engine.interleaved import PRESENCE_CAP, PRESENCE_WEIGHT, RUNS_PER_POSITION, BandAssembler, InterleavedGrammar
-from engine.assembler import NoteAssembler
 from engine.tokens import ClipTokenizer
 
 TOKENIZER = ClipTokenizer.default()
@@ -63,7 +63,7 @@ def test_random_streams_end_after_the_bars_asked_and_every_note_belongs_to_its_t
     assert tokens.count(VOCAB.bar) == 3
     notes = notes_by_track(tokens, owners)
     assert sum(map(len, notes.values())) > 0
-    for index, (program, drum) in enumerate(BAND):
+    for index, (_program, drum) in enumerate(BAND):
         for note in notes[index]:
             assert 0 <= note.start < 12
             assert (note.channel == 9) == drum

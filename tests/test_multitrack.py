@@ -80,7 +80,7 @@ def test_each_continued_track_gets_its_own_notes_and_instrument(generator):
         assert (d.clip.program, d.clip.is_drum, d.clip.name) == (track.program, track.is_drum, track.name)
         assert all(16.0 <= n.start < 24.0 for n in d.clip.notes)  # after the 4-bar clip, inside 2 bars
         streamed = [e.note for e in events if isinstance(e, NoteEvent) and (e.variation, e.track) == (d.variation, d.track)]
-        assert all(a.start <= b.start for a, b in zip(streamed, streamed[1:]))  # streamed in onset order
+        assert all(a.start <= b.start for a, b in zip(streamed, streamed[1:], strict=False))  # streamed in onset order
         assert sorted(streamed, key=lambda n: (n.start, n.pitch)) == list(d.clip.notes)
         if track.is_drum:
             assert all(n.channel == 9 for n in d.clip.notes)
