@@ -14,7 +14,7 @@ every step where the native library cannot be built; so this is the error a pref
 
 How: the model is rebuilt in torch from its fp32 graph (training/from_onnx.py) and each of its linear
 layers computes with the int8 variant's own quantized weights, its activations quantized as ONNX Runtime's
-DynamicQuantizeLinear does (one scale for a run of `--run` rows: 64, a prompt's run there; 1, a decode
+DynamicQuantizeLinear does (one scale for each run of `--runs` rows: 64, a prompt's run there; 1, a decode
 step's row). The exact int32 sums come from a matmul; a pair can only pass 32,767 where its two weights'
 magnitudes add up to more than 32,767 / 255 (128.5), so only those pairs are recomputed with the int16 cut,
 and the difference is added. Perplexity is the engine's measure (training.eval_measures.model_perplexity,
