@@ -1,11 +1,12 @@
 """One of the engine's switches on against off, in the engine, in one process: the int8 variant loaded twice,
 once as the engine serves it and once with the switch at 0.
 
-    python bench/bench_switch.py models/default                                 # SEGUE_HALF_CACHE
+    python bench/bench_switch.py models/default                                 # SEGUE_INT8_CACHE
     python bench/bench_switch.py FOLDER --switch SEGUE_FOLD_LAYERS --contexts 64 256 512 896 --repeats 9
     python bench/bench_switch.py models/default --val-data ~/.cache/segue/default-v3-data   # + perplexity
 
-Switches: SEGUE_HALF_CACHE (the int8 variant's KV cache in float16, segue.CausalAttention16),
+Switches: SEGUE_INT8_CACHE (the int8 variant's KV cache in int8 rows, segue.CausalAttention8; at 0 in
+float16), SEGUE_HALF_CACHE (in float16, segue.CausalAttention16; run with SEGUE_INT8_CACHE=0 set),
 SEGUE_FOLD_LAYERS (norms, GELUs and residual adds folded into the native int8 matmuls),
 SEGUE_NATIVE_MATMUL (the native int8 matmuls themselves; bench/bench_native_matmul.py adds batches),
 SEGUE_NATIVE_PROMPTS (prompts on the native int8 matmuls too, where native_matmul.takes_prompts; at 0 on
@@ -36,8 +37,9 @@ from engine import native_attention, native_matmul
 from engine.machine import cpu_name
 from engine.session import OnnxDecoder
 
-SWITCHES = (native_attention.HALF_SWITCH, native_matmul.FOLD_SWITCH, native_matmul.SWITCH, native_matmul.PROMPTS_SWITCH,
-            native_matmul.STREAMS_SWITCH)
+SWITCHES = (native_attention.INT8_SWITCH, native_attention.HALF_SWITCH, native_matmul.FOLD_SWITCH, native_matmul.SWITCH,
+            native_matmul.PROMPTS_SWITCH, native_matmul.STREAMS_SWITCH)
+CACHE_SWITCHES = {native_attention.INT8_SWITCH: np.int8, native_attention.HALF_SWITCH: np.float16}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 512, 896])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per sample")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--switch", default=native_attention.HALF_SWITCH, choices=SWITCHES)
+    parser.add_argument("--switch", default=native_attention.INT8_SWITCH, choices=SWITCHES)
     parser.add_argument("--val-data", type=Path, help="a folder of MIDI files: also the perplexity of both")
     args = parser.parse_args(argv)
 
@@ -55,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[args.switch] = "0"
     off = OnnxDecoder.load(args.folder, variant="int8")
     del os.environ[args.switch]
-    if args.switch == native_attention.HALF_SWITCH and on.cache_dtype != np.float16:
-        print(f"no float16 cache here ({on.attention}): nothing to compare")
+    if args.switch in CACHE_SWITCHES and on.cache_dtype != CACHE_SWITCHES[args.switch]:
+        print(f"no {np.dtype(CACHE_SWITCHES[args.switch])} cache here ({on.attention}): nothing to compare")
         return 1
-    if args.switch != native_attention.HALF_SWITCH and not on.native_matmuls:
+    if args.switch not in CACHE_SWITCHES and not on.native_matmuls:
         print(f"no native int8 matmuls here ({on.attention}): nothing to compare")
         return 1
     if args.switch == native_matmul.PROMPTS_SWITCH and not on.native_prompts:

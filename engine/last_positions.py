@@ -24,7 +24,7 @@ from engine import native_attention
 
 INPUT = "last_positions"
 EVERY = 2**62  # the default: more positions than any run has (Slice clamps it to the run)
-ATTENTION_OPS = ("GroupQueryAttention", native_attention.OP_TYPE, native_attention.HALF_OP_TYPE)
+ATTENTION_OPS = ("GroupQueryAttention", native_attention.OP_TYPE, native_attention.HALF_OP_TYPE, native_attention.INT8_OP_TYPE)
 
 
 def rewrite(graph: bytes) -> tuple[bytes, str]:

@@ -9,6 +9,9 @@
  *          buffer), the new positions are written in place; otherwise the pasts are copied first.
  * segue.CausalAttention16 is the same with float16 pasts and presents (a cache of half the bytes, which
  * a decode step reads whole); registered only on a CPU with F16C (segue_half_cache()).
+ * segue.CausalAttention8 keeps int8 pasts and presents [batch, heads, length, head_dim + 4]: each
+ * position's head_dim bytes, then their float32 scale (native_attention_kernel.h; about a quarter of the
+ * float cache's bytes); on any CPU (segue_int8_cache()).
  *
  * The C API is used through its table of function pointers (struct OrtApi), which ONNX Runtime only
  * ever appends to: a function is reached by its fixed index, so no ONNX Runtime header is needed to
@@ -109,7 +112,7 @@ static const OrtApi *api;
 typedef struct {
     int64_t heads;
     float scale; /* 0: 1 / sqrt(head_dim) */
-    int half;    /* CausalAttention16: the pasts and presents hold float16 */
+    int kind;    /* SEGUE_FLOATS, or SEGUE_HALVES (CausalAttention16), or SEGUE_BYTES (CausalAttention8) */
 } Kernel;
 
 static OrtStatus *shape_of(const OrtValue *value, int64_t *dims, size_t most, size_t *count) {
@@ -198,7 +201,10 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
     if (qkv_rank != 3 || past_rank != 4)
         return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: qkv must be [batch, steps, 3*heads*head_dim] and the "
                                           "pasts [batch, heads, length, head_dim]");
-    const int64_t batch = qkv_dims[0], steps = qkv_dims[1], head_dim = past_dims[3], length = past_dims[2];
+    const int64_t row = past_dims[3], head_dim = kernel->kind == SEGUE_BYTES ? row - SEGUE_SCALE_BYTES : row;
+    if (head_dim <= 0)
+        return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention8: a past's rows must be head_dim bytes and a 4-byte scale");
+    const int64_t batch = qkv_dims[0], steps = qkv_dims[1], length = past_dims[2];
     if (past_dims[0] != batch || past_dims[1] != heads || qkv_dims[2] != 3 * heads * head_dim)
         return FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: qkv and the pasts disagree on batch, heads or head size");
     if (value_rank != past_rank || memcmp(value_dims, past_dims, sizeof(int64_t) * past_rank) != 0)
@@ -220,23 +226,22 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
 
     const int64_t from = last >= 1 && last < steps ? steps - last : 0; /* the first position whose output is wanted */
     const int64_t out_dims[3] = {batch, steps - from, heads * head_dim};
-    const int64_t present_dims[4] = {batch, heads, capacity, head_dim};
+    const int64_t present_dims[4] = {batch, heads, capacity, row};
     void *out, *present_key, *present_value;
     CHECK(output(context, 0, out_dims, 3, &out));
     CHECK(output(context, 1, present_dims, 4, &present_key));
     CHECK(output(context, 2, present_dims, 4, &present_value));
 
-    const size_t head_floats = (size_t)head_dim;
-    const size_t entry = kernel->half ? sizeof(segue_half) : sizeof(float); /* bytes of one cache entry */
+    const size_t row_bytes = segue_row_bytes((int)head_dim, kernel->kind); /* one position of one head */
     if (present_key != data[1] || present_value != data[2]) {
         /* Not the shared buffer: the presents start as copies of the pasts' valid positions. */
         for (int64_t b = 0; b < batch; b++) {
             const size_t past = (size_t)seqlens[b] + 1 - (size_t)steps;
             for (int64_t h = 0; h < heads; h++) {
-                const size_t from = (size_t)(b * heads + h) * (size_t)length * head_floats * entry;
-                const size_t to = (size_t)(b * heads + h) * (size_t)capacity * head_floats * entry;
-                const size_t kept = (past < (size_t)length ? past : (size_t)length) * head_floats * entry;
-                const size_t rest = (size_t)capacity * head_floats * entry - kept;
+                const size_t from = (size_t)(b * heads + h) * (size_t)length * row_bytes;
+                const size_t to = (size_t)(b * heads + h) * (size_t)capacity * row_bytes;
+                const size_t kept = (past < (size_t)length ? past : (size_t)length) * row_bytes;
+                const size_t rest = (size_t)capacity * row_bytes - kept;
                 memcpy((char *)present_key + to, (const char *)data[1] + from, kept);
                 memcpy((char *)present_value + to, (const char *)data[2] + from, kept);
                 memset((char *)present_key + to + kept, 0, rest);
@@ -246,7 +251,7 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
     }
 
     float *scores = (float *)malloc(segue_scores_size((int)steps, (int)longest) * sizeof(float));
-    const size_t widened_size = segue_widened_size((int)head_dim, (int)steps, (int)from, (int)longest, kernel->half);
+    const size_t widened_size = segue_widened_size((int)head_dim, (int)steps, (int)from, (int)longest, kernel->kind);
     float *widened = widened_size ? (float *)malloc(widened_size * sizeof(float)) : NULL;
     if (scores == NULL || (widened_size && widened == NULL)) {
         free(scores);
@@ -260,9 +265,9 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
         const float *qkv = (const float *)data[0] + (size_t)(b * steps) * qkv_row;
         float *row_out = (float *)out + (size_t)(b * (steps - from)) * out_row;
         for (int64_t h = 0; h < heads; h++) {
-            const size_t offset = (size_t)(b * heads + h) * (size_t)capacity * head_floats * entry;
+            const size_t offset = (size_t)(b * heads + h) * (size_t)capacity * row_bytes;
             segue_attend_head((int)head_dim, qkv, qkv_row, (int)h, (int)heads, (int)steps, (int)from, past,
-                              (char *)present_key + offset, (char *)present_value + offset, kernel->half, scale,
+                              (char *)present_key + offset, (char *)present_value + offset, kernel->kind, scale,
                               row_out, out_row, scores, widened);
         }
     }
@@ -271,14 +276,14 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
     return NULL;
 }
 
-static SegueCustomOp causal_attention_half;
+static SegueCustomOp causal_attention_half, causal_attention_bytes;
 
 static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
                                            void **made) {
     (void)given;
     Kernel *kernel = (Kernel *)calloc(1, sizeof(Kernel));
     if (kernel == NULL) return FAIL(ORT_FAIL, "segue.CausalAttention: out of memory");
-    kernel->half = op == &causal_attention_half;
+    kernel->kind = op == &causal_attention_half ? SEGUE_HALVES : op == &causal_attention_bytes ? SEGUE_BYTES : SEGUE_FLOATS;
     OrtStatus *status = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
         info, "num_heads", &kernel->heads);
     if (status == NULL && kernel->heads <= 0) status = FAIL(ORT_INVALID_ARGUMENT, "segue.CausalAttention: num_heads must be positive");
@@ -441,6 +446,11 @@ static int SEGUE_CALL half_input_type(const SegueCustomOp *op, size_t index) {
     return index == 1 || index == 2 ? ELEMENT_FLOAT16 : input_type(op, index);
 }
 static int SEGUE_CALL half_output_type(const SegueCustomOp *op, size_t index) { (void)op; return index == 0 ? ELEMENT_FLOAT : ELEMENT_FLOAT16; }
+static const char *SEGUE_CALL bytes_name(const SegueCustomOp *op) { (void)op; return "CausalAttention8"; }
+static int SEGUE_CALL bytes_input_type(const SegueCustomOp *op, size_t index) {
+    return index == 1 || index == 2 ? ELEMENT_INT8 : input_type(op, index);
+}
+static int SEGUE_CALL bytes_output_type(const SegueCustomOp *op, size_t index) { (void)op; return index == 0 ? ELEMENT_FLOAT : ELEMENT_INT8; }
 static int SEGUE_CALL input_characteristic(const SegueCustomOp *op, size_t index) { (void)op; return index == 5 ? OPTIONAL : REQUIRED; }
 static int SEGUE_CALL required(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return REQUIRED; }
 static int SEGUE_CALL default_memory(const SegueCustomOp *op, size_t index) { (void)op; (void)index; return 0; }
@@ -454,6 +464,11 @@ static SegueCustomOp causal_attention = {
 
 static SegueCustomOp causal_attention_half = {
     SEGUE_ORT_API_VERSION, NULL, half_name, op_provider, half_input_type, input_count, half_output_type, output_count,
+    NULL, destroy, input_characteristic, required, default_memory, one, one, one, one, create_kernel, compute,
+};
+
+static SegueCustomOp causal_attention_bytes = {
+    SEGUE_ORT_API_VERSION, NULL, bytes_name, op_provider, bytes_input_type, input_count, bytes_output_type, output_count,
     NULL, destroy, input_characteristic, required, default_memory, one, one, one, one, create_kernel, compute,
 };
 
@@ -482,6 +497,9 @@ SEGUE_EXPORT int segue_attention_lanes(void) { return SEGUE_BLOCK; }
 /* Whether this build offers segue.CausalAttention16 (a CPU with F16C). */
 SEGUE_EXPORT int segue_half_cache(void) { return SEGUE_HALF_CACHE; }
 
+/* Whether this build offers segue.CausalAttention8 (every build of this source). */
+SEGUE_EXPORT int segue_int8_cache(void) { return 1; }
+
 SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options, const SegueApiBase *base) {
     api = base->GetApi(SEGUE_ORT_API_VERSION);
     if (api == NULL) return NULL; /* an ONNX Runtime older than 1.16 cannot even make an error: the graph's
@@ -491,6 +509,7 @@ SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options,
     CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention));
     if (SEGUE_HALF_CACHE)
         CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention_half));
+    CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention_bytes));
     CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &quantized_matmul));
     return CALL(AddCustomOpDomain, OrtStatus *(SEGUE_CALL *)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }

@@ -18,6 +18,11 @@ the bytes (at 512 positions the history is half of what a small model's step rea
 for it for the int8 variant, whose activations are already rounded to 8 bits (engine/session.py);
 SEGUE_HALF_CACHE=0 turns it off. Only where the library offers it (`offers_half_cache`): built for an
 x86 CPU with F16C, which converts halves in vector registers; elsewhere the cache stays float32.
+
+With `int8_cache` (asked for with `half_cache`, for the same variant), the operator is
+segue.CausalAttention8 and the pasts and presents are int8 rows [batch, heads, length, head_dim + 4]:
+a position's bytes and their float32 scale (engine/cache_rows.py), a quarter of the float cache's bytes
+plus the scales. SEGUE_INT8_CACHE=0 keeps halves instead.
 """
 
 from __future__ import annotations
@@ -37,11 +42,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import cache_rows
+
 log = logging.getLogger(__name__)
 
 DOMAIN = "ai.segue"
 OP_TYPE = "CausalAttention"
 HALF_OP_TYPE = "CausalAttention16"  # the same over float16 pasts and presents
+INT8_OP_TYPE = "CausalAttention8"  # the same over int8 rows (engine/cache_rows.py)
 SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("native_attention.c", "native_attention_kernel.h", "native_layer_kernel.h", "native_matmul_kernel.h"))
 FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
@@ -49,6 +57,7 @@ ARCH_SWITCH = "SEGUE_NATIVE_ARCH"  # the -march to build for: this CPU's (native
 BUILD_SECONDS = 120
 SWITCH = "SEGUE_NATIVE_ATTENTION"
 HALF_SWITCH = "SEGUE_HALF_CACHE"
+INT8_SWITCH = "SEGUE_INT8_CACHE"
 
 _lock = threading.Lock()
 _built: dict[str, Path | None] = {}  # cache key -> library (None: could not build; not retried in this process)
@@ -63,6 +72,7 @@ class NativeGraph:
     nodes: int
     matmuls: int = 0  # quantized matmuls made segue.QuantizedMatMul (engine/native_matmul.py)
     half_cache: bool = False  # the pasts and presents are float16 (segue.CausalAttention16)
+    int8_cache: bool = False  # the pasts and presents are int8 rows (segue.CausalAttention8)
 
 
 def enabled(switch: str = SWITCH) -> bool:
@@ -195,13 +205,24 @@ def offers_half_cache(path: Path) -> bool:
         return False
 
 
-def rewrite(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False) -> tuple[bytes, int, int, bool]:
+def offers_int8_cache(path: Path) -> bool:
+    """Whether the built library registers segue.CausalAttention8."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(str(path)).segue_int8_cache())
+    except (OSError, AttributeError):
+        return False
+
+
+def rewrite(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False,
+            int8_cache: bool = False) -> tuple[bytes, int, int, str]:
     """`graph` with each packed-QKV, rotary-free GroupQueryAttention node (as export/gqa.py writes them)
     replaced by the native operator, and how many were replaced (0: the graph is returned as it was);
     with `quantized_matmuls`, its int8 linear layers too (engine/native_matmul.py), and how many (and their
     norms, GELUs and residual adds folded into them, unless SEGUE_FOLD_LAYERS is 0); with
-    `half_cache`, float16 pasts and presents where every one of them belongs to a replaced node alone
-    (the last value says whether they were made so)."""
+    `int8_cache` (else `half_cache`), int8 rows (else float16) for pasts and presents where every one of
+    them belongs to a replaced node alone (the last value: "int8", "float16", or "" where they stay float32)."""
     import onnx  # only here: a plain load needs no onnx package
 
     from engine import native_matmul
@@ -227,20 +248,24 @@ def rewrite(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = Fa
         native_nodes.append(model.graph.node[index])
         replaced += 1
     if not replaced:
-        return graph, 0, 0, False
-    halved = half_cache and _halve_cache(model, native_nodes)
+        return graph, 0, 0, ""
+    narrowed = ""
+    for wanted, kind in ((int8_cache, "int8"), (half_cache, "float16")):
+        if wanted and _narrow_cache(model, native_nodes, kind):
+            narrowed = kind
+            break
     matmuls = native_matmul.rewrite_model(model, DOMAIN) if quantized_matmuls else 0
     if matmuls and enabled(native_matmul.FOLD_SWITCH):
         native_matmul.fold_neighbours(model, DOMAIN)
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-    return model.SerializeToString(), replaced, matmuls, halved
+    return model.SerializeToString(), replaced, matmuls, narrowed
 
 
-def _halve_cache(model, native_nodes: list) -> bool:
-    """Make the native nodes' pasts and presents float16 (graph inputs and outputs) and the nodes
-    CausalAttention16, if every cache tensor is a float graph input or output that only those nodes
-    touch; else change nothing and say so."""
+def _narrow_cache(model, native_nodes: list, kind: str) -> bool:
+    """Make the native nodes' pasts and presents float16 (`kind`), or int8 rows of head_dim + 4 bytes,
+    (graph inputs and outputs) and the nodes CausalAttention16 or CausalAttention8, if every cache tensor
+    is a float graph input or output that only those nodes touch; else change nothing and say so."""
     from onnx import TensorProto
 
     body = model.graph
@@ -253,29 +278,34 @@ def _halve_cache(model, native_nodes: list) -> bool:
     if (not pasts <= inputs.keys() or not presents <= outputs.keys() or touched_elsewhere & (pasts | presents)
             or any(inputs[name].type.tensor_type.elem_type != TensorProto.FLOAT for name in pasts)):
         return False
-    for name in pasts:
-        inputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
-    for name in presents:
-        outputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+    element, op_type = (TensorProto.INT8, INT8_OP_TYPE) if kind == "int8" else (TensorProto.FLOAT16, HALF_OP_TYPE)
+    for value in [*(inputs[name] for name in pasts), *(outputs[name] for name in presents)]:
+        value.type.tensor_type.elem_type = element
+        dims = value.type.tensor_type.shape.dim
+        if kind == "int8" and len(dims) == 4 and dims[3].HasField("dim_value"):  # head_dim bytes and a scale
+            dims[3].dim_value += cache_rows.SCALE_BYTES
     for node in native_nodes:
-        node.op_type = HALF_OP_TYPE
+        node.op_type = op_type
     return True
 
 
-def prepare(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False) -> tuple[NativeGraph | None, str]:
+def prepare(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False,
+            int8_cache: bool = False) -> tuple[NativeGraph | None, str]:
     """The graph with the native operator and its library, or None and why the graph stays as it is.
     `quantized_matmuls`: the int8 linear layers run natively too (for a session of decode steps).
+    `int8_cache`: an int8 cache, where the library offers it and SEGUE_INT8_CACHE is not 0; else
     `half_cache`: a float16 cache, where the library offers it and SEGUE_HALF_CACHE is not 0."""
     path, why = library()
     if path is None:
         return None, why
     half_cache = half_cache and enabled(HALF_SWITCH) and offers_half_cache(path)
+    int8_cache = int8_cache and enabled(INT8_SWITCH) and offers_int8_cache(path)
     try:
-        rewritten, nodes, matmuls, halved = rewrite(graph, quantized_matmuls, half_cache)
+        rewritten, nodes, matmuls, narrowed = rewrite(graph, quantized_matmuls, half_cache, int8_cache)
     except ImportError:
         return None, "the onnx package is not installed (it rewrites the graph)"
     except Exception as exc:  # a graph onnx cannot parse is ONNX Runtime's to judge, as before
         return None, f"the graph could not be rewritten: {exc}"
     if not nodes:
         return None, "the graph has no GroupQueryAttention node of the exported kind"
-    return NativeGraph(rewritten, path, nodes, matmuls, halved), ""
+    return NativeGraph(rewritten, path, nodes, matmuls, narrowed == "float16", narrowed == "int8"), ""

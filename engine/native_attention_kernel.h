@@ -22,10 +22,14 @@
  * kernels alternated in one process; docs/performance.md, Session 13). Below eight queries most lanes
  * would be idle and the per-query way is faster.
  *
- * The key and value buffers hold floats, or IEEE halves (`half`, on a CPU with F16C): a decode step's
- * attention reads the whole history from memory, so halves make it about half the bytes; they are
- * widened to floats as they are loaded (vcvtph2ps), and every sum stays in floats. `half` is a constant
- * wherever the functions below are inlined, like head_dim.
+ * The key and value buffers hold floats, IEEE halves (on a CPU with F16C) or bytes (`kind`): a decode
+ * step's attention reads the whole history from memory, so halves make it about half the bytes and bytes
+ * about a quarter. Halves are widened to floats as they are loaded (vcvtph2ps). Bytes are int8 with a
+ * float32 scale per position and head (a row of head_dim bytes, then the scale's four): a key's or
+ * value's largest magnitude is 127, written rounded to the nearest (ties to even), as numpy's rint does
+ * (engine/cache_rows.py makes the same rows). A row's scale multiplies its score (keys) or its weight
+ * (values) once, not every coordinate. Every sum stays in floats. `kind` is a constant wherever the
+ * functions below are inlined, like head_dim.
  *
  * "Sixteen" below is a vector's lanes with AVX-512; without it a vector is eight floats (SEGUE_BLOCK), and
  * every "sixteen" reads "eight".
@@ -40,7 +44,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -62,6 +66,30 @@
  * (gathers over dimensions instead of positions) and kept accumulators in memory. */
 typedef float segue_lanes __attribute__((vector_size(SEGUE_BLOCK * sizeof(float))));
 typedef int32_t segue_ints __attribute__((vector_size(SEGUE_BLOCK * sizeof(int32_t))));
+
+/* How a key or value buffer holds its numbers. */
+enum { SEGUE_FLOATS = 0, SEGUE_HALVES = 1, SEGUE_BYTES = 2 };
+#define SEGUE_SCALE_BYTES 4 /* a row of bytes ends in its float32 scale */
+
+/* Bytes of one position's row in a head's buffer. */
+static inline __attribute__((always_inline)) size_t segue_row_bytes(const int head_dim, const int kind) {
+    return kind == SEGUE_BYTES ? (size_t)head_dim + SEGUE_SCALE_BYTES : (size_t)head_dim * (kind == SEGUE_HALVES ? 2 : 4);
+}
+
+/* Position t's row. */
+static inline __attribute__((always_inline)) char *segue_row(const void *buffer, const size_t t, const int head_dim,
+                                                            const int kind) {
+    return (char *)buffer + t * segue_row_bytes(head_dim, kind);
+}
+
+/* What position t's entries are multiplied by: its scale where the buffer holds bytes, else 1. */
+static inline __attribute__((always_inline)) float segue_row_scale(const void *buffer, const size_t t, const int head_dim,
+                                                                  const int kind) {
+    if (kind != SEGUE_BYTES) return 1.0f;
+    float scale;
+    memcpy(&scale, segue_row(buffer, t, head_dim, kind) + head_dim, sizeof scale);
+    return scale;
+}
 
 #if defined(__F16C__)
 /* Halves only where the CPU converts them itself, with F16C's vector instructions (GCC turned a
@@ -93,42 +121,109 @@ static inline __attribute__((always_inline)) void segue_narrow(segue_half *to, c
 typedef uint16_t segue_half;
 #endif
 
-/* Sixteen entries of a key or value buffer from `index` on, as floats. */
-static inline __attribute__((always_inline)) segue_lanes segue_load(const void *buffer, const size_t index, const int half) {
+/* Sixteen entries of position t's row from entry d on, as floats (bytes unscaled: see segue_row_scale). */
+static inline __attribute__((always_inline)) segue_lanes segue_load(const void *buffer, const size_t t, const int d,
+                                                                    const int head_dim, const int kind) {
+    const char *row = segue_row(buffer, t, head_dim, kind);
     segue_lanes x;
 #if SEGUE_HALF_CACHE
-    if (half) return segue_widen((const segue_half *)buffer + index);
+    if (kind == SEGUE_HALVES) return segue_widen((const segue_half *)row + d);
 #endif
-    (void)half;
-    memcpy(&x, (const float *)buffer + index, sizeof x);
+    if (kind == SEGUE_BYTES) { /* vpmovsxbd and vcvtdq2ps (GCC made the vector extension's conversion a byte at a time) */
+#if defined(__AVX512F__)
+        const __m512 wide = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + d))));
+        memcpy(&x, &wide, sizeof x);
+#elif defined(__AVX2__)
+        const __m256 wide = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + d))));
+        memcpy(&x, &wide, sizeof x);
+#else
+        for (int j = 0; j < SEGUE_BLOCK; j++) x[j] = (float)((const int8_t *)row)[d + j];
+#endif
+        return x;
+    }
+    memcpy(&x, (const float *)row + d, sizeof x);
     return x;
 }
 
-/* One entry of a key or value buffer, as a float. */
-static inline __attribute__((always_inline)) float segue_load_one(const void *buffer, const size_t index, const int half) {
+/* Entry d of position t's row, as a float (bytes scaled). */
+static inline __attribute__((always_inline)) float segue_load_one(const void *buffer, const size_t t, const int d,
+                                                                  const int head_dim, const int kind) {
+    const char *row = segue_row(buffer, t, head_dim, kind);
 #if SEGUE_HALF_CACHE
-    if (half) return _cvtsh_ss(((const segue_half *)buffer)[index]);
+    if (kind == SEGUE_HALVES) return _cvtsh_ss(((const segue_half *)row)[d]);
 #endif
-    (void)half;
-    return ((const float *)buffer)[index];
-}
-
-/* `count` floats written into a key or value buffer from `index` on (rounded to the nearest half). */
-static inline __attribute__((always_inline)) void segue_store(void *buffer, const size_t index, const float *from,
-                                                              const int count, const int half) {
-#if SEGUE_HALF_CACHE
-    if (half) {
-        segue_narrow((segue_half *)buffer + index, from, count);
-        return;
-    }
-#endif
-    (void)half;
-    memcpy((float *)buffer + index, from, (size_t)count * sizeof(float));
+    if (kind == SEGUE_BYTES) return (float)((const int8_t *)row)[d] * segue_row_scale(buffer, t, head_dim, kind);
+    return ((const float *)row)[d];
 }
 
 static inline segue_lanes segue_max(segue_lanes a, segue_lanes b) {
     const segue_ints a_wins = a > b;
     return (segue_lanes)((a_wins & (segue_ints)a) | (~a_wins & (segue_ints)b));
+}
+
+/* Bytes and their scale for `head_dim` floats: the largest magnitude becomes 127, each number rounded to
+ * the nearest step, ties to even (what engine/cache_rows.py's numpy does, bit for bit: the same float32
+ * product, rounded by the CPU's conversion in its default mode; no add after it for the compiler to fuse
+ * into a multiply-add). All zeros: zero bytes, scale 0. */
+static inline __attribute__((always_inline)) void segue_quantize_cache_row(char *row, const float *from, const int head_dim) {
+    float most = 0.0f;
+    int d = 0;
+    if (head_dim >= SEGUE_BLOCK) { /* whole vectors (a scalar loop was a tenth of a prompt's attention) */
+        const segue_ints magnitude_bits = (segue_ints){0} + 0x7fffffff;
+        segue_lanes largest = {0};
+        for (; d + SEGUE_BLOCK <= head_dim; d += SEGUE_BLOCK) {
+            segue_lanes x;
+            memcpy(&x, from + d, sizeof x);
+            largest = segue_max(largest, (segue_lanes)((segue_ints)x & magnitude_bits));
+        }
+        for (int j = 0; j < SEGUE_BLOCK; j++) most = largest[j] > most ? largest[j] : most;
+    }
+    for (; d < head_dim; d++) {
+        const float magnitude = fabsf(from[d]);
+        most = magnitude > most ? magnitude : most;
+    }
+    const float inverse = most > 0.0f ? 127.0f / most : 0.0f, scale = most / 127.0f;
+    d = 0;
+#if defined(__AVX512F__) || defined(__AVX__)
+    for (; d + SEGUE_BLOCK <= head_dim; d += SEGUE_BLOCK) {
+        segue_lanes x;
+        memcpy(&x, from + d, sizeof x);
+        x *= inverse;
+#if !defined(__AVX512F__)
+        segue_ints whole;
+#endif
+#if defined(__AVX512F__)
+        __m512 wide;
+        memcpy(&wide, &x, sizeof wide);
+        _mm_storeu_si128((__m128i *)(row + d), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(wide))); /* vpmovdb */
+#else
+        __m256 wide;
+        memcpy(&wide, &x, sizeof wide);
+        const __m256i rounded = _mm256_cvtps_epi32(wide);
+        memcpy(&whole, &rounded, sizeof whole);
+        for (int j = 0; j < SEGUE_BLOCK; j++) row[d + j] = (char)(int8_t)whole[j];
+#endif
+    }
+#endif
+    for (; d < head_dim; d++) ((int8_t *)row)[d] = (int8_t)lrintf(from[d] * inverse);
+    memcpy(row + head_dim, &scale, sizeof scale);
+}
+
+/* Position t's row written from `head_dim` floats (rounded to the nearest half, or made bytes). */
+static inline __attribute__((always_inline)) void segue_store(void *buffer, const size_t t, const float *from,
+                                                              const int head_dim, const int kind) {
+    char *row = segue_row(buffer, t, head_dim, kind);
+#if SEGUE_HALF_CACHE
+    if (kind == SEGUE_HALVES) {
+        segue_narrow((segue_half *)row, from, head_dim);
+        return;
+    }
+#endif
+    if (kind == SEGUE_BYTES) {
+        segue_quantize_cache_row(row, from, head_dim);
+        return;
+    }
+    memcpy(row, from, (size_t)head_dim * sizeof(float));
 }
 
 /* e^x on every lane, for x <= 0 (a softmax's shifted scores), relative error below 2e-7: x = n ln2 + r,
@@ -223,13 +318,14 @@ static inline segue_lanes segue_sums(const segue_lanes *p) {
 }
 #endif
 
-/* The lane-wise products of query q and the key at `k` (its first entry's index). */
+/* The lane-wise products of query q and the key at position t (a row of bytes' scale applied once, to
+ * the products). */
 static inline __attribute__((always_inline)) segue_lanes segue_products(const int head_dim, const segue_lanes *q,
-                                                                        const void *restrict keys, const int half,
-                                                                        const size_t k) {
-    segue_lanes sum = q[0] * segue_load(keys, k, half);
-    for (int v = 1; v < head_dim / SEGUE_BLOCK; v++) sum += q[v] * segue_load(keys, k + v * SEGUE_BLOCK, half);
-    return sum;
+                                                                        const void *restrict keys, const int kind,
+                                                                        const size_t t) {
+    segue_lanes sum = q[0] * segue_load(keys, t, 0, head_dim, kind);
+    for (int v = 1; v < head_dim / SEGUE_BLOCK; v++) sum += q[v] * segue_load(keys, t, v * SEGUE_BLOCK, head_dim, kind);
+    return kind == SEGUE_BYTES ? sum * segue_row_scale(keys, t, head_dim, kind) : sum;
 }
 
 /* Scores of query q against positions t0..t0+width-1 (head_dim a multiple of SEGUE_BLOCK, at most 64).
@@ -237,18 +333,16 @@ static inline __attribute__((always_inline)) segue_lanes segue_products(const in
  * arithmetic per key (which kept the scalar ports as busy as the vector ones, 10-15 % of a decode
  * step's attention, docs/performance.md "Session 17"); the last, partial block repeats its last key. */
 static inline __attribute__((always_inline)) segue_lanes segue_dots(const int head_dim, const segue_lanes *q,
-                                                                    const void *restrict keys, const int half,
+                                                                    const void *restrict keys, const int kind,
                                                                     const int t0, const int width) {
     segue_lanes p[SEGUE_BLOCK];
-    const size_t base = (size_t)t0 * head_dim;
     if (width == SEGUE_BLOCK) {
 #pragma GCC unroll 16
-        for (int i = 0; i < SEGUE_BLOCK; i++)
-            p[i] = segue_products(head_dim, q, keys, half, base + (size_t)segue_bit_reversed[i] * head_dim);
+        for (int i = 0; i < SEGUE_BLOCK; i++) p[i] = segue_products(head_dim, q, keys, kind, (size_t)(t0 + segue_bit_reversed[i]));
     } else {
         for (int i = 0; i < SEGUE_BLOCK; i++) {
             const int j = segue_bit_reversed[i];
-            p[i] = segue_products(head_dim, q, keys, half, base + (size_t)(j < width ? j : width - 1) * head_dim);
+            p[i] = segue_products(head_dim, q, keys, kind, (size_t)(t0 + (j < width ? j : width - 1)));
         }
     }
     return segue_sums(p);
@@ -444,24 +538,31 @@ static inline int segue_queries_per_lane(const int head_dim, const int steps, co
  * unroll and vectorise. */
 static inline __attribute__((always_inline)) void segue_attend(
     const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int heads,
-    const int steps, const int from, const int past, void *restrict keys, void *restrict values, const int half,
+    const int steps, const int from, const int past, void *restrict keys, void *restrict values, const int kind,
     const float scale, float *restrict out, const size_t out_row, float *restrict scores, float *restrict widened) {
     const int total = past + steps;
     const size_t scores_row = (size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK;
     for (int s = 0; s < steps; s++) {
-        segue_store(keys, (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(heads + head) * head_dim, head_dim, half);
-        segue_store(values, (size_t)(past + s) * head_dim, qkv + s * qkv_row + (size_t)(2 * heads + head) * head_dim,
-                    head_dim, half);
+        segue_store(keys, (size_t)(past + s), qkv + s * qkv_row + (size_t)(heads + head) * head_dim, head_dim, kind);
+        segue_store(values, (size_t)(past + s), qkv + s * qkv_row + (size_t)(2 * heads + head) * head_dim, head_dim, kind);
     }
 
     if (segue_queries_per_lane(head_dim, steps, from)) {
         const float *key_floats = (const float *)keys, *value_floats = (const float *)values;
-        if (half) {
+        if (kind != SEGUE_FLOATS) {
             const size_t floats = (size_t)total * head_dim;
-            for (size_t i = 0; i < floats; i += SEGUE_BLOCK) { /* head_dim is a multiple of SEGUE_BLOCK here */
-                const segue_lanes k = segue_load(keys, i, half), v = segue_load(values, i, half);
-                memcpy(widened + i, &k, sizeof k);
-                memcpy(widened + floats + i, &v, sizeof v);
+            for (int t = 0; t < total; t++) { /* head_dim is a multiple of SEGUE_BLOCK here */
+                const float key_scale = segue_row_scale(keys, (size_t)t, head_dim, kind);
+                const float value_scale = segue_row_scale(values, (size_t)t, head_dim, kind);
+                for (int d = 0; d < head_dim; d += SEGUE_BLOCK) {
+                    segue_lanes k = segue_load(keys, (size_t)t, d, head_dim, kind), v = segue_load(values, (size_t)t, d, head_dim, kind);
+                    if (kind == SEGUE_BYTES) {
+                        k *= key_scale;
+                        v *= value_scale;
+                    }
+                    memcpy(widened + (size_t)t * head_dim + d, &k, sizeof k);
+                    memcpy(widened + floats + (size_t)t * head_dim + d, &v, sizeof v);
+                }
             }
             key_floats = widened;
             value_floats = widened + floats;
@@ -484,13 +585,13 @@ static inline __attribute__((always_inline)) void segue_attend(
             memcpy(qv, q, head_dim * sizeof(float));
             for (int t0 = 0; t0 < seen; t0 += SEGUE_BLOCK) {
                 const int width = seen - t0 < SEGUE_BLOCK ? seen - t0 : SEGUE_BLOCK;
-                const segue_lanes dots = segue_dots(head_dim, qv, keys, half, t0, width) * scale;
+                const segue_lanes dots = segue_dots(head_dim, qv, keys, kind, t0, width) * scale;
                 memcpy(row + t0, &dots, sizeof dots); /* rows are padded to whole blocks */
             }
         } else { /* any other head size: plain loops */
             for (int t = 0; t < seen; t++) {
                 float dot = 0.0f;
-                for (int d = 0; d < head_dim; d++) dot += q[d] * segue_load_one(keys, (size_t)t * head_dim + d, half);
+                for (int d = 0; d < head_dim; d++) dot += q[d] * segue_load_one(keys, (size_t)t, d, head_dim, kind);
                 row[t] = dot * scale;
             }
         }
@@ -531,15 +632,18 @@ static inline __attribute__((always_inline)) void segue_attend(
             segue_lanes even[SEGUE_VECTORS] = {{0}}, odd[SEGUE_VECTORS] = {{0}};
             const int vectors = head_dim / SEGUE_BLOCK;
             int t = 0;
-            for (; t + 1 < seen; t += 2) {
-                const float w = row[t], next = row[t + 1];
+            for (; t + 1 < seen; t += 2) { /* a row of bytes' scale goes into its weight */
+                const float w = row[t] * segue_row_scale(values, (size_t)t, head_dim, kind);
+                const float next = row[t + 1] * segue_row_scale(values, (size_t)(t + 1), head_dim, kind);
                 for (int i = 0; i < vectors; i++) {
-                    even[i] += w * segue_load(values, (size_t)t * head_dim + i * SEGUE_BLOCK, half);
-                    odd[i] += next * segue_load(values, (size_t)(t + 1) * head_dim + i * SEGUE_BLOCK, half);
+                    even[i] += w * segue_load(values, (size_t)t, i * SEGUE_BLOCK, head_dim, kind);
+                    odd[i] += next * segue_load(values, (size_t)(t + 1), i * SEGUE_BLOCK, head_dim, kind);
                 }
             }
-            if (t < seen)
-                for (int i = 0; i < vectors; i++) even[i] += row[t] * segue_load(values, (size_t)t * head_dim + i * SEGUE_BLOCK, half);
+            if (t < seen) {
+                const float w = row[t] * segue_row_scale(values, (size_t)t, head_dim, kind);
+                for (int i = 0; i < vectors; i++) even[i] += w * segue_load(values, (size_t)t, i * SEGUE_BLOCK, head_dim, kind);
+            }
             for (int i = 0; i < vectors; i++) {
                 const segue_lanes x = (even[i] + odd[i]) * inverse;
                 memcpy(o + i * SEGUE_BLOCK, &x, sizeof x);
@@ -547,7 +651,7 @@ static inline __attribute__((always_inline)) void segue_attend(
         } else {
             for (int d = 0; d < head_dim; d++) {
                 float sum = 0.0f;
-                for (int t = 0; t < seen; t++) sum += row[t] * segue_load_one(values, (size_t)t * head_dim + d, half);
+                for (int t = 0; t < seen; t++) sum += row[t] * segue_load_one(values, (size_t)t, d, head_dim, kind);
                 o[d] = sum * inverse;
             }
         }
@@ -555,8 +659,8 @@ static inline __attribute__((always_inline)) void segue_attend(
 }
 
 /* Floats of the widened history one head needs for a run of `steps` new positions over `total` (0: none). */
-static inline size_t segue_widened_size(int head_dim, int steps, int from, int total, int half) {
-    return half && segue_queries_per_lane(head_dim, steps, from) ? 2 * (size_t)total * (size_t)head_dim : 0;
+static inline size_t segue_widened_size(int head_dim, int steps, int from, int total, int kind) {
+    return kind != SEGUE_FLOATS && segue_queries_per_lane(head_dim, steps, from) ? 2 * (size_t)total * (size_t)head_dim : 0;
 }
 
 /* Floats of scratch one head needs for `steps` queries over `total` positions. */
@@ -566,28 +670,30 @@ static inline size_t segue_scores_size(int steps, int total) {
 }
 
 /* The head sizes the presets use get their own unrolled copies; any other size runs the general one. */
-#define SEGUE_ATTEND_SIZES(HALF)                                                                                  \
+#define SEGUE_ATTEND_SIZES(KIND)                                                                                  \
     do {                                                                                                          \
         if (head_dim == 32)                                                                                       \
-            segue_attend(32, qkv, qkv_row, head, heads, steps, from, past, keys, values, HALF, scale, out, out_row, scores, \
+            segue_attend(32, qkv, qkv_row, head, heads, steps, from, past, keys, values, KIND, scale, out, out_row, scores, \
                          widened);                                                                                \
         else if (head_dim == 64)                                                                                  \
-            segue_attend(64, qkv, qkv_row, head, heads, steps, from, past, keys, values, HALF, scale, out, out_row, scores, \
+            segue_attend(64, qkv, qkv_row, head, heads, steps, from, past, keys, values, KIND, scale, out, out_row, scores, \
                          widened);                                                                                \
         else                                                                                                      \
-            segue_attend(head_dim, qkv, qkv_row, head, heads, steps, from, past, keys, values, HALF, scale, out, out_row,   \
+            segue_attend(head_dim, qkv, qkv_row, head, heads, steps, from, past, keys, values, KIND, scale, out, out_row,   \
                          scores, widened);                                                                        \
     } while (0)
 
-/* `half`: the buffers hold halves (only where SEGUE_HALF_CACHE; the caller checks), and `widened` is
+/* `kind`: what the buffers hold (halves only where SEGUE_HALF_CACHE; the caller checks), and `widened` is
  * segue_widened_size floats (see segue_attend). */
 static void segue_attend_head(int head_dim, const float *qkv, size_t qkv_row, int head, int heads, int steps,
-                              int from, int past, void *keys, void *values, int half, float scale, float *out,
+                              int from, int past, void *keys, void *values, int kind, float scale, float *out,
                               size_t out_row, float *scores, float *widened) {
-    if (half && SEGUE_HALF_CACHE)
-        SEGUE_ATTEND_SIZES(1);
+    if (kind == SEGUE_BYTES)
+        SEGUE_ATTEND_SIZES(SEGUE_BYTES);
+    else if (kind == SEGUE_HALVES && SEGUE_HALF_CACHE)
+        SEGUE_ATTEND_SIZES(SEGUE_HALVES);
     else
-        SEGUE_ATTEND_SIZES(0);
+        SEGUE_ATTEND_SIZES(SEGUE_FLOATS);
 }
 
 #endif

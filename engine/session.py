@@ -31,8 +31,9 @@ get a `last_positions` input (engine/last_positions.py): `step` and a prompt's p
 last position's logits only, and the graph then runs the last layer's tail for that position alone.
 
 `KVCache.tensors` is the history as per-layer arrays [batch, heads, length, head_dim] in both
-cases (past_key_0, past_value_0, past_key_1, ...); `KVCache(tensors)` builds a cache from such
-arrays for any decoder.
+cases (past_key_0, past_value_0, past_key_1, ...), or [batch, heads, length, head_dim + 4] int8 rows
+where the int8 variant keeps an int8 cache (`decoder.cache_row`, engine/cache_rows.py);
+`KVCache(tensors)` builds a cache from float arrays for any decoder.
 
 Configuration for a machine whose cores belong to a DAW first (arguments win over the environment):
 SEGUE_THREADS (intra-op threads of the decode session, default 1), SEGUE_PREFILL_THREADS (threads
@@ -57,7 +58,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engine import host_lengths, last_positions, native_attention, native_matmul
+from engine import cache_rows, host_lengths, last_positions, native_attention, native_matmul
 from engine.machine import cpu_name
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
 from engine.variant_choice import choose_for_gpu, choose_here, needs_measuring_here
@@ -331,9 +332,12 @@ class OnnxDecoder:
         self.output_names = list(manifest.onnx.outputs)
         # fp32 logits can be written straight into an array of ours at each decode step (`_run`).
         self._float_logits = next((o.type for o in session.get_outputs() if o.name == "logits"), "") == "tensor(float)"
-        # The cache's element type is the graph's: float32, or float16 for the fp16 variant (GPU) and for
-        # the int8 variant on the native operator (engine/native_attention.py).
-        self.cache_dtype = np.dtype(np.float16) if _cache_type(session, manifest) == "tensor(float16)" else np.dtype(np.float32)
+        # The cache's element type is the graph's: float32, or float16 for the fp16 variant (GPU), or int8
+        # rows for the int8 variant on the native operator (engine/native_attention.py; float16 there with
+        # SEGUE_INT8_CACHE=0). `cache_row`: the last dimension of a cache tensor, head_dim numbers, or an
+        # int8 row's head_dim bytes and its scale (engine/cache_rows.py).
+        self.cache_dtype = np.dtype(_CACHE_DTYPES.get(_cache_type(session, manifest), np.float32))
+        self.cache_row = cache_rows.row_width(self.head_dim) if self.cache_dtype == np.int8 else self.head_dim
         providers = session.get_providers()
         self.device = "cuda" if CUDA in providers else "cpu"
         declared = {i.name for i in session.get_inputs()}
@@ -368,8 +372,10 @@ class OnnxDecoder:
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         cache_shape = inputs[self.past_names[0]]
-        found = {"n_layer": sum(1 for name in inputs if name.startswith("past_")) // 2,
-                 "n_head": cache_shape[1], "head_dim": cache_shape[3], "vocab_size": outputs.get("logits", [None])[-1]}
+        row = cache_shape[3]
+        found = {"n_layer": sum(1 for name in inputs if name.startswith("past_")) // 2, "n_head": cache_shape[1],
+                 "head_dim": row - (self.cache_row - self.head_dim) if isinstance(row, int) else row,
+                 "vocab_size": outputs.get("logits", [None])[-1]}
         for field, value in found.items():
             if isinstance(value, int) and getattr(self, field) != value:  # a symbolic dimension says nothing
                 raise ModelError(f"{where}: model.{field} is {getattr(self, field)}, but the graph's is {value}; "
@@ -379,7 +385,7 @@ class OnnxDecoder:
 
         def runs_at(position: int) -> bool:
             # The history is as long as the position says (both graph kinds read it so).
-            past = np.zeros((1, self.n_head, position, self.head_dim), dtype=self.cache_dtype)
+            past = np.zeros((1, self.n_head, position, self.cache_row), dtype=self.cache_dtype)
             feeds: dict[str, np.ndarray] = {"input_ids": np.zeros((1, 1), dtype=np.int64),
                                             "position_ids": np.full((1, 1), position, dtype=np.int64)}
             feeds.update((name, past) for name in self.past_names)
@@ -407,7 +413,7 @@ class OnnxDecoder:
     def _graph_kv_cache(self) -> str:
         """"shared-buffer" when a past longer than the history comes back as a present of the same length
         (GroupQueryAttention reads the history's length from position_ids), "concat" when the graph appends."""
-        past = np.zeros((1, self.n_head, 2, self.head_dim), dtype=self.cache_dtype)
+        past = np.zeros((1, self.n_head, 2, self.cache_row), dtype=self.cache_dtype)
         feeds: dict[str, np.ndarray] = {"input_ids": np.zeros((1, 1), dtype=np.int64),
                                         "position_ids": np.zeros((1, 1), dtype=np.int64)}
         feeds.update((name, past) for name in self.past_names)
@@ -451,9 +457,10 @@ class OnnxDecoder:
         attention: dict[ort.InferenceSession, str] = {}
         matmuls: dict[ort.InferenceSession, int] = {}
         prompts: dict[ort.InferenceSession, bool] = {}  # its native matmuls are the faster way for a prompt's runs too
-        # The int8 variant keeps its cache in float16 on the native operator (engine/native_attention.py):
-        # a decode step reads the whole history, so half the bytes. Not where a prefill session of more
-        # threads keeps ONNX Runtime's node, whose cache is float32 (both sessions write the same buffers).
+        # The int8 variant keeps its cache in int8 rows (else float16) on the native operator
+        # (engine/native_attention.py): a decode step reads the whole history, so fewer bytes. Not where a
+        # prefill session of more threads keeps ONNX Runtime's node, whose cache is float32 (both sessions
+        # write the same buffers).
         half_cache = prefill_threads <= threads
 
         def make_session(name: str, session_threads: int, decode: bool = True) -> ort.InferenceSession:
@@ -461,14 +468,16 @@ class OnnxDecoder:
             graph = model if name == "fp32" else _variant_bytes(Path(folder), manifest, name, files)
             if chosen == [CPU] and session_threads == 1:  # the node keeps its thread pool where there is one
                 native, why = native_attention.prepare(graph, quantized_matmuls=decode and native_attention.enabled(native_matmul.SWITCH),
-                                                       half_cache=half_cache and name == "int8")
+                                                       half_cache=half_cache and name == "int8",
+                                                       int8_cache=half_cache and name == "int8")
                 if native is not None:
                     options = session_options(session_threads)
                     try:
                         options.register_custom_ops_library(str(native.library))
                         made = ort.InferenceSession(_last_positions_graph(native.graph, folder, name), options,
                                                     providers=chosen)
-                        attention[made] = f"native ({native.library.name}{', float16 cache' if native.half_cache else ''})"
+                        narrow = ", int8 cache" if native.int8_cache else ", float16 cache" if native.half_cache else ""
+                        attention[made] = f"native ({native.library.name}{narrow})"
                         matmuls[made] = native.matmuls
                         prompts[made] = native.matmuls > 0 and native_matmul.takes_prompts(native.library)
                         return made
@@ -542,12 +551,12 @@ class OnnxDecoder:
     # --- the cache -----------------------------------------------------------------------------------
 
     def _new_buffers(self, batch: int) -> tuple[list[np.ndarray], Any]:
-        shape = (batch, self.n_head, self.max_context, self.head_dim)
+        shape = (batch, self.n_head, self.max_context, self.cache_row)
         buffers = [np.zeros(shape, dtype=self.cache_dtype) for _ in self.past_names]
         return buffers, self._binding(buffers, self.session)
 
     def empty_cache(self, batch: int = 1) -> KVCache:
-        empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=self.cache_dtype)
+        empty = np.zeros((batch, self.n_head, 0, self.cache_row), dtype=self.cache_dtype)
         return KVCache(tuple(empty for _ in self.past_names))
 
     def in_buffer(self, cache: KVCache) -> KVCache:
@@ -574,7 +583,7 @@ class OnnxDecoder:
         n = cache.length
         if n:
             for target, source in zip(fresh.buffers, cache.tensors, strict=True):
-                target[:, :, :n] = source
+                target[:, :, :n] = self._as_cache_type(source)
         fresh.written = n + steps
         return fresh
 
@@ -704,7 +713,11 @@ class OnnxDecoder:
 
     def _as_cache_type(self, tensor: np.ndarray) -> np.ndarray:
         """A history built elsewhere (KVCache(tensors) from float32 arrays) in the graph's element type."""
-        return tensor if tensor.dtype == self.cache_dtype else tensor.astype(self.cache_dtype)
+        if tensor.dtype == self.cache_dtype:
+            return tensor
+        if self.cache_dtype == np.int8:
+            return cache_rows.quantize(tensor)
+        return (cache_rows.widen(tensor) if tensor.dtype == np.int8 else tensor).astype(self.cache_dtype)
 
     def _session_for(self, rows: int) -> ort.InferenceSession:
         """The session for a run of `rows` rows (batch x positions; a prompt's chunks count the whole
@@ -886,6 +899,9 @@ class _BoundInputs:
 
     def fits(self, shape: tuple[int, ...], last: int | None) -> bool:
         return self.ids.shape == shape and self.last == last
+
+
+_CACHE_DTYPES = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}  # else float32
 
 
 def _cache_type(session: ort.InferenceSession, manifest: Manifest) -> str:

@@ -1,6 +1,7 @@
 """The float16 KV cache of the int8 variant on the native operator (segue.CausalAttention16): the same
 arithmetic as the float operator on the same (half-precision) history, keys and values rounded to the
-nearest half as they are written, and the engine choosing it only where every session shares it."""
+nearest half as they are written, and the engine choosing it (with SEGUE_INT8_CACHE=0: by default the
+int8 variant keeps int8 rows, tests/test_int8_cache.py) only where every session shares it."""
 
 from __future__ import annotations
 
@@ -104,9 +105,10 @@ def test_a_cache_another_node_reads_stays_float():
 
 
 def test_the_engine_keeps_the_int8_variants_cache_in_halves(int8_model, monkeypatch):
-    """The int8 variant on one thread: a float16 cache on its sessions (the prompts' too, where it has one:
-    native_matmul.takes_prompts), the last-positions rewrite still applied, and logits within half
-    rounding of the float32 cache's, greedy tokens the same."""
+    """The int8 variant on one thread, int8 rows turned off: a float16 cache on its sessions (the prompts'
+    too, where it has one: native_matmul.takes_prompts), the last-positions rewrite still applied, and
+    logits within half rounding of the float32 cache's, greedy tokens the same."""
+    monkeypatch.setenv(native_attention.INT8_SWITCH, "0")
     half = OnnxDecoder.load(int8_model, variant="int8")
     monkeypatch.setenv(native_attention.HALF_SWITCH, "0")
     full = OnnxDecoder.load(int8_model, variant="int8")
@@ -135,10 +137,14 @@ def test_the_engine_keeps_the_int8_variants_cache_in_halves(int8_model, monkeypa
     assert tokens_half == tokens_full
 
 
-@pytest.mark.parametrize("why", ["fp32 variant", "prefill threads", "no F16C"])
-def test_elsewhere_the_cache_stays_float32(int8_model, monkeypatch, why):
-    """The fp32 variant (served to match the reference exactly), a prefill session of more threads (ONNX
-    Runtime's node, float32 only, shares the buffers) and a library without halves keep float32."""
+@pytest.mark.parametrize("why, int8_rows", [("fp32 variant", True), ("fp32 variant", False), ("prefill threads", True),
+                                            ("prefill threads", False), ("no F16C", False)])
+def test_elsewhere_the_cache_stays_float32(int8_model, monkeypatch, why, int8_rows):
+    """The fp32 variant (served to match the reference exactly) and a prefill session of more threads (ONNX
+    Runtime's node, float32 only, shares the buffers) keep float32, int8 rows allowed or not; a library
+    without halves, where int8 rows are turned off, too (with them on it keeps int8 rows: any CPU has them)."""
+    if not int8_rows:
+        monkeypatch.setenv(native_attention.INT8_SWITCH, "0")
     kwargs: dict = {"variant": "int8"}
     if why == "fp32 variant":
         kwargs["variant"] = "fp32"
@@ -154,17 +160,18 @@ def test_elsewhere_the_cache_stays_float32(int8_model, monkeypatch, why):
 
 def test_sessions_that_disagree_on_the_cache_leave_prompts_on_the_decode_session(int8_model, monkeypatch, caplog):
     """Should the prompt session's graph fall back to ONNX Runtime's node (float32 only) while the decode
-    session has halves, prompts go to the decode session rather than write floats into a half buffer."""
+    session has a narrower cache (int8 rows, by default), prompts go to the decode session rather than
+    write floats into its buffer."""
     monkeypatch.setenv(native_matmul.PROMPTS_SWITCH, "0")  # a second session for prompts, on any CPU
     real = native_attention.prepare
 
-    def only_for_decode(graph, quantized_matmuls=False, half_cache=False):
-        return real(graph, quantized_matmuls, half_cache) if quantized_matmuls else (None, "planted")
+    def only_for_decode(graph, quantized_matmuls=False, half_cache=False, int8_cache=False):
+        return real(graph, quantized_matmuls, half_cache, int8_cache) if quantized_matmuls else (None, "planted")
 
     monkeypatch.setattr(native_attention, "prepare", only_for_decode)
     with caplog.at_level(logging.WARNING, logger="engine.session"):
         decoder = OnnxDecoder.load(int8_model, variant="int8")
-    assert decoder.cache_dtype == np.float16 and decoder.prefill_session is None
+    assert decoder.cache_dtype == np.int8 and decoder.prefill_session is None
     assert "prompts run on the decode session" in caplog.text
     logits, cache = decoder.step(np.arange(4, 84)[None, :], decoder.empty_cache())
     assert np.isfinite(logits).all() and cache.length == 80
