@@ -36,7 +36,8 @@ one thread, so CPU time is the time the work took). Each figure is followed by i
 floor of this machine: the larger of the compute time (matmul FLOPs at the fp32 or int8 matmul
 rate measured here on one core) and the memory time (weights and KV cache read once, at the read
 bandwidth measured here for a working set that size; the cache counted in the element type the row
-keeps it in: float16 for the engine's int8 row where the native operator runs).
+keeps it in: int8 rows (a byte a number and a float32 scale per head) for the engine's int8 row where
+the native operator runs, float16 with SEGUE_INT8_CACHE=0).
 """
 
 from __future__ import annotations
@@ -170,13 +171,14 @@ class Shape:
     def head_weights(self) -> int:  # the tied output projection stays fp32
         return self.vocab * self.d_model
 
-    def kv_bytes(self, context: int, entry: int = 4) -> int:
-        return 2 * self.n_layer * context * self.d_model * entry
+    def kv_bytes(self, context: int, entry: float = 4) -> int:
+        return round(2 * self.n_layer * context * self.d_model * entry)
 
 
-def decode_floor(shape: Shape, ceilings: Ceilings, context: int, int8: bool, cache_entry: int = 4) -> float:
+def decode_floor(shape: Shape, ceilings: Ceilings, context: int, int8: bool, cache_entry: float = 4) -> float:
     """Milliseconds: one token at `context`, weights and cache read once, or the matmul work, whichever is longer.
-    `cache_entry`: bytes per cached number (2 where the engine keeps the int8 variant's cache in float16)."""
+    `cache_entry`: bytes per cached number (1 and a head's share of its scale where the engine keeps the int8
+    variant's cache in int8 rows, 2 in float16)."""
     weight_bytes = shape.block_weights * (1 if int8 else 4) + shape.head_weights * 4
     nbytes = weight_bytes + shape.kv_bytes(context, cache_entry)
     memory = nbytes / ceilings.read_gbs(nbytes) / 1e9
@@ -402,8 +404,9 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
         "engine int8": EngineRow(OnnxDecoder.load(shared_folder, threads=1, variant="int8"), tokenizer),
     }
     int8_rows = {"engine int8"}
-    # Bytes per cached number: the int8 engine's cache is float16 where the native operator runs.
-    entry = {row_name: row.decoder.cache_dtype.itemsize for row_name, row in rows.items() if isinstance(row, EngineRow)}
+    # Bytes per cached number: the int8 engine keeps int8 rows (a byte a number, a scale a head) where the native operator runs.
+    entry = {row_name: row.decoder.cache_dtype.itemsize * row.decoder.cache_row / row.decoder.head_dim
+             for row_name, row in rows.items() if isinstance(row, EngineRow)}
     for row_name, row in rows.items():
         if isinstance(row, EngineRow):
             print(f"  {row_name}: attention {row.decoder.attention}, {row.decoder.cache_dtype} cache", flush=True)
