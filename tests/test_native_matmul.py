@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engine import native_attention, native_matmul, session
+from engine import cache_rows, native_attention, native_matmul, session
 from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, session_options
 
 # Each code path, the -march flags that select it (native_attention.build_command adds the rest) and the CPU flags it needs.
@@ -326,7 +326,12 @@ def test_prompts_run_on_the_native_matmuls_where_that_path_is_the_faster(int8_mo
     np.testing.assert_allclose(logits, their_logits, rtol=1e-3, atol=2e-3)
     assert logits.argmax(-1).tolist() == their_logits.argmax(-1).tolist()
     for ours, reference in zip(cache.tensors, their_cache.tensors, strict=True):
-        np.testing.assert_allclose(ours.astype(np.float32), reference.astype(np.float32), rtol=1e-2, atol=1e-2)
+        if ours.dtype == np.int8:  # int8 rows (engine/cache_rows.py): a number may round to the next step
+            ours, reference = cache_rows.widen(ours), cache_rows.widen(reference)
+            step = np.abs(reference).max(axis=-1, keepdims=True) / 127
+            assert (np.abs(ours - reference) <= 1e-2 + 1e-2 * np.abs(reference) + 1.01 * step).all()
+        else:
+            np.testing.assert_allclose(ours.astype(np.float32), reference.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("run", [64, session.NATIVE_PROMPT_RUN])
