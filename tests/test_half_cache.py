@@ -125,16 +125,23 @@ def test_the_engine_keeps_the_int8_variants_cache_in_halves(int8_model, monkeypa
     cache_half, cache_full = got[1], want[1]
     assert cache_half.tensors[0].nbytes * 2 == cache_full.tensors[0].nbytes
     np.testing.assert_allclose(cache_half.tensors[0].astype(np.float32), cache_full.tensors[0], atol=0.02, rtol=1e-3)
-    tokens_half, tokens_full = [], []
-    token_half = token_full = np.array([[int(got[0].argmax())]])
-    for _ in range(24):
-        logits_half, cache_half = half.step(token_half, cache_half)
-        logits_full, cache_full = full.step(token_full, cache_full)
-        np.testing.assert_allclose(logits_half, logits_full, atol=0.05, rtol=0)
-        token_half, token_full = np.array([[int(logits_half.argmax())]]), np.array([[int(logits_full.argmax())]])
-        tokens_half.append(int(token_half[0, 0]))
-        tokens_full.append(int(token_full[0, 0]))
-    assert tokens_half == tokens_full
+    greedy_side_by_side(half, cache_half, full, cache_full, int(got[0].argmax()), atol=0.05)
+
+
+def greedy_side_by_side(ours: OnnxDecoder, our_cache, theirs: OnnxDecoder, their_cache, first: int, atol: float,
+                        steps: int = 24) -> None:
+    """Two decoders decode greedily from their caches, each from its own argmax: logits within `atol` at
+    every step, and the same tokens."""
+    tokens: tuple[list[int], list[int]] = ([], [])
+    token_ours = token_theirs = np.array([[first]])
+    for _ in range(steps):
+        logits_ours, our_cache = ours.step(token_ours, our_cache)
+        logits_theirs, their_cache = theirs.step(token_theirs, their_cache)
+        np.testing.assert_allclose(logits_ours, logits_theirs, atol=atol, rtol=0)
+        token_ours, token_theirs = np.array([[int(logits_ours.argmax())]]), np.array([[int(logits_theirs.argmax())]])
+        tokens[0].append(int(token_ours[0, 0]))
+        tokens[1].append(int(token_theirs[0, 0]))
+    assert tokens[0] == tokens[1]
 
 
 @pytest.mark.parametrize("why, int8_rows", [("fp32 variant", True), ("fp32 variant", False), ("prefill threads", True),

@@ -13,6 +13,7 @@ from onnx import TensorProto
 
 from engine import cache_rows, native_attention
 from engine.session import KVCache, OnnxDecoder, session_options
+from tests.test_half_cache import greedy_side_by_side
 from tests.test_native_attention import BUILDS, attention_graph, avx2_library, run_shared  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not native_attention.enabled() or native_attention.library()[0] is None,
@@ -167,13 +168,4 @@ def test_the_engine_keeps_the_int8_variants_cache_in_int8_rows(int8_model, monke
     token = np.array([[int(got[0].argmax())]])
     np.testing.assert_array_equal(rows.step(token, as_floats)[0], rows.step(token, cache_rows_)[0])
 
-    tokens_rows, tokens_half = [], []
-    token_rows = token_half = token
-    for _ in range(24):
-        logits_rows, cache_rows_ = rows.step(token_rows, cache_rows_)
-        logits_half, cache_half = half.step(token_half, cache_half)
-        np.testing.assert_allclose(logits_rows, logits_half, atol=0.1, rtol=0)
-        token_rows, token_half = np.array([[int(logits_rows.argmax())]]), np.array([[int(logits_half.argmax())]])
-        tokens_rows.append(int(token_rows[0, 0]))
-        tokens_half.append(int(token_half[0, 0]))
-    assert tokens_rows == tokens_half
+    greedy_side_by_side(rows, cache_rows_, half, cache_half, int(token[0, 0]), atol=0.1)

@@ -214,6 +214,19 @@ def test_a_length_a_tick_past_a_bar_line_does_not_move_the_continuation(service)
         assert all(first_beat <= start < first_beat + 4 for start in starts), (length, starts)
 
 
+def swap_in_retrained(tiny_model, models_dir, tmp_path) -> dict:
+    """As export-onnx updates a folder: a new one staged beside it (the same model, its manifest named
+    "retrained") moved in place of models/default. Returns that manifest."""
+    staged = tmp_path / "staged"
+    shutil.copytree(tiny_model, staged)
+    manifest = json.loads((staged / "manifest.json").read_text())
+    manifest["name"] = "retrained"
+    (staged / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(models_dir / "default")
+    shutil.move(staged, models_dir / "default")
+    return manifest
+
+
 def test_hot_swap_and_tampered_folder_refused(models_dir, tiny_model, tmp_path):
     registry = ModelRegistry(models_dir)
     registry.scan()
@@ -222,13 +235,7 @@ def test_hot_swap_and_tampered_folder_refused(models_dir, tiny_model, tmp_path):
     shutil.copytree(tiny_model, models_dir / "second")
     assert registry.scan() == ["second"]
     # An updated folder (export-onnx swaps a new folder in) replaces the old generator.
-    staged = tmp_path / "staged"
-    shutil.copytree(tiny_model, staged)
-    manifest = json.loads((staged / "manifest.json").read_text())
-    manifest["name"] = "retrained"
-    (staged / "manifest.json").write_text(json.dumps(manifest))
-    shutil.rmtree(models_dir / "default")
-    shutil.move(staged, models_dir / "default")
+    manifest = swap_in_retrained(tiny_model, models_dir, tmp_path)
     assert registry.scan() == ["default"]
     assert registry.get("default") is not old and registry.get("default").manifest.name == "retrained"
     serving = registry.get("default")
@@ -257,13 +264,7 @@ def test_loaded_models_are_kept_off_the_cyclic_collector_and_a_replaced_one_is_s
     assert id(old.generator) not in walked and id(old.generator.decoder) not in walked and gc.get_freeze_count() > 0
     old.generator.decoder.owner = old.generator  # a cycle through the old model (a listener, a closure would do)
     gone = weakref.ref(old.generator)
-    staged = tmp_path / "staged"
-    shutil.copytree(tiny_model, staged)
-    manifest = json.loads((staged / "manifest.json").read_text())
-    manifest["name"] = "retrained"
-    (staged / "manifest.json").write_text(json.dumps(manifest))
-    shutil.rmtree(models_dir / "default")
-    shutil.move(staged, models_dir / "default")
+    swap_in_retrained(tiny_model, models_dir, tmp_path)
     assert registry.scan() == ["default"]  # `old` is still held, as by a stream that started on it
     assert id(registry.get("default").generator) in {id(o) for o in gc.get_objects()}  # not frozen meanwhile
     del old
