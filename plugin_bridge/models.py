@@ -14,7 +14,7 @@ otherwise pays that now and then in the middle of a stream or before a first not
 bench/bench_gc_pause.py`). Frozen objects are still freed when their last reference goes, but garbage in
 reference cycles would stay: so a hot swap unfreezes everything, and the scans that follow (the
 watcher's) collect until every replaced model is gone, requests that were using it finished, and only
-then freeze again.
+then freeze again (or after SETTLE_SCANS scans, with a log line, should something keep it for good).
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def folder_signature(folder: Path) -> tuple:
 
 
 class ModelRegistry:
+    SETTLE_SCANS = 30  # scans (seconds, with the watcher) a replaced model may stay alive before freezing anyway
+
     def __init__(self, models_dir: Path, threads: int = 1, default: str = "default",
                  trusted_keys: tuple[Path, ...] = (), require_signed: bool = False):
         self.models_dir = Path(models_dir)
@@ -85,6 +87,7 @@ class ModelRegistry:
         self._watcher: threading.Thread | None = None
         self._swap_listeners: list[Callable[[LoadedModel, LoadedModel], None]] = []
         self._retired: list[weakref.ref] = []  # replaced generators not yet freed: nothing is frozen meanwhile
+        self._settle_scans = 0  # scans that found one of them still alive
 
     def on_swap(self, listener: Callable[[LoadedModel, LoadedModel], None]) -> None:
         """Call `listener(old, new)` (on the scanning thread) after a model is replaced by a newer load of its folder."""
@@ -172,8 +175,12 @@ class ModelRegistry:
             gc.unfreeze()  # the replaced model's objects may be frozen: a collection must reach them
             gc.collect()
             self._retired = [ref for ref in self._retired if ref() is not None]
-            if self._retired:  # still in use (a stream that started on it): the next scan looks again
-                return
+            self._settle_scans = self._settle_scans + 1 if self._retired else 0
+            if self._retired and self._settle_scans < self.SETTLE_SCANS:  # still in use (a stream that started
+                return  # on it): the next scan looks again
+            if self._retired:  # something keeps it: a full collection every scan would cost more than it saves
+                log.info("a replaced model is still referenced after %d scans; freezing the heap with it", self._settle_scans)
+                self._retired, self._settle_scans = [], 0
         gc.freeze()
 
     def _tell_swapped(self, old: LoadedModel, new: LoadedModel) -> None:

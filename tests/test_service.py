@@ -274,6 +274,22 @@ def test_loaded_models_are_kept_off_the_cyclic_collector_and_a_replaced_one_is_s
     registry.stop()
 
 
+def test_a_replaced_model_kept_for_good_stops_the_collections_after_a_while(models_dir, tiny_model, tmp_path, monkeypatch):
+    """Should something keep a replaced model for good, the scans stop collecting after SETTLE_SCANS and
+    freeze the heap with it, rather than run a full collection at every watcher tick."""
+    monkeypatch.setattr(ModelRegistry, "SETTLE_SCANS", 3)
+    registry = ModelRegistry(models_dir)
+    registry.scan()
+    kept = registry.get("default")
+    swap_in_retrained(tiny_model, models_dir, tmp_path)
+    assert registry.scan() == ["default"]
+    walked = lambda: {id(o) for o in gc.get_objects()}  # noqa: E731
+    assert registry.scan() == [] and id(registry.get("default").generator) in walked()  # second scan: still waiting
+    assert registry.scan() == [] and id(registry.get("default").generator) not in walked()  # the third: frozen
+    assert kept.generator is not None
+    registry.stop()
+
+
 def test_no_cancelled_after_finished_when_the_next_request_follows_at_once(service):
     inbox = Inbox()
     for n in range(30):
