@@ -7,11 +7,11 @@ atomically, so a request in flight keeps the generator it started with and the n
 the new one. A folder that fails verification is refused with a logged reason, and the model that
 was serving under that name keeps serving.
 
-After a scan that loaded something, everything alive is frozen out of Python's cyclic garbage
-collector (gc.freeze): a full collection walks every object a loaded model holds (68,000 for the shipped
-default: tokenizer, grammar tables, manifests), 35-45 ms with the GIL held, and a long-running server
-otherwise pays that now and then in the middle of a stream or before a first note (`python
-bench/bench_gc_pause.py`). Frozen objects are still freed when their last reference goes, but garbage in
+After a scan that loaded something, one full collection frees what is garbage already, and everything
+still alive is frozen out of Python's cyclic garbage collector (gc.freeze): a full collection walks every
+object a loaded model holds (67,000 for the shipped default: tokenizer, grammar tables, manifests), 31-45
+ms with the GIL held, and a long-running server otherwise pays that now and then in the middle of a
+stream or before a first note (`python bench/bench_gc_pause.py`). Frozen objects are still freed when their last reference goes, but garbage in
 reference cycles would stay: so a hot swap unfreezes everything, and the scans that follow (the
 watcher's) collect until every replaced model is gone, requests that were using it finished, and only
 then freeze again (or after SETTLE_SCANS scans, with a log line, should something keep it for good).
@@ -173,7 +173,8 @@ class ModelRegistry:
         """Freeze what is alive, once no replaced model is (see the module's note on the collector)."""
         if self._retired:
             gc.unfreeze()  # the replaced model's objects may be frozen: a collection must reach them
-            gc.collect()
+        gc.collect()  # garbage in cycles (a load's leftovers, a replaced model) is freed now, not frozen for good
+        if self._retired:
             self._retired = [ref for ref in self._retired if ref() is not None]
             self._settle_scans = self._settle_scans + 1 if self._retired else 0
             if self._retired and self._settle_scans < self.SETTLE_SCANS:  # still in use (a stream that started

@@ -274,6 +274,27 @@ def test_loaded_models_are_kept_off_the_cyclic_collector_and_a_replaced_one_is_s
     registry.stop()
 
 
+def test_garbage_left_in_cycles_at_a_load_is_freed_not_frozen(models_dir):
+    """What is already garbage when a scan freezes the heap (cycles a load left behind) is collected first,
+    not kept for good (the automatic collector is held off here, so only the scan's own collection runs)."""
+    class Leftover:
+        pass
+
+    leftover = Leftover()
+    leftover.itself = leftover  # type: ignore[attr-defined]
+    gone = weakref.ref(leftover)
+    del leftover
+    registry = ModelRegistry(models_dir)
+    gc.disable()
+    try:
+        assert gone() is not None  # garbage, but no collection has run
+        assert registry.scan() == ["default"]
+        assert gone() is None
+    finally:
+        gc.enable()
+        registry.stop()
+
+
 def test_a_replaced_model_kept_for_good_stops_the_collections_after_a_while(models_dir, tiny_model, tmp_path, monkeypatch):
     """Should something keep a replaced model for good, the scans stop collecting after SETTLE_SCANS and
     freeze the heap with it, rather than run a full collection at every watcher tick."""
