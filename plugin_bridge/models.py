@@ -11,10 +11,11 @@ After a scan that loaded something, one full collection frees what is garbage al
 still alive is frozen out of Python's cyclic garbage collector (gc.freeze): a full collection walks every
 object a loaded model holds (67,000 for the shipped default: tokenizer, grammar tables, manifests), 31-45
 ms with the GIL held, and a long-running server otherwise pays that now and then in the middle of a
-stream or before a first note (`python bench/bench_gc_pause.py`). Frozen objects are still freed when their last reference goes, but garbage in
-reference cycles would stay: so a hot swap unfreezes everything, and the scans that follow (the
-watcher's) collect until every replaced model is gone, requests that were using it finished, and only
-then freeze again (or after SETTLE_SCANS scans, with a log line, should something keep it for good).
+stream or before a first note (`python bench/bench_gc_pause.py`). Frozen objects are still freed when
+their last reference goes, but garbage in reference cycles would stay: so a hot swap unfreezes
+everything, and the scans that follow (the watcher's) collect until every replaced model is gone,
+requests that were using it finished, and only then freeze again (or after SETTLE_SCANS scans, with a
+log line, should something keep it for good).
 """
 
 from __future__ import annotations
