@@ -14,7 +14,7 @@ unfrozen (as before) and frozen (as the registry leaves them), in one process, o
 
 from __future__ import annotations
 
-import bench_setup  # noqa: F401  (first: one thread, this checkout on sys.path)
+from bench_setup import ROOT  # first: one thread, this checkout on sys.path (bench/bench_setup.py)
 
 # isort: split
 import argparse
@@ -25,8 +25,6 @@ from pathlib import Path
 
 from engine.machine import cpu_name
 from plugin_bridge.models import ModelRegistry
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def full_collection_ms(rounds: int) -> float:

@@ -189,9 +189,6 @@ static inline __attribute__((always_inline)) void segue_quantize_cache_row(char 
         segue_lanes x;
         memcpy(&x, from + d, sizeof x);
         x *= inverse;
-#if !defined(__AVX512F__)
-        segue_ints whole;
-#endif
 #if defined(__AVX512F__)
         __m512 wide;
         memcpy(&wide, &x, sizeof wide);
@@ -200,6 +197,7 @@ static inline __attribute__((always_inline)) void segue_quantize_cache_row(char 
         __m256 wide;
         memcpy(&wide, &x, sizeof wide);
         const __m256i rounded = _mm256_cvtps_epi32(wide);
+        segue_ints whole;
         memcpy(&whole, &rounded, sizeof whole);
         for (int j = 0; j < SEGUE_BLOCK; j++) row[d + j] = (char)(int8_t)whole[j];
 #endif
