@@ -102,6 +102,10 @@ class PrepareRequest:
     id: str
     clip: Clip | Arrangement
     model: str | None  # None: the server's default model
+    # The continue the prepare carries (the very request a shell will send as its continue), with the
+    # model's defaults for what it leaves out: the server begins it (plugin_bridge/head_start.py). None
+    # where its options would not pass as a continue's: the clip is prepared all the same.
+    continuation: ContinuationRequest | None = None
 
 
 SearchFor = Callable[[str | None], SearchDefaults]  # model name -> its generation defaults (KeyError: no such model)
@@ -249,13 +253,21 @@ def _model_of(payload: dict, request_id: str, search_for: SearchFor) -> tuple[st
 def parse_prepare(payload: Any, search_for: SearchFor) -> PrepareRequest:
     """A decoded prepare message -> a validated PrepareRequest (the clip checked exactly as a continue's).
 
-    Only `clip` and `model` matter: a shell may send the very object it will send as its continue
-    (any other field is ignored, not validated)."""
+    The clip and the model must pass; a shell may send the very object it will send as its continue,
+    whose other fields, when it has any and they pass as a continue's options, are the continuation
+    begun ahead (`continuation`), and are otherwise ignored: never an error for a prepare."""
     request_id = request_id_of(payload)
     if not request_id:
         raise ProtocolError(BAD_REQUEST, "a prepare request needs an id")
-    model, _ = _model_of(payload, request_id, search_for)
-    return PrepareRequest(request_id, parse_clip(payload.get("clip"), request_id), model)
+    model, search = _model_of(payload, request_id, search_for)
+    clip = parse_clip(payload.get("clip"), request_id)
+    continuation: ContinuationRequest | None = None
+    if any(name in payload for name in (*OPTION_TYPES, "mode", "constraints")):  # a bare prepare asks for no continuation
+        try:
+            continuation = _continuation(payload, search, request_id)
+        except ProtocolError:
+            continuation = None
+    return PrepareRequest(request_id, clip, model, continuation)
 
 
 def parse_continue(payload: Any, search_for: SearchFor) -> ContinueRequest:
@@ -268,6 +280,11 @@ def parse_continue(payload: Any, search_for: SearchFor) -> ContinueRequest:
         raise ProtocolError(BAD_REQUEST, "a continue request needs an id")
     model, search = _model_of(payload, request_id, search_for)
     clip = parse_clip(payload.get("clip"), request_id)
+    return ContinueRequest(request_id, clip, model, _continuation(payload, search, request_id))
+
+
+def _continuation(payload: dict, search: SearchDefaults, request_id: str) -> ContinuationRequest:
+    """A continue message's options over the model's `search` defaults, validated (ProtocolError: which is wrong)."""
     options: dict[str, Any] = {name: _number(payload, name, kind, None, request_id) for name, kind in OPTION_TYPES.items()}
     mode = payload.get("mode")
     if mode is not None and not isinstance(mode, str):
@@ -279,7 +296,7 @@ def parse_continue(payload: Any, search_for: SearchFor) -> ContinueRequest:
         request = ContinuationRequest.from_options(search, mode=mode, **options)
     except (RequestError, ValueError, TypeError) as exc:
         raise ProtocolError(BAD_REQUEST, str(exc)[:MAX_MESSAGE_CHARS], request_id) from None
-    return ContinueRequest(request_id, clip, model, request)
+    return request
 
 
 # --- reply events ---------------------------------------------------------------------------------

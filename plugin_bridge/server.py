@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-cache-mb", type=float, default=DEFAULT_PREFILL_CACHE_MB, metavar="MB",
                    help="memory for prepared clips, so that Continue on a clip prepared (or continued) before starts at once "
                         f"(default {DEFAULT_PREFILL_CACHE_MB:g}; 0 keeps none)")
+    p.add_argument("--no-head-start", action="store_true",
+                   help="compute only what is asked: do not draw a prepared clip's continuation up to its first note "
+                        "before its Continue (nor the next one after a Continue, for Generate again)")
     p.add_argument("--trusted-key", type=Path, action="append", default=[], metavar="PUB",
                    help="public key (PEM) whose signatures this server trusts; repeatable (see `segue sign`)")
     p.add_argument("--require-signed", action="store_true",
@@ -68,7 +71,8 @@ class Server:
     def __init__(self, models: Path, host: str = "127.0.0.1", osc_port: int = 0, zmq_port: int = 0,
                  clips_dir: Path | None = None, threads: int = 1, workers: int = 2, default_model: str = "default",
                  watch: bool = True, trusted_keys: tuple[Path, ...] = (), require_signed: bool = False,
-                 prefill_cache_mb: float = DEFAULT_PREFILL_CACHE_MB, curve: CurveServer | None = None):
+                 prefill_cache_mb: float = DEFAULT_PREFILL_CACHE_MB, curve: CurveServer | None = None,
+                 head_starts: bool = True):
         from plugin_bridge.models import ModelRegistry
         from plugin_bridge.service import Service
 
@@ -84,7 +88,7 @@ class Server:
         if prefill_cache_mb < 0:
             raise RuntimeError(f"--prefill-cache-mb must be 0 or more, not {prefill_cache_mb:g}")
         self.service = Service(self.registry, clips_dir or default_clips_dir(), workers=workers,
-                               prefill_cache_bytes=int(prefill_cache_mb * 2**20))
+                               prefill_cache_bytes=int(prefill_cache_mb * 2**20), head_starts=head_starts)
         self.host, self.osc_port, self.zmq_port, self.watch = host, osc_port, zmq_port, watch
         self.curve = curve
         self.osc: OscTransport | None = None
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         curve = CurveServer(args.curve_secret, args.curve_clients) if args.curve_secret is not None else None
         server = Server(args.models, args.host, args.osc_port, args.zmq_port, args.clips_dir, args.threads, args.workers,
                         args.default_model, watch=not args.no_watch, trusted_keys=tuple(args.trusted_key),
-                        require_signed=args.require_signed, prefill_cache_mb=args.prefill_cache_mb, curve=curve).start()
+                        require_signed=args.require_signed, prefill_cache_mb=args.prefill_cache_mb, curve=curve,
+                        head_starts=not args.no_head_start).start()
     except (RuntimeError, OSError, CurveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

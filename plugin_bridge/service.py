@@ -18,6 +18,10 @@ whose socket is not thread-safe must hand the reply to its own I/O thread (see t
   (engine/prefill_cache.py, bounded in bytes, least recently used evicted), where a continue of the
   same clip finds it and starts decoding at once; every continue keeps its own prefill there too,
   so "generate again" skips it. A client has at most one prepare waiting: a newer one replaces it.
+- a prepare that carries the continue's options (a shell may send the very request its Continue will
+  send) also has its continuation drawn up to the first note on that thread and kept, one per client
+  (plugin_bridge/head_start.py): the continue that asks exactly that takes it and its first note goes out
+  at once. After a continue ends, the same clip and request get the next one, for "Generate again".
 
 Every request ends with exactly one terminal reply (`finished`, `error` or `cancelled`): a job is
 forgotten before its last reply is sent, and sending and cancelling take turns on the job's lock.
@@ -37,19 +41,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.clip import Clip
+from engine.clip import Arrangement, Clip
 from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
 from engine.manifest import SearchDefaults
 from engine.midi_file import write_tracks
 from engine.prefill_cache import DEFAULT_MAX_BYTES, PrefillCache
 from engine.provenance import Provenance
-from plugin_bridge import protocol
+from plugin_bridge import head_start, protocol
 from plugin_bridge.intake import Intake
 from plugin_bridge.models import LoadedModel, ModelRegistry
 
 log = logging.getLogger("segue.service")
 
 Emit = Callable[[dict], None]
+
+MAX_HEAD_STARTS = 4  # continuations kept drawn ahead, one per client, the oldest closed first (each holds a decode buffer)
+
+
+def _nobody(event: dict) -> None:
+    """The `emit` of the service's own prepares (the next head start after a continue): nobody asked, nobody is told."""
 
 
 def server_version() -> str:
@@ -119,8 +129,11 @@ def new_instance_id() -> str:
 
 class Service:
     def __init__(self, registry: ModelRegistry, clips_dir: Path, workers: int = 2, max_queue: int = 32,
-                 prefill_cache_bytes: int = DEFAULT_MAX_BYTES):
+                 prefill_cache_bytes: int = DEFAULT_MAX_BYTES, head_starts: bool = True):
+        """`head_starts`: draw prepared continuations ahead (plugin_bridge/head_start.py); False: compute
+        nothing but what is asked (the prefill of a prepare, the continue itself)."""
         self.instance = new_instance_id()
+        self.head_starts = head_starts
         self.prefills = PrefillCache(prefill_cache_bytes)  # prepared (and already continued) prompts, by their tokens
         self.registry = registry
         self.clips_dir = Path(clips_dir)
@@ -133,6 +146,7 @@ class Service:
         self._running = 0  # continue jobs a worker is generating right now
         self._prepares: deque[PrepareJob] = deque()  # waiting prepare jobs, oldest first (one per client)
         self._prepare_of: dict[str, PrepareJob] = {}  # client -> its waiting prepare job
+        self._head_starts: dict[str, head_start.HeadStart] = {}  # client -> its continuation drawn ahead, oldest first
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)
         self._prepare_ready = threading.Condition(self._lock)  # a prepare may start: one waits and no continue runs
@@ -226,8 +240,11 @@ class Service:
             prepare = self._prepare_of.get(client)
             if prepare is not None:
                 self._drop_prepare(prepare)
+            head = self._head_starts.pop(client, None)
         if job is not None:
             job.cancel(tell_client=False)
+        if head is not None:
+            head.close()
 
     def close(self) -> None:
         self.registry.off_swap(self._model_swapped)
@@ -245,6 +262,11 @@ class Service:
             job.cancel(tell_client=False)
         for worker in self._workers:
             worker.join(timeout=5)
+        with self._lock:
+            heads = list(self._head_starts.values())
+            self._head_starts.clear()
+        for head in heads:
+            head.close()
 
     # --- internals -----------------------------------------------------------------------------------
 
@@ -343,8 +365,17 @@ class Service:
         variations = 0
         continued = 1 if isinstance(request.clip, Clip) else len(request.clip.continued)
         finished_tracks: dict[int, list[VariationDone]] = {}  # variation -> its continued tracks done so far
+        with self._lock:
+            head = self._head_starts.pop(job.client, None)
+        if head is not None and not head.serves(model, request.clip, spec):
+            head.close()  # another clip, model or request: its buffer goes back before this one's prefill
+            head = None
+        if head is not None:
+            events = head.resume(job.cancelled.is_set)
+        else:
+            events = model.generator.stream(request.clip, spec, should_stop=job.cancelled.is_set, prefills=self.prefills)
         try:
-            for event in model.generator.stream(request.clip, spec, should_stop=job.cancelled.is_set, prefills=self.prefills):
+            for event in events:
                 now_ms = (time.perf_counter() - job.received) * 1000
                 if isinstance(event, NoteEvent):
                     first_note = now_ms if first_note is None else first_note
@@ -364,13 +395,30 @@ class Service:
         except RequestError as exc:  # found only against the model: a meter it lacks, constraints it cannot meet
             self._end(job, protocol.error_event(request.id, exc.code, str(exc)))
             return
+        finally:
+            events.close()  # type: ignore[attr-defined]  (a generator: a request cancelled mid-stream gives its buffer back now)
         total = (time.perf_counter() - job.received) * 1000
+        self._draw_again(job)
         if job.cancelled.is_set() or not self._end(job, protocol.finished_event(request.id, variations, total)):
             log.info("client=%s id=%s model=%s bars=%d cancelled after %.0f ms", job.client, request.id, model.name, spec.bars, total)
             return
-        log.info("client=%s id=%s model=%s bars=%d variations=%d first_note_ms=%s total_ms=%.0f queue_ms=%.0f",
+        log.info("client=%s id=%s model=%s bars=%d variations=%d first_note_ms=%s total_ms=%.0f queue_ms=%.0f head_start=%s",
                  job.client, request.id, model.name, spec.bars, spec.variations,
-                 "-" if first_note is None else f"{first_note:.1f}", total, (started - job.received) * 1000)
+                 "-" if first_note is None else f"{first_note:.1f}", total, (started - job.received) * 1000,
+                 "yes" if head is not None else "no")
+
+    def _draw_again(self, job: Job) -> None:
+        """After a continue, the same clip and request drawn ahead again (on the prepare thread, once the
+        engine is idle), for the musician's "Generate again": unless the client has sent something newer."""
+        request = job.request
+        with self._lock:
+            if (not self.head_starts or self._closing or job.client in self._prepare_of or self._jobs.get(job.client) not in (None, job)
+                    or len(self._prepares) >= MAX_HEAD_STARTS):  # a busy server: its clients' own prepares first
+                return
+            again = PrepareJob(job.client, protocol.PrepareRequest(request.id, request.clip, request.model, request.request),
+                               _nobody)
+            self._prepare_of[job.client] = again
+            self._prepares.append(again)
 
     # --- prepare ------------------------------------------------------------------------------------
 
@@ -436,19 +484,55 @@ class Service:
         except RequestError as exc:  # a meter the model lacks, a bar longer than its context: as a continue is told
             safe_emit(job.emit, protocol.error_event(request.id, exc.code, str(exc)))
             return
-        now = time.perf_counter()
         prefill_ms = 0.0 if prefilled.reused else prefilled.prefill_ms
+        drawn = self._begin_head_start(job.client, model, request.clip, request.continuation)
+        now = time.perf_counter()
         safe_emit(job.emit, protocol.prepared_event(request.id, model.name, len(prefilled.ids), prefilled.reused, prefill_ms,
                                                     (now - job.received) * 1000))
         stats = self.prefills.stats()
-        log.info("client=%s id=%s model=%s prepared tokens=%d cached=%s reused_from_another=%d prefill_ms=%.1f "
+        log.info("client=%s id=%s model=%s %s tokens=%d cached=%s reused_from_another=%d prefill_ms=%.1f head_start=%s "
                  "total_ms=%.0f wait_ms=%.0f (cache: %d prompts, %.1f of %.0f MB)", job.client, request.id, model.name,
-                 len(prefilled.ids), "yes" if prefilled.reused else "no", prefilled.prefix_reused, prefill_ms,
+                 "drawn again" if job.emit is _nobody else "prepared", len(prefilled.ids), "yes" if prefilled.reused else "no",
+                 prefilled.prefix_reused, prefill_ms, f"{drawn} note(s)" if drawn is not None else "no",
                  (now - job.received) * 1000, (started - job.received) * 1000,
                  stats.entries, stats.bytes / 2**20, stats.max_bytes / 2**20)
 
+    def _generation_waits(self) -> bool:
+        """A continue waits or runs (or the service is closing): what stops a head start being drawn.
+        Read without the lock: a step late at worst."""
+        return bool(self._waiting or self._running or self._closing)
+
+    def _begin_head_start(self, client: str, model: LoadedModel, clip: Clip | Arrangement,
+                          continuation: ContinuationRequest | None) -> int | None:
+        """The prepared continuation drawn up to its first note and kept for the client's continue (replacing
+        the client's earlier one): the notes drawn, None when there is none to keep."""
+        if continuation is None or not self.head_starts:
+            return None
+        try:
+            head = head_start.begin(model, clip, continuation, self.prefills, self._generation_waits)
+        except Exception:  # a bug here costs the head start, never the prepare: the continue decodes for itself
+            log.exception("drawing the continuation of a prepared clip failed; the prepare stands")
+            head = None
+        if head is None:
+            return None
+        closed = []
+        with self._lock:
+            if (earlier := self._head_starts.pop(client, None)) is not None:
+                closed.append(earlier)
+            self._head_starts[client] = head
+            while len(self._head_starts) > MAX_HEAD_STARTS:
+                closed.append(self._head_starts.pop(next(iter(self._head_starts))))
+        for old in closed:
+            old.close()
+        return head.notes
+
     def _model_swapped(self, old: LoadedModel, new: LoadedModel) -> None:
-        """A model folder was replaced: the old model's prefills can never be used again."""
+        """A model folder was replaced: the old model's prefills and head starts can never be used again."""
+        with self._lock:
+            stale = [client for client, head in self._head_starts.items() if head.model is old]
+            heads = [self._head_starts.pop(client) for client in stale]
+        for head in heads:
+            head.close()
         before, after = old.generator.cache_identity, new.generator.cache_identity
         if before != after:
             dropped = self.prefills.forget(before)

@@ -518,12 +518,15 @@ def test_clips_that_differ_within_the_first_run_share_nothing(generator):
 @pytest.fixture
 def serve(models_dir, tmp_path, monkeypatch):
     """Start a Server (OSC and ZeroMQ on random loopback ports) with the given prefill memory; every
-    server and client made is closed after the test. `.prefills` records the prefills the model ran."""
+    server and client made is closed after the test. `.prefills` records the prefills the model ran.
+    `head_starts=False` for tests that count the prefill cache's uses exactly: after each continue the
+    server draws the next head start (plugin_bridge/head_start.py), a use of the cache at a moment of its own."""
     made: list[Server] = []
     clients: list = []
 
-    def start(prefill_cache_mb: float = 256) -> SimpleNamespace:
-        server = Server(models_dir, clips_dir=tmp_path / "clips", watch=False, prefill_cache_mb=prefill_cache_mb).start()
+    def start(prefill_cache_mb: float = 256, head_starts: bool = True) -> SimpleNamespace:
+        server = Server(models_dir, clips_dir=tmp_path / "clips", watch=False, prefill_cache_mb=prefill_cache_mb,
+                        head_starts=head_starts).start()
         made.append(server)
         assert server.osc is not None and server.zmq is not None
         osc = OscClient("127.0.0.1", server.osc.port, timeout=60)
@@ -558,7 +561,7 @@ def reply(client: OscClient, request_id: str) -> dict:
 
 @pytest.mark.parametrize("clip", ["one track", "band"])
 def test_prepare_then_continue_over_osc_gives_the_cold_notes_without_a_prefill(serve, generator, clip):
-    s = serve()
+    s = serve(head_starts=False)
     payload = clip_payload(4) if clip == "one track" else BAND
     prompt = prompt_of(generator, payload)
     request = {"clip": payload, "bars": 2, "variations": 3, "seed": 11}
@@ -580,7 +583,7 @@ def test_prepare_then_continue_over_osc_gives_the_cold_notes_without_a_prefill(s
 
 
 def test_generate_again_over_zmq_reuses_the_prefill_of_the_first_continue(serve, generator):
-    s = serve()
+    s = serve(head_starts=False)
     payload = clip_payload(3)
     first = list(s.zmq.continue_stream(payload, bars=2, seed=1))
     second = list(s.zmq.continue_stream(payload, bars=1, seed=2, mode="beam"))
@@ -624,7 +627,7 @@ MALFORMED = {  # address, type tags and arguments after the reply port and the i
 
 
 def test_malformed_prepares_get_a_clear_error_and_the_server_keeps_serving(serve):
-    s = serve()
+    s = serve(head_starts=False)
     for number, (name, (address, tags, args, code, words)) in enumerate(MALFORMED.items()):
         request_id = f"m{number}"
         s.osc.send(address, "s" + tags, [request_id, *args])
