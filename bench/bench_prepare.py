@@ -3,11 +3,14 @@
     python bench/bench_prepare.py --runs 15                         # the tiny test model (built) and models/default
     python bench/bench_prepare.py --model models/default --runs 15  # one model folder (repeatable)
 
-For each model, two `segue serve` processes run side by side on loopback: one with
-`--prefill-cache-mb 0` (every continue is cold: tokenize, prefill, decode, as before `prepare`
-existed) and one with the default cache, where each run first sends `prepare` for the clip and
-waits for `prepared` (the musician selected the clip a moment ago) and then sends the `continue`.
-Runs alternate between the two servers with the same seed, so both decode the same tokens. The
+For each model, three `segue serve` processes run side by side on loopback: one with
+`--prefill-cache-mb 0 --no-head-start` (every continue is cold: tokenize, prefill, decode, as before
+`prepare` existed), one with `--no-head-start` (a prepare prefills the clip, and that is all), and one
+with the defaults (a prepare also draws the continuation up to its first note: a head start,
+plugin_bridge/head_start.py). On the last two each run first sends `prepare` with the very request
+the continue will send, as the JUCE shell does, and waits for `prepared` (the musician selected the
+clip a moment ago), then sends the `continue`. Runs alternate between the servers with the same
+seed, so all decode the same tokens. The
 time measured is the client's: from sending the `continue` datagram to receiving the first `note`
 (the request is then cancelled: only the first note is measured); `--idle-ms` lets the servers sit
 idle before each continue, as a musician's clicks do. Clips: the bundled examples cut
@@ -15,7 +18,7 @@ to 4 bars, and a dense 4-bar ostinato (a three-note chord on every 16th: 48 note
 a Markdown table of medians with the CPU's name; the target of issue 11 is a first note within
 5 ms of `continue` for a prepared clip.
 
-`--baseline DIR` runs a third server, prepared like the second, from another checkout of Segue (for
+`--baseline DIR` runs a fourth server, prepared like the third, from another checkout of Segue (for
 example `git worktree add /tmp/before <commit>`), on the same model, its runs alternated with the
 others: a before/after column measured side by side, at the same moment of the machine.
 """
@@ -69,7 +72,7 @@ def free_port(kind: int) -> int:
 class Served:
     """One `segue serve` process over a folder holding one model (as `default`), and an OSC client of it."""
 
-    def __init__(self, model: Path, cache_mb: float, workdir: Path, root: Path = ROOT):
+    def __init__(self, model: Path, cache_mb: float, workdir: Path, root: Path = ROOT, head_starts: bool = True):
         models = workdir / f"models-{model.name}-{cache_mb:g}-{abs(hash(str(root))):x}"
         models.mkdir(parents=True, exist_ok=True)
         if not (models / "default").exists():  # a copy: the server refuses links that leave its models folder
@@ -78,7 +81,8 @@ class Served:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "plugin_bridge.cli", "serve", "--models", str(models), "--no-watch",
              "--osc-port", str(osc_port), "--zmq-port", str(free_port(socket.SOCK_STREAM)),
-             "--clips-dir", str(workdir / "clips"), "--prefill-cache-mb", f"{cache_mb:g}", "--log-level", "WARNING"],
+             "--clips-dir", str(workdir / "clips"), "--prefill-cache-mb", f"{cache_mb:g}", "--log-level", "WARNING",
+             *([] if head_starts else ["--no-head-start"])],
             stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)})
         assert self.process.stdout is not None
         banner = self.process.stdout.readline()
@@ -87,8 +91,9 @@ class Served:
             raise SystemExit(f"the server for {model} did not start: {banner!r}")
         self.client = OscClient("127.0.0.1", osc_port, timeout=120)
 
-    def prepare(self, clip: dict) -> dict:
-        request_id = self.client.prepare_clip({"clip": clip})
+    def prepare(self, request: dict) -> dict:
+        """Prepare the clip of `request` (a continue's: its options ask for the head start)."""
+        request_id = self.client.prepare_clip(request)
         events = list(self.client.stream(request_id))
         if events[-1]["type"] != "prepared":
             raise RuntimeError(events[-1])
@@ -121,9 +126,10 @@ class Served:
 
 def bench_model(model: Path, clips: dict[str, dict], runs: int, bars: int, workdir: Path, idle_ms: float = 0.0,
                 baseline: Path | None = None) -> list[dict]:
-    cold, warm = Served(model, 0, workdir), Served(model, 256, workdir)
+    cold, prefilled, warm = (Served(model, 0, workdir, head_starts=False), Served(model, 256, workdir, head_starts=False),
+                             Served(model, 256, workdir))
     before = Served(model, 256, workdir, baseline) if baseline is not None else None
-    prepared_sides = [warm] + ([before] if before is not None else [])
+    prepared_sides = [prefilled, warm] + ([before] if before is not None else [])
     rows = []
     try:
         for name, clip in clips.items():
@@ -131,10 +137,11 @@ def bench_model(model: Path, clips: dict[str, dict], runs: int, bars: int, workd
             # Warm-up: the first request after a start builds per-shape tables; neither side counts it.
             cold.first_note_ms({**base, "seed": 10_000})
             for side in prepared_sides:
-                first = side.prepare(clip)  # the first time this server sees the clip: its prefill is computed
+                first = side.prepare({**base, "seed": 10_000})  # the first time this server sees the clip: prefilled
                 assert not first["cached"], first
                 side.first_note_ms({**base, "seed": 10_000})
             colds: list[float] = []
+            prefills: list[float] = []
             preps: list[float] = []
             befores: list[float] = []
             tokens = 0
@@ -142,18 +149,20 @@ def bench_model(model: Path, clips: dict[str, dict], runs: int, bars: int, workd
                 request = {**base, "seed": run}
                 time.sleep(idle_ms / 1000)
                 colds.append(cold.first_note_ms(request))
-                pairs = [(warm, preps)] + ([(before, befores)] if before is not None else [])
+                pairs = [(prefilled, prefills), (warm, preps)] + ([(before, befores)] if before is not None else [])
                 for side, times in pairs if run % 2 else pairs[::-1]:  # which goes first alternates
-                    prepared = side.prepare(clip)
+                    prepared = side.prepare(request)
                     tokens = prepared["tokens"]
                     time.sleep(idle_ms / 1000)  # the musician selected the clip a moment before pressing Continue
                     times.append(side.first_note_ms(request))
             rows.append({"model": model.name if model.name != "model" else model.parent.name, "clip": name,
                          "notes": len(clip["notes"]), "tokens": tokens, "cold": statistics.median(colds),
-                         "cold_p90": sorted(colds)[int(0.9 * (len(colds) - 1))], "prepared": statistics.median(preps),
+                         "cold_p90": sorted(colds)[int(0.9 * (len(colds) - 1))], "prefilled": statistics.median(prefills),
+                         "prefilled_p90": sorted(prefills)[int(0.9 * (len(prefills) - 1))], "prepared": statistics.median(preps),
                          "prepared_p90": sorted(preps)[int(0.9 * (len(preps) - 1))], "prefill": first["prefill_ms"],
                          "baseline": statistics.median(befores) if befores else None})
-            print(f"  {rows[-1]['model']} {name}: cold {rows[-1]['cold']:.1f} ms, prepared {rows[-1]['prepared']:.1f} ms"
+            print(f"  {rows[-1]['model']} {name}: cold {rows[-1]['cold']:.1f} ms, prefilled {rows[-1]['prefilled']:.1f} ms, "
+                  f"prepared (head start) {rows[-1]['prepared']:.1f} ms"
                   + (f" (baseline {rows[-1]['baseline']:.1f} ms)" if befores else ""), file=sys.stderr, flush=True)
     finally:
         for side in [cold] + prepared_sides:
@@ -198,11 +207,13 @@ def main() -> None:
           f"`segue serve` defaults (1 thread, 2 workers)\n")
     baseline = f" | prepared, {args.baseline} (ms, p50)" if args.baseline else ""
     print("| model | clip (4 bars) | notes | prompt tokens | prefill, in the background (ms) | first note cold (ms, p50 / p90) "
-          f"| first note prepared (ms, p50 / p90){baseline} | cold / prepared | prepared ≤ {TARGET_MS:g} ms |")
-    print("|---|---|---|---|---|---|---|" + ("---|" if args.baseline else "") + "---|---|")
+          "| prepared, prefill only (`--no-head-start`; ms, p50 / p90) "
+          f"| prepared, head start (the default; ms, p50 / p90){baseline} | cold / prepared | prepared ≤ {TARGET_MS:g} ms |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.baseline else "") + "---|---|")
     for r in rows:
         before = f" | {r['baseline']:.1f}" if args.baseline else ""
         print(f"| {r['model']} | {r['clip']} | {r['notes']} | {r['tokens']} | {r['prefill']:.1f} | {r['cold']:.1f} / {r['cold_p90']:.1f} "
+              f"| {r['prefilled']:.1f} / {r['prefilled_p90']:.1f} "
               f"| {r['prepared']:.1f} / {r['prepared_p90']:.1f}{before} | {r['cold'] / r['prepared']:.1f}× "
               f"| {'yes' if r['prepared'] <= TARGET_MS else 'no'} |")
 

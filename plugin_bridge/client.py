@@ -128,12 +128,18 @@ class SegueClient:
         request = {"type": "continue", "clip": clip, **{k: v for k, v in params.items() if v is not None}}
         return self._stream(request, request_id)
 
-    def prepare(self, clip: dict, *, model: str | None = None, request_id: str | None = None) -> dict:
+    def prepare(self, clip: dict, *, model: str | None = None, request_id: str | None = None, **params) -> dict:
         """Have the server tokenize and prefill `clip` (protocol form) now, so that a continue of the same
         clip starts decoding at once. Returns the `prepared` reply (`tokens`, `cached`, `prefill_ms`, ...).
-        Raises ClientError on an error reply, with code "cancelled" when a newer prepare of this client
-        replaced it before it started."""
-        request = {"type": "prepare", "clip": clip, **({"model": model} if model is not None else {})}
+        `params` are the continue's that will follow (bars, variations, seed, ...): the server then also draws
+        that continuation up to its first note (a head start), which a continue with the same clip and
+        parameters takes, its first note at once. Raises ClientError on an error reply, with code "cancelled"
+        when a newer prepare of this client replaced it before it started."""
+        unknown = set(params) - CONTINUE_PARAMS
+        if unknown:
+            raise TypeError(f"unknown continue parameter(s): {', '.join(sorted(unknown))}")
+        request = {"type": "prepare", "clip": clip, **({"model": model} if model is not None else {}),
+                   **{k: v for k, v in params.items() if v is not None}}
         rid = self._send(request, request_id)
         try:
             while True:

@@ -231,6 +231,11 @@ class Service:
             log.debug("client=%s cancel id=%s: nothing running under that id (already ended?); no reply", client, request_id)
         return False
 
+    def drawn_ahead(self) -> int:
+        """How many clients have a continuation drawn ahead, waiting for their continue (head_start.py)."""
+        with self._lock:
+            return len(self._head_starts)
+
     def client_gone(self, client: str) -> None:
         """The transport lost this client: free the engine without replying."""
         with self._lock:
@@ -504,8 +509,13 @@ class Service:
 
     def _begin_head_start(self, client: str, model: LoadedModel, clip: Clip | Arrangement,
                           continuation: ContinuationRequest | None) -> int | None:
-        """The prepared continuation drawn up to its first note and kept for the client's continue (replacing
-        the client's earlier one): the notes drawn, None when there is none to keep."""
+        """The prepared continuation drawn up to its first note and kept for the client's continue: the notes
+        drawn, None when there is none to keep. The client's earlier one is closed either way (it moved on
+        to this clip: one per client, each holds a decode buffer)."""
+        with self._lock:
+            earlier = self._head_starts.pop(client, None)
+        if earlier is not None:
+            earlier.close()
         if continuation is None or not self.head_starts:
             return None
         try:
@@ -516,9 +526,7 @@ class Service:
         if head is None:
             return None
         closed = []
-        with self._lock:
-            if (earlier := self._head_starts.pop(client, None)) is not None:
-                closed.append(earlier)
+        with self._lock:  # (only this thread adds one: the client has none now)
             self._head_starts[client] = head
             while len(self._head_starts) > MAX_HEAD_STARTS:
                 closed.append(self._head_starts.pop(next(iter(self._head_starts))))

@@ -1,0 +1,171 @@
+"""Head starts: a prepared clip's continuation drawn up to its first note before its continue.
+
+A real Server on 127.0.0.1 (random ports, the tiny model), talked to over OSC. What the workers did
+(a model call, a note sent) is recorded in order, so "the first note needed no model call" is checked
+as an order of events, not as a time.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from conftest import clip_payload
+from test_service import swap_in_retrained
+
+from engine.generate import ContinuationRequest
+from engine.prefill_cache import PrefillCache
+from engine.provenance import read_provenance
+from plugin_bridge import head_start, protocol
+from plugin_bridge.osc_client import OscClient
+from plugin_bridge.protocol import parse_clip
+from plugin_bridge.server import Server
+
+
+def in_a_worker() -> bool:
+    return threading.current_thread().name.startswith("segue-worker")
+
+
+@pytest.fixture
+def serve(models_dir, tmp_path, monkeypatch):
+    """start(head_starts) -> a Server and an OSC client of it. `.order` (shared by every server started)
+    lists "model" for each model call and "note" for each note a worker made, in order."""
+    made: list[Server] = []
+    clients: list[OscClient] = []
+    order: list[str] = []
+    note_event = protocol.note_event
+
+    def noted(*args, **kwargs):
+        if in_a_worker():
+            order.append("note")
+        return note_event(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "note_event", noted)
+
+    def start(head_starts: bool = True) -> SimpleNamespace:
+        server = Server(models_dir, clips_dir=tmp_path / f"clips{len(made)}", watch=False, head_starts=head_starts).start()
+        made.append(server)
+        assert server.osc is not None
+        client = OscClient("127.0.0.1", server.osc.port, timeout=60)
+        clients.append(client)
+        decoder = server.registry.get(None).generator.decoder
+        for name in ("step", "forward", "step_instead"):
+            def model_call(*args, _call=getattr(decoder, name), **kwargs):
+                if in_a_worker():
+                    order.append("model")
+                return _call(*args, **kwargs)
+            monkeypatch.setattr(decoder, name, model_call)
+        return SimpleNamespace(server=server, osc=client, order=order)
+
+    yield start
+    for client in clients:
+        client.close()
+    for server in made:
+        server.stop()
+
+
+def continued(s: SimpleNamespace, request: dict) -> tuple[list[tuple], dict, list[str]]:
+    """One OSC continue: its notes, its first `done` and what the workers did, in order."""
+    s.order.clear()
+    notes, done = [], None
+    for event in s.osc.stream(s.osc.continue_clip(request)):
+        if event["type"] == "note":
+            notes.append(tuple(event[k] for k in ("variation", "track", "pitch", "velocity", "start", "duration", "channel")))
+        elif event["type"] == "done" and done is None:
+            done = event
+        terminal = event
+    assert terminal["type"] == "finished" and done is not None, terminal
+    return notes, done, list(s.order)
+
+
+def prepared(s: SimpleNamespace, request: dict) -> dict:
+    events = list(s.osc.stream(s.osc.prepare_clip(request)))
+    assert [e["type"] for e in events] == ["prepared"], events
+    return events[0]
+
+
+def wait_for_head_starts(s: SimpleNamespace, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while s.server.service.drawn_ahead() < count:
+        assert time.monotonic() < deadline, "no head start was drawn"
+        time.sleep(0.01)
+
+
+def test_a_prepared_continue_sends_its_first_note_before_any_model_call_and_the_notes_are_the_cold_ones(serve):
+    request = {"clip": clip_payload(4), "bars": 2, "variations": 1, "seed": 11}
+    cold = serve(head_starts=False)
+    cold_notes, _, cold_order = continued(cold, request)
+    assert cold_notes and cold_order[0] == "model"  # without a head start the first note waits for the model
+
+    s = serve()
+    prepared(s, request)  # the very request the continue sends, as the JUCE shell's prepare carries it
+    assert s.server.service.drawn_ahead() == 1
+    notes, _, order = continued(s, request)
+    assert notes == cold_notes
+    assert order[0] == "note" and "model" in order  # the first note was drawn ahead; the rest decoded on from there
+
+
+def test_a_continue_without_a_seed_gets_the_notes_of_the_seed_drawn_with_the_head_start(serve):
+    request = {"clip": clip_payload(3), "bars": 2, "variations": 2}
+    s = serve()
+    prepared(s, request)
+    notes, done, order = continued(s, request)
+    assert order[0] == "note"
+    seed = read_provenance(done["path"]).seed  # the seed the server chose at prepare, recorded in the .mid
+    assert seed is not None
+    again, _, _ = continued(serve(head_starts=False), {**request, "seed": seed})
+    assert notes == again
+
+
+def test_a_continue_that_asks_for_something_else_decodes_its_own_notes(serve):
+    clip = clip_payload(4)
+    reference, _, _ = continued(serve(head_starts=False), {"clip": clip, "bars": 3, "seed": 5})
+    s = serve()
+    prepared(s, {"clip": clip, "bars": 2, "seed": 5})
+    notes, _, order = continued(s, {"clip": clip, "bars": 3, "seed": 5})
+    assert notes == reference and order[0] == "model"
+    # A prepare without the continue's options (bare) draws nothing ahead.
+    prepared(s, {"clip": clip_payload(2)})
+    assert s.server.service.drawn_ahead() == 0
+
+
+def test_generate_again_has_its_head_start_drawn_after_the_first_continue(serve):
+    request = {"clip": clip_payload(2), "bars": 2, "variations": 1, "seed": 8}
+    s = serve()
+    first, _, first_order = continued(s, request)
+    assert first_order[0] == "model"
+    wait_for_head_starts(s, 1)  # drawn in the background once the first continue ended
+    again, _, order = continued(s, request)
+    assert again == first and order[0] == "note"  # the same seed, the same notes: the first one at once
+
+
+def test_stopped_short_a_head_start_is_dropped_and_its_buffer_is_free(generator):
+    """A continue waiting anywhere stops the drawing; what was drawn is dropped and the prompt's buffer is
+    given back, so the next stream of that clip decodes in it (a lease) rather than in a copy."""
+    clip = parse_clip(clip_payload(3), "x")
+    prefills = PrefillCache()
+    generator.prefill(clip, prefills)
+    model = SimpleNamespace(generator=generator)
+    request = ContinuationRequest(bars=2, variations=1, seed=3)
+    assert head_start.begin(model, clip, request, prefills, should_stop=lambda: True) is None
+    leases = prefills.stats().leases
+    head = head_start.begin(model, clip, request, prefills, should_stop=lambda: False)
+    assert head is not None and head.notes == 1 and prefills.stats().leases == leases + 1
+    head.close()
+    assert head_start.begin(model, clip, request, prefills, should_stop=lambda: False) is not None
+    assert prefills.stats().leases == leases + 2
+    assert head_start.begin(model, clip, ContinuationRequest(bars=1, mode="beam", beam_width=2), prefills,
+                            should_stop=lambda: False) is None  # beam search writes its notes at its end
+
+
+def test_a_hot_swap_closes_the_head_starts_of_the_replaced_model(service, tiny_model, models_dir, tmp_path):
+    replies: queue.Queue = queue.Queue()
+    service.handle("c", {"type": "prepare", "id": "p1", "clip": clip_payload(2), "bars": 1, "seed": 1}, replies.put)
+    assert replies.get(timeout=30)["type"] == "prepared"
+    assert service.drawn_ahead() == 1
+    swap_in_retrained(tiny_model, models_dir, tmp_path)
+    assert service.registry.scan() == ["default"]
+    assert service.drawn_ahead() == 0
