@@ -82,7 +82,7 @@ class HeadStart:
 
     def close(self) -> None:
         """End the stream where it is (its prompt's decode buffer is given back)."""
-        self.stream.close()  # type: ignore[attr-defined]  (a generator)
+        self.stream.close()  # type: ignore[attr-defined]  # Generator.stream is a generator
 
 
 def begin(model, clip: Clip | Arrangement, request: ContinuationRequest, prefills: PrefillCache,

@@ -401,7 +401,7 @@ class Service:
             self._end(job, protocol.error_event(request.id, exc.code, str(exc)))
             return
         finally:
-            events.close()  # type: ignore[attr-defined]  (a generator: a request cancelled mid-stream gives its buffer back now)
+            events.close()  # type: ignore[attr-defined]  # a generator: one cancelled mid-stream gives its buffer back now
         total = (time.perf_counter() - job.received) * 1000
         self._draw_again(job)
         if job.cancelled.is_set() or not self._end(job, protocol.finished_event(request.id, variations, total)):
@@ -420,7 +420,7 @@ class Service:
             if (not self.head_starts or self._closing or job.client in self._prepare_of or self._jobs.get(job.client) not in (None, job)
                     or len(self._prepares) >= MAX_HEAD_STARTS):  # a busy server: its clients' own prepares first
                 return
-            again = PrepareJob(job.client, protocol.PrepareRequest(request.id, request.clip, request.model, request.request),
+            again = PrepareJob(job.client, protocol.PrepareRequest(f"{request.id}+again", request.clip, request.model, request.request),
                                _nobody)
             self._prepare_of[job.client] = again
             self._prepares.append(again)
