@@ -1,6 +1,7 @@
 """The decode steps right after other work: each of the first steps timed on its own, after nothing, after
-reading other memory, and after a prefill, with the native int8 matmuls reading their weights as eight
-streams and as one (SEGUE_MATMUL_STREAMS=0), the two decoders alternating in one process.
+reading other memory, after a prefill, and after the process slept (--idle-ms: nothing ran, as before a
+musician's click), with the native int8 matmuls reading their weights as eight streams and as one
+(SEGUE_MATMUL_STREAMS=0), the two decoders alternating in one process.
 
     python bench/bench_cold_steps.py models/default
     python bench/bench_cold_steps.py FOLDER --context 512 --evict-mb 64 --rounds 30
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=512, help="positions before the timed steps")
     parser.add_argument("--steps", type=int, default=8, help="steps timed after each case")
     parser.add_argument("--evict-mb", type=int, default=64, help="other memory read in the second case")
+    parser.add_argument("--idle-ms", type=float, default=30.0, help="how long the process sleeps in the last case")
     parser.add_argument("--rounds", type=int, default=25)
     args = parser.parse_args(argv)
 
@@ -60,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     def prefill(decoder: OnnxDecoder) -> None:
         decoder.step(ids[:, :300], decoder.empty_cache())
 
+    def idle(decoder: OnnxDecoder) -> None:
+        time.sleep(args.idle_ms / 1000)
+
     cases = {"nothing (steps back to back)": nothing, f"reading {args.evict_mb} MB of other memory": read_other,
-             "a prefill of 300 tokens": prefill}
+             "a prefill of 300 tokens": prefill, f"{args.idle_ms:g} ms asleep": idle}
     times = {(case, name): [[] for _ in range(args.steps)] for case in cases for name in decoders}
     for _ in range(args.rounds):
         for case, before in cases.items():
