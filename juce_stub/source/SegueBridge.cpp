@@ -246,7 +246,7 @@ void SegueBridge::run()
             triedStart = false;
             // Another server: it has prepared nothing of ours.
             prepareUpload.reset();
-            lastPreparedClip.clear();
+            lastPreparedRequest.clear();
             prepareUnsupported = false;
             {
                 std::lock_guard<std::mutex> guard (lock);
@@ -479,7 +479,7 @@ void SegueBridge::sendContinue (Clip clip)
     // this continue (the server puts generation first). The server keeps this clip's prefill too.
     dropPrepareUpload();
     lastPrepareId.clear();
-    lastPreparedClip = clipJson (clip);
+    lastPreparedRequest = json; // the server draws this one ahead again, for Generate again
 
     {
         std::lock_guard<std::mutex> guard (lock);
@@ -531,19 +531,19 @@ void SegueBridge::sendPrepare (const Clip& clip, const RequestSettings& settings
     const std::pair<int, int> meter { clip.numerator, clip.denominator };
     if (! modelMeters.empty() && std::find (modelMeters.begin(), modelMeters.end(), meter) == modelMeters.end())
         return; // nothing to prefill: a Continue of it says why
-    auto text = clipJson (clip);
-    if (text == lastPreparedClip)
-        return; // the server has this very prompt already (prepared, or continued)
+    // The very JSON the Continue will send: the server prefills its clip and draws that continuation up
+    // to its first note (a head start, docs/protocol.md 3.9), so a changed setting is worth a prepare too.
+    auto json = continueJson (clip, settings);
+    if (json == lastPreparedRequest)
+        return; // the server has this very request ready already (prepared, or continued)
 
-    // The very JSON the Continue will send: the server reads its `clip` (and `model`) only.
     dropPrepareUpload();
     const auto id = sessionPrefix + "-p" + juce::String (++prepareCounter);
-    const auto json = continueJson (clip, settings);
     const auto result = sendJson (SEGUE_OSC_PREPARE, SEGUE_TAGS_PREPARE, SEGUE_OSC_PREPARE_CHUNK, SEGUE_TAGS_PREPARE_CHUNK,
                                   id, json, prepareUpload, nowMs());
     if (result != SendResult::sent && result != SendResult::uploading)
-        return; // a prepare is only a head start: its Continue prefills the clip itself
-    lastPreparedClip = std::move (text);
+        return; // a prepare only saves time: its Continue prefills the clip itself
+    lastPreparedRequest = std::move (json);
     lastPrepareId = id;
     std::lock_guard<std::mutex> guard (lock);
     state.prepared = "preparing " + juce::String ((int) clip.notes.size()) + " notes...";
@@ -619,7 +619,7 @@ void SegueBridge::serviceUpload (double now)
         {
             // A prepare is only a head start: give up quietly, and try again at the next bar line.
             prepareUpload.reset();
-            lastPreparedClip.clear();
+            lastPreparedRequest.clear();
             std::lock_guard<std::mutex> guard (lock);
             state.prepared.clear();
         }
@@ -684,7 +684,7 @@ void SegueBridge::handleReply (const juce::OSCMessage& m)
         {
             prepareUpload.reset();
             lastPrepareId.clear();
-            lastPreparedClip.clear();
+            lastPreparedRequest.clear();
             prepareUnsupported = false;
             std::lock_guard<std::mutex> guard (lock);
             prepareFilePending = fileClip.has_value();
@@ -772,7 +772,7 @@ void SegueBridge::handleReply (const juce::OSCMessage& m)
             if (code == SEGUE_ERROR_UNKNOWN_TYPE)
                 prepareUnsupported = true; // a server older than prepare: each Continue prefills its clip
             else if (code == SEGUE_ERROR_BUSY)
-                lastPreparedClip.clear(); // try again at the next bar line
+                lastPreparedRequest.clear(); // try again at the next bar line
             std::lock_guard<std::mutex> guard (lock);
             state.prepared = code == SEGUE_ERROR_UNKNOWN_TYPE || state.running
                                  ? juce::String()

@@ -181,7 +181,7 @@ private:
     std::optional<Upload> prepareUpload; // the latest prepare's chunked upload
     int prepareCounter = 0;
     juce::String lastPrepareId;          // the latest prepare sent; replies to older ones are ignored
-    std::string lastPreparedClip;        // clipJson of the clip the server was last given (prepare or continue)
+    std::string lastPreparedRequest;     // continueJson of the request the server was last given (prepare or continue)
     bool prepareFilePending = false;     // a dropped file waits to be prepared (until connected and idle)
     bool prepareUnsupported = false;     // this server answered prepare with unknown_type (older than prepare)
     std::deque<PlayerCommand> overflow; // waits here when the audio FIFO is full
