@@ -169,3 +169,67 @@ def test_a_hot_swap_closes_the_head_starts_of_the_replaced_model(service, tiny_m
     swap_in_retrained(tiny_model, models_dir, tmp_path)
     assert service.registry.scan() == ["default"]
     assert service.drawn_ahead() == 0
+
+
+def test_clients_preparing_continuing_and_cancelling_at_once_all_get_the_cold_notes(service, caplog):
+    """Three clients at once, each preparing (sometimes not waiting for `prepared`), continuing what it
+    prepared or something else, and cancelling after the first note now and then: head starts taken,
+    closed, stopped short and drawn again under real threads never change a note."""
+    import random
+
+    caplog.set_level("INFO", logger="segue.service")
+    generator = service.registry.get(None).generator
+    clips = [clip_payload(bars) for bars in (2, 3)]
+    options = [{"bars": 2, "variations": v, "seed": s, "temperature": 1.0} for s in (1, 2) for v in (1, 2)]
+
+    def notes_of(events) -> list[tuple]:
+        return [(e["variation"], e["pitch"], e["velocity"], e["start"], e["duration"]) for e in events if e["type"] == "note"]
+
+    cold = {}
+    for c, clip in enumerate(clips):
+        for o, option in enumerate(options):
+            request = ContinuationRequest(**option)
+            cold[(c, o)] = [(e.variation, e.note.pitch, e.note.velocity, round(e.note.start, 6), round(e.note.duration, 6))
+                            for e in generator.stream(parse_clip(clip, "x"), request) if hasattr(e, "note")]
+    wrong: list[tuple] = []
+
+    def musician(number: int) -> None:
+        chance = random.Random(number)
+        client = f"client-{number}"
+        replies: queue.Queue = queue.Queue()
+        for turn in range(8):
+            c, o = chance.randrange(2), chance.randrange(len(options))
+            if chance.random() < 0.7:
+                service.handle(client, {"type": "prepare", "id": f"p{turn}", "clip": clips[c], **options[o]}, replies.put)
+                if chance.random() < 0.6:  # the musician waits a moment; else Continue right away, racing the drawing
+                    while (event := replies.get(timeout=60))["id"] != f"p{turn}" or event["type"] not in ("prepared", "error"):
+                        pass
+            if chance.random() < 0.3:
+                o = chance.randrange(len(options))  # the settings changed before the press
+            cancel = chance.random() < 0.3
+            service.handle(client, {"type": "continue", "id": f"c{turn}", "clip": clips[c], **options[o]}, replies.put)
+            events = []
+            while True:
+                event = replies.get(timeout=60)
+                if event["id"] != f"c{turn}":
+                    continue  # a prepare's reply
+                events.append(event)
+                if cancel and event["type"] == "note" and len(events) == 1:
+                    service.handle(client, {"type": "cancel", "id": f"c{turn}"}, replies.put)
+                if event["type"] in ("finished", "cancelled", "error"):
+                    break
+            got = notes_of(events)
+            if events[-1]["type"] == "error" or got != cold[(c, o)][:len(got)] or \
+                    (events[-1]["type"] == "finished" and len(got) != len(cold[(c, o)])):
+                wrong.append((number, turn, c, o, cancel, events[-1]["type"]))
+
+    threads = [threading.Thread(target=musician, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads)
+    assert wrong == []
+    taken = sum("head_start=yes" in record.getMessage() for record in caplog.records)
+    finished = sum("first_note_ms=" in record.getMessage() for record in caplog.records)
+    assert 0 < taken < finished, (taken, finished)  # some continues took a head start, others decoded for themselves
