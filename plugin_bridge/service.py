@@ -417,13 +417,14 @@ class Service:
         engine is idle), for the musician's "Generate again": unless the client has sent something newer."""
         request = job.request
         with self._lock:
-            if (not self.head_starts or self._closing or job.client in self._prepare_of or self._jobs.get(job.client) not in (None, job)
-                    or len(self._prepares) >= MAX_HEAD_STARTS):  # a busy server: its clients' own prepares first
+            newer = job.client in self._prepare_of or self._jobs.get(job.client) not in (None, job)
+            busy = len(self._prepares) >= MAX_HEAD_STARTS  # a busy server: its clients' own prepares first
+            if not self.head_starts or self._closing or newer or busy:
                 return
-            again = PrepareJob(job.client, protocol.PrepareRequest(f"{request.id}+again", request.clip, request.model, request.request),
-                               _nobody)
-            self._prepare_of[job.client] = again
-            self._prepares.append(again)
+            again = protocol.PrepareRequest(f"{request.id}+again", request.clip, request.model, request.request)
+            again_job = PrepareJob(job.client, again, _nobody)
+            self._prepare_of[job.client] = again_job
+            self._prepares.append(again_job)
 
     # --- prepare ------------------------------------------------------------------------------------
 
