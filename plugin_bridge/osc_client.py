@@ -5,7 +5,8 @@
         for event in client.stream(request_id):
             print(event)          # {"type": "note", ...}, ..., {"type": "done", ...}, {"type": "finished", ...}
 
-        client.prepare_clip({"clip": clip})   # when the musician selects the clip: its continue starts at once
+        client.prepare_clip({"clip": clip, "bars": 4})   # when the musician selects the clip: the continue
+                                                         # of that very request sends its first note at once
 
 Live's embedded Python cannot load compiled extensions, so this module uses only the standard
 library, python-osc's pure message builder/parser and the two pure modules beside it
@@ -101,8 +102,9 @@ class OscClient:
         return self._request("continue", request, request_id)
 
     def prepare_clip(self, request: dict, request_id: str | None = None) -> str:
-        """Send a prepare request ({"clip": ..., "model": ...}; the continue object itself will do): the server
-        prefills the clip in the background and answers `prepared`. Split when large. Returns its id."""
+        """Send a prepare request ({"clip": ..., "model": ...}; the continue object itself will do, and then the
+        server also draws that continuation up to its first note, a head start): the server prefills the clip in
+        the background and answers `prepared`. Split when large. Returns its id."""
         return self._request("prepare", request, request_id)
 
     def _request(self, kind: str, request: dict, request_id: str | None) -> str:
