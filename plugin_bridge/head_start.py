@@ -13,10 +13,10 @@ seed then continues with that one, and its `.mid` provenance records it. A conti
 takes a head start begun with that same seed only.
 
 Why: after a prepare, the first note still waited for tokens of the continuation's first bar and at
-least one model call, 2-3 ms of work that ran 2x slower on a machine coming back from idle (every
-continue does: a musician's click follows silence; docs/performance.md "Session 23"). The ostinato of
-bench/bench_prepare.py needed two calls (6.5 ms to its first note over OSC). Drawn ahead, the first note
-costs the request's parsing and one hand-off to a worker.
+least one model call: 1.4 ms of work back to back on the shipped model, 2.5-3 ms on a machine coming
+back from idle, as every continue does (a musician's click follows silence; docs/performance.md "Session
+23"). The ostinato of bench/bench_prepare.py needed two calls (6.5 ms to its first note over OSC). Drawn
+ahead, the first note costs the request's parsing and one hand-off to a worker.
 
 The drawing stops at the first decode step after a continue starts waiting or running anywhere in the
 server (generation goes first, as for prefills); a head start stopped short is thrown away. After a
