@@ -60,6 +60,11 @@ AHEAD_TOKENS = 3  # at most this many tokens of a prepared prompt's look ahead (
 KEPT_GRAMMARS = 16  # fresh grammars kept for requests that ask for one again (see _grammar)
 
 
+def fresh_seed() -> int:
+    """A seed for a request that names none: drawn from the OS's entropy, below 2**31."""
+    return int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+
+
 @dataclass(frozen=True)
 class NoteEvent:
     variation: int
@@ -402,7 +407,7 @@ class Generator:
     def _stream_samples(self, arrangement: Arrangement, request: ContinuationRequest, prompt: list[int], offset: float,
                         should_stop: Callable[[], bool] | None,
                         prefills: PrefillCache | None = None) -> Iterator[NoteEvent | VariationDone]:
-        seed = request.seed if request.seed is not None else int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+        seed = request.seed if request.seed is not None else fresh_seed()
         rows = []
         opening: list[int] = []
         groups = self.track_groups(arrangement)

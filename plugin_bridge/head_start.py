@@ -30,10 +30,8 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from engine.clip import Arrangement, Clip
-from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone
+from engine.generate import ContinuationRequest, NoteEvent, RequestError, VariationDone, fresh_seed
 from engine.prefill_cache import PrefillCache
 
 log = logging.getLogger("segue.head_start")
@@ -92,7 +90,7 @@ def begin(model, clip: Clip | Arrangement, request: ContinuationRequest, prefill
     refuses (the continue will say why), or `should_stop` said stop first."""
     if request.mode != "sample":
         return None
-    seed = request.seed if request.seed is not None else int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    seed = request.seed if request.seed is not None else fresh_seed()
     stop = _StopWhen(should_stop)
     stream = model.generator.stream(clip, replace(request, seed=seed), should_stop=stop, prefills=prefills)
     events: list[Event] = []

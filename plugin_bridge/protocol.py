@@ -266,7 +266,7 @@ def parse_prepare(payload: Any, search_for: SearchFor) -> PrepareRequest:
         try:
             continuation = _continuation(payload, search, request_id)
         except ProtocolError:
-            continuation = None
+            pass  # not a continue's options: the clip is prepared all the same
     return PrepareRequest(request_id, clip, model, continuation)
 
 
