@@ -3,9 +3,10 @@
     python3.7 tests/live_script_driver.py SCRIPTS_DIR OSC_PORT
 
 Standard library only, Python 3.7 syntax. A fake `Live` module and a Session View with one track:
-slot 1 holds a 2-bar clip, slot 2 is empty. Sends the continue trigger, ticks as Live does until the
-script is idle, and prints one JSON object: the status-bar messages and the new clip (name, length, notes).
-tests/test_live_script.py runs it and checks the notes against the server's .mid.
+slot 1 holds a 2-bar clip, shown in the Clip View, slot 2 is empty. Ticks as Live does until the
+script's prepare of the shown clip is answered (at most 10 s), sends the continue trigger, ticks until
+the script is idle, and prints one JSON object: the status-bar messages, the log and the new clip
+(name, length, notes). tests/test_live_script.py runs it and checks the notes against the server's .mid.
 """
 
 import json
@@ -33,12 +34,36 @@ class Clip:
         self.start_time, self.end_time = 0.0, length
         self.notes = [Note(*n) for n in notes]
         self.added = []
+        self.listeners = []
+
+    def add_notes_listener(self, callback):
+        self.listeners.append(callback)
+
+    def remove_notes_listener(self, callback):
+        self.listeners.remove(callback)
+
+    def notes_has_listener(self, callback):
+        return callback in self.listeners
 
     def get_notes_extended(self, from_pitch, pitch_span, from_time, time_span):
         return [n for n in self.notes if from_time <= n.start_time < from_time + time_span]
 
     def add_new_notes(self, specs):
         self.added.extend(specs)
+
+
+class View:
+    def __init__(self, clip):
+        self.detail_clip, self.listeners = clip, []
+
+    def add_detail_clip_listener(self, callback):
+        self.listeners.append(callback)
+
+    def remove_detail_clip_listener(self, callback):
+        self.listeners.remove(callback)
+
+    def detail_clip_has_listener(self, callback):
+        return callback in self.listeners
 
 
 class Slot:
@@ -62,7 +87,7 @@ class Track:
 
 class CInstance:
     def __init__(self, song):
-        self._song, self.messages = song, []
+        self._song, self.messages, self.logged = song, [], []
 
     def song(self):
         return self._song
@@ -71,7 +96,7 @@ class CInstance:
         self.messages.append(message)
 
     def log_message(self, message):
-        pass
+        self.logged.append(message)
 
     def handle(self):
         return 1
@@ -92,10 +117,14 @@ def main(scripts_dir, port):
     source = Clip(8.0, [(60, 0.0, 1.0, 90), (64, 1.0, 1.0, 80), (67, 2.0, 1.0, 80), (72, 3.0, 1.5, 100),
                         (48, 0.0, 4.0, 70), (65, 6.0, 2.0, 85)], name="Riff")
     track = Track("Keys", [Slot(source), Slot()])
-    song = types.SimpleNamespace(tracks=[track], tempo=120.0, view=types.SimpleNamespace(detail_clip=source))
+    song = types.SimpleNamespace(tracks=[track], tempo=120.0, view=View(source))
     c = CInstance(song)
     surface = Segue.surface.SegueSurface(c, Segue.surface.Settings(port=port, bars=2, variations=1, seed=9))
     reply_port = surface.link.reply_port
+    deadline = time.monotonic() + 10
+    while not any("prepared" in line for line in c.logged) and time.monotonic() < deadline:
+        surface.update_display()
+        time.sleep(0.01)
     surface.receive_midi((0xBF, 102, 127))
     deadline = time.monotonic() + 60
     while (surface.running or surface._scheduled) and time.monotonic() < deadline:
@@ -103,7 +132,8 @@ def main(scripts_dir, port):
         time.sleep(0.01)
     surface.disconnect()
     new = track.clip_slots[1].clip
-    print(json.dumps({"python": list(sys.version_info[:2]), "messages": c.messages, "reply_port": reply_port,
+    print(json.dumps({"python": list(sys.version_info[:2]), "messages": c.messages, "logged": c.logged,
+                      "reply_port": reply_port, "listeners": len(song.view.listeners) + len(source.listeners),
                       "clip": None if new is None else {
                           "name": new.name, "length": new.length,
                           "notes": [[s.pitch, s.velocity, s.start_time, s.duration] for s in new.added]}}))

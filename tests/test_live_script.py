@@ -72,6 +72,21 @@ class FakeClip:
         self.end_time = start_time + length if end_time is None else end_time
         self.notes = [FakeNote(*n) for n in notes]
         self.added: list[NoteSpec] = []
+        self.notes_listeners = Listeners()
+
+    def add_notes_listener(self, callback) -> None:
+        self.notes_listeners.add(callback)
+
+    def remove_notes_listener(self, callback) -> None:
+        self.notes_listeners.remove(callback)
+
+    def notes_has_listener(self, callback) -> bool:
+        return callback in self.notes_listeners.callbacks
+
+    def edit(self, notes) -> None:
+        """The musician edits the notes in the Clip View: Live tells the notes listeners."""
+        self.notes = [FakeNote(*n) for n in notes]
+        self.notes_listeners.fire()
 
     def get_notes_extended(self, from_pitch, pitch_span, from_time, time_span):
         return [n for n in self.notes + [FakeNote(s.pitch, s.start_time, s.duration, s.velocity, s.mute) for s in self.added]
@@ -80,6 +95,7 @@ class FakeClip:
     def add_new_notes(self, specs):
         assert isinstance(specs, tuple) and all(isinstance(s, NoteSpec) for s in specs)
         self.added.extend(specs)
+        self.notes_listeners.fire()
         return list(range(len(specs)))
 
 
@@ -128,9 +144,51 @@ class FakeLive11Track(FakeTrack):
     create_midi_clip = property()  # Live 11 has no Track.create_midi_clip: reading it raises AttributeError
 
 
-@dataclass
+class Listeners:
+    """One of Live's listener lists: Live refuses a callback added twice or removed when absent."""
+
+    def __init__(self):
+        self.callbacks: list = []
+
+    def add(self, callback) -> None:
+        assert callback not in self.callbacks, "Live raises on a listener added twice"
+        self.callbacks.append(callback)
+
+    def remove(self, callback) -> None:
+        assert callback in self.callbacks, "Live raises on removing a listener that is not there"
+        self.callbacks.remove(callback)
+
+    def fire(self) -> None:
+        for callback in list(self.callbacks):
+            callback()
+
+
 class FakeView:
-    detail_clip: FakeClip | None = None
+    """Song.View: `detail_clip` tells its listeners when another clip is shown."""
+
+    def __init__(self, detail_clip: FakeClip | None = None):
+        self._detail_clip = detail_clip
+        self.detail_clip_listeners = Listeners()
+
+    @property
+    def detail_clip(self) -> FakeClip | None:
+        return self._detail_clip
+
+    @detail_clip.setter
+    def detail_clip(self, clip: FakeClip | None) -> None:
+        changed = clip is not self._detail_clip
+        self._detail_clip = clip
+        if changed:
+            self.detail_clip_listeners.fire()
+
+    def add_detail_clip_listener(self, callback) -> None:
+        self.detail_clip_listeners.add(callback)
+
+    def remove_detail_clip_listener(self, callback) -> None:
+        self.detail_clip_listeners.remove(callback)
+
+    def detail_clip_has_listener(self, callback) -> bool:
+        return callback in self.detail_clip_listeners.callbacks
 
 
 @dataclass
@@ -208,7 +266,7 @@ class Session:
         self.c = FakeCInstance(song)
         options = {"port": port, "bars": 2, "variations": 2, "seed": 5, "hello_timeout": 1.0, **settings}
         self.surface = segue.create_instance(self.c)
-        self.surface.link.close()  # the settings of a test replace config.py's
+        self.surface.disconnect()  # the settings of a test replace config.py's
         self.surface = segue.surface.SegueSurface(self.c, settings=segue.surface.Settings(**options))
         self.reply_port = self.surface.link.reply_port  # the script's identity on the server, in its file names
 
@@ -293,10 +351,16 @@ def test_the_script_continues_a_clip_in_python_37_as_in_live_11(server):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["python"] == [3, 7]
+    assert any("the server prepared the shown clip" in line for line in out["logged"]), out["logged"]
     assert out["clip"] and out["clip"]["name"] == "Segue 1/1 Riff" and out["clip"]["length"] == 8.0, out["messages"]
     (mid,) = sorted(server.clips_dir.glob(f"osc_127.0.0.1_{out['reply_port']}-*-v1.mid"))
     got = sorted((p, int(v), round(s, 4), round(d, 4)) for p, v, s, d in out["clip"]["notes"])
     assert got == expected(mid, offset=8.0, length=8.0) and got
+    request_id = mid.stem.rsplit("-v", 1)[0].split("-", 1)[1]  # osc_127.0.0.1_<port>-<id>-v1
+    assert server.wait_for_log(f"id={request_id} "), server.log
+    (line,) = [line for line in server.log.splitlines() if f"id={request_id} " in line and "head_start=" in line]
+    assert "head_start=yes" in line, line  # the prepare's drawn first note served the trigger's continue
+    assert out["listeners"] == 0  # disconnect let go of Live's listeners
 
 
 # --- the OSC codec against the server's own ---------------------------------------------------------------
@@ -566,7 +630,7 @@ def test_closing_the_set_cancels_what_the_server_is_generating(segue, server):
 
 def test_schedule_message_runs_callbacks_on_later_ticks_and_survives_errors(segue):
     song, _, _ = session_song()
-    session = Session(segue, song, 9)
+    session = Session(segue, song, 9, prepare=False)  # nothing scheduled but what the test schedules
     surface = session.surface
     ran: list[str] = []
     surface.schedule_message(1, lambda: ran.append("next tick"))
@@ -600,3 +664,136 @@ def test_the_new_clip_starts_where_the_server_starts_the_continuation(segue, len
     assert target.offset == pytest.approx(start)
     assert target.length == pytest.approx(2 * meter[0] * 4 / meter[1])
     assert request["clip"]["time_signature"] == list(meter) and request["clip"]["length"] == pytest.approx(length)
+
+
+# --- prepare: the shown clip sent ahead of the trigger (docs/protocol.md 3.9) --------------------------------
+
+def tick_until(session: Session, done, timeout: float = 20.0) -> None:
+    """Live's tick (every ~10 ms here) until `done()`."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the script did not get there in time"
+        session.surface.update_display()
+        time.sleep(0.01)
+
+
+def tick(session: Session, ticks: int) -> None:
+    for _ in range(ticks):
+        session.surface.update_display()
+        time.sleep(0.01)
+
+
+def prepares_of(server: SegueServe, session: Session) -> list[str]:
+    """The server's log lines for this script's prepares, in order."""
+    client = f"client=osc:127.0.0.1:{session.reply_port} "
+    return [line for line in server.log.splitlines() if client in line and " prepared tokens=" in line]
+
+
+def answered(session: Session, count: int):
+    return lambda: sum("the server prepared the shown clip" in line for line in session.c.logged) >= count
+
+
+def test_the_shown_clip_is_prepared_and_the_trigger_starts_from_its_head_start(segue, server):
+    """Selecting a clip sends its continue request as a prepare; the server draws it up to its first note,
+    and the trigger's continue is served from there: the same notes as the .mid, head_start=yes."""
+    song, keys, source = session_song()
+    song.view.detail_clip = None
+    session = Session(segue, song, server.osc_port, seed=None)  # as config.py ships: new notes every time
+    try:
+        tick(session, 6)
+        assert prepares_of(server, session) == [] and not session.surface.link.uploading  # nothing shown
+        song.view.detail_clip = source  # the musician clicks the clip
+        assert source.notes_listeners.callbacks, "the shown clip's notes are listened to"
+        tick_until(session, answered(session, 1))
+        (line,) = prepares_of(server, session)
+        assert "head_start=1 note(s)" in line or "head_start=2 note(s)" in line, line
+        assert session.surface.prepared == session.surface.read_selected()[0]
+        session.trigger(CONTINUE)
+        request_id = session.surface.job.request_id
+    finally:
+        session.close()
+    assert not source.notes_listeners.callbacks and not song.view.detail_clip_listeners.callbacks
+    (continued,) = [line for line in server.log.splitlines() if f"id={request_id} " in line and "head_start=" in line]
+    assert "head_start=yes" in continued, continued
+    ((v1, v2),) = clips_of(server, session)
+    assert written(keys.clip_slots[2].clip) == expected(v1, offset=8.0, length=8.0)
+    assert session.c.messages[-1].startswith("Segue: variation 1 of 2 (")
+
+
+def test_edits_are_prepared_once_they_settle_and_the_same_request_not_again(segue, server):
+    song, keys, source = session_song()
+    session = Session(segue, song, server.osc_port)
+    try:
+        tick_until(session, answered(session, 1))
+        first = session.surface.prepared
+        for k in range(6):  # a drag: Live tells the listener at every move, a tick or two apart
+            source.edit(RIFF[:-1] + [(65 + k, 6.0, 2.0, 85)])
+            tick(session, 1)
+        tick_until(session, answered(session, 2))
+        tick(session, 8)
+        lines = prepares_of(server, session)
+        assert len(lines) == 2, lines  # the selection's and one for the whole drag
+        assert session.surface.prepared["clip"]["notes"][-1][:2] == [70, 85] != first["clip"]["notes"][-1][:2]
+        source.edit(RIFF[:-1] + [(70, 6.0, 2.0, 85)])  # the same notes again: nothing new to prepare
+        song.view.detail_clip = keys.clip_slots[1].clip  # another clip: listened to instead
+        assert not source.notes_listeners.callbacks and keys.clip_slots[1].clip.notes_listeners.callbacks
+        song.view.detail_clip = source  # and back, unchanged since its prepare
+        tick(session, 12)
+        assert len(prepares_of(server, session)) == 2, prepares_of(server, session)
+        session.trigger(CONTINUE)
+        request_id = session.surface.job.request_id
+    finally:
+        session.close()
+    (continued,) = [line for line in server.log.splitlines() if f"id={request_id} " in line and "head_start=" in line]
+    assert "head_start=yes" in continued, continued
+
+
+@pytest.mark.parametrize("shown", ["audio", "empty"])
+def test_a_clip_that_cannot_be_continued_is_not_prepared_and_nothing_is_shown(segue, server, shown):
+    song, keys, _ = session_song()
+    keys.clip_slots[3].clip = FakeClip(4.0, [], name="Empty") if shown == "empty" else FakeClip(4.0, name="Vox", midi=False)
+    song.view.detail_clip = keys.clip_slots[3].clip
+    session = Session(segue, song, server.osc_port)
+    try:
+        tick(session, 12)
+        assert prepares_of(server, session) == [] and session.surface.prepared is None and session.c.messages == []
+    finally:
+        session.close()
+
+
+def test_a_continue_is_not_prepared_again_and_an_edit_while_it_runs_is_kept_for_the_next(segue, server):
+    song, keys, source = session_song()
+    session = Session(segue, song, server.osc_port, bars=8, variations=1)
+    try:
+        session.surface.receive_midi(CONTINUE)  # before the selection's prepare went out: the continue is that request
+        first_id = session.surface.job.request_id
+        tick_until(session, lambda: not session.surface.running)
+        tick(session, 12)
+        assert prepares_of(server, session) == []  # the server draws it again itself (Generate again)
+        session.surface.receive_midi(VARIATION)  # its one variation is in: new ones for the same request
+        assert session.surface.running
+        source.edit(RIFF[:-1] + [(67, 6.0, 2.0, 85)])  # the musician edits while it generates
+        tick_until(session, lambda: not session.surface.running)
+        tick_until(session, answered(session, 1))
+        (line,) = prepares_of(server, session)
+        assert session.surface.prepared["clip"]["notes"][-1][:2] == [67, 85]
+        session.trigger(CONTINUE)
+        third_id = session.surface.job.request_id
+    finally:
+        session.close()
+    log = server.log
+    assert f"id={first_id}+again " in log, log  # the server drew the unchanged request again itself
+    (continued,) = [line for line in log.splitlines() if f"id={third_id} " in line and "head_start=" in line]
+    assert "head_start=yes" in continued, continued
+
+
+def test_prepare_off_listens_to_nothing_and_sends_nothing(segue, server):
+    song, _, source = session_song()
+    session = Session(segue, song, server.osc_port, prepare=False)
+    try:
+        assert not song.view.detail_clip_listeners.callbacks and not source.notes_listeners.callbacks
+        source.edit(RIFF[:-1])
+        tick(session, 10)
+        assert prepares_of(server, session) == [] and not session.surface._scheduled
+    finally:
+        session.close()

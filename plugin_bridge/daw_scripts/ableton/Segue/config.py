@@ -23,6 +23,11 @@ VARIATION_CC: int | None = 103    # put in the next variation (or ask for new on
 CONTINUE_NOTE: int | None = None  # e.g. 36 for a pad sending C1
 VARIATION_NOTE: int | None = None
 
+# Send the clip shown in the Clip View to the server as soon as it is selected (and again after its
+# notes are edited), so that the server prefills it and draws its continuation up to the first note
+# while you listen: the continue trigger then starts at once. False: send the clip only on the trigger.
+PREPARE = True
+
 # How long to wait: for the server's hello (it answers at once when running), and for any event
 # while a continuation is being generated.
 HELLO_TIMEOUT = 2.0

@@ -5,7 +5,7 @@ a small self-contained OSC 1.0 codec (int32, float32, string, blob; the types Se
 use) plus `SegueLink`, a client whose `poll()` reads whatever replies are waiting and returns at
 once. It follows docs/protocol.md section 6: the reply port goes first in every request, replies
 may come from any source port, a request over `max_datagram` bytes travels as
-`/segue/continue/chunk` pieces paced by `/segue/chunk_ack`. The reply table mirrors
+`/segue/continue/chunk` (or `/segue/prepare/chunk`) pieces paced by `/segue/chunk_ack`. The reply table mirrors
 `plugin_bridge/osc_messages.py`; tests/test_live_script.py checks both against each other.
 
 Written for Python 3.7 (Live 11) and later.
@@ -31,6 +31,8 @@ PING = "/segue/ping"
 CANCEL = "/segue/cancel"
 CONTINUE = "/segue/continue"
 CONTINUE_CHUNK = "/segue/continue/chunk"
+PREPARE = "/segue/prepare"
+PREPARE_CHUNK = "/segue/prepare/chunk"
 
 # Replies (server -> us): address -> (type tags, field names); docs/protocol.md 6.2.
 REPLIES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -42,6 +44,7 @@ REPLIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "/segue/error": ("sss", ("id", "code", "message")),
     "/segue/cancelled": ("s", ("id",)),
     "/segue/chunk_ack": ("siii", ("id", "index", "received", "count")),
+    "/segue/prepared": ("ssiiff", ("id", "model", "tokens", "cached", "prefill_ms", "total_ms")),
 }
 TERMINAL = frozenset({"finished", "error", "cancelled"})
 
@@ -162,10 +165,11 @@ def decode_reply(data: bytes) -> Event | None:
 # --- the client ------------------------------------------------------------------------------------
 
 class _Upload:
-    """A continue request travelling as chunks: at most `window` unacknowledged at a time."""
+    """A continue (or prepare) request travelling as chunks: at most `window` unacknowledged at a time."""
 
-    def __init__(self, request_id: str, chunks: list[str], now: float):
+    def __init__(self, request_id: str, chunks: list[str], now: float, address: str = CONTINUE_CHUNK):
         self.request_id = request_id
+        self.address = address
         self.chunks = chunks
         self.next_index = 0
         self.unacked: set[int] = set()
@@ -240,17 +244,31 @@ class SegueLink:
     def send_continue(self, request: dict[str, Any]) -> str:
         """Send a continue request (the JSON object of docs/protocol.md 3.2); returns its id.
         A request too large for one datagram is uploaded in chunks by the following `poll()` calls."""
+        return self._request("continue", CONTINUE, CONTINUE_CHUNK, request)
+
+    def send_prepare(self, request: dict[str, Any]) -> str:
+        """Send a prepare request (docs/protocol.md 3.9): the continue request itself, sent before the
+        musician asks for it, so the server prefills the clip and draws the continuation up to its first
+        note; the continue that follows with the same request starts at once. Answered `prepared`."""
+        return self._request("prepare", PREPARE, PREPARE_CHUNK, request)
+
+    @property
+    def uploading(self) -> bool:
+        """Whether a request is still travelling in chunks (`poll()` sends the rest as acks come)."""
+        return bool(self._uploads)
+
+    def _request(self, kind: str, address: str, chunk_address: str, request: dict[str, Any]) -> str:
         request_id = self.new_id()
-        body = dict(request, type="continue", id=request_id)
+        body = dict(request, type=kind, id=request_id)
         text = json.dumps(body, separators=(",", ":"))  # ASCII (\\u escapes): chunks may split it anywhere
-        single = encode_message(CONTINUE, "iss", [self.reply_port, request_id, text])
+        single = encode_message(address, "iss", [self.reply_port, request_id, text])
         if len(single) <= self.max_datagram:
-            self._send(CONTINUE, "ss", [request_id, text])
+            self._send(address, "ss", [request_id, text])
             return request_id
-        overhead = len(encode_message(CONTINUE_CHUNK, "isiis", [self.reply_port, request_id, 0, 0, ""]))
+        overhead = len(encode_message(chunk_address, "isiis", [self.reply_port, request_id, 0, 0, ""]))
         piece = self.max_datagram - overhead - 4
         chunks = [text[i:i + piece] for i in range(0, len(text), piece)]
-        self._uploads[request_id] = _Upload(request_id, chunks, self._clock())
+        self._uploads[request_id] = _Upload(request_id, chunks, self._clock(), chunk_address)
         self._pump()
         return request_id
 
@@ -312,4 +330,4 @@ class SegueLink:
 
     def _send_chunk(self, upload: _Upload, index: int) -> None:
         self.chunks_sent += 1
-        self._send(CONTINUE_CHUNK, "siis", [upload.request_id, index, len(upload.chunks), upload.chunks[index]])
+        self._send(upload.address, "siis", [upload.request_id, index, len(upload.chunks), upload.chunks[index]])

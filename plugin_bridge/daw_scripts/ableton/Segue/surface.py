@@ -6,6 +6,11 @@ sends the clip to `segue serve` over OSC; the answer is read from Live's tick an
 clip: in Session view into the next empty slot below the clip, in the Arrangement (Live 12) right
 after it. A second trigger (CC 103) puts in the next variation, or asks for new ones.
 
+While a clip is shown in the Clip View (config.PREPARE), the script sends it to the server as a
+`prepare` with the very request the trigger will send (docs/protocol.md 3.9): selecting a clip, or
+editing its notes, is followed a few ticks later by one prepare, and the server prefills the clip and
+draws its continuation up to the first note in the meantime, so the trigger's continue starts at once.
+
 The script speaks to Live the plain way every Remote Script can (the `c_instance` object and the
 methods Live calls: `update_display` about ten times a second, `build_midi_map`, `receive_midi`),
 without Ableton's private `_Framework`, which changes between Live versions. `schedule_message`
@@ -49,6 +54,8 @@ if TYPE_CHECKING:  # annotations only: Live 11's Python 3.7 cannot evaluate thes
 
 
 PROTOCOL_VERSION = 1
+PREPARE_DELAY_TICKS = 3  # a prepare follows the last change by this many ticks (~0.3 s): a drag of notes is one prepare
+PREPARE_LISTEN = 10.0  # seconds the tick keeps reading replies for an unanswered prepare (for the log)
 BAR_TOLERANCE = 1.0 / 48  # the server counts a length this close past a bar line as ending on it (protocol 3.3)
 
 
@@ -70,6 +77,7 @@ class Settings:
     variation_note: int | None = config.VARIATION_NOTE
     hello_timeout: float = config.HELLO_TIMEOUT
     silence_timeout: float = config.SILENCE_TIMEOUT
+    prepare: bool = config.PREPARE
 
 
 def continuation_start(length: float, last_onset: float, numerator: int, denominator: int) -> float:
@@ -134,13 +142,27 @@ class SegueSurface:
         self._ticking = False
         self.job: Job | None = None  # running, or the last finished one (for "another variation")
         self.running = False
+        self.prepared: dict[str, Any] | None = None  # the request last sent as a prepare
+        self.prepare_ids: list[str] = []  # the prepares' ids, to tell their replies apart
+        self._prepare_sent = 0.0  # when the last prepare went, while it is unanswered; 0: none is
+        self._watched: Live.Clip.Clip | None = None  # the clip whose notes we listen to
+        self._changes = 0  # selections and edits seen; a scheduled prepare runs only if none came after it
         self.log(f"Segue ready: OSC replies on 127.0.0.1:{self.link.reply_port}, "
                  f"server {self.settings.host}:{self.settings.port}")
+        if self.settings.prepare:
+            self.song().view.add_detail_clip_listener(self._selection_changed)
+            self._selection_changed()
 
     # --- what Live calls ---------------------------------------------------------------------------
 
     def disconnect(self) -> None:
-        """Live is closing the script (or the set): stop what the server does for us and close the socket."""
+        """Live is closing the script (or the set): stop what the server does for us, let go of Live's
+        listeners and close the socket."""
+        if self.settings.prepare:
+            view = self.song().view
+            if view.detail_clip_has_listener(self._selection_changed):
+                view.remove_detail_clip_listener(self._selection_changed)
+            self._watch(None)
         if self.running:
             self.link.cancel("")
         self.link.close()
@@ -259,6 +281,52 @@ class SegueSurface:
         again = Job(job.request, job.target, written=job.written)
         self._start(again)
 
+    # --- prepare: the clip sent ahead of the trigger ---------------------------------------------------
+
+    def _selection_changed(self) -> None:
+        """Live: another clip is shown in the Clip View (or none). Listen to its notes; prepare it soon."""
+        self._watch(self.song().view.detail_clip)
+        self._changed()
+
+    def _notes_changed(self) -> None:
+        """Live: the shown clip's notes were edited."""
+        self._changed()
+
+    def _watch(self, clip: Live.Clip.Clip | None) -> None:
+        old, self._watched = self._watched, None
+        if old is not None:
+            try:
+                if old.notes_has_listener(self._notes_changed):
+                    old.remove_notes_listener(self._notes_changed)
+            except RuntimeError:  # Live: the clip was deleted, and its listeners with it
+                pass
+        if clip is not None and clip.is_midi_clip:
+            clip.add_notes_listener(self._notes_changed)
+            self._watched = clip
+
+    def _changed(self) -> None:
+        # Live's notifications may not change the set, and come by the dozen while notes are dragged:
+        # the prepare runs from the tick, after PREPARE_DELAY_TICKS without another change.
+        self._changes += 1
+        changes = self._changes
+        self.schedule_message(PREPARE_DELAY_TICKS, lambda: self._prepare_if_settled(changes))
+
+    def _prepare_if_settled(self, changes: int) -> None:
+        if changes != self._changes:
+            return  # a later change has its own prepare scheduled
+        # Sent even while a continue runs: the server prepares after it, and then skips drawing that
+        # continue's request again, so the edited clip's head start is the one it keeps.
+        try:
+            request, _ = self.read_selected()
+        except SegueError:
+            return  # nothing to prepare (no clip, an audio clip, no notes): the trigger will say so
+        if request == self.prepared:
+            return
+        self.prepared = request
+        self.prepare_ids = self.prepare_ids[-7:] + [self.link.send_prepare(request)]
+        self._prepare_sent = self._clock()
+        self._keep_ticking()
+
     # --- reading the clip ----------------------------------------------------------------------------
 
     def read_selected(self) -> tuple[dict[str, Any], Target]:
@@ -329,18 +397,25 @@ class SegueSurface:
         job.hello_id = self.link.hello()
         job.request_id = self.link.send_continue(job.request)
         self.job, self.running = job, True
+        if self.settings.prepare:  # the server draws this request ahead again when it is done (Generate again)
+            self.prepared = job.request
         self.show(f"Segue: continuing '{job.target.name}'...")
+        self._keep_ticking()
+
+    def _keep_ticking(self) -> None:
         if not self._ticking:
             self._ticking = True
             self.schedule_message(1, self._tick)
 
     def _tick(self) -> None:
-        """Read what the server sent; keep ticking while a request runs."""
+        """Read what the server sent; keep ticking while a request runs or a prepare is unanswered."""
         self._ticking = False
         for event in self.link.poll():
             self._on_event(event)
         job = self.job
         if job is None or not self.running:
+            if self.link.uploading or (self._prepare_sent and self._clock() - self._prepare_sent < PREPARE_LISTEN):
+                self._keep_ticking()
             return
         now = self._clock()
         if not job.hello_ok and now - job.started > self.settings.hello_timeout:
@@ -361,10 +436,20 @@ class SegueSurface:
         self.show(message)
 
     def _on_event(self, event: Event) -> None:
+        kind, event_id = event.get("type"), str(event.get("id", ""))
+        if event_id in self.prepare_ids:
+            if event_id == self.prepare_ids[-1]:
+                self._prepare_sent = 0.0
+            if kind == "prepared":
+                self.log(f"Segue: the server prepared the shown clip ({event.get('tokens')} tokens); "
+                         "the continue trigger starts at once")
+            elif kind == "error":  # the trigger's continue will meet the same problem and show it
+                self.log(f"Segue: the server could not prepare the shown clip: {event.get('message')}")
+                self.prepared = None  # so that the same request is sent again after a fix
+            return
         job = self.job
         if job is None or not self.running:
             return  # a late reply for a request that is over
-        kind, event_id = event.get("type"), str(event.get("id", ""))
         if event_id == job.hello_id and kind == "hello":
             job.hello_ok = True
             if event.get("protocol") != PROTOCOL_VERSION:
