@@ -34,16 +34,16 @@ class Clip:
         self.start_time, self.end_time = 0.0, length
         self.notes = [Note(*n) for n in notes]
         self.added = []
-        self.listeners = []
+        self.listeners = []  # every property's together: the script adds one callback to each it watches
 
-    def add_notes_listener(self, callback):
-        self.listeners.append(callback)
-
-    def remove_notes_listener(self, callback):
-        self.listeners.remove(callback)
-
-    def notes_has_listener(self, callback):
-        return callback in self.listeners
+    def __getattr__(self, name):
+        if name.startswith("add_") and name.endswith("_listener"):
+            return self.listeners.append
+        if name.startswith("remove_") and name.endswith("_listener"):
+            return self.listeners.remove
+        if name.endswith("_has_listener"):
+            return lambda callback: callback in self.listeners
+        raise AttributeError(name)
 
     def get_notes_extended(self, from_pitch, pitch_span, from_time, time_span):
         return [n for n in self.notes if from_time <= n.start_time < from_time + time_span]

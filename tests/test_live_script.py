@@ -54,6 +54,10 @@ class FakeNote:
     mute: bool = False
 
 
+LISTENED = ("notes", "loop_start", "loop_end", "looping", "start_marker", "end_marker", "signature_numerator",
+            "signature_denominator", "name", "color")  # some of Live's: the script need not listen to all
+
+
 class FakeClip:
     def __init__(self, length: float, notes=(), name="", numerator=4, denominator=4, looping=True, loop_start=0.0,
                  start_marker=0.0, midi=True, arrangement=False, start_time=0.0, end_time=None):
@@ -72,21 +76,33 @@ class FakeClip:
         self.end_time = start_time + length if end_time is None else end_time
         self.notes = [FakeNote(*n) for n in notes]
         self.added: list[NoteSpec] = []
-        self.notes_listeners = Listeners()
+        self.listeners = {name: Listeners() for name in LISTENED}
 
-    def add_notes_listener(self, callback) -> None:
-        self.notes_listeners.add(callback)
+    def __getattr__(self, name: str):
+        """add_X_listener, remove_X_listener, X_has_listener for the properties Live tells listeners about."""
+        for prop, listeners in self.__dict__.get("listeners", {}).items():
+            if name == f"add_{prop}_listener":
+                return listeners.add
+            if name == f"remove_{prop}_listener":
+                return listeners.remove
+            if name == f"{prop}_has_listener":
+                return lambda callback, callbacks=listeners.callbacks: callback in callbacks
+        raise AttributeError(name)
 
-    def remove_notes_listener(self, callback) -> None:
-        self.notes_listeners.remove(callback)
-
-    def notes_has_listener(self, callback) -> bool:
-        return callback in self.notes_listeners.callbacks
+    def listened(self) -> int:
+        """Callbacks registered on this clip, all properties together."""
+        return sum(len(listeners.callbacks) for listeners in self.listeners.values())
 
     def edit(self, notes) -> None:
         """The musician edits the notes in the Clip View: Live tells the notes listeners."""
         self.notes = [FakeNote(*n) for n in notes]
-        self.notes_listeners.fire()
+        self.listeners["notes"].fire()
+
+    def set_loop(self, start: float, end: float) -> None:
+        """The musician drags the loop brace: Live tells the loop_start and loop_end listeners."""
+        self.loop_start, self.loop_end, self.length = start, end, end - start
+        self.listeners["loop_start"].fire()
+        self.listeners["loop_end"].fire()
 
     def get_notes_extended(self, from_pitch, pitch_span, from_time, time_span):
         return [n for n in self.notes + [FakeNote(s.pitch, s.start_time, s.duration, s.velocity, s.mute) for s in self.added]
@@ -95,7 +111,7 @@ class FakeClip:
     def add_new_notes(self, specs):
         assert isinstance(specs, tuple) and all(isinstance(s, NoteSpec) for s in specs)
         self.added.extend(specs)
-        self.notes_listeners.fire()
+        self.listeners["notes"].fire()
         return list(range(len(specs)))
 
 
@@ -703,7 +719,7 @@ def test_the_shown_clip_is_prepared_and_the_trigger_starts_from_its_head_start(s
         tick(session, 6)
         assert prepares_of(server, session) == [] and not session.surface.link.uploading  # nothing shown
         song.view.detail_clip = source  # the musician clicks the clip
-        assert source.notes_listeners.callbacks, "the shown clip's notes are listened to"
+        assert source.listened(), "the shown clip's notes are listened to"
         tick_until(session, answered(session, 1))
         (line,) = prepares_of(server, session)
         assert "head_start=1 note(s)" in line or "head_start=2 note(s)" in line, line
@@ -712,7 +728,7 @@ def test_the_shown_clip_is_prepared_and_the_trigger_starts_from_its_head_start(s
         request_id = session.surface.job.request_id
     finally:
         session.close()
-    assert not source.notes_listeners.callbacks and not song.view.detail_clip_listeners.callbacks
+    assert not source.listened() and not song.view.detail_clip_listeners.callbacks
     (continued,) = [line for line in server.log.splitlines() if f"id={request_id} " in line and "head_start=" in line]
     assert "head_start=yes" in continued, continued
     ((v1, v2),) = clips_of(server, session)
@@ -736,10 +752,13 @@ def test_edits_are_prepared_once_they_settle_and_the_same_request_not_again(segu
         assert session.surface.prepared["clip"]["notes"][-1][:2] == [70, 85] != first["clip"]["notes"][-1][:2]
         source.edit(RIFF[:-1] + [(70, 6.0, 2.0, 85)])  # the same notes again: nothing new to prepare
         song.view.detail_clip = keys.clip_slots[1].clip  # another clip: listened to instead
-        assert not source.notes_listeners.callbacks and keys.clip_slots[1].clip.notes_listeners.callbacks
+        assert not source.listened() and keys.clip_slots[1].clip.listened()
         song.view.detail_clip = source  # and back, unchanged since its prepare
         tick(session, 12)
         assert len(prepares_of(server, session)) == 2, prepares_of(server, session)
+        source.set_loop(0.0, 4.0)  # the loop brace dragged to the first bar
+        tick_until(session, answered(session, 3))
+        assert len(prepares_of(server, session)) == 3 and session.surface.prepared["clip"]["length"] == 4.0
         session.trigger(CONTINUE)
         request_id = session.surface.job.request_id
     finally:
@@ -791,7 +810,7 @@ def test_prepare_off_listens_to_nothing_and_sends_nothing(segue, server):
     song, _, source = session_song()
     session = Session(segue, song, server.osc_port, prepare=False)
     try:
-        assert not song.view.detail_clip_listeners.callbacks and not source.notes_listeners.callbacks
+        assert not song.view.detail_clip_listeners.callbacks and not source.listened()
         source.edit(RIFF[:-1])
         tick(session, 10)
         assert prepares_of(server, session) == [] and not session.surface._scheduled

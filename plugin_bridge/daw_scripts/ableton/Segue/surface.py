@@ -55,6 +55,9 @@ if TYPE_CHECKING:  # annotations only: Live 11's Python 3.7 cannot evaluate thes
 
 PROTOCOL_VERSION = 1
 PREPARE_DELAY_TICKS = 3  # a prepare follows the last change by this many ticks (~0.3 s): a drag of notes is one prepare
+# What of the shown clip goes into its request, each a property Live tells listeners about.
+WATCHED = ("notes", "loop_start", "loop_end", "looping", "start_marker", "end_marker", "signature_numerator",
+           "signature_denominator")
 PREPARE_LISTEN = 10.0  # seconds the tick keeps reading replies for an unanswered prepare (for the log)
 BAR_TOLERANCE = 1.0 / 48  # the server counts a length this close past a bar line as ending on it (protocol 3.3)
 
@@ -288,20 +291,23 @@ class SegueSurface:
         self._watch(self.song().view.detail_clip)
         self._changed()
 
-    def _notes_changed(self) -> None:
-        """Live: the shown clip's notes were edited."""
+    def _clip_changed(self) -> None:
+        """Live: the shown clip's notes, loop, markers or meter were edited."""
         self._changed()
 
     def _watch(self, clip: Live.Clip.Clip | None) -> None:
+        """Listen to `clip`'s WATCHED properties (none: to no clip's) instead of the previous clip's."""
         old, self._watched = self._watched, None
         if old is not None:
             try:
-                if old.notes_has_listener(self._notes_changed):
-                    old.remove_notes_listener(self._notes_changed)
+                for name in WATCHED:
+                    if getattr(old, f"{name}_has_listener")(self._clip_changed):
+                        getattr(old, f"remove_{name}_listener")(self._clip_changed)
             except RuntimeError:  # Live: the clip was deleted, and its listeners with it
                 pass
         if clip is not None and clip.is_midi_clip:
-            clip.add_notes_listener(self._notes_changed)
+            for name in WATCHED:
+                getattr(clip, f"add_{name}_listener")(self._clip_changed)
             self._watched = clip
 
     def _changed(self) -> None:
