@@ -20,7 +20,9 @@ an 8-bar continuation of the bundled 4-bar chorale, and that time per generated 
   what `segue continue` does per token.
 
 Per token at a context: HF is (generate 1+n tokens - generate 1 token) / n, its loop included;
-the others time n successive cached model steps. The continuation's length is what the shipped,
+the others time n successive cached model steps; every row the same n steps (--steps, 32) right after
+its prefill of the context (untimed), so the first steps after a prefill, slower on a cache the prefill
+has pushed out (bench_cold_steps.py), weigh alike in every row. The continuation's length is what the shipped,
 trained model writes for 8 bars of the chorale (random weights would write as many notes as the
 grammar allows): the engine rows run the whole Generator (`stream`, as `segue continue` does) and
 stop after that many tokens; the rows without a grammar prefill the prompt and decode that many
@@ -416,12 +418,11 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
 
     for context in CONTEXTS:
         ids = rng.integers(0, cfg.vocab_size, (1, context))
-        n = args.steps
-        hf_n = 2 * n  # a difference of two generate calls: more steps keep its noise down
+        n = args.steps  # the same steps after the prefill in every row (before session 24: 16 here against HF's 32)
         tasks = {}
         for row_name, row in rows.items():
             if isinstance(row, HFRow):
-                tasks[row_name] = lambda r=row, i=ids, k=hf_n: (ms(lambda: r.generate(i, 1 + k)) - ms(lambda: r.generate(i, 1))) / k
+                tasks[row_name] = lambda r=row, i=ids, k=n: (ms(lambda: r.generate(i, 1 + k)) - ms(lambda: r.generate(i, 1))) / k
             else:
                 def decode(r=row, i=ids, k=n):
                     state = r.prefill(i)  # every round from the same context (untimed), so @896 stays at 896
@@ -604,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"training presets with random weights, and/or {SHIPPED!r}: the trained model of --tokenizer's "
                              "folder (its weights read back from its graph), whose continuation takes a trained model's path")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per figure (medians); continuations get half")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps per per-token sample")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per per-token sample, in every row")
     parser.add_argument("--bars", type=int, default=8)
     parser.add_argument("--clip", type=Path, default=ROOT / "docs" / "examples" / "chorale.mid")
     parser.add_argument("--tokenizer", type=Path, default=ROOT / "models" / "default" / TOKENIZER_FILE,
