@@ -8,8 +8,9 @@ after it. A second trigger (CC 103) puts in the next variation, or asks for new 
 
 While a clip is shown in the Clip View (config.PREPARE), the script sends it to the server as a
 `prepare` with the very request the trigger will send (docs/protocol.md 3.9): selecting a clip, or
-editing its notes, is followed a few ticks later by one prepare, and the server prefills the clip and
-draws its continuation up to the first note in the meantime, so the trigger's continue starts at once.
+editing its notes, loop, markers or meter, is followed a few ticks later by one prepare, and the server
+prefills the clip and draws its continuation up to the first note in the meantime, so the trigger's
+continue starts at once.
 
 The script speaks to Live the plain way every Remote Script can (the `c_instance` object and the
 methods Live calls: `update_display` about ten times a second, `build_midi_map`, `receive_midi`),
@@ -148,7 +149,7 @@ class SegueSurface:
         self.prepared: dict[str, Any] | None = None  # the request last sent as a prepare
         self.prepare_ids: list[str] = []  # the prepares' ids, to tell their replies apart
         self._prepare_sent = 0.0  # when the last prepare went, while it is unanswered; 0: none is
-        self._watched: Live.Clip.Clip | None = None  # the clip whose notes we listen to
+        self._watched: Live.Clip.Clip | None = None  # the clip whose WATCHED properties we listen to
         self._changes = 0  # selections and edits seen; a scheduled prepare runs only if none came after it
         self.log(f"Segue ready: OSC replies on 127.0.0.1:{self.link.reply_port}, "
                  f"server {self.settings.host}:{self.settings.port}")
@@ -287,7 +288,7 @@ class SegueSurface:
     # --- prepare: the clip sent ahead of the trigger ---------------------------------------------------
 
     def _selection_changed(self) -> None:
-        """Live: another clip is shown in the Clip View (or none). Listen to its notes; prepare it soon."""
+        """Live: another clip is shown in the Clip View (or none). Listen to it instead; prepare it soon."""
         self._watch(self.song().view.detail_clip)
         self._changed()
 
