@@ -699,10 +699,23 @@ def tick(session: Session, ticks: int) -> None:
         time.sleep(0.01)
 
 
-def prepares_of(server: SegueServe, session: Session) -> list[str]:
-    """The server's log lines for this script's prepares, in order."""
+def prepares_of(server: SegueServe, session: Session, at_least: int = 0) -> list[str]:
+    """The server's log lines for this script's prepares, in order; after waiting (10 s at most) for
+    `at_least` of them: the server logs a prepare just after answering it."""
     client = f"client=osc:127.0.0.1:{session.reply_port} "
-    return [line for line in server.log.splitlines() if client in line and " prepared tokens=" in line]
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in server.log.splitlines() if client in line and " prepared tokens=" in line]
+        if len(lines) >= at_least or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
+def continue_line(server: SegueServe, request_id: str) -> str:
+    """The server's log line for a continue, once written (just after its `finished`)."""
+    assert server.wait_for_log(f"id={request_id} model="), server.log
+    (line,) = [line for line in server.log.splitlines() if f"id={request_id} " in line and "head_start=" in line]
+    return line
 
 
 def answered(session: Session, count: int):
@@ -714,14 +727,14 @@ def test_the_shown_clip_is_prepared_and_the_trigger_starts_from_its_head_start(s
     and the trigger's continue is served from there: the same notes as the .mid, head_start=yes."""
     song, keys, source = session_song()
     song.view.detail_clip = None
-    session = Session(segue, song, server.osc_port, seed=None)  # as config.py ships: new notes every time
+    session = Session(segue, song, server.osc_port)  # a seed, so that the tiny model's notes are known to be some
     try:
         tick(session, 6)
-        assert prepares_of(server, session) == [] and not session.surface.link.uploading  # nothing shown
+        assert not session.surface.prepare_ids and prepares_of(server, session) == []  # nothing shown, nothing sent
         song.view.detail_clip = source  # the musician clicks the clip
         assert source.listened(), "the shown clip's notes are listened to"
         tick_until(session, answered(session, 1))
-        (line,) = prepares_of(server, session)
+        (line,) = prepares_of(server, session, 1)
         assert "head_start=1 note(s)" in line or "head_start=2 note(s)" in line, line
         assert session.surface.prepared == session.surface.read_selected()[0]
         session.trigger(CONTINUE)
@@ -729,7 +742,7 @@ def test_the_shown_clip_is_prepared_and_the_trigger_starts_from_its_head_start(s
     finally:
         session.close()
     assert not source.listened() and not song.view.detail_clip_listeners.callbacks
-    (continued,) = [line for line in server.log.splitlines() if f"id={request_id} " in line and "head_start=" in line]
+    continued = continue_line(server, request_id)
     assert "head_start=yes" in continued, continued
     ((v1, v2),) = clips_of(server, session)
     assert written(keys.clip_slots[2].clip) == expected(v1, offset=8.0, length=8.0)
@@ -747,7 +760,7 @@ def test_edits_are_prepared_once_they_settle_and_the_same_request_not_again(segu
             tick(session, 1)
         tick_until(session, answered(session, 2))
         tick(session, 8)
-        lines = prepares_of(server, session)
+        lines = prepares_of(server, session, 2)
         assert len(lines) == 2, lines  # the selection's and one for the whole drag
         assert session.surface.prepared["clip"]["notes"][-1][:2] == [70, 85] != first["clip"]["notes"][-1][:2]
         source.edit(RIFF[:-1] + [(70, 6.0, 2.0, 85)])  # the same notes again: nothing new to prepare
@@ -755,15 +768,15 @@ def test_edits_are_prepared_once_they_settle_and_the_same_request_not_again(segu
         assert not source.listened() and keys.clip_slots[1].clip.listened()
         song.view.detail_clip = source  # and back, unchanged since its prepare
         tick(session, 12)
-        assert len(prepares_of(server, session)) == 2, prepares_of(server, session)
+        assert len(session.surface.prepare_ids) == 2 and len(prepares_of(server, session)) == 2, prepares_of(server, session)
         source.set_loop(0.0, 4.0)  # the loop brace dragged to the first bar
         tick_until(session, answered(session, 3))
-        assert len(prepares_of(server, session)) == 3 and session.surface.prepared["clip"]["length"] == 4.0
+        assert len(prepares_of(server, session, 3)) == 3 and session.surface.prepared["clip"]["length"] == 4.0
         session.trigger(CONTINUE)
         request_id = session.surface.job.request_id
     finally:
         session.close()
-    (continued,) = [line for line in server.log.splitlines() if f"id={request_id} " in line and "head_start=" in line]
+    continued = continue_line(server, request_id)
     assert "head_start=yes" in continued, continued
 
 
@@ -775,7 +788,8 @@ def test_a_clip_that_cannot_be_continued_is_not_prepared_and_nothing_is_shown(se
     session = Session(segue, song, server.osc_port)
     try:
         tick(session, 12)
-        assert prepares_of(server, session) == [] and session.surface.prepared is None and session.c.messages == []
+        assert not session.surface.prepare_ids and session.surface.prepared is None and session.c.messages == []
+        assert prepares_of(server, session) == []
     finally:
         session.close()
 
@@ -788,21 +802,20 @@ def test_a_continue_is_not_prepared_again_and_an_edit_while_it_runs_is_kept_for_
         first_id = session.surface.job.request_id
         tick_until(session, lambda: not session.surface.running)
         tick(session, 12)
-        assert prepares_of(server, session) == []  # the server draws it again itself (Generate again)
+        assert not session.surface.prepare_ids  # the server draws it again itself (Generate again)
         session.surface.receive_midi(VARIATION)  # its one variation is in: new ones for the same request
         assert session.surface.running
         source.edit(RIFF[:-1] + [(67, 6.0, 2.0, 85)])  # the musician edits while it generates
         tick_until(session, lambda: not session.surface.running)
         tick_until(session, answered(session, 1))
-        (line,) = prepares_of(server, session)
+        (line,) = prepares_of(server, session, 1)
         assert session.surface.prepared["clip"]["notes"][-1][:2] == [67, 85]
         session.trigger(CONTINUE)
         third_id = session.surface.job.request_id
     finally:
         session.close()
-    log = server.log
-    assert f"id={first_id}+again " in log, log  # the server drew the unchanged request again itself
-    (continued,) = [line for line in log.splitlines() if f"id={third_id} " in line and "head_start=" in line]
+    assert server.wait_for_log(f"id={first_id}+again "), server.log  # the server drew the unchanged request again itself
+    continued = continue_line(server, third_id)
     assert "head_start=yes" in continued, continued
 
 
@@ -813,6 +826,6 @@ def test_prepare_off_listens_to_nothing_and_sends_nothing(segue, server):
         assert not song.view.detail_clip_listeners.callbacks and not source.listened()
         source.edit(RIFF[:-1])
         tick(session, 10)
-        assert prepares_of(server, session) == [] and not session.surface._scheduled
+        assert not session.surface.prepare_ids and not session.surface._scheduled and prepares_of(server, session) == []
     finally:
         session.close()
