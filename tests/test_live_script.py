@@ -402,6 +402,7 @@ def test_requests_encode_byte_for_byte_like_the_server_side_builder(segue):
     {"type": "finished", "id": "c", "variations": 2, "total_ms": 12.25},
     {"type": "error", "id": "", "code": "bad_request", "message": "bars must be between 1 and 64, not 65"},
     {"type": "cancelled", "id": "c"},
+    {"type": "prepared", "id": "p", "model": "default", "tokens": 260, "cached": False, "prefill_ms": 11.5, "total_ms": 13.25},
 ])
 def test_replies_decode_like_the_server_side_decoder(segue, event):
     """Field for field as plugin_bridge/osc_messages.py decodes them; fields a newer server appends

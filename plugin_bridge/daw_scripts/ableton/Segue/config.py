@@ -24,8 +24,9 @@ CONTINUE_NOTE: int | None = None  # e.g. 36 for a pad sending C1
 VARIATION_NOTE: int | None = None
 
 # Send the clip shown in the Clip View to the server as soon as it is selected (and again after its
-# notes are edited), so that the server prefills it and draws its continuation up to the first note
-# while you listen: the continue trigger then starts at once. False: send the clip only on the trigger.
+# notes, loop, markers or meter are edited), so that the server prefills it and draws its continuation
+# up to the first note while you listen: the continue trigger then starts at once. False: send the
+# clip only on the trigger.
 PREPARE = True
 
 # How long to wait: for the server's hello (it answers at once when running), and for any event
