@@ -90,6 +90,7 @@ class Job:
     # Sending and cancelling take turns, so no event of a request ever follows its `cancelled`.
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: bool = False  # its terminal reply (`finished` or `error`) was sent: a later cancel says nothing
+    client_left: bool = False  # the transport lost its client (client_gone): nothing is drawn ahead for it
 
     def send(self, event: dict, terminal: bool = False) -> bool:
         """Emit `event` unless the job was cancelled. False when it was."""
@@ -242,6 +243,7 @@ class Service:
             job = self._jobs.get(client)
             if job is not None:
                 self._drop(job)
+                job.client_left = True
             prepare = self._prepare_of.get(client)
             if prepare is not None:
                 self._drop_prepare(prepare)
@@ -419,7 +421,7 @@ class Service:
         with self._lock:
             newer = job.client in self._prepare_of or self._jobs.get(job.client) not in (None, job)
             busy = len(self._prepares) >= MAX_HEAD_STARTS  # a busy server: its clients' own prepares first
-            if not self.head_starts or self._closing or newer or busy:
+            if not self.head_starts or self._closing or newer or busy or job.client_left:
                 return
             again = protocol.PrepareRequest(f"{request.id}+again", request.clip, request.model, request.request)
             again_job = PrepareJob(job.client, again, _nobody)

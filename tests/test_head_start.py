@@ -233,3 +233,35 @@ def test_clients_preparing_continuing_and_cancelling_at_once_all_get_the_cold_no
     taken = sum("head_start=yes" in record.getMessage() for record in caplog.records)
     finished = sum("first_note_ms=" in record.getMessage() for record in caplog.records)
     assert 0 < taken < finished, (taken, finished)  # some continues took a head start, others decoded for themselves
+
+
+def test_a_client_that_left_mid_continue_gets_nothing_drawn_ahead(models_dir, tmp_path, caplog):
+    """A ZeroMQ peer that disconnects while its continue runs (the transport calls client_gone): its
+    continue stops and nothing is drawn again for it, while a client still there gets its own."""
+    from plugin_bridge.models import ModelRegistry
+    from plugin_bridge.service import Service
+
+    caplog.set_level("INFO", logger="segue.service")
+    registry = ModelRegistry(models_dir)
+    assert registry.scan() == ["default"]
+    service = Service(registry, tmp_path / "clips", workers=1)  # one worker: the two continues run in turn
+    try:
+        gone: queue.Queue = queue.Queue()
+        service.handle("gone", {"type": "continue", "id": "c1", "clip": clip_payload(2), "bars": 16, "variations": 4,
+                                "seed": 1}, gone.put)
+        while gone.get(timeout=60)["type"] != "note":
+            pass
+        service.client_gone("gone")
+        stays: queue.Queue = queue.Queue()
+        service.handle("stays", {"type": "continue", "id": "c2", "clip": clip_payload(2), "bars": 1, "variations": 1,
+                                 "seed": 2}, stays.put)
+        while stays.get(timeout=60)["type"] != "finished":
+            pass
+        deadline = time.monotonic() + 30
+        while "id=c2+again " not in caplog.text:  # drawn after c1's would have been (one worker, a queue)
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+        assert "id=c1+again " not in caplog.text and service.drawn_ahead() == 1
+    finally:
+        service.close()
+        registry.stop()
