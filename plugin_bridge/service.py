@@ -120,6 +120,7 @@ class PrepareJob:
     request: protocol.PrepareRequest
     emit: Emit
     received: float = field(default_factory=time.perf_counter)
+    client_left: bool = False  # the transport lost its client while it ran: its head start is not kept
 
 
 def new_instance_id() -> str:
@@ -148,6 +149,7 @@ class Service:
         self._prepares: deque[PrepareJob] = deque()  # waiting prepare jobs, oldest first (one per client)
         self._prepare_of: dict[str, PrepareJob] = {}  # client -> its waiting prepare job
         self._head_starts: dict[str, head_start.HeadStart] = {}  # client -> its continuation drawn ahead, oldest first
+        self._preparing: PrepareJob | None = None  # the prepare the prepare thread runs now
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)
         self._prepare_ready = threading.Condition(self._lock)  # a prepare may start: one waits and no continue runs
@@ -247,6 +249,8 @@ class Service:
             prepare = self._prepare_of.get(client)
             if prepare is not None:
                 self._drop_prepare(prepare)
+            if self._preparing is not None and self._preparing.client == client:
+                self._preparing.client_left = True
             head = self._head_starts.pop(client, None)
         if job is not None:
             job.cancel(tell_client=False)
@@ -463,6 +467,7 @@ class Service:
                 return None
             job = self._prepares.popleft()
             del self._prepare_of[job.client]
+            self._preparing = job
             return job
 
     def _prepare_work(self) -> None:
@@ -477,6 +482,9 @@ class Service:
                 safe_emit(job.emit, protocol.error_event(job.request.id, protocol.INTERNAL,
                                                          f"preparing the clip failed inside the server ({type(exc).__name__}); "
                                                          "the server keeps running"))
+            finally:
+                with self._lock:
+                    self._preparing = None
 
     def _prepare(self, job: PrepareJob) -> None:
         """Tokenize and prefill one clip into `prefills`, then answer `prepared` (or `error`: what a continue would get)."""
@@ -493,7 +501,7 @@ class Service:
             safe_emit(job.emit, protocol.error_event(request.id, exc.code, str(exc)))
             return
         prefill_ms = 0.0 if prefilled.reused else prefilled.prefill_ms
-        drawn = self._begin_head_start(job.client, model, request.clip, request.continuation)
+        drawn = self._begin_head_start(job, model, request.clip, request.continuation)
         now = time.perf_counter()
         safe_emit(job.emit, protocol.prepared_event(request.id, model.name, len(prefilled.ids), prefilled.reused, prefill_ms,
                                                     (now - job.received) * 1000))
@@ -510,11 +518,13 @@ class Service:
         Read without the lock: a step late at worst."""
         return bool(self._waiting or self._running or self._closing)
 
-    def _begin_head_start(self, client: str, model: LoadedModel, clip: Clip | Arrangement,
+    def _begin_head_start(self, job: PrepareJob, model: LoadedModel, clip: Clip | Arrangement,
                           continuation: ContinuationRequest | None) -> int | None:
         """The prepared continuation drawn up to its first note and kept for the client's continue: the notes
         drawn, None when there is none to keep. The client's earlier one is closed either way (it moved on
-        to this clip: one per client, each holds a decode buffer)."""
+        to this clip: one per client, each holds a decode buffer); so is this one when the client left
+        while it was drawn."""
+        client = job.client
         with self._lock:
             earlier = self._head_starts.pop(client, None)
         if earlier is not None:
@@ -530,12 +540,15 @@ class Service:
             return None
         closed = []
         with self._lock:  # (only this thread adds one: the client has none now)
-            self._head_starts[client] = head
+            if job.client_left:
+                closed.append(head)
+            else:
+                self._head_starts[client] = head
             while len(self._head_starts) > MAX_HEAD_STARTS:
                 closed.append(self._head_starts.pop(next(iter(self._head_starts))))
         for old in closed:
             old.close()
-        return head.notes
+        return None if job.client_left else head.notes
 
     def _model_swapped(self, old: LoadedModel, new: LoadedModel) -> None:
         """A model folder was replaced: the old model's prefills and head starts can never be used again."""

@@ -265,3 +265,28 @@ def test_a_client_that_left_mid_continue_gets_nothing_drawn_ahead(models_dir, tm
     finally:
         service.close()
         registry.stop()
+
+
+def test_a_client_that_leaves_while_its_head_start_is_drawn_keeps_none(service, monkeypatch):
+    """The ZeroMQ peer disconnects while the prepare thread draws its head start: the drawn one is closed,
+    not kept for a client that will never continue it (it would hold a decode buffer)."""
+    real_begin = head_start.begin
+    closed: list[head_start.HeadStart] = []
+
+    def begin_then_the_client_leaves(*args, **kwargs):
+        head = real_begin(*args, **kwargs)
+        service.client_gone("leaves")  # what the transport does when the peer disconnects, mid-draw here
+        if head is not None:
+            real_close = head.close
+            head.close = lambda: (closed.append(head), real_close())[1]
+        return head
+
+    monkeypatch.setattr(head_start, "begin", begin_then_the_client_leaves)
+    replies: queue.Queue = queue.Queue()
+    service.handle("leaves", {"type": "prepare", "id": "p1", "clip": clip_payload(2), "bars": 1, "seed": 1}, replies.put)
+    assert replies.get(timeout=30)["type"] == "prepared"
+    assert service.drawn_ahead() == 0 and len(closed) == 1  # drawn, then closed: its buffer given back
+    monkeypatch.setattr(head_start, "begin", real_begin)
+    service.handle("stays", {"type": "prepare", "id": "p2", "clip": clip_payload(2), "bars": 1, "seed": 1}, replies.put)
+    assert replies.get(timeout=30)["type"] == "prepared"
+    assert service.drawn_ahead() == 1
