@@ -193,9 +193,9 @@ def test_clients_preparing_continuing_and_cancelling_at_once_all_get_the_cold_no
                             for e in generator.stream(parse_clip(clip, "x"), request) if hasattr(e, "note")]
     wrong: list[tuple] = []
 
-    def musician(number: int) -> None:
+    def musician(number: int, round_: int) -> None:
         chance = random.Random(number)
-        client = f"client-{number}"
+        client = f"client-{round_}-{number}"
         replies: queue.Queue = queue.Queue()
         for turn in range(8):
             c, o = chance.randrange(2), chance.randrange(len(options))
@@ -223,15 +223,21 @@ def test_clients_preparing_continuing_and_cancelling_at_once_all_get_the_cold_no
                     (events[-1]["type"] == "finished" and len(got) != len(cold[(c, o)])):
                 wrong.append((number, turn, c, o, cancel, events[-1]["type"]))
 
-    threads = [threading.Thread(target=musician, args=(n,)) for n in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not any(thread.is_alive() for thread in threads)
-    assert wrong == []
-    taken = sum("head_start=yes" in record.getMessage() for record in caplog.records)
-    finished = sum("first_note_ms=" in record.getMessage() for record in caplog.records)
+    # Whether a head start survives to its continue is a matter of timing (drawing stops whenever another
+    # client's continue waits): on a loaded machine a round can pass with none taken, which would leave the
+    # head starts unexercised, so the rounds go on (5 at most) until some were. Every round's notes are checked.
+    for round_ in range(5):
+        threads = [threading.Thread(target=musician, args=(n, round_)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not any(thread.is_alive() for thread in threads)
+        assert wrong == []
+        taken = sum("head_start=yes" in record.getMessage() for record in caplog.records)
+        finished = sum("first_note_ms=" in record.getMessage() for record in caplog.records)
+        if taken:
+            break
     assert 0 < taken < finished, (taken, finished)  # some continues took a head start, others decoded for themselves
 
 
