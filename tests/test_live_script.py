@@ -373,8 +373,7 @@ def test_the_script_continues_a_clip_in_python_37_as_in_live_11(server):
     got = sorted((p, int(v), round(s, 4), round(d, 4)) for p, v, s, d in out["clip"]["notes"])
     assert got == expected(mid, offset=8.0, length=8.0) and got
     request_id = mid.stem.rsplit("-v", 1)[0].split("-", 1)[1]  # osc_127.0.0.1_<port>-<id>-v1
-    assert server.wait_for_log(f"id={request_id} "), server.log
-    (line,) = [line for line in server.log.splitlines() if f"id={request_id} " in line and "head_start=" in line]
+    line = continue_line(server, request_id)
     assert "head_start=yes" in line, line  # the prepare's drawn first note served the trigger's continue
     assert out["listeners"] == 0  # disconnect let go of Live's listeners
 
