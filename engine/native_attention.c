@@ -24,6 +24,7 @@
 #include "native_attention_kernel.h"
 #include "native_layer_kernel.h"
 #include "native_matmul_kernel.h"
+#include "native_matmul4_kernel.h"
 
 #if defined(_WIN32)
 #define SEGUE_CALL __stdcall
@@ -307,13 +308,18 @@ static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi
  * Output:  y [..., n] float: DynamicQuantizeMatMul's result for each row of x on its own
  *          (engine/native_matmul_kernel.h), or of x
  *          layer-normalised with norm_scale and norm_bias when they are given; then the activation; then
- *          + residual. The folded neighbours are engine/native_layer_kernel.h's. */
+ *          + residual. The folded neighbours are engine/native_layer_kernel.h's.
+ *
+ * segue.QuantizedMatMul4: the same, from int4 weights (engine/native_matmul4_kernel.h), for decode steps.
+ * Inputs:  x; weights int8 [blocks * groups * 2048] (nibbles, packed by engine/native_matmul.py's pack4);
+ *          scales float [blocks * groups * 64]; corrections and bias float [blocks * 64]; the same optional
+ *          three. Attributes as QuantizedMatMul's, but no weight_zero_point (the weights are symmetric). */
 
 enum { ACTIVATION_NONE = 0, ACTIVATION_GELU = 1 };
 #define SEGUE_QM_STACK_FLOATS 4096 /* a decode step's normalised rows: no allocation */
 
 typedef struct {
-    int64_t k, n, weight_zero, activation, streams;
+    int64_t k, n, weight_zero, activation, streams, bits; /* bits: 8 (QuantizedMatMul) or 4 (QuantizedMatMul4) */
     float epsilon;
     const void *checked; /* the packed weights whose sizes were checked (an initializer: the same every run) */
 } MatMulKernel;
@@ -336,14 +342,23 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
     for (size_t i = 5; i < 8; i++) CHECK(optional_input(context, count, i, &values[i], &data[i]));
     const int64_t k = kernel->k, n = kernel->n;
     const int64_t quads = (k + 3) / 4, blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
+    const int64_t groups = (k + SEGUE_Q4_GROUP - 1) / SEGUE_Q4_GROUP;
+    const int four = kernel->bits == 4;
     if ((values[6] == NULL) != (values[7] == NULL))
         return FAIL(ORT_INVALID_ARGUMENT, "segue.QuantizedMatMul: norm_scale and norm_bias come together");
     /* Atomic: sessions may run this node from several threads at once (the server's workers). */
     if (__atomic_load_n(&kernel->checked, __ATOMIC_RELAXED) != data[1]) {
-        CHECK(expect_elements(values[1], blocks * quads * 256, "segue.QuantizedMatMul: the packed weights' size is not k x n's"));
-        for (size_t i = 2; i < 5; i++)
+        if (four) {
+            CHECK(expect_elements(values[1], blocks * groups * SEGUE_Q4_GROUP_BYTES,
+                                  "segue.QuantizedMatMul4: the packed weights' size is not k x n's"));
+            CHECK(expect_elements(values[2], blocks * groups * SEGUE_QM_COLUMNS,
+                                  "segue.QuantizedMatMul4: the scales need one entry per group of each packed column"));
+        } else {
+            CHECK(expect_elements(values[1], blocks * quads * 256, "segue.QuantizedMatMul: the packed weights' size is not k x n's"));
+        }
+        for (size_t i = four ? 3 : 2; i < 5; i++)
             CHECK(expect_elements(values[i], blocks * SEGUE_QM_COLUMNS,
-                                  "segue.QuantizedMatMul: column_sums, scales and bias need one entry per packed column"));
+                                  "segue.QuantizedMatMul: column terms and bias need one entry per packed column"));
         for (size_t i = 6; i < 8 && values[6] != NULL; i++)
             CHECK(expect_elements(values[i], k, "segue.QuantizedMatMul: norm_scale and norm_bias need k entries"));
         __atomic_store_n(&kernel->checked, (const void *)data[1], __ATOMIC_RELAXED);
@@ -370,7 +385,8 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
     if (rows == 0) return NULL;
     _Alignas(64) uint8_t small[4096]; /* a decode step's rows: no allocation (aligned for their int32 sums) */
     float small_normed[SEGUE_QM_STACK_FLOATS];
-    const size_t scratch = segue_quantized_matmul_scratch((size_t)rows, (int)k), normed_floats = values[6] != NULL ? (size_t)rows * (size_t)k : 0;
+    const size_t scratch = four ? segue_q4_matmul_scratch((size_t)rows, (int)k) : segue_quantized_matmul_scratch((size_t)rows, (int)k),
+                 normed_floats = values[6] != NULL ? (size_t)rows * (size_t)k : 0;
     uint8_t *q = scratch <= sizeof(small) ? small : (uint8_t *)malloc(scratch);
     float *normed = normed_floats <= SEGUE_QM_STACK_FLOATS ? small_normed : (float *)malloc(normed_floats * sizeof(float));
     if (q == NULL || normed == NULL) {
@@ -384,9 +400,13 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
         x = normed;
     }
     float *y = (float *)out;
-    segue_quantized_matmul(x, (int)rows, (int)k, (int)n, (const int8_t *)data[1], (const int32_t *)data[2],
-                           (const float *)data[3], (const float *)data[4], (int)kernel->weight_zero,
-                           (int)kernel->streams, q, y);
+    if (four)
+        segue_q4_matmul(x, (int)rows, (int)k, (int)n, (const uint8_t *)data[1], (const float *)data[2], (const float *)data[3],
+                        (const float *)data[4], (int)kernel->streams, q, y);
+    else
+        segue_quantized_matmul(x, (int)rows, (int)k, (int)n, (const int8_t *)data[1], (const int32_t *)data[2],
+                               (const float *)data[3], (const float *)data[4], (int)kernel->weight_zero,
+                               (int)kernel->streams, q, y);
     const size_t outputs = (size_t)rows * (size_t)n;
     if (kernel->activation == ACTIVATION_GELU) segue_gelu(y, outputs);
     if (values[5] != NULL) {
@@ -398,16 +418,18 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
     return NULL;
 }
 
+static SegueCustomOp quantized_matmul4;
+
 static OrtStatus *SEGUE_CALL matmul_create(const SegueCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
                                            void **made) {
-    (void)op;
     (void)given;
     MatMulKernel *kernel = (MatMulKernel *)calloc(1, sizeof(MatMulKernel));
     if (kernel == NULL) return FAIL(ORT_FAIL, "segue.QuantizedMatMul: out of memory");
+    kernel->bits = op == &quantized_matmul4 ? 4 : 8;
     const char *names[3] = {"k", "n", "weight_zero_point"};
     int64_t *fields[3] = {&kernel->k, &kernel->n, &kernel->weight_zero};
     OrtStatus *status = NULL;
-    for (int i = 0; i < 3 && status == NULL; i++)
+    for (int i = 0; i < (kernel->bits == 4 ? 2 : 3) && status == NULL; i++)
         status = CALL(KernelInfoGetAttribute_int64, OrtStatus *(SEGUE_CALL *)(const OrtKernelInfo *, const char *, int64_t *))(
             info, names[i], fields[i]);
     if (status == NULL) {
@@ -487,6 +509,21 @@ static SegueCustomOp quantized_matmul = {
     matmul_compute,
 };
 
+static const char *SEGUE_CALL matmul4_name(const SegueCustomOp *op) { (void)op; return "QuantizedMatMul4"; }
+static int SEGUE_CALL matmul4_input_type(const SegueCustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 ? ELEMENT_INT8 : ELEMENT_FLOAT;
+}
+
+static SegueCustomOp quantized_matmul4 = {
+    SEGUE_ORT_API_VERSION, NULL, matmul4_name, op_provider, matmul4_input_type, matmul_input_count, output_type,
+    matmul_output_count, NULL, destroy, matmul_input_characteristic, required, default_memory, one, one, one, one, matmul_create,
+    matmul_compute,
+};
+
+/* Which of native_matmul4_kernel.h's code paths this build took. */
+SEGUE_EXPORT const char *segue_matmul4_path(void) { return SEGUE_Q4_PATH; }
+
 /* Which of native_matmul_kernel.h's code paths this build took (its tests check each path they build). */
 SEGUE_EXPORT const char *segue_matmul_path(void) { return SEGUE_QM_PATH; }
 
@@ -511,5 +548,6 @@ SEGUE_EXPORT OrtStatus *SEGUE_CALL RegisterCustomOps(OrtSessionOptions *options,
         CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention_half));
     CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &causal_attention_bytes));
     CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &quantized_matmul));
+    CHECK(CALL(CustomOpDomain_Add, OrtStatus *(SEGUE_CALL *)(OrtCustomOpDomain *, const SegueCustomOp *))(domain, &quantized_matmul4));
     return CALL(AddCustomOpDomain, OrtStatus *(SEGUE_CALL *)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }

@@ -51,7 +51,8 @@ OP_TYPE = "CausalAttention"
 HALF_OP_TYPE = "CausalAttention16"  # the same over float16 pasts and presents
 INT8_OP_TYPE = "CausalAttention8"  # the same over int8 rows (engine/cache_rows.py)
 SOURCES = tuple(Path(__file__).with_name(name) for name in
-                ("native_attention.c", "native_attention_kernel.h", "native_layer_kernel.h", "native_matmul_kernel.h"))
+                ("native_attention.c", "native_attention_kernel.h", "native_layer_kernel.h", "native_matmul_kernel.h",
+                 "native_matmul4_kernel.h"))
 FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 ARCH_SWITCH = "SEGUE_NATIVE_ARCH"  # the -march to build for: this CPU's (native) unless it names another
 BUILD_SECONDS = 120
@@ -216,13 +217,14 @@ def offers_int8_cache(path: Path) -> bool:
 
 
 def rewrite(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False,
-            int8_cache: bool = False) -> tuple[bytes, int, int, str]:
+            int8_cache: bool = False, matmul_bits: int = 8) -> tuple[bytes, int, int, str]:
     """`graph` with each packed-QKV, rotary-free GroupQueryAttention node (as export/gqa.py writes them)
     replaced by the native operator, and how many were replaced (0: the graph is returned as it was);
     with `quantized_matmuls`, its int8 linear layers too (engine/native_matmul.py), and how many (and their
     norms, GELUs and residual adds folded into them, unless SEGUE_FOLD_LAYERS is 0); with
     `int8_cache` (else `half_cache`), int8 rows (else float16) for pasts and presents where every one of
-    them belongs to a replaced node alone (the last value: "int8", "float16", or "" where they stay float32)."""
+    them belongs to a replaced node alone (the last value: "int8", "float16", or "" where they stay float32).
+    `matmul_bits` 4: the linear layers from int4 weights (segue.QuantizedMatMul4), for decode steps only."""
     import onnx  # only here: a plain load needs no onnx package
 
     from engine import native_matmul
@@ -254,7 +256,7 @@ def rewrite(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = Fa
         if wanted and _narrow_cache(model, native_nodes, kind):
             narrowed = kind
             break
-    matmuls = native_matmul.rewrite_model(model, DOMAIN) if quantized_matmuls else 0
+    matmuls = native_matmul.rewrite_model(model, DOMAIN, matmul_bits) if quantized_matmuls else 0
     if matmuls and enabled(native_matmul.FOLD_SWITCH):
         native_matmul.fold_neighbours(model, DOMAIN)
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
@@ -290,18 +292,19 @@ def _narrow_cache(model, native_nodes: list, kind: str) -> bool:
 
 
 def prepare(graph: bytes, quantized_matmuls: bool = False, half_cache: bool = False,
-            int8_cache: bool = False) -> tuple[NativeGraph | None, str]:
+            int8_cache: bool = False, matmul_bits: int = 8) -> tuple[NativeGraph | None, str]:
     """The graph with the native operator and its library, or None and why the graph stays as it is.
     `quantized_matmuls`: the int8 linear layers run natively too (for a session of decode steps).
     `int8_cache`: an int8 cache, where the library offers it and SEGUE_INT8_CACHE is not 0; else
-    `half_cache`: a float16 cache, where the library offers it and SEGUE_HALF_CACHE is not 0."""
+    `half_cache`: a float16 cache, where the library offers it and SEGUE_HALF_CACHE is not 0.
+    `matmul_bits` 4: the linear layers from int4 weights (engine/native_matmul4_kernel.h; decode steps only)."""
     path, why = library()
     if path is None:
         return None, why
     half_cache = half_cache and enabled(HALF_SWITCH) and offers_half_cache(path)
     int8_cache = int8_cache and enabled(INT8_SWITCH) and offers_int8_cache(path)
     try:
-        rewritten, nodes, matmuls, narrowed = rewrite(graph, quantized_matmuls, half_cache, int8_cache)
+        rewritten, nodes, matmuls, narrowed = rewrite(graph, quantized_matmuls, half_cache, int8_cache, matmul_bits)
     except ImportError:
         return None, "the onnx package is not installed (it rewrites the graph)"
     except Exception as exc:  # a graph onnx cannot parse is ONNX Runtime's to judge, as before

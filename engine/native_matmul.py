@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 OP_TYPE = "QuantizedMatMul"
+INT4_OP_TYPE = "QuantizedMatMul4"  # the same product from int4 weights, for decode steps (engine/native_matmul4_kernel.h)
 SWITCH = "SEGUE_NATIVE_MATMUL"  # =0: ONNX Runtime's int8 matmuls for every run (to compare, or to rule this out)
 PROMPTS_SWITCH = "SEGUE_NATIVE_PROMPTS"  # =0: prompts on ONNX Runtime's int8 matmuls even where PROMPT_PATHS has the path
 # The kernel's code paths that take a prompt's runs (64 rows) faster than ONNX Runtime's matmuls, measured
@@ -47,6 +48,8 @@ STREAMS_SWITCH = "SEGUE_MATMUL_STREAMS"  # =0: a decode step reads one block of 
 STREAMS = 8  # a decode step's row reads its weights as streams: 8 on the AVX-512 VNNI path, 2 on the AVX2 ones
 GELU = 1  # QuantizedMatMul's activation attribute
 COLUMNS = 64  # columns per packed block (SEGUE_QM_COLUMNS in engine/native_matmul_kernel.h)
+GROUP = 64  # rows of k per int4 scale (SEGUE_Q4_GROUP in engine/native_matmul4_kernel.h)
+INT4_LEVELS = 7  # int4 weights in [-7, 7]: symmetric, as the int8 variant's are
 
 
 def code_path(library: Path) -> str:
@@ -79,6 +82,42 @@ def pack(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(packed).reshape(-1), padded.astype(np.int32).sum(axis=0, dtype=np.int32)
 
 
+def pack4(weights: np.ndarray, weight_scale: np.ndarray, weight_zero: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 weights [k, n] (their per-column or per-tensor scale, their zero point) quantized again to int4
+    in groups of GROUP rows of a column, in engine/native_matmul4_kernel.h's layout: the packed nibbles
+    (flat, as int8), each group's scale [blocks, groups, 64] flat, and each column's correction (the sum
+    over its groups of scale x the group's int4 sum), both float32. A group's scale is the column's int8
+    scale times its largest |w| / 7, so the group's largest weight is kept exactly; the int8 rounding
+    underneath (half an int8 step) is small next to int4's (half a group step)."""
+    k, n = weights.shape
+    groups, blocks = -(-k // GROUP), -(-n // COLUMNS)
+    padded = np.zeros((groups * GROUP, blocks * COLUMNS), dtype=np.float32)
+    padded[:k, :n] = weights.astype(np.float32) - float(weight_zero)
+    grouped = padded.reshape(groups, GROUP, blocks * COLUMNS)
+    peak = np.abs(grouped).max(axis=1)  # [groups, columns]
+    step = np.where(peak > 0, peak / INT4_LEVELS, 1.0).astype(np.float32)
+    fours = np.clip(np.rint(grouped / step[:, None, :]), -INT4_LEVELS, INT4_LEVELS).astype(np.int8)
+    scales = step * _padded(np.asarray(weight_scale).reshape(-1), n)[None, :]  # [groups, columns]
+    corrections = (scales.astype(np.float64) * fours.sum(axis=1)).sum(axis=0)  # float64: a sum of signed terms
+    # Nibbles: [group, quad, row of quad, block, half, high?, lane] -> [block, group, quad, half, lane, row of quad, high?]
+    nibbles = (fours + 8).astype(np.uint8).reshape(groups, GROUP // 4, 4, blocks, 2, 2, 16).transpose(3, 0, 1, 4, 6, 2, 5)
+    packed = nibbles[..., 0] | (nibbles[..., 1] << 4)
+    return (np.ascontiguousarray(packed).reshape(-1).view(np.int8),
+            np.ascontiguousarray(scales.reshape(groups, blocks, COLUMNS).transpose(1, 0, 2)).reshape(-1).astype(np.float32),
+            corrections.astype(np.float32))
+
+
+def unpack4(packed: np.ndarray, scales: np.ndarray, k: int, n: int) -> np.ndarray:
+    """The float weights [k, n] that pack4's output stands for (what the kernel multiplies by, before the
+    row's quantization): for tests and for measuring what int4 costs."""
+    groups, blocks = -(-k // GROUP), -(-n // COLUMNS)
+    both = packed.view(np.uint8).reshape(blocks, groups, GROUP // 4, 2, 16, 4)
+    nibbles = np.stack([both & 15, both >> 4], axis=-1).astype(np.int16) - 8  # [..., high?]
+    fours = nibbles.transpose(1, 2, 5, 0, 3, 6, 4).reshape(groups * GROUP, blocks * COLUMNS)
+    step = scales.reshape(blocks, groups, COLUMNS).transpose(1, 0, 2).reshape(groups, 1, blocks * COLUMNS)
+    return (fours.reshape(groups, GROUP, -1) * step).reshape(groups * GROUP, -1)[:k, :n]
+
+
 def _padded(values: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros(-(-n // COLUMNS) * COLUMNS, dtype=np.float32)
     out[:n] = np.broadcast_to(values.astype(np.float32), (n,))
@@ -108,10 +147,12 @@ def _index(graph: Any) -> tuple[list[Any], dict[str, Any], dict[str, Any], Calla
     return nodes, initializers, producer, only_reader
 
 
-def rewrite_model(model: Any, domain: str) -> int:
+def rewrite_model(model: Any, domain: str, bits: int = 8) -> int:
     """Each quantized linear layer of `model` (an onnx ModelProto) replaced by `domain`'s QuantizedMatMul,
     in place; returns how many. A chain that is not exactly the exporter's (an intermediate read by
-    another node, per-column zero points, weights that are not initializers) is left as it is."""
+    another node, per-column zero points, weights that are not initializers) is left as it is.
+    `bits` 4: QuantizedMatMul4 instead, its weights the int8 ones quantized again to int4 (pack4), for a
+    session of decode steps only."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -157,15 +198,24 @@ def rewrite_model(model: Any, domain: str) -> int:
             other = constant(next((name for name in adder.input if name != scaled.output[0]), ""))
             if other is not None and other.shape == (n,) and other.dtype == np.float32:
                 last, bias = adder, other
-        packed, sums = pack(weights)
         stem = f"{node.name or node.output[0]}_segue"
-        tensors = [numpy_helper.from_array(packed, f"{stem}_packed"), numpy_helper.from_array(sums, f"{stem}_column_sums"),
-                   numpy_helper.from_array(_padded(weight_scale.reshape(-1), n), f"{stem}_scales"),
-                   numpy_helper.from_array(_padded(bias, n), f"{stem}_bias")]
+        if bits == 4:
+            fours, group_scales, corrections = pack4(weights, weight_scale, int(weight_zero.reshape(-1)[0]))
+            tensors = [numpy_helper.from_array(fours, f"{stem}_packed4"), numpy_helper.from_array(group_scales, f"{stem}_group_scales"),
+                       numpy_helper.from_array(corrections, f"{stem}_corrections"),
+                       numpy_helper.from_array(_padded(bias, n), f"{stem}_bias")]
+            made = helper.make_node(INT4_OP_TYPE, [quantize.input[0], *(t.name for t in tensors)], [last.output[0]], name=stem,
+                                    domain=domain, k=int(k), n=int(n), streams=streams)
+        else:
+            packed, sums = pack(weights)
+            tensors = [numpy_helper.from_array(packed, f"{stem}_packed"), numpy_helper.from_array(sums, f"{stem}_column_sums"),
+                       numpy_helper.from_array(_padded(weight_scale.reshape(-1), n), f"{stem}_scales"),
+                       numpy_helper.from_array(_padded(bias, n), f"{stem}_bias")]
+            made = helper.make_node(OP_TYPE, [quantize.input[0], *(t.name for t in tensors)], [last.output[0]], name=stem,
+                                    domain=domain, k=int(k), n=int(n), weight_zero_point=int(weight_zero.reshape(-1)[0]),
+                                    streams=streams)
         new_initializers += tensors
-        fused[id(last)] = helper.make_node(
-            OP_TYPE, [quantize.input[0], *(t.name for t in tensors)], [last.output[0]], name=stem, domain=domain,
-            k=int(k), n=int(n), weight_zero_point=int(weight_zero.reshape(-1)[0]), streams=streams)
+        fused[id(last)] = made
         removed.update(id(part) for part in (quantize, scales, node, cast, scaled, last))
     if not fused:
         return 0
@@ -221,7 +271,7 @@ def fold_neighbours(model: Any, domain: str) -> int:
     folded_into: dict[int, Any] = {}  # id of the node whose place the folded node takes -> the folded node
     removed: set[int] = set()
     for node in nodes:
-        if node.op_type != OP_TYPE or node.domain != domain or len(node.input) != 5:
+        if node.op_type not in (OP_TYPE, INT4_OP_TYPE) or node.domain != domain or len(node.input) != 5:
             continue
         settings = attributes(node)
         k = int(settings["k"])
@@ -253,7 +303,7 @@ def fold_neighbours(model: Any, domain: str) -> int:
             continue
         while inputs and inputs[-1] == "":
             inputs.pop()
-        folded = helper.make_node(OP_TYPE, inputs, [last.output[0]], name=node.name, domain=domain, **settings, **extra)
+        folded = helper.make_node(node.op_type, inputs, [last.output[0]], name=node.name, domain=domain, **settings, **extra)
         folded_into[id(last)] = folded
         removed.update({id(node), id(last)})
     if not folded_into:

@@ -26,7 +26,11 @@ variant that session also runs its quantized matmuls natively (engine/native_mat
 step's one-row products, 1.2x faster a step on the small preset). Prompts run on it too where the
 kernel's path is the faster for them (AVX-512 VNNI without AMX: native_matmul.takes_prompts); elsewhere,
 or with SEGUE_NATIVE_PROMPTS=0, runs of more than NATIVE_MATMUL_ROWS rows go to a second session of the
-same graph with ONNX Runtime's matmuls; SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's for every run. CPU graphs also
+same graph with ONNX Runtime's matmuls; SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's for every run. With
+`decode_weights="int4"` (or SEGUE_DECODE_WEIGHTS=int4) the int8 variant's decode steps (runs of up to
+NATIVE_MATMUL_ROWS rows) read its weights quantized again to int4 at load (engine/native_matmul4_kernel.h:
+half the bytes a step, for models whose weights come from DRAM), and prompts run on a second session of
+the int8 weights, natively where the kernel takes prompts; `decoder.decode_weights` says which. CPU graphs also
 get a `last_positions` input (engine/last_positions.py): `step` and a prompt's prefill ask for the
 last position's logits only, and the graph then runs the last layer's tail for that position alone.
 
@@ -38,6 +42,7 @@ where the int8 variant keeps an int8 cache (`decoder.cache_row`, engine/cache_ro
 Configuration for a machine whose cores belong to a DAW first (arguments win over the environment):
 SEGUE_THREADS (intra-op threads of the decode session, default 1), SEGUE_PREFILL_THREADS (threads
 for prompts of PREFILL_MIN_TOKENS or more, default the same: a second session only when larger),
+SEGUE_DECODE_WEIGHTS (int8 or int4, for the int8 variant on the native operator; default int8),
 SEGUE_VARIANT (fp32, int8, fp16, ...; default the manifest's `serve` choice, timed again here when it
 was measured on another CPU (engine/variant_choice.py), or on a GPU the fp16 variant where the folder
 has one; a folder without the variant serves its own choice, with a warning), SEGUE_PROVIDER (cpu or
@@ -70,6 +75,7 @@ PREFILL_MIN_TOKENS = 32  # prompts at least this long may run on the prefill ses
 # one (engine/native_matmul.py), where the decode session has it: the crossover measured in
 # docs/performance.md, Session 14. Not where the native kernel takes prompts too (native_matmul.PROMPT_PATHS).
 NATIVE_MATMUL_ROWS = 4
+DECODE_WEIGHTS_SWITCH = "SEGUE_DECODE_WEIGHTS"  # int4: the int8 variant's decode steps from int4 weights
 PREFILL_CHUNK = 64  # prompt positions per run on the shared-buffer graph (see OnnxDecoder._forward_shared)
 # Where the native int8 matmuls take prompts (native_prompts): each row is quantized on its own there, so a
 # position's result does not depend on which run it goes in, and a prompt goes in runs of 256 positions
@@ -317,7 +323,8 @@ class OnnxDecoder:
         self.prefill_session = prefill_session
         self.prefill_from = prefill_from
         self.native_matmuls = 0  # int8 linear layers of `session` on the native operator (set by from_bytes)
-        self.native_prompts = False  # and prompts run on them too, with no second session (set by from_bytes)
+        self.native_prompts = False  # and prompts run on the native int8 kernel too (set by from_bytes)
+        self.decode_weights = variant  # what a decode step's matmuls read: the variant's own, or "int4" (from_bytes)
         self.variant = variant
         self.serve_reason = ""  # why this precision is served (from_bytes: the manifest's measurement, or one made here)
         self.attention = "GroupQueryAttention"  # or "native (...)": engine/native_attention.py, set by from_bytes
@@ -428,23 +435,29 @@ class OnnxDecoder:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None, providers: list[str] | None = None,
-             variant: str | None = None, prefill_threads: int | None = None) -> OnnxDecoder:
+             variant: str | None = None, prefill_threads: int | None = None,
+             decode_weights: str | None = None) -> OnnxDecoder:
         """Verify every file hash, then create the session from the verified bytes (never the other way round)."""
         manifest, files = read_model_folder(Path(folder))
         return cls.from_bytes(Path(folder), manifest, files[MODEL_FILE], threads, providers, variant=variant,
-                              prefill_threads=prefill_threads, files=files)
+                              prefill_threads=prefill_threads, files=files, decode_weights=decode_weights)
 
     @classmethod
     def from_bytes(cls, folder: Path, manifest: Manifest, model: bytes, threads: int | None = None,
                    providers: list[str] | None = None, *, variant: str | None = None, prefill_threads: int | None = None,
-                   files: dict[str, bytes] | None = None) -> OnnxDecoder:
+                   files: dict[str, bytes] | None = None, decode_weights: str | None = None) -> OnnxDecoder:
         """A session over ONNX bytes already checked against `manifest` (read_model_folder), warmed up.
 
         `model` is model.onnx; another variant (`variant`, else SEGUE_VARIANT, else the manifest's `serve`
         choice) is taken from `files` or read once from the folder and checked against its sha256 before
         a session is made of it. When the manifest's choice between fp32 and int8 was measured on another
-        CPU, both are timed here first and the export's rule decides (`serve_reason` says which way)."""
+        CPU, both are timed here first and the export's rule decides (`serve_reason` says which way).
+        `decode_weights` (else SEGUE_DECODE_WEIGHTS, else "int8"): "int4" for the int8 variant's decode steps
+        from its weights quantized again to int4 (see the top of this file)."""
         threads = threads or int(os.environ.get("SEGUE_THREADS", "1"))
+        decode_weights = (decode_weights or os.environ.get(DECODE_WEIGHTS_SWITCH, "").strip() or "int8").lower()
+        if decode_weights not in ("int8", "int4"):
+            raise ValueError(f"decode weights {decode_weights!r}: choose int8 or int4")
         prefill_threads = prefill_threads or int(os.environ.get("SEGUE_PREFILL_THREADS", "0")) or threads
         served = manifest.serve.variant if manifest.serve else "fp32"
         preferred = os.environ.get("SEGUE_VARIANT", "").strip()
@@ -463,13 +476,14 @@ class OnnxDecoder:
         # write the same buffers).
         half_cache = prefill_threads <= threads
 
-        def make_session(name: str, session_threads: int, decode: bool = True) -> ort.InferenceSession:
-            """`decode`: a session for runs of a few rows, which takes the native int8 matmuls too."""
+        def make_session(name: str, session_threads: int, decode: bool = True, matmul_bits: int = 8) -> ort.InferenceSession:
+            """`decode`: a session for runs of a few rows, which takes the native int8 matmuls too (from int4
+            weights with `matmul_bits` 4)."""
             graph = model if name == "fp32" else _variant_bytes(Path(folder), manifest, name, files)
             if chosen == [CPU] and session_threads == 1:  # the node keeps its thread pool where there is one
                 native, why = native_attention.prepare(graph, quantized_matmuls=decode and native_attention.enabled(native_matmul.SWITCH),
                                                        half_cache=half_cache and name == "int8",
-                                                       int8_cache=half_cache and name == "int8")
+                                                       int8_cache=half_cache and name == "int8", matmul_bits=matmul_bits)
                 if native is not None:
                     options = session_options(session_threads)
                     try:
@@ -479,7 +493,7 @@ class OnnxDecoder:
                         narrow = ", int8 cache" if native.int8_cache else ", float16 cache" if native.half_cache else ""
                         attention[made] = f"native ({native.library.name}{narrow})"
                         matmuls[made] = native.matmuls
-                        prompts[made] = native.matmuls > 0 and native_matmul.takes_prompts(native.library)
+                        prompts[made] = native.matmuls > 0 and matmul_bits == 8 and native_matmul.takes_prompts(native.library)
                         return made
                     except Exception as exc:  # onnxruntime's own error types: the node instead, as exported
                         why = f"ONNX Runtime did not take it: {str(exc).splitlines()[0][:300]}"
@@ -515,7 +529,16 @@ class OnnxDecoder:
         elif variant is not None:
             reason = "asked for (SEGUE_VARIANT or the caller)"
         variant = variant or served
-        session = sessions.get(variant) or make_session(variant, threads)
+        # int4 decode steps: the int8 variant, on the native operator (one thread, the CPU).
+        four = decode_weights == "int4" and variant == "int8" and chosen == [CPU] and threads == 1 and prefill_threads <= threads
+        if decode_weights == "int4" and not four:
+            log.info("%s: int4 decode steps are for the int8 variant on one thread of the CPU; serving %s as it is",
+                     folder, variant)
+        session = make_session(variant, threads, matmul_bits=4) if four else sessions.get(variant) or make_session(variant, threads)
+        if four and not matmuls.get(session):
+            log.info("%s: no native int4 matmuls here (%s); int8 decode steps", folder, attention.get(session))
+            four = False
+            session = sessions.get(variant) or make_session(variant, threads)
         if CUDA in chosen and CUDA not in session.get_providers():
             log.warning("CUDAExecutionProvider could not start here (no usable GPU or CUDA libraries); "
                         "running %s on the CPU", folder)
@@ -525,25 +548,31 @@ class OnnxDecoder:
                 reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
             session = make_session(variant, threads)  # the CPU's own graph (the GPU's feeds lengths from the host)
         prefill, prefill_from = None, PREFILL_MIN_TOKENS
-        if prefill_threads > threads or (matmuls.get(session) and not prompts.get(session)):
+        if four:  # prompts on the int8 weights: natively where that kernel takes them, else ONNX Runtime's matmuls
+            prefill, prefill_from = sessions.get(variant) or make_session(variant, threads), NATIVE_MATMUL_ROWS + 1
+            if not prompts.get(prefill):
+                prefill = make_session(variant, threads, decode=False)
+        elif prefill_threads > threads or (matmuls.get(session) and not prompts.get(session)):
             prefill = make_session(variant, max(prefill_threads, threads), decode=False)
             if matmuls.get(session):  # runs of many rows on ONNX Runtime's int8 matmuls, faster there
                 prefill_from = NATIVE_MATMUL_ROWS + 1
-            if _cache_type(prefill, manifest) != _cache_type(session, manifest):  # one fell back to the node
-                log.warning("%s: the prefill session's cache is %s and the decode session's %s; prompts run on the "
-                            "decode session", folder, _cache_type(prefill, manifest), _cache_type(session, manifest))
-                prefill, prefill_from = None, PREFILL_MIN_TOKENS
+        if prefill is not None and _cache_type(prefill, manifest) != _cache_type(session, manifest):  # one fell back to the node
+            log.warning("%s: the prefill session's cache is %s and the decode session's %s; prompts run on the "
+                        "decode session", folder, _cache_type(prefill, manifest), _cache_type(session, manifest))
+            prefill, prefill_from = None, PREFILL_MIN_TOKENS
         decoder = cls(folder, manifest, session, prefill, variant, prefill_from)
         decoder.serve_reason = reason
         decoder.attention = attention.get(session, "GroupQueryAttention")
         decoder.native_matmuls = matmuls.get(session, 0)
-        decoder.native_prompts = bool(decoder.native_matmuls and prefill is None)
+        decoder.native_prompts = bool(decoder.native_matmuls and (prefill is None or prompts.get(prefill)))
+        decoder.decode_weights = "int4" if four else variant
         if for_gpu and decoder.device == "cuda":
             log.info("%s: serving %s %s", folder, variant, reason)
         log.info("loaded %s (%s, %s cache, %s, %d thread(s)%s, attention: %s%s)", folder, variant, decoder.kv_cache,
                  decoder.device, threads, f", prefill {prefill_threads}" if prefill_threads > threads else "", decoder.attention,
-                 f", {decoder.native_matmuls} int8 matmuls native for "
-                 f"{'every run' if decoder.native_prompts else f'runs of up to {NATIVE_MATMUL_ROWS} rows'}"
+                 f", {decoder.native_matmuls} {'int4' if four else 'int8'} matmuls native for "
+                 f"{'every run' if decoder.native_prompts and not four else f'runs of up to {NATIVE_MATMUL_ROWS} rows'}"
+                 f"{', prompts on the native int8 ones' if four and decoder.native_prompts else ''}"
                  if decoder.native_matmuls else "")
         decoder.warm_up()
         return decoder

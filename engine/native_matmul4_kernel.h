@@ -1,0 +1,227 @@
+/* A decode step's int8 matmul read from int4 weights: the arithmetic of segue.QuantizedMatMul4
+ * (engine/native_attention.c), for the few rows of a decode step.
+ *
+ * Why: a decode step reads every weight once. Where the weights outgrow the caches (the seed preset's
+ * 38 MB of int8 on a 48 MiB L3 shared with other work) the step is bound by how fast one core reads memory,
+ * not by its arithmetic (docs/performance.md, "Session 25"): half the bytes, about half the time of its
+ * matmuls. A prompt's runs are bound by arithmetic instead, and stay on the int8 kernel
+ * (engine/native_matmul_kernel.h) in a session of their own (engine/session.py).
+ *
+ * The weights are the int8 variant's, quantized again at load (engine/native_matmul.py, `pack4`): each
+ * group of 64 rows of a column gets its own scale (the int8 column's scale times the group's largest |w|
+ * / 7) and each weight a signed 4-bit value in [-7, 7], stored + 8 as a nibble. The row x is quantized to
+ * uint8 as in the int8 kernel (scale, zero point, each row on its own), so
+ *   y[c] = scale_x * (sum_g s[g][c] * (sum_{k in g} q[k] w4[k][c]) - zero * C[c]) + bias[c],
+ *   C[c] = sum_g s[g][c] * sum_{k in g} w4[k][c]   (packed with the weights),
+ * and with nibbles u = w4 + 8 the group's exact int32 sum is sum q u - 8 sum_{k in g} q[k].
+ *
+ * Weight layout: columns in blocks of 64, each block's rows in groups of 64 (16 quads); a quad's 64
+ * columns x 4 rows are 128 bytes, two 64-byte halves: byte 4 l + j of half h holds row j of column
+ * 32 h + l in its low nibble and of column 32 h + 16 + l in its high one. Masked and shifted, each half is
+ * two operands of AVX-512 VNNI's vpdpbusd (16 columns x 4 rows each), as the int8 kernel's 64-byte loads are.
+ *   packed[((block * groups + group) * 16 + quad) * 128 + ...], scales[(block * groups + group) * 64 + column]
+ *
+ * Code paths: AVX-512 VNNI, and a portable one (every other CPU: correct, not fast; the engine serves int4
+ * decode steps only where it measured them faster, engine/variant_choice.py).
+ */
+#ifndef SEGUE_NATIVE_MATMUL4_KERNEL_H
+#define SEGUE_NATIVE_MATMUL4_KERNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "native_matmul_kernel.h" /* the row's quantization, SEGUE_QM_COLUMNS */
+
+#define SEGUE_Q4_GROUP 64                    /* rows of k per scale */
+#define SEGUE_Q4_QUADS (SEGUE_Q4_GROUP / 4)  /* quads per group */
+#define SEGUE_Q4_QUAD_BYTES 128              /* a quad of 64 columns x 4 rows, two nibbles a byte */
+#define SEGUE_Q4_GROUP_BYTES (SEGUE_Q4_QUADS * SEGUE_Q4_QUAD_BYTES)
+
+/* Scratch bytes segue_q4_matmul needs for `rows` rows of k: the quantized rows (padded to whole groups),
+ * then each row's 8 x its sum over each group. */
+static inline size_t segue_q4_matmul_scratch(size_t rows, int k) {
+    const size_t groups = (size_t)(k + SEGUE_Q4_GROUP - 1) / SEGUE_Q4_GROUP;
+    return rows * groups * (SEGUE_Q4_GROUP + sizeof(int32_t));
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+#define SEGUE_Q4_PATH "avx512-vnni"
+
+/* Sums of one quad of one block half-stream: the four operands of the quad at `w` times the row's quad `x`. */
+#define SEGUE_Q4_QUAD(acc, x, w)                                                                               \
+    {                                                                                                          \
+        const __m512i lo_ = _mm512_loadu_si512(w), hi_ = _mm512_loadu_si512((w) + 64);                        \
+        acc[0] = _mm512_dpbusd_epi32(acc[0], x, _mm512_and_si512(lo_, nibble));                                \
+        acc[1] = _mm512_dpbusd_epi32(acc[1], x, _mm512_and_si512(_mm512_srli_epi16(lo_, 4), nibble));          \
+        acc[2] = _mm512_dpbusd_epi32(acc[2], x, _mm512_and_si512(hi_, nibble));                                \
+        acc[3] = _mm512_dpbusd_epi32(acc[3], x, _mm512_and_si512(_mm512_srli_epi16(hi_, 4), nibble));          \
+    }
+
+/* A group's exact sums (less 8 x the row's sum over the group) times the group's scales, added to f. */
+static inline __attribute__((always_inline)) void segue_q4_scale_in(__m512i acc[4], int32_t offset, const float *scales,
+                                                                    __m512 f[4]) {
+    const __m512i off = _mm512_set1_epi32(offset);
+    for (int v = 0; v < 4; v++) {
+        f[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[v], off)), _mm512_loadu_ps(scales + 16 * v), f[v]);
+        acc[v] = _mm512_setzero_si512();
+    }
+}
+
+/* One row against one block (64 columns), its groups in order: the scaled sums into f. */
+static inline void segue_q4_block(const uint8_t *q, const int32_t *offsets, int groups, const uint8_t *block,
+                                  const float *scales, __m512 f[4]) {
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    __m512i acc[4], odd[4];
+    for (int v = 0; v < 4; v++) acc[v] = odd[v] = _mm512_setzero_si512();
+    for (int g = 0; g < groups; g++) {
+        const uint8_t *w = block + (size_t)g * SEGUE_Q4_GROUP_BYTES, *x = q + (size_t)g * SEGUE_Q4_GROUP;
+        for (int quad = 0; quad < SEGUE_Q4_QUADS; quad += 2) { /* two sets of sums: their latency hidden */
+            int32_t four[2];
+            memcpy(four, x + 4 * quad, 8);
+            const __m512i a = _mm512_set1_epi32(four[0]), b = _mm512_set1_epi32(four[1]);
+            SEGUE_Q4_QUAD(acc, a, w + quad * SEGUE_Q4_QUAD_BYTES)
+            SEGUE_Q4_QUAD(odd, b, w + (quad + 1) * SEGUE_Q4_QUAD_BYTES)
+        }
+        for (int v = 0; v < 4; v++) {
+            acc[v] = _mm512_add_epi32(acc[v], odd[v]);
+            odd[v] = _mm512_setzero_si512();
+        }
+        segue_q4_scale_in(acc, offsets[g], scales + (size_t)g * SEGUE_QM_COLUMNS, f);
+    }
+}
+
+/* One row against two neighbouring blocks, each read from its first and its second half of groups at once:
+ * four streams of weights through memory (one core reads DRAM faster from several; the int8 kernel's
+ * eight-stream loop, segue_blocks_row, says why). `groups` is even. */
+static inline void segue_q4_two_blocks(const uint8_t *q, const int32_t *offsets, int groups, const uint8_t *first,
+                                       const float *scales, __m512 f0[4], __m512 f1[4]) {
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    const int half = groups / 2;
+    const size_t block_bytes = (size_t)groups * SEGUE_Q4_GROUP_BYTES, later = (size_t)half * SEGUE_Q4_GROUP_BYTES;
+    const uint8_t *second = first + block_bytes;
+    __m512i a0[4], a1[4], b0[4], b1[4]; /* block 0 / 1, first / second half */
+    for (int v = 0; v < 4; v++) a0[v] = a1[v] = b0[v] = b1[v] = _mm512_setzero_si512();
+    for (int g = 0; g < half; g++) {
+        const size_t at = (size_t)g * SEGUE_Q4_GROUP_BYTES;
+        const uint8_t *x = q + (size_t)g * SEGUE_Q4_GROUP, *y = q + (size_t)(g + half) * SEGUE_Q4_GROUP;
+        for (int quad = 0; quad < SEGUE_Q4_QUADS; quad++) {
+            int32_t four, other;
+            memcpy(&four, x + 4 * quad, 4);
+            memcpy(&other, y + 4 * quad, 4);
+            const __m512i a = _mm512_set1_epi32(four), c = _mm512_set1_epi32(other);
+            const size_t o = at + (size_t)quad * SEGUE_Q4_QUAD_BYTES;
+            SEGUE_Q4_QUAD(a0, a, first + o)
+            SEGUE_Q4_QUAD(b0, a, second + o)
+            SEGUE_Q4_QUAD(a1, c, first + later + o)
+            SEGUE_Q4_QUAD(b1, c, second + later + o)
+        }
+        segue_q4_scale_in(a0, offsets[g], scales + (size_t)g * SEGUE_QM_COLUMNS, f0);
+        segue_q4_scale_in(a1, offsets[g + half], scales + (size_t)(g + half) * SEGUE_QM_COLUMNS, f0);
+        segue_q4_scale_in(b0, offsets[g], scales + (size_t)(groups + g) * SEGUE_QM_COLUMNS, f1);
+        segue_q4_scale_in(b1, offsets[g + half], scales + (size_t)(groups + g + half) * SEGUE_QM_COLUMNS, f1);
+    }
+}
+#undef SEGUE_Q4_QUAD
+
+/* y for a block's columns from its scaled sums. */
+static inline void segue_q4_out(const __m512 f[4], float scale, int32_t zero, const float *corrections, const float *bias,
+                                int columns, float *y) {
+    const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps((float)zero);
+    for (int v = 0; v < 4; v++) {
+        const int left = columns - 16 * v;
+        if (left <= 0) break;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+        const __m512 exact = _mm512_fnmadd_ps(z, _mm512_loadu_ps(corrections + 16 * v), f[v]);
+        _mm512_mask_storeu_ps(y + 16 * v, mask, _mm512_fmadd_ps(exact, s, _mm512_loadu_ps(bias + 16 * v)));
+    }
+}
+
+static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, int32_t zero, int groups, int n,
+                         const uint8_t *packed, const float *scales, const float *corrections, const float *bias,
+                         int streams, float *y) {
+    const int blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
+    const size_t block_bytes = (size_t)groups * SEGUE_Q4_GROUP_BYTES, block_scales = (size_t)groups * SEGUE_QM_COLUMNS;
+    int b = 0;
+    if (streams > 1 && groups % 2 == 0)
+        for (; b + 2 <= blocks; b += 2) {
+            __m512 f0[4], f1[4];
+            for (int v = 0; v < 4; v++) f0[v] = f1[v] = _mm512_setzero_ps();
+            segue_q4_two_blocks(q, offsets, groups, packed + (size_t)b * block_bytes, scales + (size_t)b * block_scales, f0, f1);
+            const int first = b * SEGUE_QM_COLUMNS;
+            segue_q4_out(f0, scale, zero, corrections + first, bias + first, n - first, y + first);
+            segue_q4_out(f1, scale, zero, corrections + first + SEGUE_QM_COLUMNS, bias + first + SEGUE_QM_COLUMNS,
+                         n - first - SEGUE_QM_COLUMNS, y + first + SEGUE_QM_COLUMNS);
+        }
+    for (; b < blocks; b++) {
+        __m512 f[4];
+        for (int v = 0; v < 4; v++) f[v] = _mm512_setzero_ps();
+        segue_q4_block(q, offsets, groups, packed + (size_t)b * block_bytes, scales + (size_t)b * block_scales, f);
+        const int first = b * SEGUE_QM_COLUMNS;
+        segue_q4_out(f, scale, zero, corrections + first, bias + first, n - first, y + first);
+    }
+}
+
+#else
+
+#define SEGUE_Q4_PATH "portable"
+
+static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, int32_t zero, int groups, int n,
+                         const uint8_t *packed, const float *scales, const float *corrections, const float *bias,
+                         int streams, float *y) {
+    (void)streams;
+    const int blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
+    for (int b = 0; b < blocks; b++) {
+        float f[SEGUE_QM_COLUMNS] = {0};
+        for (int g = 0; g < groups; g++) {
+            int32_t acc[SEGUE_QM_COLUMNS] = {0};
+            const uint8_t *group = packed + ((size_t)b * groups + g) * SEGUE_Q4_GROUP_BYTES;
+            for (int quad = 0; quad < SEGUE_Q4_QUADS; quad++)
+                for (int half = 0; half < 2; half++)
+                    for (int lane = 0; lane < 16; lane++)
+                        for (int j = 0; j < 4; j++) {
+                            const uint8_t both = group[quad * SEGUE_Q4_QUAD_BYTES + half * 64 + 4 * lane + j];
+                            const int32_t x = q[g * SEGUE_Q4_GROUP + 4 * quad + j];
+                            acc[32 * half + lane] += x * (both & 15);
+                            acc[32 * half + 16 + lane] += x * (both >> 4);
+                        }
+            const float *s = scales + ((size_t)b * groups + g) * SEGUE_QM_COLUMNS;
+            for (int c = 0; c < SEGUE_QM_COLUMNS; c++) f[c] += (float)(acc[c] - offsets[g]) * s[c];
+        }
+        const int first = b * SEGUE_QM_COLUMNS;
+        for (int c = 0; c < SEGUE_QM_COLUMNS && first + c < n; c++)
+            y[first + c] = (f[c] - (float)zero * corrections[first + c]) * scale + bias[first + c];
+    }
+}
+
+#endif
+
+/* y [rows, n] from x [rows, k] through the int4 weights (the top of this file). `scales` has
+ * blocks x groups x 64 entries, `corrections` and `bias` blocks x 64; `scratch` holds
+ * segue_q4_matmul_scratch(rows, k) bytes. Each row reads the whole matrix (from cache after the first):
+ * this is for the few rows of a decode step. */
+static void segue_q4_matmul(const float *x, int rows, int k, int n, const uint8_t *packed, const float *scales,
+                            const float *corrections, const float *bias, int streams, uint8_t *scratch, float *y) {
+    const int groups = (k + SEGUE_Q4_GROUP - 1) / SEGUE_Q4_GROUP, padded = groups * SEGUE_Q4_GROUP;
+    uint8_t *q = scratch;
+    int32_t *offsets = (int32_t *)(scratch + (size_t)rows * (size_t)padded); /* padded is a multiple of 64 */
+    for (int r = 0; r < rows; r++) {
+        const float *in = x + (size_t)r * (size_t)k;
+        uint8_t *row = q + (size_t)r * (size_t)padded;
+        int32_t *row_offsets = offsets + (size_t)r * (size_t)groups;
+        float scale;
+        uint8_t zero;
+        segue_quantization(in, (size_t)k, &scale, &zero);
+        segue_quantize_row(in, k, padded, scale, zero, row);
+        for (int g = 0; g < groups; g++) {
+            int32_t sum = 0;
+            for (int i = 0; i < SEGUE_Q4_GROUP; i++) sum += row[g * SEGUE_Q4_GROUP + i];
+            row_offsets[g] = 8 * sum;
+        }
+        segue_q4_row(row, row_offsets, scale, zero, groups, n, packed, scales, corrections, bias, streams,
+                     y + (size_t)r * (size_t)n);
+    }
+}
+
+#endif
