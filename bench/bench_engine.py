@@ -18,6 +18,9 @@ an 8-bar continuation of the bundled 4-bar chorale, and that time per generated 
 * engine fp32 / int8: engine/session.py on the shared-buffer export (and its int8 variant), and
   for first note and continuation the whole `Generator` (grammar, constraints, sampling, notes):
   what `segue continue` does per token.
+* engine int4: the int8 variant with its decode steps (runs of up to four rows) from its weights
+  quantized again to int4 at load (`decode_weights="int4"`, engine/native_matmul4_kernel.h), its
+  prompts on the int8 weights: half the bytes a step, for weights that come from DRAM.
 
 Per token at a context: HF is (generate 1+n tokens - generate 1 token) / n, its loop included;
 the others time n successive cached model steps; every row the same n steps (--steps, 32) right after
@@ -74,7 +77,11 @@ from training.model import GPT, preset
 
 CONTEXTS = (256, 512, 896)
 PREFILLS = (256, 512)
-ROWS = ("HF generate", "torch eager", "ORT plain", "engine fp32", "engine int8")
+ROWS = ("HF generate", "torch eager", "ORT plain", "engine fp32", "engine int8", "engine int4")
+ENGINES = ("engine fp32", "engine int8", "engine int4")
+# Bytes a decode step reads per block weight where not 4 (fp32) or 1 (int8): int4 decode steps read half a
+# byte, and a float32 scale per 64 weights (engine/native_matmul4_kernel.h).
+WEIGHT_BYTES = {"engine int4": 0.5 + 4 / 64}
 SHIPPED = "shipped"  # --presets name for the trained model folder of --tokenizer (models/default), not random weights
 
 
@@ -177,11 +184,13 @@ class Shape:
         return round(2 * self.n_layer * context * self.d_model * entry)
 
 
-def decode_floor(shape: Shape, ceilings: Ceilings, context: int, int8: bool, cache_entry: float = 4) -> float:
+def decode_floor(shape: Shape, ceilings: Ceilings, context: int, int8: bool, cache_entry: float = 4,
+                 per_weight: float | None = None) -> float:
     """Milliseconds: one token at `context`, weights and cache read once, or the matmul work, whichever is longer.
     `cache_entry`: bytes per cached number (1 and a head's share of its scale where the engine keeps the int8
-    variant's cache in int8 rows, 2 in float16)."""
-    weight_bytes = shape.block_weights * (1 if int8 else 4) + shape.head_weights * 4
+    variant's cache in int8 rows, 2 in float16). `per_weight`: bytes read per block weight, where not 1 (int8)
+    or 4 (fp32): WEIGHT_BYTES."""
+    weight_bytes = shape.block_weights * (per_weight or (1 if int8 else 4)) + shape.head_weights * 4
     nbytes = weight_bytes + shape.kv_bytes(context, cache_entry)
     memory = nbytes / ceilings.read_gbs(nbytes) / 1e9
     attention = 4 * shape.n_layer * context * shape.d_model
@@ -404,8 +413,10 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
         "HF generate": HFRow(hf), "torch eager": TorchRow(model), "ORT plain": PlainRow(plain_folder),
         "engine fp32": EngineRow(OnnxDecoder.load(shared_folder, threads=1, variant="fp32"), tokenizer),
         "engine int8": EngineRow(OnnxDecoder.load(shared_folder, threads=1, variant="int8"), tokenizer),
+        # The int8 variant with its decode steps from int4 weights, its prompts on the int8 ones (engine/session.py).
+        "engine int4": EngineRow(OnnxDecoder.load(shared_folder, threads=1, variant="int8", decode_weights="int4"), tokenizer),
     }
-    int8_rows = {"engine int8"}
+    int8_rows = {"engine int8", "engine int4"}
     # Bytes per cached number: the int8 engine keeps int8 rows (a byte a number, a scale a head) where the native operator runs.
     entry = {row_name: row.decoder.cache_dtype.itemsize * row.decoder.cache_row / row.decoder.head_dim
              for row_name, row in rows.items() if isinstance(row, EngineRow)}
@@ -432,7 +443,8 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
                 tasks[row_name] = decode
         for row_name, value in rounds(tasks, args.repeats).items():
             result[row_name][f"@{context}"] = value
-            floors[row_name][f"@{context}"] = decode_floor(shape, ceilings, context, row_name in int8_rows, entry.get(row_name, 4))
+            floors[row_name][f"@{context}"] = decode_floor(shape, ceilings, context, row_name in int8_rows, entry.get(row_name, 4),
+                                                                 WEIGHT_BYTES.get(row_name))
         print(f"  decode @{context}: " + ", ".join(f"{r} {result[r][f'@{context}']:.2f}" for r in rows), flush=True)
 
     for tokens in PREFILLS:
@@ -447,7 +459,7 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
     # write as many notes as the grammar lets them, so every row stops after the number of tokens the
     # shipped (trained) model writes for those 8 bars (`reference`).
     request = ContinuationRequest(bars=args.bars, variations=1, seed=0)
-    engines = {r: rows[r] for r in ("engine fp32", "engine int8")}
+    engines = {r: rows[r] for r in ENGINES}
     prompt = np.asarray([tokenizer.encode_clip(clip)], dtype=np.int64)[:, -(cfg.max_context // 2):]
     prompt_tokens = prompt.shape[1]
     continuation = min(reference["tokens"], cfg.max_context - prompt_tokens - 1)
@@ -462,7 +474,8 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
         result[row_name]["first note"] = value
         int8 = row_name in int8_rows
         floors[row_name]["first note"] = (prefill_floor(shape, ceilings, prompt_tokens, int8)
-                                          + first_steps * decode_floor(shape, ceilings, prompt_tokens, int8, entry.get(row_name, 4)))
+                                          + first_steps * decode_floor(shape, ceilings, prompt_tokens, int8, entry.get(row_name, 4),
+                                                                       WEIGHT_BYTES.get(row_name)))
     # Prepared: the clip prefilled before the request (Generator.prefill into a PrefillCache, as the server's
     # `prepare` message does); only the engine has this.
     prepared = {}
@@ -477,7 +490,7 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
     for row_name in rows:
         result[row_name]["prepared"] = float("nan")
         floors[row_name]["prepared"] = first_steps * decode_floor(shape, ceilings, prompt_tokens, row_name in int8_rows,
-                                                                 entry.get(row_name, 4))
+                                                                 entry.get(row_name, 4), WEIGHT_BYTES.get(row_name))
     for row_name, value in rounds(prepared, args.repeats).items():
         result[row_name]["prepared"] = value
     # The engine rows ask for as many bars as a request may, so that the grammar never ends a row before
@@ -495,7 +508,7 @@ def measure_preset(name: str, args, ceilings: Ceilings, tokenizer: ClipTokenizer
         result[row_name]["per token"] = value / continuation
         floors[row_name][f"{args.bars} bars"] = (prefill_floor(shape, ceilings, prompt_tokens, int8) + continuation
                                                  * decode_floor(shape, ceilings, prompt_tokens + continuation // 2, int8,
-                                                                              entry.get(row_name, 4)))
+                                                                              entry.get(row_name, 4), WEIGHT_BYTES.get(row_name)))
         floors[row_name]["per token"] = floors[row_name][f"{args.bars} bars"] / continuation
     generated = {"reference": continuation}
     reference_tokens = continuation
@@ -559,12 +572,13 @@ def print_table(measured: dict, bars: int) -> None:
                 cells.append(f"{value:.3g} ({value / floor:.1f}x)" if value >= 10 else f"{value:.2f} ({value / floor:.1f}x)")
         print(f"| {row} | " + " | ".join(cells) + " |")
     floor = measured["floors"]
-    print("| floor fp32 / int8 | " + " | ".join(f"{floor['engine fp32'][c]:.3g} / {floor['engine int8'][c]:.3g}"
-                                              for c in columns) + " |")
-    hf, fp32, int8 = (measured["result"][r] for r in ("HF generate", "engine fp32", "engine int8"))
+    print("| floor fp32 / int8 / int4 | " + " | ".join(
+        f"{floor['engine fp32'][c]:.3g} / {floor['engine int8'][c]:.3g} / {floor['engine int4'][c]:.3g}" for c in columns) + " |")
+    hf, fp32, int8, int4 = (measured["result"][r] for r in ("HF generate", "engine fp32", "engine int8", "engine int4"))
     print(f"\nSegue / HF generate: per token end to end {hf['per token'] / fp32['per token']:.1f}x (fp32), "
-          f"{hf['per token'] / int8['per token']:.1f}x (int8); decode step @512 {hf['@512'] / fp32['@512']:.1f}x / "
-          f"{hf['@512'] / int8['@512']:.1f}x; prefill 256 {hf['prefill 256'] / fp32['prefill 256']:.1f}x / "
+          f"{hf['per token'] / int8['per token']:.1f}x (int8), {hf['per token'] / int4['per token']:.1f}x (int4 decode steps); "
+          f"decode step @512 {hf['@512'] / fp32['@512']:.1f}x / {hf['@512'] / int8['@512']:.1f}x / "
+          f"{hf['@512'] / int4['@512']:.1f}x; prefill 256 {hf['prefill 256'] / fp32['prefill 256']:.1f}x / "
           f"{hf['prefill 256'] / int8['prefill 256']:.1f}x; prefill 512 {hf['prefill 512'] / fp32['prefill 512']:.1f}x / "
           f"{hf['prefill 512'] / int8['prefill 512']:.1f}x")
     print(f"prompt {measured['prompt_tokens']} tokens; every row decodes {measured['reference_tokens']} tokens for the "

@@ -561,7 +561,7 @@ class OnnxDecoder:
                         "decode session", folder, _cache_type(prefill, manifest), _cache_type(session, manifest))
             prefill, prefill_from = None, PREFILL_MIN_TOKENS
         decoder = cls(folder, manifest, session, prefill, variant, prefill_from)
-        decoder.serve_reason = reason
+        decoder.serve_reason = f"{reason}; its decode steps from int4 weights (SEGUE_DECODE_WEIGHTS=int4)" if four else reason
         decoder.attention = attention.get(session, "GroupQueryAttention")
         decoder.native_matmuls = matmuls.get(session, 0)
         decoder.native_prompts = bool(decoder.native_matmuls and (prefill is None or prompts.get(prefill)))

@@ -216,6 +216,7 @@ def test_the_engine_decodes_from_int4_weights_and_keeps_prompts_on_int8(int8_mod
     int8 = OnnxDecoder.from_bytes(int8_model, manifest, files[MODEL_FILE], variant="int8", files=files)
     four = OnnxDecoder.from_bytes(int8_model, manifest, files[MODEL_FILE], variant="int8", files=files, decode_weights="int4")
     assert four.decode_weights == "int4" and int8.decode_weights == "int8"
+    assert four.serve_reason.endswith("its decode steps from int4 weights (SEGUE_DECODE_WEIGHTS=int4)")
     assert four.native_matmuls == int8.native_matmuls > 0
     assert four.prefill_session is not None and four.prefill_from == NATIVE_MATMUL_ROWS + 1
     assert four.native_prompts == int8.native_prompts
