@@ -61,6 +61,15 @@ def code_path(library: Path) -> str:
     return function().decode()
 
 
+def int4_code_path(library: Path) -> str:
+    """The int4 kernel's code path in a built library: avx512-vnni or portable."""
+    import ctypes
+
+    function = ctypes.CDLL(str(library)).segue_matmul4_path
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
 def takes_prompts(library: Path) -> bool:
     """Whether the decode session runs prompts as well, on `library`'s int8 matmuls (and the engine
     keeps no second session for them): its code path is in PROMPT_PATHS, the CPU has no AMX, and

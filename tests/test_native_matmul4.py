@@ -5,7 +5,6 @@ decode steps from them while its prompts stay on the int8 weights."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,29 +16,18 @@ from onnx import helper, numpy_helper
 from engine import native_attention, native_matmul
 from engine.manifest import MODEL_FILE, read_model_folder
 from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, session_options
-from tests.test_native_matmul import PATHS, RUNNABLE, chain_graph
+from tests import test_native_matmul
+from tests.test_native_matmul import RUNNABLE, chain_graph, folded_graph
+
+libraries = test_native_matmul.libraries  # the operator library built once per code path this CPU runs (a fixture)
 
 # The int4 kernel's own path in each build: AVX-512 VNNI where the build has it, else the portable one.
 INT4_PATH = {"portable": "portable", "avx2": "portable", "avx-vnni": "portable", "avx512-vnni": "avx512-vnni"}
 
 
-@pytest.fixture(scope="module")
-def libraries(tmp_path_factory) -> dict[str, Path]:
-    compiler = native_attention.compiler()
-    assert compiler is not None, "the tests need a C compiler (the README's set-up installs gcc)"
-    folder = tmp_path_factory.mktemp("native4")
-    built = {}
-    for name in RUNNABLE:
-        target = folder / f"segue-{name}.so"
-        subprocess.run(native_attention.build_command(compiler, PATHS[name][0], target), check=True, capture_output=True,
-                       timeout=120)
-        import ctypes
-
-        function = ctypes.CDLL(str(target)).segue_matmul4_path
-        function.restype = ctypes.c_char_p
-        assert function().decode() == INT4_PATH[name]
-        built[name] = target
-    return built
+@pytest.mark.parametrize("path", RUNNABLE)
+def test_each_build_takes_its_int4_path(libraries, path):
+    assert native_matmul.int4_code_path(libraries[path]) == INT4_PATH[path]
 
 
 def group_reference(weights: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:
@@ -152,8 +140,6 @@ def test_zero_points_column_scales_and_folded_neighbours(libraries, path):
     effective = group_reference((weights.astype(np.int16) - 3).clip(-128, 127).astype(np.int8), scale)
     want = row_reference(x, effective, np.zeros(n))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * np.abs(want).max())
-
-    from tests.test_native_matmul import folded_graph
 
     layer = folded_graph(k, n, "norm", "gelu", rng)
     plain = onnx.ModelProto.FromString(layer.SerializeToString())
