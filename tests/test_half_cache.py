@@ -172,8 +172,8 @@ def test_sessions_that_disagree_on_the_cache_leave_prompts_on_the_decode_session
     monkeypatch.setenv(native_matmul.PROMPTS_SWITCH, "0")  # a second session for prompts, on any CPU
     real = native_attention.prepare
 
-    def only_for_decode(graph, quantized_matmuls=False, half_cache=False, int8_cache=False):
-        return real(graph, quantized_matmuls, half_cache, int8_cache) if quantized_matmuls else (None, "planted")
+    def only_for_decode(graph, quantized_matmuls=False, half_cache=False, int8_cache=False, matmul_bits=8):
+        return real(graph, quantized_matmuls, half_cache, int8_cache, matmul_bits) if quantized_matmuls else (None, "planted")
 
     monkeypatch.setattr(native_attention, "prepare", only_for_decode)
     with caplog.at_level(logging.WARNING, logger="engine.session"):
