@@ -70,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.val_data is None:
         return 0
-    from export.quantize import validation_pieces
+    from export.quantize import every_run_on_decode_steps, validation_pieces
     from training.eval_measures import model_perplexity
 
     pieces = validation_pieces(args.val_data, args.model / TOKENIZER_FILE, args.val_fraction, args.max_tokens)
     kinds = ClipTokenizer.from_file(args.model / TOKENIZER_FILE).kinds
     reference, tokens = model_perplexity(int8, pieces, kinds.bos, kinds.eos)
-    int4.prefill_session = None  # every window on the int4 weights (the decode session takes any run)
-    got, _ = model_perplexity(int4, pieces, kinds.bos, kinds.eos)
+    with every_run_on_decode_steps(int4):  # every window on the int4 weights
+        got, _ = model_perplexity(int4, pieces, kinds.bos, kinds.eos)
     print(f"\nvalidation perplexity on {tokens} tokens of {args.val_data} (fraction {args.val_fraction:g}): "
           f"int8 {reference:.5f}, int4 {got:.5f} ({(got / reference - 1) * 100:+.2f} %)")
     return 0

@@ -26,8 +26,9 @@ variant that session also runs its quantized matmuls natively (engine/native_mat
 step's one-row products, 1.2x faster a step on the small preset). Prompts run on it too where the
 kernel's path is the faster for them (AVX-512 VNNI without AMX: native_matmul.takes_prompts); elsewhere,
 or with SEGUE_NATIVE_PROMPTS=0, runs of more than NATIVE_MATMUL_ROWS rows go to a second session of the
-same graph with ONNX Runtime's matmuls; SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's for every run. With
-`decode_weights="int4"` (or SEGUE_DECODE_WEIGHTS=int4) the int8 variant's decode steps (runs of up to
+same graph with ONNX Runtime's matmuls; SEGUE_NATIVE_MATMUL=0 keeps ONNX Runtime's for every run. The
+int4 variant (the manifest's, where export measured it), or `decode_weights="int4"` (SEGUE_DECODE_WEIGHTS=int4)
+with the int8 one: the int8 variant's decode steps (runs of up to
 NATIVE_MATMUL_ROWS rows) read its weights quantized again to int4 at load (engine/native_matmul4_kernel.h:
 half the bytes a step, for models whose weights come from DRAM), and prompts run on a second session of
 the int8 weights, natively where the kernel takes prompts; `decoder.decode_weights` says which. CPU graphs also
@@ -66,7 +67,7 @@ import onnxruntime as ort
 from engine import cache_rows, host_lengths, last_positions, native_attention, native_matmul
 from engine.machine import cpu_name
 from engine.manifest import MODEL_FILE, Manifest, ModelError, read_model_folder
-from engine.variant_choice import choose_for_gpu, choose_here, needs_measuring_here
+from engine.variant_choice import INT4_VARIANT, choose_for_gpu, choose_here, needs_measuring_here
 
 log = logging.getLogger("segue.engine")
 
@@ -481,9 +482,10 @@ class OnnxDecoder:
             weights with `matmul_bits` 4)."""
             graph = model if name == "fp32" else _variant_bytes(Path(folder), manifest, name, files)
             if chosen == [CPU] and session_threads == 1:  # the node keeps its thread pool where there is one
+                int8_file = name in ("int8", INT4_VARIANT)
                 native, why = native_attention.prepare(graph, quantized_matmuls=decode and native_attention.enabled(native_matmul.SWITCH),
-                                                       half_cache=half_cache and name == "int8",
-                                                       int8_cache=half_cache and name == "int8", matmul_bits=matmul_bits)
+                                                       half_cache=half_cache and int8_file, int8_cache=half_cache and int8_file,
+                                                       matmul_bits=matmul_bits)
                 if native is not None:
                     options = session_options(session_threads)
                     try:
@@ -523,21 +525,33 @@ class OnnxDecoder:
         elif variant is None and chosen == [CPU] and needs_measuring_here(manifest):
             # The manifest's choice was timed on another CPU: time both precisions here and apply its rule.
             sessions = {name: make_session(name, threads) for name in ("fp32", "int8")}
-            here = choose_here(manifest, {name: cls(folder, manifest, session, None, name) for name, session in sessions.items()})
+            timed = {name: cls(folder, manifest, session, None, name) for name, session in sessions.items()}
+            if INT4_VARIANT in manifest.variants and threads == 1 and prefill_threads <= threads:
+                four_session = make_session(INT4_VARIANT, threads, matmul_bits=4)
+                if matmuls.get(four_session):  # timed with its prompts on the int8 session, as it would be served
+                    sessions[INT4_VARIANT] = four_session
+                    timed[INT4_VARIANT] = cls(folder, manifest, four_session, sessions["int8"], INT4_VARIANT, NATIVE_MATMUL_ROWS + 1)
+            here = choose_here(manifest, timed)
             variant, reason = here.variant, here.reason
             log.info("%s: serving %s on %s: %s", folder, variant, cpu_name(), reason)
         elif variant is not None:
             reason = "asked for (SEGUE_VARIANT or the caller)"
         variant = variant or served
-        # int4 decode steps: the int8 variant, on the native operator (one thread, the CPU).
-        four = decode_weights == "int4" and variant == "int8" and chosen == [CPU] and threads == 1 and prefill_threads <= threads
-        if decode_weights == "int4" and not four:
-            log.info("%s: int4 decode steps are for the int8 variant on one thread of the CPU; serving %s as it is",
-                     folder, variant)
-        session = make_session(variant, threads, matmul_bits=4) if four else sessions.get(variant) or make_session(variant, threads)
+        # int4 decode steps (the int4 variant, or the int8 one with SEGUE_DECODE_WEIGHTS=int4): the int8 file on
+        # the native operator, one thread of the CPU.
+        wanted_four = decode_weights == "int4" or variant == INT4_VARIANT
+        four = wanted_four and variant in ("int8", INT4_VARIANT) and chosen == [CPU] and threads == 1 and prefill_threads <= threads
+        if wanted_four and not four:
+            log.info("%s: int4 decode steps are for the int8 file on one thread of the CPU; serving %s with int8 ones",
+                     folder, "int8" if variant == INT4_VARIANT else variant)
+            variant = "int8" if variant == INT4_VARIANT else variant
+        if four:
+            session = (sessions.get(INT4_VARIANT) if variant == INT4_VARIANT else None) or make_session(variant, threads, matmul_bits=4)
+        else:
+            session = sessions.get(variant) or make_session(variant, threads)
         if four and not matmuls.get(session):
             log.info("%s: no native int4 matmuls here (%s); int8 decode steps", folder, attention.get(session))
-            four = False
+            four, variant = False, "int8"
             session = sessions.get(variant) or make_session(variant, threads)
         if CUDA in chosen and CUDA not in session.get_providers():
             log.warning("CUDAExecutionProvider could not start here (no usable GPU or CUDA libraries); "
@@ -546,10 +560,12 @@ class OnnxDecoder:
             if for_gpu and variant != served:  # the GPU's precision, on the CPU after all: the CPU's instead
                 variant = served
                 reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
+            if variant == INT4_VARIANT:  # its file, with int8 decode steps: int4 ones are set up for a load on the CPU
+                variant, reason = "int8", f"{reason}; int8 decode steps after the GPU did not start"
             session = make_session(variant, threads)  # the CPU's own graph (the GPU's feeds lengths from the host)
         prefill, prefill_from = None, PREFILL_MIN_TOKENS
         if four:  # prompts on the int8 weights: natively where that kernel takes them, else ONNX Runtime's matmuls
-            prefill, prefill_from = sessions.get(variant) or make_session(variant, threads), NATIVE_MATMUL_ROWS + 1
+            prefill, prefill_from = sessions.get("int8") or make_session(variant, threads), NATIVE_MATMUL_ROWS + 1
             if not prompts.get(prefill):
                 prefill = make_session(variant, threads, decode=False)
         elif prefill_threads > threads or (matmuls.get(session) and not prompts.get(session)):
@@ -561,7 +577,8 @@ class OnnxDecoder:
                         "decode session", folder, _cache_type(prefill, manifest), _cache_type(session, manifest))
             prefill, prefill_from = None, PREFILL_MIN_TOKENS
         decoder = cls(folder, manifest, session, prefill, variant, prefill_from)
-        decoder.serve_reason = f"{reason}; its decode steps from int4 weights (SEGUE_DECODE_WEIGHTS=int4)" if four else reason
+        decoder.serve_reason = f"{reason}; its decode steps from int4 weights (SEGUE_DECODE_WEIGHTS=int4)" \
+            if four and variant != INT4_VARIANT else reason
         decoder.attention = attention.get(session, "GroupQueryAttention")
         decoder.native_matmuls = matmuls.get(session, 0)
         decoder.native_prompts = bool(decoder.native_matmuls and (prefill is None or prompts.get(prefill)))

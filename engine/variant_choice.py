@@ -10,12 +10,19 @@ different cache size), so a folder exported on one computer and served on anothe
 precisions where it runs (a few decode steps each, about 0.1 s at load) instead of trusting
 numbers taken elsewhere. The quality half of the rule is the manifest's: the perplexities of both
 files on the same validation tokens, measured at export.
+
+Where the folder has the int4 variant too (the int8 file, its decode steps from its weights quantized
+again to int4 at load: engine/native_matmul4_kernel.h) and int8 would be served, int4 is served instead
+when its own perplexity loss is within the same limit and its decode step is at least MIN_INT4_SPEEDUP
+faster than int8's here: it pays where the weights come from DRAM, little where they fit in cache, and
+nothing on a CPU whose int4 kernel is the portable loop.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
@@ -28,6 +35,8 @@ MIN_INT8_SPEEDUP = 1.10  # ... and is at least 10 % faster per decoded token her
 LOAD_CONTEXT = 128  # the history a load-time decode step is timed at
 LOAD_STEPS = 24  # decode steps timed per precision at load (median)
 GPU_VARIANT = "fp16"  # what `export-onnx --fp16` writes, served through the CUDA execution provider
+INT4_VARIANT = "int4"  # the int8 file, its decode steps from int4 weights (engine/session.py)
+MIN_INT4_SPEEDUP = 1.05  # int4 over int8: at least 5 % faster per decode step here
 
 
 class Decoder(Protocol):
@@ -39,11 +48,37 @@ class Decoder(Protocol):
     def step(self, ids: np.ndarray, cache): ...
 
 
-def choose_variant(timings: dict[str, dict[str, float]], int8_loss: float | None) -> ServeChoice:
-    """int8 when its perplexity loss is measured and small and it decodes measurably faster; else fp32.
-    `timings`: per variant, measured medians in ms whose first key starting "decode" is a decode step."""
+def choose_variant(timings: dict[str, dict[str, float]], int8_loss: float | None,
+                   int4_loss: float | None = None) -> ServeChoice:
+    """int8 when its perplexity loss is measured and small and it decodes measurably faster; else fp32; and
+    where int8 wins and `timings` has int4, int4 when its loss is small too and it decodes measurably
+    faster than int8. `timings`: per variant, measured medians in ms whose first key starting "decode" is
+    a decode step."""
+    choice = _choose_int8(timings, int8_loss)
+    if choice.variant != "int8" or INT4_VARIANT not in timings:
+        return choice
+    decode = _decode_ms(timings)
+    speedup = decode["int8"] / decode[INT4_VARIANT]
+    if int4_loss is None:
+        why = f"int4 decode steps {speedup:.2f}x int8's here, but their perplexity was not measured: int8"
+    elif int4_loss > MAX_INT8_PERPLEXITY_LOSS:
+        why = f"int4 perplexity {int4_loss * 100:+.2f} % vs fp32 (limit {MAX_INT8_PERPLEXITY_LOSS * 100:.0f} %): int8"
+    elif speedup < MIN_INT4_SPEEDUP:
+        why = f"int4 decode steps {speedup:.2f}x int8's here (needs {MIN_INT4_SPEEDUP:.2f}x): int8"
+    else:
+        return ServeChoice(INT4_VARIANT, f"{choice.reason}; int4 perplexity {int4_loss * 100:+.2f} % vs fp32, its decode "
+                                         f"steps {speedup:.2f}x int8's here", choice.measured_on, choice.timings_ms)
+    return ServeChoice(choice.variant, f"{choice.reason}; {why}", choice.measured_on, choice.timings_ms)
+
+
+def _decode_ms(timings: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {variant: next(v for k, v in measured.items() if k.startswith("decode")) for variant, measured in timings.items()}
+
+
+def _choose_int8(timings: dict[str, dict[str, float]], int8_loss: float | None) -> ServeChoice:
+    """fp32 or int8: the rule without int4."""
     flat = {f"{variant} {what}": value for variant, measured in timings.items() for what, value in measured.items()}
-    decode = {variant: next(v for k, v in measured.items() if k.startswith("decode")) for variant, measured in timings.items()}
+    decode = _decode_ms(timings)
     speedup = decode["fp32"] / decode["int8"]
     if int8_loss is None:
         return ServeChoice("fp32", f"int8 decodes {speedup:.2f}x faster here, but its perplexity was not measured "
@@ -100,14 +135,16 @@ def decode_ms(decoder: Decoder, context: int = LOAD_CONTEXT, steps: int = LOAD_S
     return statistics.median(samples)
 
 
-def choose_here(manifest: Manifest, decoders: dict[str, Decoder]) -> ServeChoice:
-    """The rule applied to fp32 and int8 timed on this CPU, their steps interleaved so a busy moment slows both."""
+def choose_here(manifest: Manifest, decoders: Mapping[str, Decoder]) -> ServeChoice:
+    """The rule applied to fp32 and int8 (and int4, where `decoders` has it) timed on this CPU, their steps
+    interleaved so a busy moment slows them alike."""
     rounds: dict[str, list[float]] = {variant: [] for variant in decoders}
     for _ in range(3):
         for variant, decoder in decoders.items():
             rounds[variant].append(decode_ms(decoder, steps=LOAD_STEPS // 3))
     timings = {variant: {f"decode@{LOAD_CONTEXT}": round(statistics.median(values), 4)} for variant, values in rounds.items()}
-    choice = choose_variant(timings, manifest.variants["int8"].perplexity_loss)
+    int4 = manifest.variants.get(INT4_VARIANT)
+    choice = choose_variant(timings, manifest.variants["int8"].perplexity_loss, int4.perplexity_loss if int4 else None)
     serve = manifest.serve
     before = f"the manifest's {serve.variant} was measured on {serve.measured_on}" if serve and serve.measured_on \
         else "the manifest's choice was not measured"

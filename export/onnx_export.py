@@ -253,8 +253,8 @@ def export_folder(model: GPT, out: Path, write_tokenizer, manifest_for, sign_key
 
             validation = ValidationSet(stage, val_data, val_fraction, val_tokens, val_exclude)
         if quantize == "int8":
-            variant, serve = int8_variant(stage, staged, fp32, validation)
-            variants["int8"] = variant
+            quantized, serve = int8_variant(stage, staged, fp32, validation)
+            variants.update(quantized)
             files[INT8_MODEL_FILE] = sha256_file(stage / INT8_MODEL_FILE)
         elif quantize is not None:
             raise ValueError(f"unknown quantization {quantize!r} (int8 is the one there is)")
@@ -276,22 +276,33 @@ def export_folder(model: GPT, out: Path, write_tokenizer, manifest_for, sign_key
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def int8_variant(stage: Path, staged: Manifest, fp32, validation) -> tuple[Variant, ServeChoice]:
+def int8_variant(stage: Path, staged: Manifest, fp32, validation) -> tuple[dict[str, Variant], ServeChoice]:
     """Quantize the staged model.onnx, measure both precisions' validation perplexity on the same
     tokens (`validation`, a quantize.ValidationSet) and their speed here, and choose the one to serve
-    (export/quantize.py)."""
+    (export/quantize.py); where this CPU has the native int4 kernel, the int4 variant (the same file,
+    int4 decode steps) measured and in the choice too."""
     from engine.session import OnnxDecoder
     from export import quantize
 
     quantize.quantize_int8(stage / MODEL_FILE, stage / INT8_MODEL_FILE)
     data = (stage / INT8_MODEL_FILE).read_bytes()
-    with_variant = dataclasses.replace(staged, variants={"int8": Variant(INT8_MODEL_FILE, quantize.WEIGHTS)},
+    with_variant = dataclasses.replace(staged, variants={"int8": Variant(INT8_MODEL_FILE, quantize.WEIGHTS),
+                                                         "int4": Variant(INT8_MODEL_FILE, quantize.INT4_WEIGHTS)},
                                        files={**staged.files, INT8_MODEL_FILE: sha256_file(stage / INT8_MODEL_FILE)})
     int8 = OnnxDecoder.from_bytes(stage, with_variant, b"", threads=1, variant="int8", files={INT8_MODEL_FILE: data})
     int8_ppl, fp32_ppl, tokens, source = validation.measure(fp32, int8)
-    variant = Variant(INT8_MODEL_FILE, quantize.WEIGHTS, _round(int8_ppl), _round(fp32_ppl), tokens or None, source)
+    variants = {"int8": Variant(INT8_MODEL_FILE, quantize.WEIGHTS, _round(int8_ppl), _round(fp32_ppl), tokens or None, source)}
     timings = {"fp32": quantize.speed(fp32), "int8": quantize.speed(int8)}
-    return variant, quantize.choose_variant(timings, variant.perplexity_loss)
+    int4 = OnnxDecoder.from_bytes(stage, with_variant, b"", threads=1, variant="int4", files={INT8_MODEL_FILE: data})
+    if int4.variant == "int4":
+        with quantize.every_run_on_decode_steps(int4):
+            int4_ppl, _, _, _ = validation.measure(fp32, int4)
+        variants["int4"] = Variant(INT8_MODEL_FILE, quantize.INT4_WEIGHTS, _round(int4_ppl), _round(fp32_ppl), tokens or None, source)
+        timings["int4"] = quantize.speed(int4)
+    else:
+        print("note: no native int4 kernel here (see the log): the int4 variant is not written", file=sys.stderr)
+    return variants, quantize.choose_variant(timings, variants["int8"].perplexity_loss,
+                                             variants["int4"].perplexity_loss if "int4" in variants else None)
 
 
 def _round(value: float | None) -> float | None:

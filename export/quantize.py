@@ -5,6 +5,10 @@
     int8_ppl, fp32_ppl, tokens, source = validation.measure(fp32_decoder, int8_decoder)
     choice = choose_variant({"fp32": speed(fp32_decoder), "int8": speed(int8_decoder)}, int8_loss)
 
+Where this CPU has the native int4 kernel, the int4 variant stands next to it: the same file, its decode
+steps from its weights quantized again to int4 at load (engine/native_matmul4_kernel.h), its perplexity
+measured with every position on the int4 weights.
+
 Dynamic quantization (onnxruntime.quantization.quantize_dynamic) of the MatMul weights: int8
 weights, activations quantized per call, so the variant needs no calibration data and has the
 same inputs, outputs and KV cache as model.onnx. Its validation perplexity is measured by the same
@@ -18,14 +22,36 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from engine.session import OnnxDecoder
-from engine.variant_choice import MAX_INT8_PERPLEXITY_LOSS, MIN_INT8_SPEEDUP, choose_variant  # noqa: F401  (the rule, shared with load time)
+from engine.variant_choice import (  # noqa: F401  (the rule, shared with load time)
+    MAX_INT8_PERPLEXITY_LOSS,
+    MIN_INT4_SPEEDUP,
+    MIN_INT8_SPEEDUP,
+    choose_variant,
+)
 
 WEIGHTS = "int8 (onnxruntime quantize_dynamic of the MatMul weights: QInt8 weights, activations quantized per call)"
+INT4_WEIGHTS = ("int4 decode steps (the int8 file's weights quantized again at load to int4, a scale per group of 64 rows "
+                "of a column: engine/native_matmul4_kernel.h); prompts on the int8 weights")
+
+
+@contextmanager
+def every_run_on_decode_steps(decoder: OnnxDecoder) -> Iterator[OnnxDecoder]:
+    """`decoder` with its prompt session set aside, so that every run (a validation window too) goes through
+    its decode-step session: how the int4 variant's perplexity measures its int4 weights on every position
+    (served, its prompts run on the int8 weights, and only the positions it decodes see int4)."""
+    kept = decoder.prefill_session
+    decoder.prefill_session = None
+    try:
+        yield decoder
+    finally:
+        decoder.prefill_session = kept
 
 
 def quantize_int8(source: Path, target: Path) -> None:

@@ -244,3 +244,34 @@ def test_int4_is_asked_for_only_where_it_applies(int8_model, tiny_model, monkeyp
     monkeypatch.setenv("SEGUE_DECODE_WEIGHTS", "int3")
     with pytest.raises(ValueError, match="decode weights 'int3': choose int8 or int4"):
         OnnxDecoder.load(int8_model, variant="int8")
+
+
+def test_the_export_writes_the_int4_variant_measured_and_it_loads_as_int4(int8_model):
+    """`export-onnx --quantize int8` writes the int4 variant where this CPU has the native kernel: the int8
+    file, its perplexity measured on int8's tokens with every position on the int4 weights (not int8's
+    figure copied), its decode step timed, the rule's choice recorded; loaded as "int4" it decodes from int4."""
+    manifest, _ = read_model_folder(int8_model)
+    int8, int4 = manifest.variants["int8"], manifest.variants["int4"]
+    assert int4.file == int8.file and int4.weights.startswith("int4 decode steps")
+    assert int4.val_tokens == int8.val_tokens and int4.reference_val_perplexity == int8.reference_val_perplexity
+    assert int4.val_perplexity is not None and int4.val_perplexity != int8.val_perplexity
+    assert abs(int4.perplexity_loss) < 0.05
+    assert manifest.serve is not None and "int4 decode@255" in manifest.serve.timings_ms
+    decoder = OnnxDecoder.load(int8_model, variant="int4")
+    assert decoder.variant == "int4" and decoder.decode_weights == "int4" and decoder.prefill_session is not None
+
+
+@pytest.mark.parametrize("int8_ms, int4_ms, int4_loss, served, why", [
+    (0.5, 0.40, 0.001, "int4", "its decode steps 1.25x int8's here"),
+    (0.5, 0.49, 0.001, "int8", "int4 decode steps 1.02x int8's here (needs 1.05x)"),
+    (0.5, 0.30, 0.030, "int8", "int4 perplexity +3.00 % vs fp32 (limit 2 %)"),
+    (0.5, 0.30, None, "int8", "but their perplexity was not measured"),
+    (1.0, 0.30, 0.001, "fp32", "decode step 1.00x (needs 1.10x)"),
+])
+def test_int4_is_served_where_int8_would_be_and_it_is_measurably_faster_and_as_good(int8_ms, int4_ms, int4_loss, served, why):
+    from engine.variant_choice import choose_variant
+
+    choice = choose_variant({"fp32": {"decode@128": 1.0}, "int8": {"decode@128": int8_ms}, "int4": {"decode@128": int4_ms}},
+                            0.001, int4_loss)
+    assert choice.variant == served and why in choice.reason
+    assert choose_variant({"fp32": {"decode@128": 1.0}, "int8": {"decode@128": 0.5}}, 0.001, 0.001).variant == "int8"
