@@ -269,7 +269,8 @@ static OrtStatus *SEGUE_CALL compute(void *state, OrtKernelContext *context) {
             const size_t offset = (size_t)(b * heads + h) * (size_t)capacity * row_bytes;
             segue_attend_head((int)head_dim, qkv, qkv_row, (int)h, (int)heads, (int)steps, (int)from, past,
                               (char *)present_key + offset, (char *)present_value + offset, kernel->kind, scale,
-                              row_out, out_row, scores, widened);
+                              row_out, out_row, scores, widened,
+                              h + 1 < heads && steps - from <= 4 ? (size_t)capacity * row_bytes : 0); /* decode steps */
         }
     }
     free(scores);

@@ -537,7 +537,8 @@ static inline int segue_queries_per_lane(const int head_dim, const int steps, co
 static inline __attribute__((always_inline)) void segue_attend(
     const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int heads,
     const int steps, const int from, const int past, void *restrict keys, void *restrict values, const int kind,
-    const float scale, float *restrict out, const size_t out_row, float *restrict scores, float *restrict widened) {
+    const float scale, float *restrict out, const size_t out_row, float *restrict scores, float *restrict widened,
+    const size_t ahead) {
     const int total = past + steps;
     const size_t scores_row = (size_t)(total + SEGUE_BLOCK - 1) / SEGUE_BLOCK * SEGUE_BLOCK;
     for (int s = 0; s < steps; s++) {
@@ -583,6 +584,15 @@ static inline __attribute__((always_inline)) void segue_attend(
             memcpy(qv, q, head_dim * sizeof(float));
             for (int t0 = 0; t0 < seen; t0 += SEGUE_BLOCK) {
                 const int width = seen - t0 < SEGUE_BLOCK ? seen - t0 : SEGUE_BLOCK;
+                if (ahead) { /* the next head's keys and values for these positions, on their way meanwhile */
+                    const char *next_keys = segue_row(keys, (size_t)t0, head_dim, kind) + ahead;
+                    const char *next_values = segue_row(values, (size_t)t0, head_dim, kind) + ahead;
+                    const int bytes = width * (int)segue_row_bytes(head_dim, kind);
+                    for (int i = 0; i < bytes; i += 64) {
+                        __builtin_prefetch(next_keys + i, 0, 3);
+                        __builtin_prefetch(next_values + i, 0, 3);
+                    }
+                }
                 const segue_lanes dots = segue_dots(head_dim, qv, keys, kind, t0, width) * scale;
                 memcpy(row + t0, &dots, sizeof dots); /* rows are padded to whole blocks */
             }
@@ -672,20 +682,25 @@ static inline size_t segue_scores_size(int steps, int total) {
     do {                                                                                                          \
         if (head_dim == 32)                                                                                       \
             segue_attend(32, qkv, qkv_row, head, heads, steps, from, past, keys, values, KIND, scale, out, out_row, scores, \
-                         widened);                                                                                \
+                         widened, ahead);                                                                         \
         else if (head_dim == 64)                                                                                  \
             segue_attend(64, qkv, qkv_row, head, heads, steps, from, past, keys, values, KIND, scale, out, out_row, scores, \
-                         widened);                                                                                \
+                         widened, ahead);                                                                         \
         else                                                                                                      \
             segue_attend(head_dim, qkv, qkv_row, head, heads, steps, from, past, keys, values, KIND, scale, out, out_row,   \
-                         scores, widened);                                                                        \
+                         scores, widened, ahead);                                                                 \
     } while (0)
 
 /* `kind`: what the buffers hold (halves only where SEGUE_HALF_CACHE; the caller checks), and `widened` is
- * segue_widened_size floats (see segue_attend). */
+ * segue_widened_size floats (see segue_attend). `ahead`: bytes from this head's keys and values to the
+ * next head's, which a decode step's query loop prefetches while it scores this head's keys (0: none).
+ * Why: a decode step reads each head's history as two short streams (34 KB each for the seed preset at
+ * 512 positions), each starting cold from DRAM once the step's weights have passed through the caches;
+ * fetched a head ahead, the seed preset's step was 1.03-1.06x faster (int8 / int4 decode steps; the small
+ * and shipped models', whose history stays in cache, unchanged: docs/performance.md "Session 25"). */
 static void segue_attend_head(int head_dim, const float *qkv, size_t qkv_row, int head, int heads, int steps,
                               int from, int past, void *keys, void *values, int kind, float scale, float *out,
-                              size_t out_row, float *scores, float *widened) {
+                              size_t out_row, float *scores, float *widened, size_t ahead) {
     if (kind == SEGUE_BYTES)
         SEGUE_ATTEND_SIZES(SEGUE_BYTES);
     else if (kind == SEGUE_HALVES && SEGUE_HALF_CACHE)
