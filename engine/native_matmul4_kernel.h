@@ -94,9 +94,12 @@ static inline void segue_q4_block(const uint8_t *q, const int32_t *offsets, int 
 
 /* One row against two neighbouring blocks, each read from its first and its second half of groups at once:
  * four streams of weights through memory (one core reads DRAM faster from several; the int8 kernel's
- * eight-stream loop, segue_blocks_row, says why). `groups` is even. */
+ * eight-stream loop, segue_blocks_row, says why). `groups` is even. `next`: the next pair's first block
+ * (or NULL), whose same bytes are prefetched as these are read, so that its four streams do not start
+ * cold from DRAM (a matrix's pairs are 8-32 KB apiece for the seed preset: the seed's int4 step 1.05-1.1x
+ * in an A/B, the small preset's, from cache, unchanged; docs/performance.md "Session 25"). */
 static inline void segue_q4_two_blocks(const uint8_t *q, const int32_t *offsets, int groups, const uint8_t *first,
-                                       const float *scales, __m512 f0[4], __m512 f1[4]) {
+                                       const float *scales, __m512 f0[4], __m512 f1[4], const uint8_t *next) {
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     const int half = groups / 2;
     const size_t block_bytes = (size_t)groups * SEGUE_Q4_GROUP_BYTES, later = (size_t)half * SEGUE_Q4_GROUP_BYTES;
@@ -112,6 +115,15 @@ static inline void segue_q4_two_blocks(const uint8_t *q, const int32_t *offsets,
             memcpy(&other, y + 4 * quad, 4);
             const __m512i a = _mm512_set1_epi32(four), c = _mm512_set1_epi32(other);
             const size_t o = at + (size_t)quad * SEGUE_Q4_QUAD_BYTES;
+            if (next != NULL) {
+                const uint8_t *p = next + o;
+                for (int line = 0; line < SEGUE_Q4_QUAD_BYTES; line += 64) {
+                    __builtin_prefetch(p + line, 0, 3);
+                    __builtin_prefetch(p + block_bytes + line, 0, 3);
+                    __builtin_prefetch(p + later + line, 0, 3);
+                    __builtin_prefetch(p + block_bytes + later + line, 0, 3);
+                }
+            }
             SEGUE_Q4_QUAD(a0, a, first + o)
             SEGUE_Q4_QUAD(b0, a, second + o)
             SEGUE_Q4_QUAD(a1, c, first + later + o)
@@ -148,7 +160,8 @@ static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, 
         for (; b + 2 <= blocks; b += 2) {
             __m512 f0[4], f1[4];
             for (int v = 0; v < 4; v++) f0[v] = f1[v] = _mm512_setzero_ps();
-            segue_q4_two_blocks(q, offsets, groups, packed + (size_t)b * block_bytes, scales + (size_t)b * block_scales, f0, f1);
+            segue_q4_two_blocks(q, offsets, groups, packed + (size_t)b * block_bytes, scales + (size_t)b * block_scales, f0, f1,
+                                b + 4 <= blocks ? packed + (size_t)(b + 2) * block_bytes : NULL);
             const int first = b * SEGUE_QM_COLUMNS;
             segue_q4_out(f0, scale, zero, corrections + first, bias + first, n - first, y + first);
             segue_q4_out(f1, scale, zero, corrections + first + SEGUE_QM_COLUMNS, bias + first + SEGUE_QM_COLUMNS,
