@@ -70,6 +70,16 @@ def int4_code_path(library: Path) -> str:
     return function().decode()
 
 
+# The int4 kernel's code paths that serve decode steps: the others (the portable loop) are correct, and
+# slower than the int8 kernel, so int4 decode steps are not offered there (engine/session.py).
+FAST_INT4_PATHS = frozenset({"avx512-vnni"})
+
+
+def fast_int4(library: Path) -> bool:
+    """Whether `library`'s int4 kernel is one that int4 decode steps are served on (FAST_INT4_PATHS)."""
+    return int4_code_path(library) in FAST_INT4_PATHS
+
+
 def takes_prompts(library: Path) -> bool:
     """Whether the decode session runs prompts as well, on `library`'s int8 matmuls (and the engine
     keeps no second session for them): its code path is in PROMPT_PATHS, the CPU has no AMX, and

@@ -31,7 +31,8 @@ int4 variant (the manifest's, where export measured it), or `decode_weights="int
 with the int8 one: the int8 variant's decode steps (runs of up to
 NATIVE_MATMUL_ROWS rows) read its weights quantized again to int4 at load (engine/native_matmul4_kernel.h:
 half the bytes a step, for models whose weights come from DRAM), and prompts run on a second session of
-the int8 weights, natively where the kernel takes prompts; `decoder.decode_weights` says which. CPU graphs also
+the int8 weights, natively where the kernel takes prompts; `decoder.decode_weights` says which. Only where
+the int4 kernel has its fast path (native_matmul.FAST_INT4_PATHS); elsewhere int8 decode steps, logged. CPU graphs also
 get a `last_positions` input (engine/last_positions.py): `step` and a prompt's prefill ask for the
 last position's logits only, and the graph then runs the last layer's tail for that position alone.
 
@@ -526,7 +527,7 @@ class OnnxDecoder:
             # The manifest's choice was timed on another CPU: time both precisions here and apply its rule.
             sessions = {name: make_session(name, threads) for name in ("fp32", "int8")}
             timed = {name: cls(folder, manifest, session, None, name) for name, session in sessions.items()}
-            if INT4_VARIANT in manifest.variants and threads == 1 and prefill_threads <= threads:
+            if INT4_VARIANT in manifest.variants and threads == 1 and prefill_threads <= threads and _fast_int4_here():
                 four_session = make_session(INT4_VARIANT, threads, matmul_bits=4)
                 if matmuls.get(four_session):  # timed with its prompts on the int8 session, as it would be served
                     sessions[INT4_VARIANT] = four_session
@@ -540,10 +541,14 @@ class OnnxDecoder:
         # int4 decode steps (the int4 variant, or the int8 one with SEGUE_DECODE_WEIGHTS=int4): the int8 file on
         # the native operator, one thread of the CPU.
         wanted_four = decode_weights == "int4" or variant == INT4_VARIANT
-        four = wanted_four and variant in ("int8", INT4_VARIANT) and chosen == [CPU] and threads == 1 and prefill_threads <= threads
+        why_not = "" if variant in ("int8", INT4_VARIANT) and chosen == [CPU] and threads == 1 and prefill_threads <= threads \
+            else "they are for the int8 file on one thread of the CPU"
+        if wanted_four and not why_not and not _fast_int4_here():
+            why_not = "this CPU has no fast int4 kernel (AVX-512 VNNI; elsewhere int8's is the faster)"
+        four = wanted_four and not why_not
         if wanted_four and not four:
-            log.info("%s: int4 decode steps are for the int8 file on one thread of the CPU; serving %s with int8 ones",
-                     folder, "int8" if variant == INT4_VARIANT else variant)
+            log.info("%s: no int4 decode steps (%s); serving %s with int8 ones", folder, why_not,
+                     "int8" if variant == INT4_VARIANT else variant)
             variant = "int8" if variant == INT4_VARIANT else variant
         if four:
             session = (sessions.get(INT4_VARIANT) if variant == INT4_VARIANT else None) or make_session(variant, threads, matmul_bits=4)
@@ -971,6 +976,12 @@ def _host_lengths_graph(graph: bytes, folder: Path | str, variant: str) -> bytes
     if why:
         log.warning("%s (%s): GroupQueryAttention's lengths stay computed in the graph on the GPU: %s", folder, variant, why)
     return rewritten
+
+
+def _fast_int4_here() -> bool:
+    """Whether this machine's native library (built on first use) has a fast int4 kernel for decode steps."""
+    library, _ = native_attention.library()
+    return library is not None and native_matmul.fast_int4(library)
 
 
 def _variant_bytes(folder: Path, manifest: Manifest, variant: str, files: dict[str, bytes] | None) -> bytes:
