@@ -565,9 +565,12 @@ class OnnxDecoder:
             if for_gpu and variant != served:  # the GPU's precision, on the CPU after all: the CPU's instead
                 variant = served
                 reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
-            if variant == INT4_VARIANT:  # its file, with int8 decode steps: int4 ones are set up for a load on the CPU
-                variant, reason = "int8", f"{reason}; int8 decode steps after the GPU did not start"
-            session = make_session(variant, threads)  # the CPU's own graph (the GPU's feeds lengths from the host)
+            # The CPU's own graph (the GPU's feeds lengths from the host); the int4 variant's with its int4 steps.
+            four = variant == INT4_VARIANT and threads == 1 and prefill_threads <= threads and _fast_int4_here()
+            session = make_session(variant, threads, matmul_bits=4 if four else 8)
+            if variant == INT4_VARIANT and not (four and matmuls.get(session)):
+                four, variant, reason = False, "int8", f"{reason}; int8 decode steps here"
+                session = make_session(variant, threads)
         prefill, prefill_from = None, PREFILL_MIN_TOKENS
         if four:  # prompts on the int8 weights: natively where that kernel takes them, else ONNX Runtime's matmuls
             prefill, prefill_from = sessions.get("int8") or make_session(variant, threads), NATIVE_MATMUL_ROWS + 1

@@ -9,6 +9,7 @@ cold alike; which precision a GPU is given; and that a GPU that does not start l
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 
@@ -113,16 +114,25 @@ def test_a_gpu_is_given_fp16_where_the_folder_has_it_within_the_quality_rule(fp1
 
 
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this machine has CUDA")
-def test_a_gpu_that_does_not_start_leaves_the_cpus_precision(fp16_model, monkeypatch, caplog):
+@pytest.mark.parametrize("cpu_choice", ["int8", "int4"])
+def test_a_gpu_that_does_not_start_leaves_the_cpus_precision(fp16_model, tmp_path, monkeypatch, caplog, cpu_choice):
     """onnxruntime-gpu on a machine whose GPU or CUDA libraries fail: ONNX Runtime lists the provider but
     the session comes up on the CPU. The fp16 variant chosen for the GPU would then run on the CPU at no
-    gain, so the CPU's own choice (the manifest's) is served, with the warning."""
+    gain, so the CPU's own choice (the manifest's: int8, or int4 with its int4 decode steps where the
+    export wrote it) is served, with the warning."""
+    folder = tmp_path / "model"
+    shutil.copytree(fp16_model, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    cpu_choice = cpu_choice if cpu_choice in manifest["variants"] else "int8"  # int4 only where the fast kernel runs
+    manifest["serve"]["variant"] = cpu_choice
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     caplog.set_level(logging.INFO, logger="segue.engine")
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
-    decoder = OnnxDecoder.load(fp16_model, providers=[CUDA, CPU])
-    served = verify_model_folder(fp16_model).serve
-    assert served is not None
-    assert decoder.device == "cpu" and decoder.variant == served.variant and decoder.serve_reason == served.reason
+    decoder = OnnxDecoder.load(folder, providers=[CUDA, CPU])
+    served = verify_model_folder(folder).serve
+    assert served is not None and served.variant == cpu_choice
+    assert decoder.device == "cpu" and decoder.variant == cpu_choice and decoder.serve_reason == served.reason
+    assert decoder.decode_weights == cpu_choice
     assert any("could not start here" in r.getMessage() for r in caplog.records)
 
 
