@@ -28,9 +28,10 @@ PATHS = {
 RUNNABLE = [name for name, (_, needs) in PATHS.items() if needs <= native_attention.cpu_flags()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def libraries(tmp_path_factory) -> dict[str, Path]:
-    """The operator library built once per code path this CPU runs, each checked to have taken its path."""
+    """The operator library built once per code path this CPU runs, each checked to have taken its path
+    (once for the session: tests/test_native_matmul4.py uses them too)."""
     compiler = native_attention.compiler()
     assert compiler is not None, "the tests need a C compiler (the README's set-up installs gcc)"
     folder = tmp_path_factory.mktemp("native")
