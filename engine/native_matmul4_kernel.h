@@ -3,8 +3,8 @@
  *
  * Why: a decode step reads every weight once. Where the weights outgrow the caches (the seed preset's
  * 38 MB of int8 on a 48 MiB L3 shared with other work) the step is bound by how fast one core reads memory,
- * not by its arithmetic (docs/performance.md, "Session 25"): half the bytes, about half the time of its
- * matmuls. A prompt's runs are bound by arithmetic instead, and stay on the int8 kernel
+ * not by its arithmetic (docs/performance.md, "Session 25"): half the bytes, and 60 % of the int8 kernel's
+ * time for the seed preset's matmuls from DRAM in a probe. A prompt's runs are bound by arithmetic instead, and stay on the int8 kernel
  * (engine/native_matmul_kernel.h) in a session of their own (engine/session.py).
  *
  * The weights are the int8 variant's, quantized again at load (engine/native_matmul.py, `pack4`): each
@@ -21,8 +21,9 @@
  * two operands of AVX-512 VNNI's vpdpbusd (16 columns x 4 rows each), as the int8 kernel's 64-byte loads are.
  *   packed[((block * groups + group) * 16 + quad) * 128 + ...], scales[(block * groups + group) * 64 + column]
  *
- * Code paths: AVX-512 VNNI, and a portable one (every other CPU: correct, not fast; the engine serves int4
- * decode steps only where it measured them faster, engine/variant_choice.py).
+ * Code paths: AVX-512 VNNI, and a portable one (every other CPU: correct, and slower than the int8 kernel;
+ * the engine serves int4 decode steps only on the fast path, engine/native_matmul.py FAST_INT4_PATHS, and
+ * by default only where they were measured faster, engine/variant_choice.py).
  */
 #ifndef SEGUE_NATIVE_MATMUL4_KERNEL_H
 #define SEGUE_NATIVE_MATMUL4_KERNEL_H
