@@ -7,6 +7,7 @@ import json
 import queue
 import re
 import shutil
+import threading
 import time
 import weakref
 
@@ -348,6 +349,7 @@ def test_replaced_requests_free_their_queue_slot_at_once(models_dir, tmp_path):
     from plugin_bridge.service import Service
 
     service = Service(registry, tmp_path / "clips", workers=1, max_queue=4)
+    started, release = threading.Event(), threading.Event()
     try:
         busy_one, replacer, third = Inbox(), Inbox(), Inbox()
         service.handle("c", {"type": "continue", "id": "long", "clip": clip_payload(), "bars": 64, "variations": 16}, busy_one)
@@ -357,8 +359,16 @@ def test_replaced_requests_free_their_queue_slot_at_once(models_dir, tmp_path):
         events = third.until("finished", "b", timeout=120)
         assert events[-1]["type"] == "finished", events[-1]
         assert replacer.until("finished", "a39", timeout=120)[-1]["type"] == "finished"
-        # The other clients fill the queue to its bound: then a newcomer is told busy, with the request's id.
-        for name in "defg":
+        # The other clients fill the queue to its bound while the worker is held on a first one (its first
+        # reply blocks until released: the tiny model's long request can otherwise finish, its context full,
+        # before the queue is filled on a loaded machine); then a newcomer is told busy, with the request's id.
+        def held(event: dict) -> None:
+            started.set()
+            release.wait(timeout=60)
+
+        service.handle("d", {"type": "continue", "id": "d", "clip": clip_payload(), "bars": 64, "variations": 16}, held)
+        assert started.wait(timeout=60), "the worker never started the first request"
+        for name in "efg":
             service.handle(name, {"type": "continue", "id": name, "clip": clip_payload(), "bars": 64, "variations": 16}, Inbox())
         service.handle("c", {"type": "continue", "id": "long2", "clip": clip_payload(), "bars": 64, "variations": 16}, Inbox())
         late = Inbox()
@@ -366,6 +376,7 @@ def test_replaced_requests_free_their_queue_slot_at_once(models_dir, tmp_path):
         reply = late.until("error", "h")[-1]
         assert reply["code"] == "busy", reply
     finally:
+        release.set()
         service.close()
         registry.stop()
 
