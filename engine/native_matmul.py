@@ -52,22 +52,18 @@ GROUP = 64  # rows of k per int4 scale (SEGUE_Q4_GROUP in engine/native_matmul4_
 INT4_LEVELS = 7  # int4 weights in [-7, 7]: symmetric, as the int8 variant's are
 
 
-def code_path(library: Path) -> str:
+def code_path(library: Path, symbol: str = "segue_matmul_path") -> str:
     """The kernel's code path in a built library: avx512-vnni, avx-vnni, avx2 or portable."""
     import ctypes
 
-    function = ctypes.CDLL(str(library)).segue_matmul_path
+    function = getattr(ctypes.CDLL(str(library)), symbol)
     function.restype = ctypes.c_char_p
     return function().decode()
 
 
 def int4_code_path(library: Path) -> str:
     """The int4 kernel's code path in a built library: avx512-vnni or portable."""
-    import ctypes
-
-    function = ctypes.CDLL(str(library)).segue_matmul4_path
-    function.restype = ctypes.c_char_p
-    return function().decode()
+    return code_path(library, "segue_matmul4_path")
 
 
 # The int4 kernel's code paths that serve decode steps: the others (the portable loop) are correct, and

@@ -527,7 +527,7 @@ class OnnxDecoder:
             # The manifest's choice was timed on another CPU: time both precisions here and apply its rule.
             sessions = {name: make_session(name, threads) for name in ("fp32", "int8")}
             timed = {name: cls(folder, manifest, session, None, name) for name, session in sessions.items()}
-            if INT4_VARIANT in manifest.variants and threads == 1 and prefill_threads <= threads and _fast_int4_here():
+            if INT4_VARIANT in manifest.variants and threads == 1 and prefill_threads <= threads and fast_int4_here():
                 four_session = make_session(INT4_VARIANT, threads, matmul_bits=4)
                 if matmuls.get(four_session):  # timed with its prompts on the int8 session, as it would be served
                     sessions[INT4_VARIANT] = four_session
@@ -538,26 +538,31 @@ class OnnxDecoder:
         elif variant is not None:
             reason = "asked for (SEGUE_VARIANT or the caller)"
         variant = variant or served
-        # int4 decode steps (the int4 variant, or the int8 one with SEGUE_DECODE_WEIGHTS=int4): the int8 file on
-        # the native operator, one thread of the CPU.
+
+        def decode_session(name: str, wanted_four: bool) -> tuple[ort.InferenceSession, str, str]:
+            """The decode session for variant `name`, with int4 decode steps where `wanted_four` and this load can
+            have them (the int8 file on the native operator, one thread of a CPU with the fast int4 kernel); the
+            variant it serves (int8 for an int4 that cannot be), and why not int4 where it was wanted ("" else)."""
+            why_not = ""
+            if wanted_four:
+                if name not in ("int8", INT4_VARIANT) or chosen != [CPU] or threads != 1 or prefill_threads > threads:
+                    why_not = "they are for the int8 file on one thread of the CPU"
+                elif not fast_int4_here():
+                    why_not = "this CPU has no fast int4 kernel (AVX-512 VNNI; elsewhere int8's is the faster)"
+                else:
+                    made = (sessions.get(INT4_VARIANT) if name == INT4_VARIANT else None) or make_session(name, threads, matmul_bits=4)
+                    if matmuls.get(made):
+                        return made, name, ""
+                    why_not = f"no native int4 matmuls here ({attention.get(made)})"
+                name = "int8" if name == INT4_VARIANT else name
+            return sessions.get(name) or make_session(name, threads), name, why_not
+
+        # int4 decode steps: the int4 variant's, or the int8 one's with SEGUE_DECODE_WEIGHTS=int4.
         wanted_four = decode_weights == "int4" or variant == INT4_VARIANT
-        why_not = "" if variant in ("int8", INT4_VARIANT) and chosen == [CPU] and threads == 1 and prefill_threads <= threads \
-            else "they are for the int8 file on one thread of the CPU"
-        if wanted_four and not why_not and not _fast_int4_here():
-            why_not = "this CPU has no fast int4 kernel (AVX-512 VNNI; elsewhere int8's is the faster)"
+        session, variant, why_not = decode_session(variant, wanted_four)
         four = wanted_four and not why_not
-        if wanted_four and not four:
-            log.info("%s: no int4 decode steps (%s); serving %s with int8 ones", folder, why_not,
-                     "int8" if variant == INT4_VARIANT else variant)
-            variant = "int8" if variant == INT4_VARIANT else variant
-        if four:
-            session = (sessions.get(INT4_VARIANT) if variant == INT4_VARIANT else None) or make_session(variant, threads, matmul_bits=4)
-        else:
-            session = sessions.get(variant) or make_session(variant, threads)
-        if four and not matmuls.get(session):
-            log.info("%s: no native int4 matmuls here (%s); int8 decode steps", folder, attention.get(session))
-            four, variant = False, "int8"
-            session = sessions.get(variant) or make_session(variant, threads)
+        if why_not:
+            log.info("%s: no int4 decode steps (%s); serving %s", folder, why_not, variant)
         if CUDA in chosen and CUDA not in session.get_providers():
             log.warning("CUDAExecutionProvider could not start here (no usable GPU or CUDA libraries); "
                         "running %s on the CPU", folder)
@@ -566,11 +571,11 @@ class OnnxDecoder:
                 variant = served
                 reason = manifest.serve.reason if manifest.serve is not None else "the manifest names no choice: fp32"
             # The CPU's own graph (the GPU's feeds lengths from the host); the int4 variant's with its int4 steps.
-            four = variant == INT4_VARIANT and threads == 1 and prefill_threads <= threads and _fast_int4_here()
-            session = make_session(variant, threads, matmul_bits=4 if four else 8)
-            if variant == INT4_VARIANT and not (four and matmuls.get(session)):
-                four, variant, reason = False, "int8", f"{reason}; int8 decode steps here"
-                session = make_session(variant, threads)
+            wanted_four = variant == INT4_VARIANT
+            session, variant, why_not = decode_session(variant, wanted_four)
+            four = wanted_four and not why_not
+            if why_not:
+                reason = f"{reason}; int8 decode steps here"
         prefill, prefill_from = None, PREFILL_MIN_TOKENS
         if four:  # prompts on the int8 weights: natively where that kernel takes them, else ONNX Runtime's matmuls
             prefill, prefill_from = sessions.get("int8") or make_session(variant, threads), NATIVE_MATMUL_ROWS + 1
@@ -981,7 +986,7 @@ def _host_lengths_graph(graph: bytes, folder: Path | str, variant: str) -> bytes
     return rewritten
 
 
-def _fast_int4_here() -> bool:
+def fast_int4_here() -> bool:
     """Whether this machine's native library (built on first use) has a fast int4 kernel for decode steps."""
     library, _ = native_attention.library()
     return library is not None and native_matmul.fast_int4(library)

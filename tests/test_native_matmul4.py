@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from engine import native_attention, native_matmul
 from engine.manifest import MODEL_FILE, read_model_folder
-from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, session_options
+from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, fast_int4_here, session_options
 from tests import test_native_matmul
 from tests.test_native_matmul import RUNNABLE, chain_graph, folded_graph
 
@@ -23,13 +23,6 @@ libraries = test_native_matmul.libraries  # the operator library built once per 
 
 # The int4 kernel's own path in each build: AVX-512 VNNI where the build has it, else the portable one.
 INT4_PATH = {"portable": "portable", "avx2": "portable", "avx-vnni": "portable", "avx512-vnni": "avx512-vnni"}
-
-
-def fast_here() -> bool:
-    """Whether the engine's own build on this CPU serves int4 decode steps (its int4 kernel's fast path)."""
-    library, why = native_attention.library()
-    assert library is not None, why
-    return native_matmul.fast_int4(library)
 
 
 @pytest.mark.parametrize("path", RUNNABLE)
@@ -208,7 +201,7 @@ def test_the_engine_decodes_from_int4_weights_and_keeps_prompts_on_int8(int8_mod
     manifest, files = int4_exact(int8_model)
     int8 = OnnxDecoder.from_bytes(int8_model, manifest, files[MODEL_FILE], variant="int8", files=files)
     four = OnnxDecoder.from_bytes(int8_model, manifest, files[MODEL_FILE], variant="int8", files=files, decode_weights="int4")
-    if not fast_here():  # a CPU without the fast int4 kernel: int8 decode steps, as without the option
+    if not fast_int4_here():  # a CPU without the fast int4 kernel: int8 decode steps, as without the option
         assert four.decode_weights == "int8" and four.serve_reason == int8.serve_reason
         return
     assert four.decode_weights == "int4" and int8.decode_weights == "int8"
@@ -246,7 +239,7 @@ def test_int4_is_asked_for_only_where_it_applies(int8_model, tiny_model, monkeyp
     """SEGUE_DECODE_WEIGHTS=int4 serves the int8 variant's steps from int4; the fp32 model, or the native
     matmuls switched off, stay as they are; an unknown value is a clear error."""
     monkeypatch.setenv("SEGUE_DECODE_WEIGHTS", "int4")
-    assert OnnxDecoder.load(int8_model, variant="int8").decode_weights == ("int4" if fast_here() else "int8")
+    assert OnnxDecoder.load(int8_model, variant="int8").decode_weights == ("int4" if fast_int4_here() else "int8")
     assert OnnxDecoder.load(int8_model, variant="fp32").decode_weights == "fp32"
     monkeypatch.setenv("SEGUE_NATIVE_MATMUL", "0")
     off = OnnxDecoder.load(int8_model, variant="int8")
@@ -261,7 +254,7 @@ def test_the_export_writes_the_int4_variant_measured_and_it_loads_as_int4(int8_m
     file, its perplexity measured on int8's tokens with every position on the int4 weights (not int8's
     figure copied), its decode step timed, the rule's choice recorded; loaded as "int4" it decodes from int4."""
     manifest, _ = read_model_folder(int8_model)
-    if not fast_here():  # not offered where int4 decode steps would not be served
+    if not fast_int4_here():  # not offered where int4 decode steps would not be served
         assert "int4" not in manifest.variants and "int4 decode@255" not in manifest.serve.timings_ms
         return
     int8, int4 = manifest.variants["int8"], manifest.variants["int4"]
