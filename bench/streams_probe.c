@@ -134,7 +134,7 @@ static int probe_matmul(int d, int layers, int cold, uint8_t *other) {
                 const double started = now();
                 for (int i = 0; i < count; i++)
                     segue_quantized_matmul(x, 1, m[i].k, m[i].n, m[i].packed, m[i].column_sums, m[i].scales, m[i].bias, 0,
-                                           variants[v], scratch, y);
+                                           variants[v], scratch, NULL, y);
                 seconds[v][pass] = now() - started;
             }
             sink += (int64_t)y[0];

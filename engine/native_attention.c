@@ -401,19 +401,16 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
         x = normed;
     }
     float *y = (float *)out;
+    const segue_finish finish = {.gelu = kernel->activation == ACTIVATION_GELU,
+                                 .residual = values[5] != NULL ? (const float *)data[5] : NULL};
+    const segue_finish *finishing = finish.gelu || finish.residual != NULL ? &finish : NULL;
     if (four)
         segue_q4_matmul(x, (int)rows, (int)k, (int)n, (const uint8_t *)data[1], (const float *)data[2], (const float *)data[3],
-                        (const float *)data[4], (int)kernel->streams, q, y);
+                        (const float *)data[4], (int)kernel->streams, q, finishing, y);
     else
         segue_quantized_matmul(x, (int)rows, (int)k, (int)n, (const int8_t *)data[1], (const int32_t *)data[2],
                                (const float *)data[3], (const float *)data[4], (int)kernel->weight_zero,
-                               (int)kernel->streams, q, y);
-    const size_t outputs = (size_t)rows * (size_t)n;
-    if (kernel->activation == ACTIVATION_GELU) segue_gelu(y, outputs);
-    if (values[5] != NULL) {
-        const float *residual = (const float *)data[5];
-        for (size_t i = 0; i < outputs; i++) y[i] += residual[i];
-    }
+                               (int)kernel->streams, q, finishing, y);
     if (q != small) free(q);
     if (normed != small_normed) free(normed);
     return NULL;

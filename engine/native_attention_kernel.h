@@ -357,26 +357,30 @@ static inline __attribute__((always_inline)) segue_lanes segue_dots(const int he
  * per multiply-add, and the load ports, not the multiply-add units, bounded that loop. */
 enum { SEGUE_POSITIONS = SEGUE_BLOCK / 2 }; /* positions a pass: their sums and the queries fill the registers */
 
-/* Scores of SEGUE_POSITIONS positions, position i's key at k[i], added into acc[i][v] for set v of
- * `sets` sets of queries (see segue_lane_scores). */
+/* Scores of SEGUE_POSITIONS positions, added into acc[i][v] for set v of `sets` sets of queries (see
+ * segue_lane_scores). Position i's key: `contiguous` (a constant where inlined), at block + i * head_dim,
+ * one address register and constant offsets; otherwise at k[i] (a last, partial block). Why: with eight
+ * pointers GCC ran out of registers and kept them in mask registers, a kmovq per key coordinate on a
+ * port the multiply-adds need (the seed preset's 512-token prefill, Session 26). */
 static inline __attribute__((always_inline)) void segue_lane_block(
-    const int head_dim, const int sets, const segue_lanes *restrict queries, const float *const *restrict k,
-    segue_lanes acc[SEGUE_POSITIONS][2]) {
+    const int head_dim, const int sets, const segue_lanes *restrict queries, const int contiguous,
+    const float *restrict block, const float *const *restrict k, segue_lanes acc[SEGUE_POSITIONS][2]) {
     for (int d = 0; d < head_dim; d++) {
         const segue_lanes first = queries[d], second = queries[64 + d];
         for (int i = 0; i < SEGUE_POSITIONS; i++) {
+            const float key = contiguous ? block[i * head_dim + d] : k[i][d];
             if (sets == 1) {
-                acc[i][0] += k[i][d] * first;
+                acc[i][0] += key * first;
             } else {
 #if defined(__AVX512F__)
                 /* The coordinate broadcast into a register once for both sets: left to itself GCC folds
                  * the broadcast into both multiply-adds, two loads again. */
-                __m512 wide = _mm512_set1_ps(k[i][d]);
+                __m512 wide = _mm512_set1_ps(key);
                 __asm__("" : "+v"(wide));
                 segue_lanes coordinate;
                 memcpy(&coordinate, &wide, sizeof coordinate);
 #else
-                const float coordinate = k[i][d];
+                const float coordinate = key;
 #endif
                 acc[i][0] += coordinate * first;
                 acc[i][1] += coordinate * second;
@@ -392,13 +396,13 @@ static inline __attribute__((always_inline)) void segue_lane_scores(
     const float *restrict keys, const float scale, float *restrict scores, const size_t set_floats) {
     for (int t0 = 0; t0 < seen; t0 += SEGUE_POSITIONS) {
         segue_lanes acc[SEGUE_POSITIONS][2] = {{{0}}};
-        const float *k[SEGUE_POSITIONS];
         if (t0 + SEGUE_POSITIONS <= seen) { /* a whole block: each key at the block's address plus a constant */
-            for (int i = 0; i < SEGUE_POSITIONS; i++) k[i] = keys + (size_t)t0 * head_dim + (size_t)i * head_dim;
+            segue_lane_block(head_dim, sets, queries, 1, keys + (size_t)t0 * head_dim, NULL, acc);
         } else {
+            const float *k[SEGUE_POSITIONS];
             for (int i = 0; i < SEGUE_POSITIONS; i++) k[i] = keys + (size_t)(t0 + i < seen ? t0 + i : seen - 1) * head_dim;
+            segue_lane_block(head_dim, sets, queries, 0, NULL, k, acc);
         }
-        segue_lane_block(head_dim, sets, queries, k, acc);
         const int rows = seen - t0 < SEGUE_POSITIONS ? seen - t0 : SEGUE_POSITIONS;
         for (int v = 0; v < sets; v++)
             for (int i = 0; i < rows; i++) {

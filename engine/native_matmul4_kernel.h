@@ -40,10 +40,10 @@
 #define SEGUE_Q4_GROUP_BYTES (SEGUE_Q4_QUADS * SEGUE_Q4_QUAD_BYTES)
 
 /* Scratch bytes segue_q4_matmul needs for `rows` rows of k: the quantized rows (padded to whole groups),
- * then each row's 8 x its sum over each group. */
+ * then each row's 8 x its sum over each group, then each row's scale and zero point. */
 static inline size_t segue_q4_matmul_scratch(size_t rows, int k) {
     const size_t groups = (size_t)(k + SEGUE_Q4_GROUP - 1) / SEGUE_Q4_GROUP;
-    return rows * groups * (SEGUE_Q4_GROUP + sizeof(int32_t));
+    return rows * groups * (SEGUE_Q4_GROUP + sizeof(int32_t)) + rows * (sizeof(float) + sizeof(int32_t));
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -177,6 +177,83 @@ static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, 
     }
 }
 
+/* Up to SEGUE_Q4_ROWS rows against one block: each group's nibbles unpacked once for all of them. Why: a
+ * decode step that checks guessed tokens runs 2-4 rows, and row by row each row unpacked the whole matrix
+ * again (the seed preset's two-row call cost 1.35x a one-row step; Session 26). The block's groups go in
+ * the order segue_q4_row takes them (`halves`: a group of the first half, then its twin of the second, as
+ * segue_q4_two_blocks; else in order), each group's scaled sums into f[r] in that order, so a row's outputs
+ * are bit for bit what it gets alone. `next`: the next block, prefetched at the same offsets (or NULL). */
+#define SEGUE_Q4_ROWS 4
+static inline __attribute__((always_inline)) void segue_q4_block_rows(
+    const int rows, const uint8_t *q, size_t q_stride, const int32_t *offsets, int groups, const uint8_t *block,
+    const float *scales, int halves, const uint8_t *next, __m512 f[SEGUE_Q4_ROWS][4]) {
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    const int half = groups / 2;
+    for (int i = 0; i < groups; i++) {
+        const int g = halves ? (i % 2 == 0 ? i / 2 : half + i / 2) : i;
+        const size_t at = (size_t)g * SEGUE_Q4_GROUP_BYTES;
+        __m512i acc[SEGUE_Q4_ROWS][4];
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_si512();
+        for (int quad = 0; quad < SEGUE_Q4_QUADS; quad++) {
+            const size_t o = at + (size_t)quad * SEGUE_Q4_QUAD_BYTES;
+            if (next != NULL)
+                for (int line = 0; line < SEGUE_Q4_QUAD_BYTES; line += 64) __builtin_prefetch(next + o + line, 0, 3);
+            const __m512i lo = _mm512_loadu_si512(block + o), hi = _mm512_loadu_si512(block + o + 64);
+            const __m512i w0 = _mm512_and_si512(lo, nibble), w1 = _mm512_and_si512(_mm512_srli_epi16(lo, 4), nibble);
+            const __m512i w2 = _mm512_and_si512(hi, nibble), w3 = _mm512_and_si512(_mm512_srli_epi16(hi, 4), nibble);
+            for (int r = 0; r < rows; r++) {
+                int32_t four;
+                memcpy(&four, q + (size_t)r * q_stride + (size_t)g * SEGUE_Q4_GROUP + 4 * quad, 4);
+                const __m512i a = _mm512_set1_epi32(four);
+                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], a, w0);
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, w1);
+                acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], a, w2);
+                acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], a, w3);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            segue_q4_scale_in(acc[r], offsets[(size_t)r * (size_t)groups + g], scales + (size_t)g * SEGUE_QM_COLUMNS, f[r]);
+    }
+}
+
+/* Several quantized rows (q: `padded` bytes apart; offsets, scale and zero per row), a block at a time, each
+ * block's weights read once for SEGUE_Q4_ROWS rows; every row's outputs as segue_q4_row makes them. */
+static void segue_q4_rows(const uint8_t *q, int padded, const int32_t *offsets, const float *scale, const int32_t *zero,
+                          int rows, int groups, int n, const uint8_t *packed, const float *scales, const float *corrections,
+                          const float *bias, int streams, const segue_finish *finish, float *y) {
+    const int blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
+    const size_t block_bytes = (size_t)groups * SEGUE_Q4_GROUP_BYTES, block_scales = (size_t)groups * SEGUE_QM_COLUMNS;
+    /* The blocks segue_q4_row reads in pairs, from both halves of their groups: there, the same order here. */
+    const int paired = streams > 1 && groups % 2 == 0 ? blocks / 2 * 2 : 0;
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *block = packed + (size_t)b * block_bytes, *next = b + 1 < blocks ? block + block_bytes : NULL;
+        const int first = b * SEGUE_QM_COLUMNS, halves = b < paired;
+        for (int from = 0; from < rows; from += SEGUE_Q4_ROWS) {
+            const int taken = rows - from < SEGUE_Q4_ROWS ? rows - from : SEGUE_Q4_ROWS;
+            __m512 f[SEGUE_Q4_ROWS][4];
+            for (int r = 0; r < taken; r++)
+                for (int v = 0; v < 4; v++) f[r][v] = _mm512_setzero_ps();
+            const uint8_t *x = q + (size_t)from * (size_t)padded;
+            const int32_t *o = offsets + (size_t)from * (size_t)groups;
+            const float *s = scales + (size_t)b * block_scales;
+            switch (taken) { /* a constant row count each, so the sums stay in registers */
+            case 1: segue_q4_block_rows(1, x, (size_t)padded, o, groups, block, s, halves, next, f); break;
+            case 2: segue_q4_block_rows(2, x, (size_t)padded, o, groups, block, s, halves, next, f); break;
+            case 3: segue_q4_block_rows(3, x, (size_t)padded, o, groups, block, s, halves, next, f); break;
+            default: segue_q4_block_rows(4, x, (size_t)padded, o, groups, block, s, halves, next, f); break;
+            }
+            for (int r = 0; r < taken; r++) {
+                const size_t at = (size_t)(from + r) * (size_t)n + (size_t)first;
+                segue_q4_out(f[r], scale[from + r], zero[from + r], corrections + first, bias + first, n - first, y + at);
+                segue_finish_tile(finish, y + at, at, 1, n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS,
+                                  (size_t)n);
+            }
+        }
+    }
+}
+#define SEGUE_Q4_MANY_ROWS 1
+
 #else
 
 #define SEGUE_Q4_PATH "portable"
@@ -213,13 +290,17 @@ static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, 
 
 /* y [rows, n] from x [rows, k] through the int4 weights (the top of this file). `scales` has
  * blocks x groups x 64 entries, `corrections` and `bias` blocks x 64; `scratch` holds
- * segue_q4_matmul_scratch(rows, k) bytes. Each row reads the whole matrix (from cache after the first):
- * this is for the few rows of a decode step. */
+ * segue_q4_matmul_scratch(rows, k) bytes. One row streams the matrix (segue_q4_row); several go a block
+ * at a time, up to SEGUE_Q4_ROWS of them on each block's unpacked weights, with the same results (on the
+ * portable path, each row reads the whole matrix). This is for the few rows of a decode step. */
 static void segue_q4_matmul(const float *x, int rows, int k, int n, const uint8_t *packed, const float *scales,
-                            const float *corrections, const float *bias, int streams, uint8_t *scratch, float *y) {
+                            const float *corrections, const float *bias, int streams, uint8_t *scratch,
+                            const segue_finish *finish, float *y) {
     const int groups = (k + SEGUE_Q4_GROUP - 1) / SEGUE_Q4_GROUP, padded = groups * SEGUE_Q4_GROUP;
     uint8_t *q = scratch;
     int32_t *offsets = (int32_t *)(scratch + (size_t)rows * (size_t)padded); /* padded is a multiple of 64 */
+    float *row_scales = (float *)(offsets + (size_t)rows * (size_t)groups);
+    int32_t *zeros = (int32_t *)(row_scales + rows);
     for (int r = 0; r < rows; r++) {
         const float *in = x + (size_t)r * (size_t)k;
         uint8_t *row = q + (size_t)r * (size_t)padded;
@@ -233,8 +314,20 @@ static void segue_q4_matmul(const float *x, int rows, int k, int n, const uint8_
             for (int i = 0; i < SEGUE_Q4_GROUP; i++) sum += row[g * SEGUE_Q4_GROUP + i];
             row_offsets[g] = 8 * sum;
         }
-        segue_q4_row(row, row_offsets, scale, zero, groups, n, packed, scales, corrections, bias, streams,
-                     y + (size_t)r * (size_t)n);
+        row_scales[r] = scale;
+        zeros[r] = zero;
+    }
+#if defined(SEGUE_Q4_MANY_ROWS)
+    if (rows > 1) {
+        segue_q4_rows(q, padded, offsets, row_scales, zeros, rows, groups, n, packed, scales, corrections, bias, streams,
+                      finish, y);
+        return;
+    }
+#endif
+    for (int r = 0; r < rows; r++) {
+        segue_q4_row(q + (size_t)r * (size_t)padded, offsets + (size_t)r * (size_t)groups, row_scales[r], zeros[r], groups, n,
+                     packed, scales, corrections, bias, streams, y + (size_t)r * (size_t)n);
+        segue_finish_tile(finish, y + (size_t)r * (size_t)n, (size_t)r * (size_t)n, 1, n, (size_t)n);
     }
 }
 

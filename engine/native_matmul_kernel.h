@@ -39,6 +39,8 @@
 #include <immintrin.h>
 #endif
 
+#include "native_layer_kernel.h" /* segue_finish: the GELU and residual folded into the operator */
+
 #define SEGUE_QM_COLUMNS 64 /* columns per packed block */
 /* Rows of x per pass over a block. With AVX-512, six rows' sums of a block's 64 columns are 24 of the 32
  * vector registers, and each quad's 4 weight loads and 6 broadcasts feed 24 vpdpbusd: the loads no longer
@@ -447,7 +449,8 @@ static inline size_t segue_quantized_matmul_scratch(size_t rows, int k) {
 
 /* y [rows, n] = the quantized product of x [rows, k] (see the top of this file). `column_sums`,
  * `scales` and `bias` have one entry per packed column (a multiple of 64); `scratch` holds
- * segue_quantized_matmul_scratch(rows, k) bytes. Every row is quantized first; then each block of
+ * segue_quantized_matmul_scratch(rows, k) bytes; `finish` (or NULL) is applied to each block's outputs as
+ * they are made. Every row is quantized first; then each block of
  * columns takes all the rows, SEGUE_QM_ROWS at a time, so a prompt's runs read the block's weights from
  * L1 or L2 once per pass instead of the whole matrix from L2 or L3 once per few rows. `streams` > 1: a
  * single row reads its weights as several streams, the AVX-512 VNNI path groups of SEGUE_QM_BLOCKS blocks
@@ -455,7 +458,8 @@ static inline size_t segue_quantized_matmul_scratch(size_t rows, int k) {
  * reads them for several rows. */
 static void segue_quantized_matmul(const float *x, int rows, int k, int n, const int8_t *packed,
                                    const int32_t *column_sums, const float *scales, const float *bias,
-                                   int weight_zero, int streams, uint8_t *scratch, float *y) {
+                                   int weight_zero, int streams, uint8_t *scratch, const segue_finish *finish,
+                                   float *y) {
     const int quads = (k + 3) / 4, blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
     const size_t stride = 4 * (size_t)quads;
     uint8_t *q = scratch;
@@ -483,6 +487,7 @@ static void segue_quantized_matmul(const float *x, int rows, int k, int n, const
                     .column_sums = column_sums + first, .weight_scales = scales + first, .bias = bias + first,
                     .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
                 segue_block_out(acc[i], 1, row, &terms, y + first, (size_t)n);
+                segue_finish_tile(finish, y + first, (size_t)first, 1, terms.columns, (size_t)n);
             }
         }
 #endif
@@ -494,8 +499,10 @@ static void segue_quantized_matmul(const float *x, int rows, int k, int n, const
                                          .columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS};
         for (int from = 0; from < rows; from += SEGUE_QM_ROWS) {
             const int taken = rows - from < SEGUE_QM_ROWS ? rows - from : SEGUE_QM_ROWS;
-            segue_block(q + (size_t)from * stride, stride, taken, quads, block, streams, row + from, &terms,
-                        y + (size_t)from * (size_t)n + first, (size_t)n);
+            const size_t at = (size_t)from * (size_t)n + (size_t)first;
+            segue_block(q + (size_t)from * stride, stride, taken, quads, block, streams, row + from, &terms, y + at,
+                        (size_t)n);
+            segue_finish_tile(finish, y + at, at, taken, terms.columns, (size_t)n);
         }
     }
 }

@@ -104,12 +104,14 @@ def test_packing_stands_for_each_group_quantized_on_its_own(k, n):
 
 @pytest.mark.parametrize("path", RUNNABLE)
 @pytest.mark.parametrize("k, n, rows", [(512, 1536, 1), (2048, 512, 1), (256, 256, 3), (100, 70, 2), (64, 200, 1),
-                                        (192, 320, 4), (128, 960, 1), (32, 64, 5), (1024, 64, 1)])
+                                        (192, 320, 4), (128, 960, 1), (32, 64, 5), (1024, 64, 1),
+                                        (256, 320, 6)])
 def test_the_operator_computes_the_product_of_its_int4_weights(libraries, path, k, n, rows):
-    """One to five rows (a step, a batch of variations, a guess); k and n multiples of 64 and not; an odd
-    count of groups (192: three) and of blocks (n 320: five, the last read alone); against the reference's
-    float64 product of the same quantized rows and the int4 weights' values. Each row alike whatever else is
-    in the call."""
+    """One to six rows (a step, a batch of variations, a guess); k and n multiples of 64 and not; an odd
+    count of groups (192: three) and of blocks (n 320: five, the last read alone, after two pairs read from both
+    halves of their groups); against the reference's float64 product of the same quantized rows and the int4
+    weights' values. Each row alike whatever else is in the call (several rows share each block's unpacked
+    weights, four at a time)."""
     rng = np.random.default_rng(k * n + rows)
     weights = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
     scale = np.array(0.004, np.float32)
