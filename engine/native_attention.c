@@ -71,7 +71,7 @@ enum { /* indices into struct OrtApi (onnxruntime_c_api.h declares its members i
     API_ReleaseTensorTypeAndShapeInfo = 99,
 };
 
-enum { ELEMENT_FLOAT = 1, ELEMENT_INT8 = 3, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7, ELEMENT_FLOAT16 = 10 }; /* ONNXTensorElementDataType */
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_INT8 = 3, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7, ELEMENT_FLOAT16 = 10 }; /* ONNXTensorElementDataType */
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };      /* OrtErrorCode */
 enum { REQUIRED = 0, OPTIONAL = 1 };                  /* OrtCustomOpInputOutputCharacteristic */
 
@@ -313,8 +313,9 @@ static OrtStatus *SEGUE_CALL create_kernel(const SegueCustomOp *op, const OrtApi
  *
  * segue.QuantizedMatMul4: the same, from int4 weights (engine/native_matmul4_kernel.h), for decode steps.
  * Inputs:  x; weights int8 [blocks * groups * 2048] (nibbles, packed by engine/native_matmul.py's pack4);
- *          scales float [blocks * groups * 64]; corrections and bias float [blocks * 64]; the same optional
- *          three. Attributes as QuantizedMatMul's, but no weight_zero_point (the weights are symmetric). */
+ *          peaks uint8 [blocks * groups * 64]; terms float [2 * blocks * 64] (each column's C, then its
+ *          unit); bias float [blocks * 64]; the same optional three. Attributes as QuantizedMatMul's, but no
+ *          weight_zero_point (pack4 takes it out). */
 
 enum { ACTIVATION_NONE = 0, ACTIVATION_GELU = 1 };
 #define SEGUE_QM_STACK_FLOATS 4096 /* a decode step's normalised rows: no allocation */
@@ -353,11 +354,13 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
             CHECK(expect_elements(values[1], blocks * groups * SEGUE_Q4_GROUP_BYTES,
                                   "segue.QuantizedMatMul4: the packed weights' size is not k x n's"));
             CHECK(expect_elements(values[2], blocks * groups * SEGUE_QM_COLUMNS,
-                                  "segue.QuantizedMatMul4: the scales need one entry per group of each packed column"));
+                                  "segue.QuantizedMatMul4: the peaks need one entry per group of each packed column"));
+            CHECK(expect_elements(values[3], 2 * blocks * SEGUE_QM_COLUMNS,
+                                  "segue.QuantizedMatMul4: the column terms need two entries (C, unit) per packed column"));
         } else {
             CHECK(expect_elements(values[1], blocks * quads * 256, "segue.QuantizedMatMul: the packed weights' size is not k x n's"));
         }
-        for (size_t i = four ? 3 : 2; i < 5; i++)
+        for (size_t i = four ? 4 : 2; i < 5; i++)
             CHECK(expect_elements(values[i], blocks * SEGUE_QM_COLUMNS,
                                   "segue.QuantizedMatMul: column terms and bias need one entry per packed column"));
         for (size_t i = 6; i < 8 && values[6] != NULL; i++)
@@ -405,7 +408,7 @@ static OrtStatus *SEGUE_CALL matmul_compute(void *state, OrtKernelContext *conte
                                  .residual = values[5] != NULL ? (const float *)data[5] : NULL};
     const segue_finish *finishing = finish.gelu || finish.residual != NULL ? &finish : NULL;
     if (four)
-        segue_q4_matmul(x, (int)rows, (int)k, (int)n, (const uint8_t *)data[1], (const float *)data[2], (const float *)data[3],
+        segue_q4_matmul(x, (int)rows, (int)k, (int)n, (const uint8_t *)data[1], (const uint8_t *)data[2], (const float *)data[3],
                         (const float *)data[4], (int)kernel->streams, q, finishing, y);
     else
         segue_quantized_matmul(x, (int)rows, (int)k, (int)n, (const int8_t *)data[1], (const int32_t *)data[2],
@@ -510,7 +513,7 @@ static SegueCustomOp quantized_matmul = {
 static const char *SEGUE_CALL matmul4_name(const SegueCustomOp *op) { (void)op; return "QuantizedMatMul4"; }
 static int SEGUE_CALL matmul4_input_type(const SegueCustomOp *op, size_t index) {
     (void)op;
-    return index == 1 ? ELEMENT_INT8 : ELEMENT_FLOAT;
+    return index == 1 ? ELEMENT_INT8 : index == 2 ? ELEMENT_UINT8 : ELEMENT_FLOAT;
 }
 
 static SegueCustomOp quantized_matmul4 = {

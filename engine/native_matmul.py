@@ -100,36 +100,38 @@ def pack(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def pack4(weights: np.ndarray, weight_scale: np.ndarray, weight_zero: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """int8 weights [k, n] (their per-column or per-tensor scale, their zero point) quantized again to int4
     in groups of GROUP rows of a column, in engine/native_matmul4_kernel.h's layout: the packed nibbles
-    (flat, as int8), each group's scale [blocks, groups, 64] flat, and each column's correction (the sum
-    over its groups of scale x the group's int4 sum), both float32. A group's scale is the column's int8
-    scale times its largest |w| / 7, so the group's largest weight is kept exactly; the int8 rounding
-    underneath (half an int8 step) is small next to int4's (half a group step)."""
+    (flat, as int8); each group's peak [blocks, groups, 64] flat, uint8: its largest |w| in int8 steps; and
+    the columns' terms [2, blocks x 64] flat, float32: each column's C (the sum over its groups of peak x
+    the group's int4 sum, an integer) and its unit (the int8 scale / 7). A group's scale is unit x peak, so
+    the group's largest weight is kept exactly; the int8 rounding underneath (half an int8 step) is small
+    next to int4's (half a group step)."""
     k, n = weights.shape
     groups, blocks = -(-k // GROUP), -(-n // COLUMNS)
     padded = np.zeros((groups * GROUP, blocks * COLUMNS), dtype=np.float32)
     padded[:k, :n] = weights.astype(np.float32) - float(weight_zero)
     grouped = padded.reshape(groups, GROUP, blocks * COLUMNS)
-    peak = np.abs(grouped).max(axis=1)  # [groups, columns]
+    peak = np.abs(grouped).max(axis=1)  # [groups, columns]: whole int8 steps, at most 255
     step = np.where(peak > 0, peak / INT4_LEVELS, 1.0).astype(np.float32)
     fours = np.clip(np.rint(grouped / step[:, None, :]), -INT4_LEVELS, INT4_LEVELS).astype(np.int8)
-    scales = step * _padded(np.asarray(weight_scale).reshape(-1), n)[None, :]  # [groups, columns]
-    corrections = (scales.astype(np.float64) * fours.sum(axis=1)).sum(axis=0)  # float64: a sum of signed terms
+    units = _padded(np.asarray(weight_scale).reshape(-1), n) / np.float32(INT4_LEVELS)
+    corrections = (peak.astype(np.int64) * fours.sum(axis=1)).sum(axis=0)  # exact: at most 255 x 448 a group
     # Nibbles: [group, quad, row of quad, block, half, high?, lane] -> [block, group, quad, half, lane, row of quad, high?]
     nibbles = (fours + 8).astype(np.uint8).reshape(groups, GROUP // 4, 4, blocks, 2, 2, 16).transpose(3, 0, 1, 4, 6, 2, 5)
     packed = nibbles[..., 0] | (nibbles[..., 1] << 4)
-    return (np.ascontiguousarray(packed).reshape(-1).view(np.int8),
-            np.ascontiguousarray(scales.reshape(groups, blocks, COLUMNS).transpose(1, 0, 2)).reshape(-1).astype(np.float32),
-            corrections.astype(np.float32))
+    peaks = peak.astype(np.uint8).reshape(groups, blocks, COLUMNS).transpose(1, 0, 2)
+    return (np.ascontiguousarray(packed).reshape(-1).view(np.int8), np.ascontiguousarray(peaks).reshape(-1),
+            np.concatenate([corrections.astype(np.float32), units.astype(np.float32)]))
 
 
-def unpack4(packed: np.ndarray, scales: np.ndarray, k: int, n: int) -> np.ndarray:
+def unpack4(packed: np.ndarray, peaks: np.ndarray, terms: np.ndarray, k: int, n: int) -> np.ndarray:
     """The float weights [k, n] that pack4's output stands for (what the kernel multiplies by, before the
     row's quantization): for tests and for measuring what int4 costs."""
     groups, blocks = -(-k // GROUP), -(-n // COLUMNS)
     both = packed.view(np.uint8).reshape(blocks, groups, GROUP // 4, 2, 16, 4)
     nibbles = np.stack([both & 15, both >> 4], axis=-1).astype(np.int16) - 8  # [..., high?]
     fours = nibbles.transpose(1, 2, 5, 0, 3, 6, 4).reshape(groups * GROUP, blocks * COLUMNS)
-    step = scales.reshape(blocks, groups, COLUMNS).transpose(1, 0, 2).reshape(groups, 1, blocks * COLUMNS)
+    units = terms.reshape(2, blocks * COLUMNS)[1].astype(np.float64)
+    step = peaks.reshape(blocks, groups, COLUMNS).transpose(1, 0, 2).reshape(groups, 1, blocks * COLUMNS) * units
     return (fours.reshape(groups, GROUP, -1) * step).reshape(groups * GROUP, -1)[:k, :n]
 
 
@@ -215,9 +217,9 @@ def rewrite_model(model: Any, domain: str, bits: int = 8) -> int:
                 last, bias = adder, other
         stem = f"{node.name or node.output[0]}_segue"
         if bits == 4:
-            fours, group_scales, corrections = pack4(weights, weight_scale, int(weight_zero.reshape(-1)[0]))
-            tensors = [numpy_helper.from_array(fours, f"{stem}_packed4"), numpy_helper.from_array(group_scales, f"{stem}_group_scales"),
-                       numpy_helper.from_array(corrections, f"{stem}_corrections"),
+            fours, peaks, terms = pack4(weights, weight_scale, int(weight_zero.reshape(-1)[0]))
+            tensors = [numpy_helper.from_array(fours, f"{stem}_packed4"), numpy_helper.from_array(peaks, f"{stem}_group_peaks"),
+                       numpy_helper.from_array(terms, f"{stem}_column_terms"),
                        numpy_helper.from_array(_padded(bias, n), f"{stem}_bias")]
             made = helper.make_node(INT4_OP_TYPE, [quantize.input[0], *(t.name for t in tensors)], [last.output[0]], name=stem,
                                     domain=domain, k=int(k), n=int(n), streams=streams)

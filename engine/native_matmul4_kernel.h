@@ -8,18 +8,21 @@
  * (engine/native_matmul_kernel.h) in a session of their own (engine/session.py).
  *
  * The weights are the int8 variant's, quantized again at load (engine/native_matmul.py, `pack4`): each
- * group of 64 rows of a column gets its own scale (the int8 column's scale times the group's largest |w|
- * / 7) and each weight a signed 4-bit value in [-7, 7], stored + 8 as a nibble. The row x is quantized to
- * uint8 as in the int8 kernel (scale, zero point, each row on its own), so
- *   y[c] = scale_x * (sum_g s[g][c] * (sum_{k in g} q[k] w4[k][c]) - zero * C[c]) + bias[c],
- *   C[c] = sum_g s[g][c] * sum_{k in g} w4[k][c]   (packed with the weights),
- * and with nibbles u = w4 + 8 the group's exact int32 sum is sum q u - 8 sum_{k in g} q[k].
+ * group of 64 rows of a column gets its own scale, the int8 column's scale / 7 (the column's unit) times
+ * the group's largest |w| in int8 steps (its peak, an integer up to 255 kept as a byte), and each weight a
+ * signed 4-bit value in [-7, 7], stored + 8 as a nibble. The row x is quantized to uint8 as in the int8
+ * kernel (scale, zero point, each row on its own), so
+ *   y[c] = scale_x * unit[c] * (sum_g peak[g][c] * (sum_{k in g} q[k] w4[k][c]) - zero * C[c]) + bias[c],
+ *   C[c] = sum_g peak[g][c] * sum_{k in g} w4[k][c]   (an integer; packed with the weights),
+ * and with nibbles u = w4 + 8 the group's exact int32 sum is sum q u - 8 sum_{k in g} q[k]. Why peaks in
+ * bytes, not scales in floats: a step reads the weights from DRAM on the seed preset, and float scales were
+ * an eighth of its int4 weights' bytes, bytes a thirty-second (Session 26).
  *
  * Weight layout: columns in blocks of 64, each block's rows in groups of 64 (16 quads); a quad's 64
  * columns x 4 rows are 128 bytes, two 64-byte halves: byte 4 l + j of half h holds row j of column
  * 32 h + l in its low nibble and of column 32 h + 16 + l in its high one. Masked and shifted, each half is
  * two operands of AVX-512 VNNI's vpdpbusd (16 columns x 4 rows each), as the int8 kernel's 64-byte loads are.
- *   packed[((block * groups + group) * 16 + quad) * 128 + ...], scales[(block * groups + group) * 64 + column]
+ *   packed[((block * groups + group) * 16 + quad) * 128 + ...], peaks[(block * groups + group) * 64 + column]
  *
  * Code paths: AVX-512 VNNI, and a portable one (every other CPU: correct, and slower than the int8 kernel;
  * the engine serves int4 decode steps only on the fast path, engine/native_matmul.py FAST_INT4_PATHS, and
@@ -60,19 +63,20 @@ static inline size_t segue_q4_matmul_scratch(size_t rows, int k) {
         acc[3] = _mm512_dpbusd_epi32(acc[3], x, _mm512_and_si512(_mm512_srli_epi16(hi_, 4), nibble));          \
     }
 
-/* A group's exact sums (less 8 x the row's sum over the group) times the group's scales, added to f. */
-static inline __attribute__((always_inline)) void segue_q4_scale_in(__m512i acc[4], int32_t offset, const float *scales,
+/* A group's exact sums (less 8 x the row's sum over the group) times the group's peaks, added to f. */
+static inline __attribute__((always_inline)) void segue_q4_scale_in(__m512i acc[4], int32_t offset, const uint8_t *peaks,
                                                                     __m512 f[4]) {
     const __m512i off = _mm512_set1_epi32(offset);
     for (int v = 0; v < 4; v++) {
-        f[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[v], off)), _mm512_loadu_ps(scales + 16 * v), f[v]);
+        const __m512 peak = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(peaks + 16 * v))));
+        f[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[v], off)), peak, f[v]);
         acc[v] = _mm512_setzero_si512();
     }
 }
 
 /* One row against one block (64 columns), its groups in order: the scaled sums into f. */
 static inline void segue_q4_block(const uint8_t *q, const int32_t *offsets, int groups, const uint8_t *block,
-                                  const float *scales, __m512 f[4]) {
+                                  const uint8_t *peaks, __m512 f[4]) {
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     __m512i acc[4], odd[4];
     for (int v = 0; v < 4; v++) acc[v] = odd[v] = _mm512_setzero_si512();
@@ -89,7 +93,7 @@ static inline void segue_q4_block(const uint8_t *q, const int32_t *offsets, int 
             acc[v] = _mm512_add_epi32(acc[v], odd[v]);
             odd[v] = _mm512_setzero_si512();
         }
-        segue_q4_scale_in(acc, offsets[g], scales + (size_t)g * SEGUE_QM_COLUMNS, f);
+        segue_q4_scale_in(acc, offsets[g], peaks + (size_t)g * SEGUE_QM_COLUMNS, f);
     }
 }
 
@@ -100,7 +104,7 @@ static inline void segue_q4_block(const uint8_t *q, const int32_t *offsets, int 
  * cold from DRAM (a matrix's pairs are 8-32 KB apiece for the seed preset: the seed's int4 step 1.05-1.1x
  * in an A/B, the small preset's, from cache, unchanged; docs/performance.md "Session 25"). */
 static inline void segue_q4_two_blocks(const uint8_t *q, const int32_t *offsets, int groups, const uint8_t *first,
-                                       const float *scales, __m512 f0[4], __m512 f1[4], const uint8_t *next) {
+                                       const uint8_t *peaks, __m512 f0[4], __m512 f1[4], const uint8_t *next) {
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     const int half = groups / 2;
     const size_t block_bytes = (size_t)groups * SEGUE_Q4_GROUP_BYTES, later = (size_t)half * SEGUE_Q4_GROUP_BYTES;
@@ -130,50 +134,52 @@ static inline void segue_q4_two_blocks(const uint8_t *q, const int32_t *offsets,
             SEGUE_Q4_QUAD(a1, c, first + later + o)
             SEGUE_Q4_QUAD(b1, c, second + later + o)
         }
-        segue_q4_scale_in(a0, offsets[g], scales + (size_t)g * SEGUE_QM_COLUMNS, f0);
-        segue_q4_scale_in(a1, offsets[g + half], scales + (size_t)(g + half) * SEGUE_QM_COLUMNS, f0);
-        segue_q4_scale_in(b0, offsets[g], scales + (size_t)(groups + g) * SEGUE_QM_COLUMNS, f1);
-        segue_q4_scale_in(b1, offsets[g + half], scales + (size_t)(groups + g + half) * SEGUE_QM_COLUMNS, f1);
+        segue_q4_scale_in(a0, offsets[g], peaks + (size_t)g * SEGUE_QM_COLUMNS, f0);
+        segue_q4_scale_in(a1, offsets[g + half], peaks + (size_t)(g + half) * SEGUE_QM_COLUMNS, f0);
+        segue_q4_scale_in(b0, offsets[g], peaks + (size_t)(groups + g) * SEGUE_QM_COLUMNS, f1);
+        segue_q4_scale_in(b1, offsets[g + half], peaks + (size_t)(groups + g + half) * SEGUE_QM_COLUMNS, f1);
     }
 }
 #undef SEGUE_Q4_QUAD
 
-/* y for a block's columns from its scaled sums. */
-static inline void segue_q4_out(const __m512 f[4], float scale, int32_t zero, const float *corrections, const float *bias,
-                                int columns, float *y) {
+/* y for a block's columns from its sums times the groups' peaks (`terms`: the columns' C and unit). */
+static inline void segue_q4_out(const __m512 f[4], float scale, int32_t zero, const float *terms, size_t unit_at,
+                                const float *bias, int columns, float *y) {
     const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps((float)zero);
     for (int v = 0; v < 4; v++) {
         const int left = columns - 16 * v;
         if (left <= 0) break;
         const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-        const __m512 exact = _mm512_fnmadd_ps(z, _mm512_loadu_ps(corrections + 16 * v), f[v]);
-        _mm512_mask_storeu_ps(y + 16 * v, mask, _mm512_fmadd_ps(exact, s, _mm512_loadu_ps(bias + 16 * v)));
+        const __m512 exact = _mm512_fnmadd_ps(z, _mm512_loadu_ps(terms + 16 * v), f[v]);
+        const __m512 factor = _mm512_mul_ps(s, _mm512_loadu_ps(terms + unit_at + 16 * v));
+        _mm512_mask_storeu_ps(y + 16 * v, mask, _mm512_fmadd_ps(exact, factor, _mm512_loadu_ps(bias + 16 * v)));
     }
 }
 
 static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, int32_t zero, int groups, int n,
-                         const uint8_t *packed, const float *scales, const float *corrections, const float *bias,
+                         const uint8_t *packed, const uint8_t *peaks, const float *terms, const float *bias,
                          int streams, float *y) {
     const int blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
     const size_t block_bytes = (size_t)groups * SEGUE_Q4_GROUP_BYTES, block_scales = (size_t)groups * SEGUE_QM_COLUMNS;
+    const size_t unit_at = (size_t)blocks * SEGUE_QM_COLUMNS; /* the columns' units, after their C in terms */
     int b = 0;
     if (streams > 1 && groups % 2 == 0)
         for (; b + 2 <= blocks; b += 2) {
             __m512 f0[4], f1[4];
             for (int v = 0; v < 4; v++) f0[v] = f1[v] = _mm512_setzero_ps();
-            segue_q4_two_blocks(q, offsets, groups, packed + (size_t)b * block_bytes, scales + (size_t)b * block_scales, f0, f1,
+            segue_q4_two_blocks(q, offsets, groups, packed + (size_t)b * block_bytes, peaks + (size_t)b * block_scales, f0, f1,
                                 b + 4 <= blocks ? packed + (size_t)(b + 2) * block_bytes : NULL);
             const int first = b * SEGUE_QM_COLUMNS;
-            segue_q4_out(f0, scale, zero, corrections + first, bias + first, n - first, y + first);
-            segue_q4_out(f1, scale, zero, corrections + first + SEGUE_QM_COLUMNS, bias + first + SEGUE_QM_COLUMNS,
+            segue_q4_out(f0, scale, zero, terms + first, unit_at, bias + first, n - first, y + first);
+            segue_q4_out(f1, scale, zero, terms + first + SEGUE_QM_COLUMNS, unit_at, bias + first + SEGUE_QM_COLUMNS,
                          n - first - SEGUE_QM_COLUMNS, y + first + SEGUE_QM_COLUMNS);
         }
     for (; b < blocks; b++) {
         __m512 f[4];
         for (int v = 0; v < 4; v++) f[v] = _mm512_setzero_ps();
-        segue_q4_block(q, offsets, groups, packed + (size_t)b * block_bytes, scales + (size_t)b * block_scales, f);
+        segue_q4_block(q, offsets, groups, packed + (size_t)b * block_bytes, peaks + (size_t)b * block_scales, f);
         const int first = b * SEGUE_QM_COLUMNS;
-        segue_q4_out(f, scale, zero, corrections + first, bias + first, n - first, y + first);
+        segue_q4_out(f, scale, zero, terms + first, unit_at, bias + first, n - first, y + first);
     }
 }
 
@@ -186,7 +192,7 @@ static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, 
 #define SEGUE_Q4_ROWS 4
 static inline __attribute__((always_inline)) void segue_q4_block_rows(
     const int rows, const uint8_t *q, size_t q_stride, const int32_t *offsets, int groups, const uint8_t *block,
-    const float *scales, int halves, const uint8_t *next, __m512 f[SEGUE_Q4_ROWS][4]) {
+    const uint8_t *peaks, int halves, const uint8_t *next, __m512 f[SEGUE_Q4_ROWS][4]) {
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     const int half = groups / 2;
     for (int i = 0; i < groups; i++) {
@@ -213,17 +219,18 @@ static inline __attribute__((always_inline)) void segue_q4_block_rows(
             }
         }
         for (int r = 0; r < rows; r++)
-            segue_q4_scale_in(acc[r], offsets[(size_t)r * (size_t)groups + g], scales + (size_t)g * SEGUE_QM_COLUMNS, f[r]);
+            segue_q4_scale_in(acc[r], offsets[(size_t)r * (size_t)groups + g], peaks + (size_t)g * SEGUE_QM_COLUMNS, f[r]);
     }
 }
 
 /* Several quantized rows (q: `padded` bytes apart; offsets, scale and zero per row), a block at a time, each
  * block's weights read once for SEGUE_Q4_ROWS rows; every row's outputs as segue_q4_row makes them. */
 static void segue_q4_rows(const uint8_t *q, int padded, const int32_t *offsets, const float *scale, const int32_t *zero,
-                          int rows, int groups, int n, const uint8_t *packed, const float *scales, const float *corrections,
+                          int rows, int groups, int n, const uint8_t *packed, const uint8_t *peaks, const float *terms,
                           const float *bias, int streams, const segue_finish *finish, float *y) {
     const int blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
     const size_t block_bytes = (size_t)groups * SEGUE_Q4_GROUP_BYTES, block_scales = (size_t)groups * SEGUE_QM_COLUMNS;
+    const size_t unit_at = (size_t)blocks * SEGUE_QM_COLUMNS; /* the columns' units, after their C in terms */
     /* The blocks segue_q4_row reads in pairs, from both halves of their groups: there, the same order here. */
     const int paired = streams > 1 && groups % 2 == 0 ? blocks / 2 * 2 : 0;
     for (int b = 0; b < blocks; b++) {
@@ -236,7 +243,7 @@ static void segue_q4_rows(const uint8_t *q, int padded, const int32_t *offsets, 
                 for (int v = 0; v < 4; v++) f[r][v] = _mm512_setzero_ps();
             const uint8_t *x = q + (size_t)from * (size_t)padded;
             const int32_t *o = offsets + (size_t)from * (size_t)groups;
-            const float *s = scales + (size_t)b * block_scales;
+            const float *s = peaks + (size_t)b * block_scales;
             switch (taken) { /* a constant row count each, so the sums stay in registers */
             case 1: segue_q4_block_rows(1, x, (size_t)padded, o, groups, block, s, halves, next, f); break;
             case 2: segue_q4_block_rows(2, x, (size_t)padded, o, groups, block, s, halves, next, f); break;
@@ -245,7 +252,7 @@ static void segue_q4_rows(const uint8_t *q, int padded, const int32_t *offsets, 
             }
             for (int r = 0; r < taken; r++) {
                 const size_t at = (size_t)(from + r) * (size_t)n + (size_t)first;
-                segue_q4_out(f[r], scale[from + r], zero[from + r], corrections + first, bias + first, n - first, y + at);
+                segue_q4_out(f[r], scale[from + r], zero[from + r], terms + first, unit_at, bias + first, n - first, y + at);
                 segue_finish_tile(finish, y + at, at, 1, n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS,
                                   (size_t)n);
             }
@@ -259,7 +266,7 @@ static void segue_q4_rows(const uint8_t *q, int padded, const int32_t *offsets, 
 #define SEGUE_Q4_PATH "portable"
 
 static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, int32_t zero, int groups, int n,
-                         const uint8_t *packed, const float *scales, const float *corrections, const float *bias,
+                         const uint8_t *packed, const uint8_t *peaks, const float *terms, const float *bias,
                          int streams, float *y) {
     (void)streams;
     const int blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
@@ -277,24 +284,26 @@ static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, 
                             acc[32 * half + lane] += x * (both & 15);
                             acc[32 * half + 16 + lane] += x * (both >> 4);
                         }
-            const float *s = scales + ((size_t)b * groups + g) * SEGUE_QM_COLUMNS;
-            for (int c = 0; c < SEGUE_QM_COLUMNS; c++) f[c] += (float)(acc[c] - offsets[g]) * s[c];
+            const uint8_t *peak = peaks + ((size_t)b * groups + g) * SEGUE_QM_COLUMNS;
+            for (int c = 0; c < SEGUE_QM_COLUMNS; c++) f[c] += (float)(acc[c] - offsets[g]) * (float)peak[c];
         }
         const int first = b * SEGUE_QM_COLUMNS;
+        const float *units = terms + (size_t)blocks * SEGUE_QM_COLUMNS;
         for (int c = 0; c < SEGUE_QM_COLUMNS && first + c < n; c++)
-            y[first + c] = (f[c] - (float)zero * corrections[first + c]) * scale + bias[first + c];
+            y[first + c] = (f[c] - (float)zero * terms[first + c]) * (scale * units[first + c]) + bias[first + c];
     }
 }
 
 #endif
 
-/* y [rows, n] from x [rows, k] through the int4 weights (the top of this file). `scales` has
- * blocks x groups x 64 entries, `corrections` and `bias` blocks x 64; `scratch` holds
+/* y [rows, n] from x [rows, k] through the int4 weights (the top of this file). `peaks` has
+ * blocks x groups x 64 entries, `terms` 2 x blocks x 64 (each column's C, then its unit), `bias` blocks x 64;
+ * `scratch` holds
  * segue_q4_matmul_scratch(rows, k) bytes. One row streams the matrix (segue_q4_row); several go a block
  * at a time, up to SEGUE_Q4_ROWS of them on each block's unpacked weights, with the same results (on the
  * portable path, each row reads the whole matrix). This is for the few rows of a decode step. */
-static void segue_q4_matmul(const float *x, int rows, int k, int n, const uint8_t *packed, const float *scales,
-                            const float *corrections, const float *bias, int streams, uint8_t *scratch,
+static void segue_q4_matmul(const float *x, int rows, int k, int n, const uint8_t *packed, const uint8_t *peaks,
+                            const float *terms, const float *bias, int streams, uint8_t *scratch,
                             const segue_finish *finish, float *y) {
     const int groups = (k + SEGUE_Q4_GROUP - 1) / SEGUE_Q4_GROUP, padded = groups * SEGUE_Q4_GROUP;
     uint8_t *q = scratch;
@@ -319,14 +328,14 @@ static void segue_q4_matmul(const float *x, int rows, int k, int n, const uint8_
     }
 #if defined(SEGUE_Q4_MANY_ROWS)
     if (rows > 1) {
-        segue_q4_rows(q, padded, offsets, row_scales, zeros, rows, groups, n, packed, scales, corrections, bias, streams,
+        segue_q4_rows(q, padded, offsets, row_scales, zeros, rows, groups, n, packed, peaks, terms, bias, streams,
                       finish, y);
         return;
     }
 #endif
     for (int r = 0; r < rows; r++) {
         segue_q4_row(q + (size_t)r * (size_t)padded, offsets + (size_t)r * (size_t)groups, row_scales[r], zeros[r], groups, n,
-                     packed, scales, corrections, bias, streams, y + (size_t)r * (size_t)n);
+                     packed, peaks, terms, bias, streams, y + (size_t)r * (size_t)n);
         segue_finish_tile(finish, y + (size_t)r * (size_t)n, (size_t)r * (size_t)n, 1, n, (size_t)n);
     }
 }

@@ -77,28 +77,36 @@ def int4_session(model: onnx.ModelProto, library: Path, streams: bool = True) ->
 @pytest.mark.parametrize("k, n", [(128, 128), (100, 70), (512, 1536), (2048, 512), (64, 200), (192, 320), (32, 64)])
 def test_packing_stands_for_each_group_quantized_on_its_own(k, n):
     """unpack4(pack4(w)) is the plain group quantization; every group's largest weight is kept exactly; the
-    corrections are each column's sum of its int4 values times their scales; padding (k, n not multiples
-    of 64) holds zeros."""
+    peaks are each group's largest |w| in int8 steps, the units the column's scale / 7, the C each column's
+    sum of its int4 values times their groups' peaks (an integer); padding (k, n not multiples of 64) holds
+    zeros."""
     rng = np.random.default_rng(k + n)
     weights = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
     weights[5, 3] = 0
     weights[:64, 0] = 0  # an all-zero group
+    weights[64 % k, 1] = -127  # a group's peak at the int8 limit
     scale = rng.uniform(0.001, 0.01, n).astype(np.float32)
-    packed, group_scales, corrections = native_matmul.pack4(weights, scale)
+    packed, peaks, terms = native_matmul.pack4(weights, scale)
     groups, blocks = -(-k // 64), -(-n // 64)
     assert packed.dtype == np.int8 and packed.shape == (blocks * groups * 64 * 64 // 2,)
-    assert group_scales.shape == (blocks * groups * 64,) and corrections.shape == (blocks * 64,)
-    effective = native_matmul.unpack4(packed, group_scales, k, n)
+    assert peaks.dtype == np.uint8 and peaks.shape == (blocks * groups * 64,)
+    assert terms.dtype == np.float32 and terms.shape == (2 * blocks * 64,)
+    corrections, units = terms.reshape(2, blocks * 64)
+    effective = native_matmul.unpack4(packed, peaks, terms, k, n)
     want = group_reference(weights, scale)
     np.testing.assert_allclose(effective, want, rtol=1e-6, atol=1e-9)
-    for start in range(0, k, 64):  # the largest |w| of each group, exactly (to float32 rounding of the scale)
+    grid = peaks.reshape(blocks, groups, 64).transpose(1, 0, 2).reshape(groups, blocks * 64)
+    for g, start in enumerate(range(0, k, 64)):  # the largest |w| of each group, exactly (to float32 rounding of the unit)
         group = weights[start:start + 64].astype(np.float64)
         peak = np.abs(group).argmax(axis=0)
+        assert np.array_equal(grid[g, :n], np.abs(group).max(axis=0))
         np.testing.assert_allclose(effective[start + peak, np.arange(n)], group[peak, np.arange(n)] * scale, rtol=1e-6)
-    np.testing.assert_allclose(corrections[:n], effective.astype(np.float64).sum(axis=0), rtol=1e-5,
-                               atol=1e-6 * np.abs(effective).sum(axis=0).max())
-    assert not corrections[n:].any()
-    full = native_matmul.unpack4(packed, group_scales, groups * 64, blocks * 64)
+    np.testing.assert_allclose(units[:n], scale / np.float32(7), rtol=1e-7)
+    assert np.array_equal(corrections, np.rint(corrections))  # whole numbers, exactly
+    np.testing.assert_allclose(corrections[:n] * units[:n].astype(np.float64), effective.astype(np.float64).sum(axis=0),
+                               rtol=1e-5, atol=1e-6 * np.abs(effective).sum(axis=0).max())
+    assert not corrections[n:].any() and not units[n:].any() and not grid[:, n:].any()
+    full = native_matmul.unpack4(packed, peaks, terms, groups * 64, blocks * 64)
     assert not full[k:].any() and not full[:, n:].any()
 
 
