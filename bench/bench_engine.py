@@ -80,8 +80,9 @@ PREFILLS = (256, 512)
 ROWS = ("HF generate", "torch eager", "ORT plain", "engine fp32", "engine int8", "engine int4")
 ENGINES = ("engine fp32", "engine int8", "engine int4")
 # Bytes a decode step reads per block weight where not 4 (fp32) or 1 (int8): int4 decode steps read half a
-# byte, and a float32 scale per 64 weights (engine/native_matmul4_kernel.h).
-WEIGHT_BYTES = {"engine int4": 0.5 + 4 / 64}
+# byte, and a byte (the group's peak) per 64 weights (engine/native_matmul4_kernel.h; a float32 scale
+# before session 26).
+WEIGHT_BYTES = {"engine int4": 0.5 + 1 / 64}
 SHIPPED = "shipped"  # --presets name for the trained model folder of --tokenizer (models/default), not random weights
 
 

@@ -62,13 +62,16 @@ def code_path(library: Path, symbol: str = "segue_matmul_path") -> str:
 
 
 def int4_code_path(library: Path) -> str:
-    """The int4 kernel's code path in a built library: avx512-vnni or portable."""
+    """The int4 kernel's code path in a built library: avx512-vnni, avx2 or portable."""
     return code_path(library, "segue_matmul4_path")
 
 
 # The int4 kernel's code paths that serve decode steps: the others (the portable loop) are correct, and
-# slower than the int8 kernel, so int4 decode steps are not offered there (engine/session.py).
-FAST_INT4_PATHS = frozenset({"avx512-vnni"})
+# slower than the int8 kernel, so int4 decode steps are not offered there (engine/session.py). The AVX2
+# path was measured on an AVX-512 CPU built for AVX2 (int4 1.7-2x int8's step: docs/performance.md,
+# "Session 26"), not on an AVX2 CPU of its own; where it serves by default, the variant's rule decides by
+# timing both on the CPU at hand (engine/variant_choice.py).
+FAST_INT4_PATHS = frozenset({"avx512-vnni", "avx2"})
 
 
 def fast_int4(library: Path) -> bool:

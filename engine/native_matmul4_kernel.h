@@ -24,9 +24,10 @@
  * two operands of AVX-512 VNNI's vpdpbusd (16 columns x 4 rows each), as the int8 kernel's 64-byte loads are.
  *   packed[((block * groups + group) * 16 + quad) * 128 + ...], peaks[(block * groups + group) * 64 + column]
  *
- * Code paths: AVX-512 VNNI, and a portable one (every other CPU: correct, and slower than the int8 kernel;
- * the engine serves int4 decode steps only on the fast path, engine/native_matmul.py FAST_INT4_PATHS, and
- * by default only where they were measured faster, engine/variant_choice.py).
+ * Code paths: AVX-512 VNNI; AVX2 (with or without AVX-VNNI); and a portable one (every other CPU: correct,
+ * and slower than the int8 kernel). The engine serves int4 decode steps only on the paths in
+ * engine/native_matmul.py's FAST_INT4_PATHS, and by default only where they were measured faster
+ * (engine/variant_choice.py).
  */
 #ifndef SEGUE_NATIVE_MATMUL4_KERNEL_H
 #define SEGUE_NATIVE_MATMUL4_KERNEL_H
@@ -243,7 +244,7 @@ static void segue_q4_rows(const uint8_t *q, int padded, const int32_t *offsets, 
                 for (int v = 0; v < 4; v++) f[r][v] = _mm512_setzero_ps();
             const uint8_t *x = q + (size_t)from * (size_t)padded;
             const int32_t *o = offsets + (size_t)from * (size_t)groups;
-            const float *s = peaks + (size_t)b * block_scales;
+            const uint8_t *s = peaks + (size_t)b * block_scales;
             switch (taken) { /* a constant row count each, so the sums stay in registers */
             case 1: segue_q4_block_rows(1, x, (size_t)padded, o, groups, block, s, halves, next, f); break;
             case 2: segue_q4_block_rows(2, x, (size_t)padded, o, groups, block, s, halves, next, f); break;
@@ -260,6 +261,76 @@ static void segue_q4_rows(const uint8_t *q, int padded, const int32_t *offsets, 
     }
 }
 #define SEGUE_Q4_MANY_ROWS 1
+
+#elif defined(__AVX2__)
+
+/* AVX2 (AMD Zen 2 and 3, Intel before Ice Lake and its laptop chips since Alder Lake): the same layout in
+ * 32-byte pieces. Piece p of half h of a quad holds, for lanes l = 8p .. 8p + 7, rows 0-3 of column 32 h + l
+ * in its low nibbles and of column 32 h + 16 + l in its high ones, each the operand of vpmaddubsw (a u8 x s8
+ * pair summed into int16: at most 2 x 255 x 15, never saturating, where the int8 kernel's weights could)
+ * and then of vpmaddwd by ones. Why int4 here too: the int8 kernel's AVX2 path widens every weight to
+ * int16 (48 instructions for 256 multiply-adds), so an AVX2 decode step is bound by arithmetic as well as
+ * by memory; this loop takes 40 from half the bytes. Built for AVX2 on the Ice Lake Xeon (SEGUE_NATIVE_ARCH=
+ * haswell), the seed preset's decode step at 512 positions went from 7.44 ms with int8 weights to 3.94 with
+ * int4, the small preset's from 0.80 to 0.50 (docs/performance.md, "Session 26"). A CPU with AVX-VNNI
+ * takes this loop too: vpdpbusd would save two instructions an operand, and no CPU here could run it. */
+#define SEGUE_Q4_PATH "avx2"
+
+/* One 32-byte piece times the row's quad `a`: its low nibbles' column sums into *low, its high ones' into *high. */
+static inline __attribute__((always_inline)) void segue_q4_piece(const __m256i a, const uint8_t *w, __m256i *low,
+                                                                 __m256i *high) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i lo = _mm256_and_si256(bytes, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+    *low = _mm256_add_epi32(*low, _mm256_madd_epi16(_mm256_maddubs_epi16(a, lo), ones));
+    *high = _mm256_add_epi32(*high, _mm256_madd_epi16(_mm256_maddubs_epi16(a, hi), ones));
+}
+
+/* One row, a block after another, each block's groups in order; with `streams` > 1 the next block's bytes
+ * are prefetched as these are read (a decode step's weights come from memory once a step). */
+static void segue_q4_row(const uint8_t *q, const int32_t *offsets, float scale, int32_t zero, int groups, int n,
+                         const uint8_t *packed, const uint8_t *peaks, const float *terms, const float *bias,
+                         int streams, float *y) {
+    const int blocks = (n + SEGUE_QM_COLUMNS - 1) / SEGUE_QM_COLUMNS;
+    const size_t block_bytes = (size_t)groups * SEGUE_Q4_GROUP_BYTES, unit_at = (size_t)blocks * SEGUE_QM_COLUMNS;
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *block = packed + (size_t)b * block_bytes;
+        const uint8_t *next = streams > 1 && b + 1 < blocks ? block + block_bytes : NULL;
+        __m256 f[8]; /* column c8 * 8 + i in lane i of f[c8] */
+        for (int v = 0; v < 8; v++) f[v] = _mm256_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            const uint8_t *x = q + (size_t)g * SEGUE_Q4_GROUP;
+            __m256i acc[8];
+            for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_si256();
+            for (int quad = 0; quad < SEGUE_Q4_QUADS; quad++) {
+                const size_t o = (size_t)g * SEGUE_Q4_GROUP_BYTES + (size_t)quad * SEGUE_Q4_QUAD_BYTES;
+                if (next != NULL)
+                    for (int line = 0; line < SEGUE_Q4_QUAD_BYTES; line += 64) __builtin_prefetch(next + o + line, 0, 3);
+                int32_t four;
+                memcpy(&four, x + 4 * quad, 4);
+                const __m256i a = _mm256_set1_epi32(four);
+                for (int h = 0; h < 2; h++)
+                    for (int piece = 0; piece < 2; piece++)
+                        segue_q4_piece(a, block + o + 64 * h + 32 * piece, &acc[4 * h + piece], &acc[4 * h + 2 + piece]);
+            }
+            const __m256i off = _mm256_set1_epi32(offsets[g]);
+            const uint8_t *peak = peaks + ((size_t)b * groups + g) * SEGUE_QM_COLUMNS;
+            for (int v = 0; v < 8; v++) {
+                const __m256 weight = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(peak + 8 * v))));
+                f[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[v], off)), weight, f[v]);
+            }
+        }
+        const int first = b * SEGUE_QM_COLUMNS, columns = n - first < SEGUE_QM_COLUMNS ? n - first : SEGUE_QM_COLUMNS;
+        const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps((float)zero);
+        float out[SEGUE_QM_COLUMNS];
+        for (int v = 0; v < 8; v++) {
+            const __m256 exact = _mm256_fnmadd_ps(z, _mm256_loadu_ps(terms + first + 8 * v), f[v]);
+            const __m256 factor = _mm256_mul_ps(s, _mm256_loadu_ps(terms + unit_at + first + 8 * v));
+            _mm256_storeu_ps(out + 8 * v, _mm256_fmadd_ps(exact, factor, _mm256_loadu_ps(bias + first + 8 * v)));
+        }
+        memcpy(y + first, out, (size_t)columns * sizeof(float));
+    }
+}
 
 #else
 

@@ -548,7 +548,7 @@ class OnnxDecoder:
                 if name not in ("int8", INT4_VARIANT) or chosen != [CPU] or threads != 1 or prefill_threads > threads:
                     why_not = "they are for the int8 file on one thread of the CPU"
                 elif not fast_int4_here():
-                    why_not = "this CPU has no fast int4 kernel (AVX-512 VNNI; elsewhere int8's is the faster)"
+                    why_not = "this CPU has no fast int4 kernel (AVX-512 VNNI or AVX2; elsewhere int8's is the faster)"
                 else:
                     made = (sessions.get(INT4_VARIANT) if name == INT4_VARIANT else None) or make_session(name, threads, matmul_bits=4)
                     if matmuls.get(made):

@@ -300,7 +300,7 @@ def int8_variant(stage: Path, staged: Manifest, fp32, validation) -> tuple[dict[
         variants["int4"] = Variant(INT8_MODEL_FILE, quantize.INT4_WEIGHTS, _round(int4_ppl), _round(fp32_ppl), tokens or None, source)
         timings["int4"] = quantize.speed(int4)
     else:
-        print("note: no fast int4 kernel on this CPU (AVX-512 VNNI; see the log): the int4 variant is not written",
+        print("note: no fast int4 kernel on this CPU (AVX-512 VNNI or AVX2; see the log): the int4 variant is not written",
               file=sys.stderr)
     return variants, quantize.choose_variant(timings, variants["int8"].perplexity_loss,
                                              variants["int4"].perplexity_loss if "int4" in variants else None)

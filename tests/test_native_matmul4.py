@@ -22,7 +22,7 @@ from tests.test_native_matmul import RUNNABLE, chain_graph, folded_graph
 libraries = test_native_matmul.libraries  # the operator library built once per code path this CPU runs (a fixture)
 
 # The int4 kernel's own path in each build: AVX-512 VNNI where the build has it, else the portable one.
-INT4_PATH = {"portable": "portable", "avx2": "portable", "avx-vnni": "portable", "avx512-vnni": "avx512-vnni"}
+INT4_PATH = {"portable": "portable", "avx2": "avx2", "avx-vnni": "avx2", "avx512-vnni": "avx512-vnni"}
 
 
 @pytest.mark.parametrize("path", RUNNABLE)
@@ -204,10 +204,19 @@ def int4_exact(int8_model: Path) -> tuple[object, dict[str, bytes]]:
     return manifest, {**files, name: model.SerializeToString()}
 
 
-def test_the_engine_decodes_from_int4_weights_and_keeps_prompts_on_int8(int8_model, monkeypatch):
+# The engine's library as built for this CPU, and, where it runs AVX2, built for AVX2 alone (SEGUE_NATIVE_ARCH):
+# the int4 kernel's AVX2 path serves decode steps there, as on an AVX2 CPU.
+ENGINE_ARCHES = ["native", *(["haswell"] if "avx2" in native_attention.cpu_flags() else [])]
+
+
+@pytest.mark.parametrize("arch", ENGINE_ARCHES)
+def test_the_engine_decodes_from_int4_weights_and_keeps_prompts_on_int8(int8_model, monkeypatch, arch):
     """decode_weights="int4": steps of up to NATIVE_MATMUL_ROWS rows on the int4 session, prompts and larger
     batches on a session of the int8 weights (the native prompt kernel where it takes prompts); with weights
     int4 holds exactly, every step's logits are the int8 engine's (to float rounding), the prompt's bit for bit."""
+    if arch != "native":
+        monkeypatch.setenv(native_attention.ARCH_SWITCH, arch)
+        assert native_matmul.int4_code_path(native_attention.library()[0]) == "avx2"
     manifest, files = int4_exact(int8_model)
     int8 = OnnxDecoder.from_bytes(int8_model, manifest, files[MODEL_FILE], variant="int8", files=files)
     four = OnnxDecoder.from_bytes(int8_model, manifest, files[MODEL_FILE], variant="int8", files=files, decode_weights="int4")
