@@ -292,16 +292,17 @@ def int8_variant(stage: Path, staged: Manifest, fp32, validation) -> tuple[dict[
     int8 = OnnxDecoder.from_bytes(stage, with_variant, b"", threads=1, variant="int8", files={INT8_MODEL_FILE: data})
     int8_ppl, fp32_ppl, tokens, source = validation.measure(fp32, int8)
     variants = {"int8": Variant(INT8_MODEL_FILE, quantize.WEIGHTS, _round(int8_ppl), _round(fp32_ppl), tokens or None, source)}
-    timings = {"fp32": quantize.speed(fp32), "int8": quantize.speed(int8)}
+    timed = {"fp32": fp32, "int8": int8}
     int4 = OnnxDecoder.from_bytes(stage, with_variant, b"", threads=1, variant="int4", files={INT8_MODEL_FILE: data})
     if int4.variant == "int4":
         with quantize.every_run_on_decode_steps(int4):
             int4_ppl, _, _, _ = validation.measure(fp32, int4)
         variants["int4"] = Variant(INT8_MODEL_FILE, quantize.INT4_WEIGHTS, _round(int4_ppl), _round(fp32_ppl), tokens or None, source)
-        timings["int4"] = quantize.speed(int4)
+        timed["int4"] = int4
     else:
         print("note: no fast int4 kernel on this CPU (AVX-512 VNNI or AVX2; see the log): the int4 variant is not written",
               file=sys.stderr)
+    timings = quantize.speeds(timed)
     return variants, quantize.choose_variant(timings, variants["int8"].perplexity_loss,
                                              variants["int4"].perplexity_loss if "int4" in variants else None)
 

@@ -152,3 +152,15 @@ def speed(decoder: OnnxDecoder, context: int = 256, repeats: int = 30) -> dict[s
     _, cache = decoder.step(ids[:, :context], decoder.empty_cache(1))
     decode = median_ms(lambda: decoder.step(ids[:, context:], cache), repeats)
     return {f"decode@{context}": round(decode, 4), f"prefill {context}": round(prefill, 3)}
+
+
+def speeds(decoders: dict[str, OnnxDecoder], rounds: int = 5, repeats: int = 30) -> dict[str, dict[str, float]]:
+    """`speed` of each decoder, the decoders taking turns over `rounds` rounds and each figure the median of
+    its rounds: a busy moment of the machine slows them alike. (Timed one after the other, the int4 and
+    int8 steps of the shipped default came out 0.99x and 1.17x in two runs a minute apart; Session 26.)"""
+    taken: dict[str, list[dict[str, float]]] = {name: [] for name in decoders}
+    for _ in range(rounds):
+        for name, decoder in decoders.items():
+            taken[name].append(speed(decoder, repeats=max(5, repeats // rounds * 2)))
+    return {name: {key: round(statistics.median(r[key] for r in runs), 4) for key in runs[0]} for name, runs in taken.items()}
+
