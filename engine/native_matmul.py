@@ -45,6 +45,11 @@ PROMPTS_SWITCH = "SEGUE_NATIVE_PROMPTS"  # =0: prompts on ONNX Runtime's int8 ma
 PROMPT_PATHS = frozenset({"avx512-vnni"})
 FOLD_SWITCH = "SEGUE_FOLD_LAYERS"  # =0: the norms, GELUs and residual adds stay ONNX Runtime's nodes
 STREAMS_SWITCH = "SEGUE_MATMUL_STREAMS"  # =0: a decode step reads one block of weights after another
+# =0: the int4 decode session keeps the vocabulary projection as the graph has it (a float32 MatMul). Else it
+# is an int8 QuantizedMatMul there too, its weights quantized per column at load: the tied embedding read
+# in float32 was 1.1 MB a step for the seed preset, 3-7 % of an int4 step (Session 26); the int4 variant's
+# perplexity (measured with every position on the decode session) includes it.
+HEAD_SWITCH = "SEGUE_QUANTIZED_HEAD"
 STREAMS = 8  # a decode step's row reads its weights as streams: 8 on the AVX-512 VNNI path, 2 on the AVX2 ones
 GELU = 1  # QuantizedMatMul's activation attribute
 COLUMNS = 64  # columns per packed block (SEGUE_QM_COLUMNS in engine/native_matmul_kernel.h)
@@ -237,6 +242,32 @@ def rewrite_model(model: Any, domain: str, bits: int = 8) -> int:
         new_initializers += tensors
         fused[id(last)] = made
         removed.update(id(part) for part in (quantize, scales, node, cast, scaled, last))
+    if bits == 4 and fused and os.environ.get(HEAD_SWITCH, "1").strip() != "0":
+        for node in nodes:  # the vocabulary projection: a float MatMul of a constant (the tied embedding, transposed)
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or producer.get(node.input[0]) is None:
+                continue
+            transpose = producer.get(node.input[1])
+            source = transpose.input[0] if transpose is not None and transpose.op_type == "Transpose" else node.input[1]
+            weights = constant(source)
+            perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"] if transpose is not None else []
+            if (weights is None or weights.ndim != 2 or weights.dtype != np.float32
+                    or (transpose is not None and (transpose.op_type != "Transpose" or perm not in ([], [[1, 0]])
+                                                   or only_reader(transpose.output[0]) is not node))):
+                continue
+            matrix = weights.T if transpose is not None else weights  # [k, n]
+            k, n = matrix.shape
+            peak = np.abs(matrix).max(axis=0)
+            scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)
+            packed, sums = pack(np.clip(np.rint(matrix / scale), -127, 127).astype(np.int8))
+            stem = f"{node.name or node.output[0]}_segue"
+            tensors = [numpy_helper.from_array(packed, f"{stem}_packed"), numpy_helper.from_array(sums, f"{stem}_column_sums"),
+                       numpy_helper.from_array(_padded(scale, n), f"{stem}_scales"),
+                       numpy_helper.from_array(np.zeros(-(-n // COLUMNS) * COLUMNS, np.float32), f"{stem}_bias")]
+            fused[id(node)] = helper.make_node(OP_TYPE, [node.input[0], *(t.name for t in tensors)], [node.output[0]],
+                                               name=stem, domain=domain, k=int(k), n=int(n), weight_zero_point=0,
+                                               streams=streams)
+            new_initializers += tensors
+            removed.update({id(node)} | ({id(transpose)} if transpose is not None else set()))
     if not fused:
         return 0
     # The fused node takes the place of its chain's last node: its inputs (the chain's input and

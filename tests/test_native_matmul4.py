@@ -213,10 +213,12 @@ ENGINE_ARCHES = ["native", *(["haswell"] if "avx2" in native_attention.cpu_flags
 def test_the_engine_decodes_from_int4_weights_and_keeps_prompts_on_int8(int8_model, monkeypatch, arch):
     """decode_weights="int4": steps of up to NATIVE_MATMUL_ROWS rows on the int4 session, prompts and larger
     batches on a session of the int8 weights (the native prompt kernel where it takes prompts); with weights
-    int4 holds exactly, every step's logits are the int8 engine's (to float rounding), the prompt's bit for bit."""
+    int4 holds exactly, every step's logits are the int8 engine's (to float rounding), the prompt's bit for bit.
+    (The vocabulary projection as the int8 file has it, float32, for this: its int8 form is the next test's.)"""
     if arch != "native":
         monkeypatch.setenv(native_attention.ARCH_SWITCH, arch)
         assert native_matmul.int4_code_path(native_attention.library()[0]) == "avx2"
+    monkeypatch.setenv(native_matmul.HEAD_SWITCH, "0")
     manifest, files = int4_exact(int8_model)
     int8 = OnnxDecoder.from_bytes(int8_model, manifest, files[MODEL_FILE], variant="int8", files=files)
     four = OnnxDecoder.from_bytes(int8_model, manifest, files[MODEL_FILE], variant="int8", files=files, decode_weights="int4")
@@ -252,6 +254,34 @@ def test_the_engine_decodes_from_int4_weights_and_keeps_prompts_on_int8(int8_mod
     prompt_runs = [entry for entry in used if entry[0] == 40]
     assert prompt_runs and not any(on_int4 for _, on_int4 in prompt_runs)
     assert (1, True) in used and (3, True) in used and (NATIVE_MATMUL_ROWS + 1, False) in used
+
+
+def test_the_int4_session_reads_the_vocabulary_projection_as_int8(int8_model, monkeypatch):
+    """The int4 decode session's vocabulary projection (the tied embedding, transposed: a float32 MatMul in the
+    int8 file) is one more native int8 matmul, its weights quantized per column: no float MatMul left, the
+    logits within the rounding that costs (its perplexity is part of the int4 variant's), the prompt's (on the
+    int8 session) untouched; SEGUE_QUANTIZED_HEAD=0 keeps the float one."""
+    monkeypatch.setenv(native_matmul.HEAD_SWITCH, "0")
+    plain = OnnxDecoder.load(int8_model, variant="int8", decode_weights="int4")
+    monkeypatch.setenv(native_matmul.HEAD_SWITCH, "1")
+    head = OnnxDecoder.load(int8_model, variant="int8", decode_weights="int4")
+    if not fast_int4_here():  # int8 decode steps there, whose session keeps the float projection
+        assert head.decode_weights == "int8" and head.native_matmuls == plain.native_matmuls
+        return
+    assert head.native_matmuls == plain.native_matmuls + 1
+    graph = onnx.load_from_string(native_attention.rewrite(read_model_folder(int8_model)[1]["model.int8.onnx"],
+                                                           quantized_matmuls=True, matmul_bits=4)[0])
+    kinds = [node.op_type for node in graph.graph.node]
+    assert "MatMul" not in kinds and "Transpose" not in kinds and kinds.count(native_matmul.OP_TYPE) == 1
+    prompt = np.arange(3, 43)[None] % head.vocab_size
+    want, cache_plain = plain.step(prompt, plain.empty_cache())
+    got, cache_head = head.step(prompt, head.empty_cache())
+    assert np.array_equal(got, want)  # prompts: the int8 session, which keeps the float projection
+    for token in (5, 9, 2, 7):
+        want, cache_plain = plain.step(np.array([[token]]), cache_plain)
+        got, cache_head = head.step(np.array([[token]]), cache_head)
+        assert not np.array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=0, atol=0.03 * np.abs(want).max())
 
 
 def test_int4_is_asked_for_only_where_it_applies(int8_model, tiny_model, monkeypatch):
