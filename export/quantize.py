@@ -38,7 +38,8 @@ from engine.variant_choice import (  # noqa: F401  (the rule, shared with load t
 
 WEIGHTS = "int8 (onnxruntime quantize_dynamic of the MatMul weights: QInt8 weights, activations quantized per call)"
 INT4_WEIGHTS = ("int4 decode steps (the int8 file's weights quantized again at load to int4, a scale per group of 64 rows "
-                "of a column: engine/native_matmul4_kernel.h); prompts on the int8 weights")
+                "of a column: engine/native_matmul4_kernel.h; the vocabulary projection int8, per column); prompts on "
+                "the int8 weights")
 
 
 @contextmanager
