@@ -17,19 +17,12 @@ measured on the same tokens as int8's.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 from engine.manifest import (
-    MANIFEST_FILE,
     MODEL_FILE,
-    SIGNATURE_FILE,
     Manifest,
-    ModelError,
     Variant,
     read_model_folder,
     sha256_file,
@@ -64,41 +57,24 @@ def fp16_variant(stage: Path, staged: Manifest, fp32, validation) -> Variant:
 
 def add_fp16(folder: Path, val_data: Path | None = None, val_tokens: int = 50_000) -> Manifest:
     """Add model.fp16.onnx to a model folder whose other files stay as they are (their bytes, hashes and
-    the `serve` choice unchanged), atomically: the folder is staged next to itself and swapped in. A
-    signed folder comes out unsigned (its manifest changes): sign it again with `segue sign`."""
+    the `serve` choice unchanged), atomically (export/folder_update.py). A signed folder comes out unsigned
+    (its manifest changes): sign it again with `segue sign`."""
     from engine.session import OnnxDecoder
-    from export.onnx_export import _swap_in
-    from export.quantize import ValidationSet
+    from export.folder_update import update_model_folder, validation_set
 
     folder = Path(folder)
     manifest, files = read_model_folder(folder)
     if manifest.onnx.kv_cache != "shared-buffer":
         raise ValueError(f"{folder} has the older {manifest.onnx.kv_cache!r} graph; re-export it first "
                          "(python -m export.refresh FOLDER --fp16)")
-    training = manifest.training
-    if val_data is None and training.data_source:
-        val_data = Path(training.data_source).expanduser()
-    exclude = frozenset(training.excluded.hashes) if training.excluded else frozenset()
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.fp16-", dir=folder.parent))
-    stage.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
-    try:
-        for name in manifest.files:
-            if name != FP16_MODEL_FILE:
-                (stage / name).write_bytes(files[name])
+
+    def update(stage: Path) -> Manifest:
         fp32 = OnnxDecoder.from_bytes(stage, manifest, files[MODEL_FILE], threads=1, variant="fp32")
-        validation = ValidationSet(stage, val_data, training.val_fraction or 0.05, val_tokens, exclude)
-        variant = fp16_variant(stage, manifest, fp32, validation)
-        updated = dataclasses.replace(manifest, variants={**manifest.variants, "fp16": variant},
-                                      files={**manifest.files, FP16_MODEL_FILE: sha256_file(stage / FP16_MODEL_FILE)})
-        (stage / MANIFEST_FILE).write_text(updated.to_json())
-        if (folder / SIGNATURE_FILE).exists():
-            print(f"note: {folder} was signed; its manifest changed, so it comes out unsigned: sign it again with "
-                  "`segue sign`", file=sys.stderr)
-        _swap_in(stage, folder)
-        return updated
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        variant = fp16_variant(stage, manifest, fp32, validation_set(stage, manifest, val_data, val_tokens))
+        return dataclasses.replace(manifest, variants={**manifest.variants, "fp16": variant},
+                                   files={**manifest.files, FP16_MODEL_FILE: sha256_file(stage / FP16_MODEL_FILE)})
+
+    return update_model_folder(folder, manifest, files, "fp16", update, leave_out=frozenset({FP16_MODEL_FILE}))
 
 
 def _round(value: float | None) -> float | None:
@@ -106,22 +82,11 @@ def _round(value: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.onnx_export import report_variants
+    from export.folder_update import variant_command
 
-    p = argparse.ArgumentParser(prog="python -m export.half", description="Add the fp16 variant (model.fp16.onnx, for "
-                                "the CUDA execution provider) to a model folder, its validation perplexity next to fp32's.")
-    p.add_argument("folder", type=Path, help="a model folder, e.g. models/default")
-    p.add_argument("--val-data", type=Path, metavar="FOLDER", help="validation data (default: the manifest's training data)")
-    p.add_argument("--val-tokens", type=int, default=50_000)
-    args = p.parse_args(argv)
-    try:
-        manifest = add_fp16(args.folder, args.val_data, args.val_tokens)
-    except (ModelError, RuntimeError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.folder / FP16_MODEL_FILE}")
-    report_variants(manifest)
-    return 0
+    return variant_command(argv, "python -m export.half", "Add the fp16 variant (model.fp16.onnx, for the CUDA execution "
+                           "provider) to a model folder, its validation perplexity next to fp32's.", add_fp16,
+                           f"wrote {{folder}}/{FP16_MODEL_FILE}")
 
 
 if __name__ == "__main__":

@@ -16,24 +16,20 @@ that is no longer at hand, and re-exporting would change its int8 file's bytes f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
-from engine.manifest import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, ModelError, Variant, read_model_folder
+from engine.manifest import MODEL_FILE, Manifest, Variant, read_model_folder
 from engine.variant_choice import INT4_VARIANT
 
 
 def add_int4(folder: Path, val_data: Path | None = None, val_tokens: int = 50_000) -> Manifest:
     """Measure the int4 variant of `folder`'s int8 file and write it into the manifest with the serve choice
-    made again here, atomically (the folder is staged next to itself and swapped in). A signed folder comes
-    out unsigned (its manifest changes): sign it again with `segue sign`."""
+    made again here, atomically (export/folder_update.py). A signed folder comes out unsigned (its manifest
+    changes): sign it again with `segue sign`."""
     from engine.session import OnnxDecoder
-    from export.onnx_export import _swap_in
-    from export.quantize import INT4_WEIGHTS, ValidationSet, choose_variant, every_run_on_decode_steps, speeds
+    from export.folder_update import update_model_folder, validation_set
+    from export.quantize import INT4_WEIGHTS, choose_variant, every_run_on_decode_steps, speeds
 
     folder = Path(folder)
     manifest, files = read_model_folder(folder)
@@ -43,15 +39,8 @@ def add_int4(folder: Path, val_data: Path | None = None, val_tokens: int = 50_00
     if manifest.onnx.kv_cache != "shared-buffer":
         raise ValueError(f"{folder} has the older {manifest.onnx.kv_cache!r} graph; re-export it first "
                          "(python -m export.refresh FOLDER)")
-    training = manifest.training
-    if val_data is None and training.data_source:
-        val_data = Path(training.data_source).expanduser()
-    exclude = frozenset(training.excluded.hashes) if training.excluded else frozenset()
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.int4-", dir=folder.parent))
-    stage.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any other
-    try:
-        for name in manifest.files:
-            (stage / name).write_bytes(files[name])
+
+    def update(stage: Path) -> Manifest:
         asked = dataclasses.replace(manifest, variants={**manifest.variants, INT4_VARIANT: Variant(int8.file, INT4_WEIGHTS)})
         fp32 = OnnxDecoder.from_bytes(stage, manifest, files[MODEL_FILE], threads=1, variant="fp32")
         int8_decoder = OnnxDecoder.from_bytes(stage, asked, b"", threads=1, variant="int8", files={int8.file: files[int8.file]})
@@ -59,46 +48,25 @@ def add_int4(folder: Path, val_data: Path | None = None, val_tokens: int = 50_00
         if four.variant != INT4_VARIANT:
             raise RuntimeError("this CPU has no fast int4 kernel (AVX-512 VNNI or AVX2): int4 decode steps would not be "
                                "served here, so they are not measured here either")
-        validation = ValidationSet(stage, val_data, training.val_fraction or 0.05, val_tokens, exclude)
         with every_run_on_decode_steps(four):
-            int4_ppl, fp32_ppl, tokens, source = validation.measure(fp32, four)
+            int4_ppl, fp32_ppl, tokens, source = validation_set(stage, manifest, val_data, val_tokens).measure(fp32, four)
         if int4_ppl is None or fp32_ppl is None:
-            raise ValueError(f"no validation data in {val_data or 'the manifest'}: the int4 variant is served only with its "
-                             "perplexity measured (pass --val-data FOLDER of MIDI files the model was not trained on)")
+            raise ValueError("no validation data: the int4 variant is served only with its perplexity measured (pass "
+                             "--val-data FOLDER of MIDI files the model was not trained on)")
         variant = Variant(int8.file, INT4_WEIGHTS, round(int4_ppl, 5), round(fp32_ppl, 5), tokens, source)
         timings = speeds({"fp32": fp32, "int8": int8_decoder, INT4_VARIANT: four})
         choice = choose_variant(timings, int8.perplexity_loss, variant.perplexity_loss)
-        updated = dataclasses.replace(manifest, variants={**manifest.variants, INT4_VARIANT: variant}, serve=choice)
-        (stage / MANIFEST_FILE).write_text(updated.to_json())
-        read_model_folder(stage)  # the manifest as written reads back, with every file's hash
-        if (folder / SIGNATURE_FILE).exists():
-            print(f"note: {folder} was signed; its manifest changed, so it comes out unsigned: sign it again with "
-                  "`segue sign`", file=sys.stderr)
-        _swap_in(stage, folder)
-        return updated
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        return dataclasses.replace(manifest, variants={**manifest.variants, INT4_VARIANT: variant}, serve=choice)
+
+    return update_model_folder(folder, manifest, files, "int4", update)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.onnx_export import report_variants
+    from export.folder_update import variant_command
 
-    p = argparse.ArgumentParser(prog="python -m export.int4", description="Add the int4 variant (the int8 file's decode "
-                                "steps from int4 weights) to a model folder, its validation perplexity next to fp32's, "
-                                "and choose again which precision it serves.")
-    p.add_argument("folder", type=Path, help="a model folder with the int8 variant, e.g. models/default")
-    p.add_argument("--val-data", type=Path, metavar="FOLDER", help="validation data (default: the manifest's training data)")
-    p.add_argument("--val-tokens", type=int, default=50_000)
-    args = p.parse_args(argv)
-    try:
-        manifest = add_int4(args.folder, args.val_data, args.val_tokens)
-    except (ModelError, RuntimeError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"added the int4 variant to {args.folder}")
-    report_variants(manifest)
-    return 0
+    return variant_command(argv, "python -m export.int4", "Add the int4 variant (the int8 file's decode steps from int4 "
+                           "weights) to a model folder, its validation perplexity next to fp32's, and choose again which "
+                           "precision it serves.", add_int4, "added the int4 variant to {folder}")
 
 
 if __name__ == "__main__":
