@@ -36,6 +36,14 @@ def int8_model(tiny_build, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def libraries(tmp_path_factory) -> dict[str, Path]:
+    """The native operator library built once per code path this CPU runs (tests/native_builds.py)."""
+    from tests.native_builds import build_libraries
+
+    return build_libraries(tmp_path_factory.mktemp("native"))
+
+
 @pytest.fixture
 def model_copy(tiny_model, tmp_path) -> Path:
     """A private copy of the tiny model folder that a test may tamper with."""

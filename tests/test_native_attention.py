@@ -5,7 +5,6 @@ where a C compiler is, and the node as the fallback, with the reason logged, whe
 from __future__ import annotations
 
 import logging
-import subprocess
 
 import numpy as np
 import onnx
@@ -42,15 +41,11 @@ def attention_graph(heads: int, head_dim: int) -> bytes:
 BUILDS = ["native"] + (["avx2"] if {"avx2", "avx512f"} <= native_attention.cpu_flags() else [])
 
 
-@pytest.fixture(scope="module")
-def avx2_library(tmp_path_factory):
-    compiler = native_attention.compiler()
-    assert compiler is not None, "the tests need a C compiler (the README's set-up installs gcc)"
-    target = tmp_path_factory.mktemp("avx2") / "segue-avx2.so"
-    subprocess.run(native_attention.build_command(compiler, ("-march=native", "-mno-avx512f"), target), check=True,
-                   capture_output=True, timeout=120)
-    assert native_attention.attention_lanes(target) == 8
-    return target
+@pytest.fixture(scope="session")
+def avx2_library(libraries):
+    """The AVX2 build of the suite's libraries (tests/native_builds.py): its attention takes eight lanes."""
+    assert native_attention.attention_lanes(libraries["avx2"]) == 8
+    return libraries["avx2"]
 
 
 def sessions(heads: int, head_dim: int, library=None) -> tuple[ort.InferenceSession, ort.InferenceSession]:
@@ -217,23 +212,26 @@ def test_a_compiler_that_fails_leaves_the_node_and_a_warning(tiny_model, monkeyp
 
 
 def test_the_library_is_built_once_per_machine_and_source(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    """Its cache folder follows XDG_CACHE_HOME, and a library in it is loaded, not built again. (In the suite's
+    own cache: a build in an empty one costs 13-17 s, and every engine test already builds there.)"""
     native_attention._built.clear()
     first, why = native_attention.library()
     assert first is not None, why
-    assert first.parent == tmp_path / "segue" / "native"
+    assert first.parent == native_attention.cache_dir()
     built_at = first.stat().st_mtime_ns
     native_attention._built.clear()  # a new process: the file in the cache is used, not rebuilt
     again, _ = native_attention.library()
     assert again == first and again.stat().st_mtime_ns == built_at
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native_attention.cache_dir() == tmp_path / "segue" / "native"
     monkeypatch.setenv(native_attention.SWITCH, "0")
     assert native_attention.library() == (None, f"{native_attention.SWITCH}=0")
 
 
-def test_the_library_can_be_built_for_another_cpu(monkeypatch, tmp_path):
+def test_the_library_can_be_built_for_another_cpu(monkeypatch):
     """SEGUE_NATIVE_ARCH names the -march: haswell builds the eight-lane attention and the AVX2 matmul in a
-    cache entry of its own; a value that is not a CPU's name is refused with the reason, and the node serves."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache entry of its own (the suite's cache: tests/test_native_matmul4.py serves from that build too); a
+    value that is not a CPU's name is refused with the reason, and the node serves."""
     native_attention._built.clear()
     here, why = native_attention.library()
     assert here is not None, why

@@ -5,7 +5,6 @@ and for prompts where that path is the faster (in long runs, lent in short steps
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,33 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine import cache_rows, native_attention, native_matmul, session
 from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, session_options
+from tests import native_builds
 
-# Each code path, the -march flags that select it (native_attention.build_command adds the rest) and the CPU flags it needs.
-# The portable path runs everywhere; the others where this CPU has their instructions.
-PATHS = {
-    "portable": ((), set()),
-    "avx2": (("-march=native", "-mno-avx512f", "-mno-avxvnni"), {"avx2"}),
-    "avx-vnni": (("-march=native", "-mno-avx512f"), {"avx2", "avx_vnni"}),
-    "avx512-vnni": (("-march=native",), {"avx512f", "avx512bw", "avx512_vnni"}),
-}
-RUNNABLE = [name for name, (_, needs) in PATHS.items() if needs <= native_attention.cpu_flags()]
-
-
-@pytest.fixture(scope="session")
-def libraries(tmp_path_factory) -> dict[str, Path]:
-    """The operator library built once per code path this CPU runs, each checked to have taken its path
-    (once for the session: tests/test_native_matmul4.py uses them too)."""
-    compiler = native_attention.compiler()
-    assert compiler is not None, "the tests need a C compiler (the README's set-up installs gcc)"
-    folder = tmp_path_factory.mktemp("native")
-    built = {}
-    for name in RUNNABLE:
-        target = folder / f"segue-{name}.so"
-        subprocess.run(native_attention.build_command(compiler, PATHS[name][0], target), check=True, capture_output=True,
-                       timeout=120)
-        assert native_matmul.code_path(target) == name
-        built[name] = target
-    return built
+RUNNABLE = native_builds.RUNNABLE  # the code paths this CPU runs; `libraries` (a fixture) holds a build of each
 
 
 def chain_graph(weights: np.ndarray, weight_scale: np.ndarray, weight_zero: int, bias: np.ndarray | None) -> onnx.ModelProto:

@@ -16,10 +16,7 @@ from onnx import helper, numpy_helper
 from engine import native_attention, native_matmul
 from engine.manifest import MODEL_FILE, read_model_folder
 from engine.session import NATIVE_MATMUL_ROWS, OnnxDecoder, fast_int4_here, session_options
-from tests import test_native_matmul
 from tests.test_native_matmul import RUNNABLE, chain_graph, folded_graph
-
-libraries = test_native_matmul.libraries  # the operator library built once per code path this CPU runs (a fixture)
 
 # The int4 kernel's own path in each build: AVX-512 VNNI, else AVX2 (an AVX-VNNI build takes the AVX2 loop), else portable.
 INT4_PATH = {"portable": "portable", "avx2": "avx2", "avx-vnni": "avx2", "avx512-vnni": "avx512-vnni"}
