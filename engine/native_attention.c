@@ -532,6 +532,9 @@ SEGUE_EXPORT const char *segue_matmul_path(void) { return SEGUE_QM_PATH; }
  * each build they make). */
 SEGUE_EXPORT int segue_attention_lanes(void) { return SEGUE_BLOCK; }
 
+/* Whether a prompt's scores over int8 rows are made from int16 queries (native_attention_kernel.h). */
+SEGUE_EXPORT int segue_int16_prompt_scores(void) { return SEGUE_INT16_PROMPT; }
+
 /* Whether this build offers segue.CausalAttention16 (a CPU with F16C). */
 SEGUE_EXPORT int segue_half_cache(void) { return SEGUE_HALF_CACHE; }
 

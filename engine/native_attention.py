@@ -196,6 +196,15 @@ def attention_lanes(path: Path) -> int:
     return int(ctypes.CDLL(str(path)).segue_attention_lanes())
 
 
+def int16_prompt_scores(path: Path) -> bool:
+    """Whether the built library scores a prompt's run over int8 rows from queries rounded to int16 steps
+    (AVX-512 VNNI builds; see native_attention_kernel.h): its outputs are then the float arithmetic's on
+    those queries, not on the queries themselves."""
+    import ctypes
+
+    return bool(ctypes.CDLL(str(path)).segue_int16_prompt_scores())
+
+
 def offers_half_cache(path: Path) -> bool:
     """Whether the built library registers segue.CausalAttention16 (see native_attention_kernel.h)."""
     import ctypes

@@ -412,6 +412,92 @@ static inline __attribute__((always_inline)) void segue_lane_scores(
     }
 }
 
+/* A prompt's scores over a history of bytes in integers (AVX-512 VNNI): each query rounded to int16 steps
+ * of its own largest magnitude / 32767 (a relative error near 1.5e-5, where the keys' bytes carry 4e-3),
+ * the keys' bytes widened to int16 once for the run, and a pair of coordinates multiplied and added per
+ * instruction (vpdpwssd) where floats take a multiply-add per coordinate; each int32 sum (at most 64
+ * products of 32767 * 127) made a float once and scaled by its query's step and its key's scale. Why:
+ * the scores' pass was half of a prompt's attention (with the softmax's exponentials and the values'
+ * multiply-adds the rest). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SEGUE_INT16_PROMPT 1
+
+/* The queries of segue_attend_queries (queries[v * 64 + d], lane j: set v's query j's coordinate d) as
+ * int16 pairs: pairs[v * 32 + p], lane j, holds that query's coordinates 2p and 2p + 1; steps[v], lane j,
+ * its step (0 for an all-zero query, or a lane with none). All of it lane-wise, in vectors. */
+static inline __attribute__((always_inline)) void segue_lane_queries16(const int head_dim, const int sets,
+                                                                       const segue_lanes *restrict queries,
+                                                                       __m512i *restrict pairs,
+                                                                       segue_lanes *restrict steps) {
+    for (int v = 0; v < sets; v++) {
+        const segue_lanes *q = queries + v * 64;
+        segue_lanes most = {0};
+        for (int d = 0; d < head_dim; d++) most = segue_max(most, (segue_lanes)((segue_ints)q[d] & 0x7fffffff));
+        const segue_ints some = most > 0.0f;
+        const segue_lanes inverse = (segue_lanes)(some & (segue_ints)(32767.0f / most));
+        steps[v] = (segue_lanes)(some & (segue_ints)(most * (1.0f / 32767.0f)));
+        for (int p = 0; p < head_dim / 2; p++) {
+            __m512 even, odd;
+            const segue_lanes a = q[2 * p] * inverse, b = q[2 * p + 1] * inverse;
+            memcpy(&even, &a, sizeof even);
+            memcpy(&odd, &b, sizeof odd);
+            const __m512i low = _mm512_and_si512(_mm512_cvtps_epi32(even), _mm512_set1_epi32(0xffff));
+            pairs[v * 32 + p] = _mm512_or_si512(low, _mm512_slli_epi32(_mm512_cvtps_epi32(odd), 16));
+        }
+    }
+}
+
+/* segue_lane_block over int16 keys and query pairs. */
+static inline __attribute__((always_inline)) void segue_lane_block16(
+    const int head_dim, const int sets, const __m512i *restrict pairs, const int contiguous,
+    const int16_t *restrict block, const int16_t *const *restrict k, __m512i acc[SEGUE_POSITIONS][2]) {
+    for (int p = 0; p < head_dim / 2; p++) {
+        const __m512i first = pairs[p], second = pairs[32 + p];
+        for (int i = 0; i < SEGUE_POSITIONS; i++) {
+            int32_t key;
+            memcpy(&key, (contiguous ? block + i * head_dim : k[i]) + 2 * p, sizeof key);
+            __m512i both = _mm512_set1_epi32(key);
+            if (sets == 1) {
+                acc[i][0] = _mm512_dpwssd_epi32(acc[i][0], both, first);
+            } else {
+                __asm__("" : "+v"(both)); /* broadcast once for both sets (see segue_lane_block) */
+                acc[i][0] = _mm512_dpwssd_epi32(acc[i][0], both, first);
+                acc[i][1] = _mm512_dpwssd_epi32(acc[i][1], both, second);
+            }
+        }
+    }
+}
+
+/* segue_lane_scores over int16 keys (their scales in `key_scales`) and query pairs (steps in `steps`). */
+static inline __attribute__((always_inline)) void segue_lane_scores16(
+    const int head_dim, const int sets, const __m512i *restrict pairs, const segue_lanes *restrict steps,
+    const int seen, const int16_t *restrict keys, const float *restrict key_scales, const float scale,
+    float *restrict scores, const size_t set_floats) {
+    for (int t0 = 0; t0 < seen; t0 += SEGUE_POSITIONS) {
+        __m512i acc[SEGUE_POSITIONS][2];
+        for (int i = 0; i < SEGUE_POSITIONS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+        if (t0 + SEGUE_POSITIONS <= seen) {
+            segue_lane_block16(head_dim, sets, pairs, 1, keys + (size_t)t0 * head_dim, NULL, acc);
+        } else {
+            const int16_t *k[SEGUE_POSITIONS];
+            for (int i = 0; i < SEGUE_POSITIONS; i++) k[i] = keys + (size_t)(t0 + i < seen ? t0 + i : seen - 1) * head_dim;
+            segue_lane_block16(head_dim, sets, pairs, 0, NULL, k, acc);
+        }
+        const int rows = seen - t0 < SEGUE_POSITIONS ? seen - t0 : SEGUE_POSITIONS;
+        for (int v = 0; v < sets; v++)
+            for (int i = 0; i < rows; i++) {
+                const __m512 sums = _mm512_cvtepi32_ps(acc[i][v]);
+                segue_lanes row;
+                memcpy(&row, &sums, sizeof row);
+                row *= steps[v] * (key_scales[t0 + i] * scale);
+                memcpy(scores + v * set_floats + (size_t)(t0 + i) * SEGUE_BLOCK, &row, sizeof row);
+            }
+    }
+}
+#else
+#define SEGUE_INT16_PROMPT 0
+#endif
+
 /* Softmax down the lanes for one set of `count` (<= SEGUE_BLOCK) queries, the first of which sees positions
  * 0..seen_by_all-1 (query j one more per j): `scores` (as segue_lane_scores leaves them) become the
  * unscaled weights, 0 past what a query sees; returns each lane's 1 / (sum of its weights). */
@@ -474,8 +560,9 @@ static inline __attribute__((always_inline)) void segue_lane_values(
  * 2 * (past + first + count) rows of SEGUE_BLOCK floats. */
 static inline __attribute__((always_inline)) void segue_attend_queries(
     const int head_dim, const float *restrict qkv, const size_t qkv_row, const int head, const int first,
-    const int count, const int past, const float *restrict keys, const float *restrict values, const float scale,
-    float *restrict out, const size_t out_row, float *restrict scores) {
+    const int count, const int past, const float *restrict keys, const int16_t *restrict keys16,
+    const float *restrict key_scales, const float *restrict values, const float scale, float *restrict out,
+    const size_t out_row, float *restrict scores) {
     segue_lanes queries[2 * 64];
     for (int v = 0; v < 2; v++)
         for (int d = 0; d < head_dim; d++) {
@@ -487,10 +574,25 @@ static inline __attribute__((always_inline)) void segue_attend_queries(
     const int seen = past + first + count; /* positions the last query sees */
     const size_t set_floats = (size_t)seen * SEGUE_BLOCK;
     const int sets = count > SEGUE_BLOCK ? 2 : 1;
-    if (sets == 2)
-        segue_lane_scores(head_dim, 2, queries, seen, keys, scale, scores, set_floats);
-    else
-        segue_lane_scores(head_dim, 1, queries, seen, keys, scale, scores, set_floats);
+#if SEGUE_INT16_PROMPT
+    if (keys16 != NULL) {
+        __m512i pairs[2 * 32];
+        segue_lanes steps[2];
+        segue_lane_queries16(head_dim, sets, queries, pairs, steps);
+        if (sets == 2)
+            segue_lane_scores16(head_dim, 2, pairs, steps, seen, keys16, key_scales, scale, scores, set_floats);
+        else
+            segue_lane_scores16(head_dim, 1, pairs, steps, seen, keys16, key_scales, scale, scores, set_floats);
+    } else
+#endif
+    {
+        (void)keys16;
+        (void)key_scales;
+        if (sets == 2)
+            segue_lane_scores(head_dim, 2, queries, seen, keys, scale, scores, set_floats);
+        else
+            segue_lane_scores(head_dim, 1, queries, seen, keys, scale, scores, set_floats);
+    }
     segue_lanes inverse[2];
     for (int v = 0; v < sets; v++) {
         const int taken = count - v * SEGUE_BLOCK < SEGUE_BLOCK ? count - v * SEGUE_BLOCK : SEGUE_BLOCK;
@@ -552,20 +654,34 @@ static inline __attribute__((always_inline)) void segue_attend(
 
     if (segue_queries_per_lane(head_dim, steps, from)) {
         const float *key_floats = (const float *)keys, *value_floats = (const float *)values;
+        const int16_t *keys16 = NULL; /* bytes with AVX-512 VNNI: the keys as int16, their scales apart */
+        const float *key_scales = NULL;
         if (kind != SEGUE_FLOATS) {
             const size_t floats = (size_t)total * head_dim;
+            const int integer = SEGUE_INT16_PROMPT && kind == SEGUE_BYTES;
+            int16_t *wide_keys = (int16_t *)widened; /* total * head_dim int16s, then the scales: within `floats` */
+            float *scales = widened + floats / 2;
             for (int t = 0; t < total; t++) { /* head_dim is a multiple of SEGUE_BLOCK here */
                 const float key_scale = segue_row_scale(keys, (size_t)t, head_dim, kind);
                 const float value_scale = segue_row_scale(values, (size_t)t, head_dim, kind);
-                for (int d = 0; d < head_dim; d += SEGUE_BLOCK) {
-                    segue_lanes k = segue_load(keys, (size_t)t, d, head_dim, kind), v = segue_load(values, (size_t)t, d, head_dim, kind);
-                    if (kind == SEGUE_BYTES) {
-                        k *= key_scale;
-                        v *= value_scale;
-                    }
-                    memcpy(widened + (size_t)t * head_dim + d, &k, sizeof k);
-                    memcpy(widened + floats + (size_t)t * head_dim + d, &v, sizeof v);
+                if (integer) {
+                    const int8_t *row = (const int8_t *)segue_row(keys, (size_t)t, head_dim, kind);
+                    for (int d = 0; d < head_dim; d++) wide_keys[(size_t)t * head_dim + d] = row[d];
+                    scales[t] = key_scale;
                 }
+                for (int d = 0; d < head_dim; d += SEGUE_BLOCK) {
+                    segue_lanes v = segue_load(values, (size_t)t, d, head_dim, kind);
+                    if (kind == SEGUE_BYTES) v *= value_scale;
+                    memcpy(widened + floats + (size_t)t * head_dim + d, &v, sizeof v);
+                    if (integer) continue;
+                    segue_lanes k = segue_load(keys, (size_t)t, d, head_dim, kind);
+                    if (kind == SEGUE_BYTES) k *= key_scale;
+                    memcpy(widened + (size_t)t * head_dim + d, &k, sizeof k);
+                }
+            }
+            if (integer) {
+                keys16 = wide_keys;
+                key_scales = scales;
             }
             key_floats = widened;
             value_floats = widened + floats;
@@ -573,8 +689,8 @@ static inline __attribute__((always_inline)) void segue_attend(
         for (int first = from; first < steps; first += 2 * SEGUE_BLOCK)
             segue_attend_queries(head_dim, qkv, qkv_row, head, first,
                                  steps - first < 2 * SEGUE_BLOCK ? steps - first : 2 * SEGUE_BLOCK,
-                                 past, key_floats, value_floats, scale, out + (size_t)(first - from) * out_row, out_row,
-                                 scores);
+                                 past, key_floats, keys16, key_scales, value_floats, scale,
+                                 out + (size_t)(first - from) * out_row, out_row, scores);
         return;
     }
 

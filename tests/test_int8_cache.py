@@ -40,6 +40,25 @@ def operators(heads: int, head_dim: int, library=None) -> tuple[ort.InferenceSes
     return made[0], made[1]
 
 
+def int16_queries(qkv: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
+    """qkv with each position's query of each head rounded to int16 steps of its largest magnitude / 32767,
+    as an AVX-512 VNNI build rounds a prompt's queries before scoring them against int8 keys."""
+    parts = qkv.reshape(*qkv.shape[:-1], 3, heads, head_dim).copy()
+    q = parts[..., 0, :, :]
+    most = np.abs(q).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(most > 0, np.float32(32767) / most, np.float32(0)).astype(np.float32)
+    step = (most * np.float32(1 / 32767)).astype(np.float32)
+    parts[..., 0, :, :] = np.rint(q * inverse).astype(np.float32) * step
+    return parts.reshape(qkv.shape)
+
+
+def takes_int16_scores(library, steps: int, head_dim: int) -> bool:
+    """Whether `library` scores this run from int16 queries: a prompt's run (a query per lane) on a build that has them."""
+    return (native_attention.int16_prompt_scores(library) and steps >= 8 and head_dim % native_attention.attention_lanes(library) == 0
+            and head_dim <= 64)
+
+
 def representable(x: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
     """qkv whose keys and values are numbers int8 rows hold exactly (each head's row through the rows and back)."""
     shape = x.shape
@@ -55,18 +74,24 @@ def representable(x: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
 def test_on_a_history_of_int8_rows_it_computes_what_the_float_operator_does(heads, head_dim, steps, lengths, build, request):
     """A history of int8 rows and new keys and values they hold exactly: the outputs are the float
     operator's on the numbers the rows stand for (a decode step, a prompt's run a query per lane, a guess,
-    rows of different lengths; on both vector widths), and the new positions' rows are written as
+    rows of different lengths; on both vector widths; a prompt's run on an AVX-512 VNNI build with its
+    queries rounded to int16 steps, as that build scores them), and the new positions' rows are written as
     engine/cache_rows.py writes them, bit for bit."""
-    floats, rows = operators(heads, head_dim, request.getfixturevalue("avx2_library") if build == "avx2" else None)
+    library = request.getfixturevalue("avx2_library") if build == "avx2" else native_attention.library()[0]
+    floats, rows = operators(heads, head_dim, library)
     rng = np.random.default_rng(steps * 1000 + sum(lengths))
     batch, capacity = len(lengths), 512
     qkv = representable(rng.standard_normal((batch, steps, 3 * heads * head_dim), dtype=np.float32) * 2, heads, head_dim)
     history = cache_rows.quantize(rng.standard_normal((2, batch, heads, capacity, head_dim), dtype=np.float32))
     keys32, values32 = cache_rows.widen(history[0]), cache_rows.widen(history[1])
     keys8, values8 = history[0].copy(), history[1].copy()
-    want = run_shared(floats, qkv, keys32, values32, lengths)
+    rounded = takes_int16_scores(library, steps, head_dim)
+    want = run_shared(floats, int16_queries(qkv, heads, head_dim) if rounded else qkv, keys32, values32, lengths)
     got = run_shared(rows, qkv, keys8, values8, lengths)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    if rounded:  # the rounding is what the outputs differ by from the float arithmetic on the queries themselves
+        exact = run_shared(floats, qkv, keys32.copy(), values32.copy(), lengths)
+        assert 0 < np.abs(got - exact).max() < 2e-3
     new = qkv.reshape(batch, steps, 3, heads, head_dim)
     for b, length in enumerate(lengths):
         for buffer, part in ((keys8, 1), (values8, 2)):
