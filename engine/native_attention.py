@@ -52,7 +52,7 @@ HALF_OP_TYPE = "CausalAttention16"  # the same over float16 pasts and presents
 INT8_OP_TYPE = "CausalAttention8"  # the same over int8 rows (engine/cache_rows.py)
 SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("native_attention.c", "native_attention_kernel.h", "native_layer_kernel.h", "native_matmul_kernel.h",
-                 "native_matmul4_kernel.h"))
+                 "native_matmul4_kernel.h", "native_gelu_table.h"))
 FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 ARCH_SWITCH = "SEGUE_NATIVE_ARCH"  # the -march to build for: this CPU's (native) unless it names another
 BUILD_SECONDS = 120
